@@ -1,0 +1,143 @@
+"""Settings from ``RECARCHIVE_*`` environment variables (and CLI flags).
+
+Settings are built once, in the CLI or a flow, and passed down; no module reads the
+environment on import. The access key is a :class:`~pydantic.SecretStr`, so it never shows
+in a repr, a log line or an exception message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from recarchive.errors import ConfigError
+
+ENV_PREFIX = "RECARCHIVE_"
+
+AuthScheme = Literal["AccessKey", "Bearer"]
+ServerSideEncryption = Literal["AES256", "aws:kms"]
+ChecksumMode = Literal["when_supported", "when_required"]
+
+
+class Settings(BaseSettings):
+    """Every setting of recarchive; field ``x`` is read from ``RECARCHIVE_X``.
+
+    The fields of the external contract (DESIGN §2) come first; tuning knobs follow.
+    ``bird_access_key``, ``workspace_id`` and ``s3_bucket`` are contractually required,
+    but only by the commands that use them: :meth:`require_bird` and :meth:`require_bucket`
+    check them where they are needed, so ``recarchive query`` works without a key.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,
+    )
+
+    # --- contract ------------------------------------------------------------------------
+    bird_api_url: str = "https://api.bird.com"
+    bird_access_key: SecretStr | None = None
+    bird_auth_scheme: AuthScheme = "AccessKey"
+    workspace_id: str | None = None
+    database_url: str = "sqlite:///recarchive-data/archive.db"
+    parquet_root: str = "recarchive-data/parquet"
+    s3_bucket: str | None = None
+    s3_prefix: str = "recordings"
+    s3_endpoint_url: str | None = None
+    s3_sse: ServerSideEncryption | None = None
+
+    # --- tuning --------------------------------------------------------------------------
+    s3_sse_kms_key_id: str | None = None
+    s3_request_checksum_calculation: ChecksumMode = "when_supported"
+    s3_multipart_threshold_bytes: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
+    s3_multipart_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    requests_per_second: float = Field(default=50.0, gt=0)
+    concurrency: int = Field(default=16, ge=1, le=512)
+    chunk_size: int = Field(default=500, ge=1, le=100_000)
+    http_timeout_seconds: float = Field(default=30.0, gt=0)
+    http_max_attempts: int = Field(default=6, ge=1, le=50)
+    http_max_retry_seconds: float = Field(default=300.0, gt=0)
+    lease_seconds: int = Field(default=900, ge=10)
+    item_max_attempts: int = Field(default=8, ge=1)
+    temp_dir: str | None = None
+
+    @field_validator("bird_api_url", "s3_endpoint_url")
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None if value == "" else value
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an absolute http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _strip_slashes(cls, value: str) -> str:
+        return value.strip("/")
+
+    @field_validator("bird_access_key", "workspace_id", "s3_bucket", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    def require_bird(self) -> tuple[str, SecretStr]:
+        """Return ``(workspace_id, access_key)`` or fail naming the missing variable.
+
+        Raises:
+            ConfigError: ``RECARCHIVE_WORKSPACE_ID`` or ``RECARCHIVE_BIRD_ACCESS_KEY`` unset.
+        """
+        missing = [
+            env_name(name)
+            for name, value in (("bird_access_key", self.bird_access_key),
+                                ("workspace_id", self.workspace_id))
+            if value is None
+        ]
+        if missing:
+            raise ConfigError(f"missing required setting: {', '.join(missing)}")
+        assert self.workspace_id is not None and self.bird_access_key is not None
+        return self.workspace_id, self.bird_access_key
+
+    def require_bucket(self) -> str:
+        """Return the media bucket or fail naming ``RECARCHIVE_S3_BUCKET``.
+
+        Raises:
+            ConfigError: The bucket is unset.
+        """
+        if not self.s3_bucket:
+            raise ConfigError(
+                f"missing required setting: {env_name('s3_bucket')} "
+                "(needed to archive media; pass --skip-media to fetch metadata only)"
+            )
+        return self.s3_bucket
+
+
+def env_name(field: str) -> str:
+    """Return the environment variable that sets ``field`` (``workspace_id`` -> ``RECARCHIVE_WORKSPACE_ID``)."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings` from the environment, with CLI flag ``overrides`` on top.
+
+    Args:
+        **overrides: Field values from CLI flags; ``None`` values are ignored.
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: One line per invalid setting, naming its environment variable; the
+            offending value is not echoed (it may be a secret).
+    """
+    given = {key: value for key, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "?"
+            lines.append(f"{env_name(field)}: {error['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(lines)) from exc

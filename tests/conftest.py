@@ -1,0 +1,11 @@
+"""Shared pytest configuration: the real servers the suite starts on loopback.
+
+Each fixture module owns one server: the Bird simulator, moto's S3 server, PostgreSQL.
+In CI (``CI=true``) a fixture whose server cannot start fails the test; it never skips.
+"""
+
+pytest_plugins = [
+    "tests.fixtures.simulator",
+    "tests.fixtures.s3",
+    "tests.fixtures.postgres",
+]
