@@ -137,3 +137,11 @@ class MediaNotAvailableError(TerminalError):
 
 class InvalidRedirectError(TerminalError):
     """The API's media redirect is missing, relative, or downgrades https to http."""
+
+
+# --- our own bookkeeping ----------------------------------------------------------------------
+
+
+class LedgerStateError(RecarchiveError):
+    """A ledger transition was asked from a state that does not allow it, or by a run that
+    does not hold the recording's lease (another run took it over)."""
