@@ -115,7 +115,10 @@ class Settings(BaseSettings):
 
 
 def env_name(field: str) -> str:
-    """Return the environment variable that sets ``field`` (``workspace_id`` -> ``RECARCHIVE_WORKSPACE_ID``)."""
+    """Return the environment variable that sets ``field``.
+
+    ``workspace_id`` gives ``RECARCHIVE_WORKSPACE_ID``.
+    """
     return f"{ENV_PREFIX}{field.upper()}"
 
 

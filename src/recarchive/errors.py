@@ -143,5 +143,8 @@ class InvalidRedirectError(TerminalError):
 
 
 class LedgerStateError(RecarchiveError):
-    """A ledger transition was asked from a state that does not allow it, or by a run that
-    does not hold the recording's lease (another run took it over)."""
+    """A ledger transition that the current state or lease does not allow.
+
+    Raised when the state forbids the move, or when the run does not hold the recording's
+    lease (another run took it over).
+    """
