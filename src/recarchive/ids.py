@@ -114,10 +114,14 @@ def _read_spool(path: str) -> Iterator[str]:
             yield line.rstrip("\n")
 
 
-class _Collector:
-    """Validates, de-duplicates and spools IDs as they arrive."""
+class IdCollector:
+    """Validates, de-duplicates and spools IDs as they arrive (e.g. from a paged listing).
 
-    def __init__(self, spool_dir: str | None) -> None:
+    Args:
+        spool_dir: Folder of the spool file (system temp folder when ``None``).
+    """
+
+    def __init__(self, spool_dir: str | None = None) -> None:
         self.result = IdList()
         # Seen IDs as 16-byte keys: about a third of the memory of the 36-character strings.
         self._seen: set[bytes] = set()
@@ -128,6 +132,7 @@ class _Collector:
         self.result._spool = self._spool
 
     def add(self, value: str, source: str, line: int) -> None:
+        """Validate ``value`` found at ``source:line`` and keep it if new."""
         recording_id = canonical_id(value)
         if recording_id is None:
             self.problem(source, line, value, "is not a UUID")
@@ -140,7 +145,17 @@ class _Collector:
         self._spool.write(recording_id + "\n")
         self.result.count += 1
 
+    def finish(self) -> IdList:
+        """Flush the spool and return the collected IDs."""
+        self._spool.flush()
+        return self.result
+
+    def discard(self) -> None:
+        """Remove the spool (after a failure)."""
+        self.result.close()
+
     def problem(self, source: str, line: int, value: str, reason: str) -> None:
+        """Record a bad value with its place."""
         self.result.invalid += 1
         if len(self.result.problems) < MAX_REPORTED_PROBLEMS:
             self.result.problems.append(IdProblem(source, line, value, reason))
@@ -169,7 +184,7 @@ def collect_ids(
     Raises:
         InputError: A file cannot be opened or decoded, or a CSV file has no ``id`` column.
     """
-    collector = _Collector(spool_dir)
+    collector = IdCollector(spool_dir)
     try:
         for position, value in enumerate(args, start=1):
             collector.add(value, "argument", position)
@@ -182,13 +197,12 @@ def collect_ids(
             else:
                 _read_file(Path(file), collector)
     except BaseException:
-        collector.result.close()
+        collector.discard()
         raise
-    collector._spool.flush()
-    return collector.result
+    return collector.finish()
 
 
-def _read_file(path: Path, collector: _Collector) -> None:
+def _read_file(path: Path, collector: IdCollector) -> None:
     try:
         # newline="" lets the csv module see quoted line breaks; utf-8-sig drops a BOM.
         with path.open(encoding="utf-8-sig", newline="") as stream:
@@ -210,7 +224,7 @@ def _without_bom(stream: TextIO) -> TextIO:
     return io.TextIOWrapper(buffer, encoding="utf-8-sig", newline="")
 
 
-def _read_stream(stream: Iterable[str], source: str, collector: _Collector) -> None:
+def _read_stream(stream: Iterable[str], source: str, collector: IdCollector) -> None:
     lines = iter(stream)
     line_number = 0
     # Skip leading blank and comment lines to find the first meaningful line.
@@ -244,12 +258,12 @@ def _csv_header(text: str, source: str, line: int) -> list[str] | None:
     return None
 
 
-def _add_plain(text: str, source: str, line: int, collector: _Collector) -> None:
+def _add_plain(text: str, source: str, line: int, collector: IdCollector) -> None:
     value = text.split("#", 1)[0].strip() if " #" in text or "\t#" in text else text
     collector.add(value, source, line)
 
 
-def _read_plain(lines: Iterator[str], source: str, line_number: int, c: _Collector) -> None:
+def _read_plain(lines: Iterator[str], source: str, line_number: int, c: IdCollector) -> None:
     for raw in lines:
         line_number += 1
         text = raw.strip()
@@ -258,7 +272,7 @@ def _read_plain(lines: Iterator[str], source: str, line_number: int, c: _Collect
 
 
 def _read_csv(
-    lines: Iterator[str], header: list[str], source: str, header_line: int, c: _Collector
+    lines: Iterator[str], header: list[str], source: str, header_line: int, c: IdCollector
 ) -> None:
     id_index = header.index("id")
     reader = csv.reader(lines)
@@ -285,3 +299,24 @@ def raise_for_problems(ids: IdList) -> None:
             lines.append(f"... and {more} more")
         noun = "ID" if ids.invalid == 1 else "IDs"
         raise InputError(f"{ids.invalid} invalid {noun} (not a UUID)", lines)
+
+
+def spool_ids(values: Iterable[str], *, source: str, spool_dir: str | None = None) -> IdList:
+    """Validate, de-duplicate and spool IDs from any iterable (e.g. discovered by listing).
+
+    Args:
+        values: ID strings in order.
+        source: Name used in problem reports (e.g. ``"list endpoint"``).
+        spool_dir: Folder of the spool file.
+
+    Returns:
+        The IDs as an :class:`IdList`; problems are recorded, not raised.
+    """
+    collector = IdCollector(spool_dir)
+    try:
+        for position, value in enumerate(values, start=1):
+            collector.add(value, source, position)
+    except BaseException:
+        collector.discard()
+        raise
+    return collector.finish()

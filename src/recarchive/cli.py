@@ -1,0 +1,431 @@
+"""The ``recarchive`` command line (typer + rich).
+
+Exit codes (DESIGN §2): 0 all requested work done; 1 some items ended ``failed`` or
+``missing`` (or a store failed mid-run); 2 bad usage, input or configuration, nothing
+processed. Heavy imports (Prefect, pyarrow, DuckDB, boto3) happen inside the commands that
+need them, so ``recarchive archive`` sends its first request within a second or two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import UTC, date, datetime, time
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from recarchive.config import Settings, load_settings
+from recarchive.counts import RunCounts
+from recarchive.errors import AuthError, FatalError, InputError, RecarchiveError, UsageError
+from recarchive.progress import human_bytes
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(
+    name="recarchive",
+    help="Archive Bird call recordings: metadata to SQL and Parquet, MP3s to S3.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _configure_logging(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    # httpx logs full request URLs at INFO: a presigned media URL's query is a credential.
+    for noisy in ("httpx", "httpcore", "botocore", "boto3", "s3transfer", "urllib3", "aiohttp"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn recarchive errors into a one-line message and the contract's exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except InputError as exc:
+            err.print(f"error: {exc}", highlight=False, markup=False)
+            for line in exc.problems:
+                err.print(f"  {line}", highlight=False, markup=False)
+            raise typer.Exit(EXIT_USAGE) from exc
+        except (UsageError, AuthError) as exc:
+            err.print(f"error: {exc}", highlight=False, markup=False)
+            raise typer.Exit(EXIT_USAGE) from exc
+        except (FatalError, RecarchiveError) as exc:
+            err.print(f"error: run stopped: {exc}", highlight=False, markup=False)
+            raise typer.Exit(EXIT_ITEMS_FAILED) from exc
+        except KeyboardInterrupt as exc:
+            err.print("interrupted; leases are released, the next run resumes", markup=False)
+            raise typer.Exit(130) from exc
+
+    return wrapper
+
+
+def parse_when(value: str, option: str) -> datetime:
+    """Parse a date (``2026-01-31``, midnight UTC) or an ISO timestamp (UTC when naive).
+
+    Raises:
+        InputError: Naming the option and the value.
+    """
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), time(0), tzinfo=UTC)
+        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise InputError(
+            f"{option}: {value!r} is not a date (YYYY-MM-DD) or ISO timestamp"
+        ) from exc
+    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def summary_table(counts: RunCounts, title: str = "Summary") -> Table:
+    """Return the run summary as a rich table."""
+    table = Table(title=title, show_header=True, header_style="bold")
+    for column in ("requested", "archived", "already archived", "media pending", "missing",
+                   "failed", "bytes"):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(counts.requested), str(counts.archived), str(counts.already_archived),
+        str(counts.metadata_only), str(counts.missing), str(counts.failed),
+        human_bytes(counts.bytes_uploaded),
+    )
+    return table
+
+
+def print_run(counts: RunCounts, *, export_partitions: int | None, seconds: float) -> None:
+    """Print the summary table and the first failures of a run."""
+    out.print(summary_table(counts))
+    if counts.busy:
+        out.print(f"{counts.busy} recordings were leased by another run and left to it.")
+    if export_partitions is not None:
+        out.print(f"Parquet: {export_partitions} partitions rewritten. Took {seconds:.1f}s.")
+    for recording_id, error in counts.failures[:20]:
+        out.print(f"  failed {recording_id}: {error}", highlight=False, markup=False)
+    if counts.failed > 20:
+        out.print(f"  ... and {counts.failed - 20} more (recarchive status --failed)")
+
+
+def exit_code(counts: RunCounts) -> int:
+    """Exit code of a finished run."""
+    return EXIT_OK if counts.all_ok else EXIT_ITEMS_FAILED
+
+
+def _settings(**overrides: Any) -> Settings:
+    return load_settings(**overrides)
+
+
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+
+
+@app.command()
+@handle_errors
+def archive(
+    ids: Annotated[list[str] | None, typer.Argument(help="Recording IDs (UUIDs).")] = None,
+    ids_file: Annotated[
+        list[str] | None,
+        typer.Option("--ids-file", help="File of IDs, one per line or CSV with an id column; "
+                                         "'-' reads stdin. Repeatable."),
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Discover IDs created at or after this "
+                                                   "date/timestamp (UTC).")] = None,
+    until: Annotated[str | None, typer.Option(help="...and before this one (exclusive; "
+                                                   "default now).")] = None,
+    skip_media: Annotated[bool, typer.Option("--skip-media", help="Metadata only.")] = False,
+    refresh: Annotated[bool, typer.Option("--refresh", help="Re-fetch metadata of every "
+                                                             "given ID.")] = False,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip invalid IDs "
+                                                                      "instead of stopping.")]
+    = False,
+    chunk_size: Annotated[int | None, typer.Option(help="IDs per chunk.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Archive the given recordings (metadata to SQL/Parquet, media to S3)."""
+    from recarchive.ids import collect_ids, raise_for_problems
+    from recarchive.pipeline import ChunkOptions
+
+    _configure_logging(verbose)
+    settings = _settings(chunk_size=chunk_size, concurrency=concurrency)
+    settings.require_bird()
+    if not skip_media:
+        settings.require_bucket()
+    options = ChunkOptions(skip_media=skip_media, refresh=refresh)
+    if since is not None or until is not None:
+        if ids or ids_file:
+            raise InputError("give IDs or --since/--until, not both")
+        if since is None:
+            raise InputError("--until needs --since")
+        start = parse_when(since, "--since")
+        end = parse_when(until, "--until") if until else datetime.now(UTC)
+        if end <= start:
+            raise InputError(f"--until ({end.isoformat()}) must be after --since "
+                             f"({start.isoformat()})")
+        counts = asyncio.run(_discover_and_archive(settings, start, end, options))
+        raise typer.Exit(exit_code(counts))
+    if not ids and not ids_file:
+        raise InputError("no IDs given: pass IDs, --ids-file PATH (or -), or --since/--until")
+    with collect_ids(ids or [], ids_file or [], spool_dir=settings.temp_dir) as id_list:
+        if id_list.invalid:
+            if not skip_invalid:
+                raise_for_problems(id_list)
+            err.print(f"skipping {id_list.invalid} invalid IDs (--skip-invalid):")
+            for problem in id_list.problems[:20]:
+                err.print(f"  {problem}", highlight=False, markup=False)
+        counts = asyncio.run(_archive_list(settings, id_list, options, {
+            "ids": len(id_list), "skip_media": skip_media, "refresh": refresh,
+        }))
+    raise typer.Exit(exit_code(counts))
+
+
+async def _archive_list(
+    settings: Settings, id_list: Any, options: Any, params: dict[str, Any], kind: str = "archive"
+) -> RunCounts:
+    from recarchive.progress import ProgressReporter
+    from recarchive.runner import archive_ids
+
+    with ProgressReporter(err, len(id_list)) as progress:
+        report = await archive_ids(settings, id_list, options, kind=kind, params=params,
+                                   on_progress=progress.update)
+    print_run(report.counts, export_partitions=len(report.export.partitions)
+              if report.export else None, seconds=report.seconds)
+    return report.counts
+
+
+async def _discover_and_archive(
+    settings: Settings, since: datetime, until: datetime, options: Any
+) -> RunCounts:
+    from recarchive.runner import discover_ids
+    from recarchive.runtime import build_bird_client, build_bird_http
+
+    async with build_bird_http(settings) as http:
+        bird = build_bird_client(settings, http)
+        err.print(f"listing recordings created in [{since.isoformat()}, {until.isoformat()}) ...")
+        id_list = await discover_ids(bird, since=since, until=until, spool_dir=settings.temp_dir)
+    with id_list:
+        err.print(f"found {len(id_list)} recordings")
+        return await _archive_list(settings, id_list, options, {
+            "since": since.isoformat(), "until": until.isoformat(),
+            "ids": len(id_list), "skip_media": options.skip_media,
+        })
+
+
+@app.command("retry-failed")
+@handle_errors
+def retry_failed_command(
+    skip_media: Annotated[bool, typer.Option("--skip-media", help="Metadata only.")] = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Archive again the failed recordings whose next attempt is due."""
+    from recarchive.progress import ProgressReporter
+    from recarchive.runner import retry_failed
+
+    _configure_logging(verbose)
+    settings = _settings()
+    with ProgressReporter(err, None) as progress:
+        report = asyncio.run(retry_failed(settings, skip_media=skip_media,
+                                          on_progress=progress.update))
+    print_run(report.counts, export_partitions=len(report.export.partitions)
+              if report.export else None, seconds=report.seconds)
+    raise typer.Exit(exit_code(report.counts))
+
+
+@app.command()
+@handle_errors
+def status(
+    failed: Annotated[bool, typer.Option("--failed", help="List failed recordings.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    limit: Annotated[int, typer.Option(help="Rows of --failed and of recent runs.")] = 50,
+) -> None:
+    """Show ledger counts per state, recent runs, and (--failed) failed recordings."""
+    from recarchive.runtime import open_store
+
+    _configure_logging(False)
+    engine, store = open_store(_settings())
+    try:
+        counts = store.counts()
+        runs = store.last_runs(limit=min(limit, 10))
+        failures = store.failed_entries(limit=limit) if failed else []
+    finally:
+        engine.dispose()
+    if as_json:
+        doc: dict[str, Any] = {"states": counts, "runs": runs}
+        if failed:
+            doc["failed"] = [
+                {"id": e.recording_id, "attempts": e.attempts, "last_error": e.last_error,
+                 "next_attempt_at": e.next_attempt_at.isoformat() if e.next_attempt_at else None}
+                for e in failures
+            ]
+        out.print_json(json.dumps(doc, default=str))
+        return
+    table = Table(title="Ledger")
+    table.add_column("state")
+    table.add_column("recordings", justify="right")
+    for state in ("pending", "metadata_only", "archived", "missing", "failed"):
+        table.add_row(state, str(counts.get(state, 0)))
+    out.print(table)
+    if runs:
+        runs_table = Table(title="Recent runs")
+        for column in ("id", "kind", "status", "started_at", "archived", "failed", "missing"):
+            runs_table.add_column(column)
+        for run in runs:
+            runs_table.add_row(*(str(run.get(column, "")) for column in
+                                 ("id", "kind", "status", "started_at", "archived", "failed",
+                                  "missing")))
+        out.print(runs_table)
+    if failed:
+        failed_table = Table(title="Failed recordings")
+        for column in ("id", "attempts", "next attempt", "last error"):
+            failed_table.add_column(column)
+        for entry in failures:
+            failed_table.add_row(entry.recording_id, str(entry.attempts),
+                                 str(entry.next_attempt_at or "on retry-failed"),
+                                 entry.last_error or "")
+        out.print(failed_table)
+
+
+@app.command()
+@handle_errors
+def verify(
+    deep: Annotated[bool, typer.Option("--deep", help="Download and hash every object.")] = False,
+    delete_source_after_verify: Annotated[
+        bool,
+        typer.Option("--delete-source-after-verify",
+                     help="After a deep verification of an object succeeds, delete that "
+                          "recording's media at Bird. Implies --deep. Irreversible."),
+    ] = False,
+    verbose: VerboseOption = False,
+) -> None:
+    """Check every archived recording against S3: exists, size, SHA-256."""
+    from recarchive.verify_command import run_verify
+
+    _configure_logging(verbose)
+    settings = _settings()
+    report = asyncio.run(run_verify(settings, deep=deep or delete_source_after_verify,
+                                    delete_source=delete_source_after_verify, console=err))
+    out.print(f"verified {report.checked} archived recordings: {report.ok} ok, "
+              f"{len(report.problems)} problems")
+    for problem in report.problems[:100]:
+        out.print(f"  {problem.recording_id} {problem.key}: {problem.problem}",
+                  highlight=False, markup=False)
+    raise typer.Exit(EXIT_ITEMS_FAILED if report.problems else EXIT_OK)
+
+
+@app.command()
+@handle_errors
+def export(
+    full: Annotated[bool, typer.Option("--full", help="Rewrite every partition.")] = False,
+) -> None:
+    """Rewrite the Parquet partitions changed since the last export."""
+    from recarchive.runner import export_parquet
+    from recarchive.runtime import open_store
+
+    _configure_logging(False)
+    settings = _settings()
+    engine, _ = open_store(settings)
+    try:
+        report = export_parquet(settings, engine, full=full)
+    finally:
+        engine.dispose()
+    out.print(f"exported {report.rows} rows in {len(report.partitions)} partitions to "
+              f"{settings.parquet_root} in {report.seconds:.1f}s")
+
+
+@app.command()
+@handle_errors
+def query(
+    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views recordings and "
+                                            "recording_parties.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Rows as JSON.")] = False,
+) -> None:
+    """Query the Parquet dataset with DuckDB."""
+    from recarchive.query import run_query
+
+    settings = _settings()
+    columns, rows = run_query(settings.parquet_root, sql, s3_endpoint_url=settings.s3_endpoint_url)
+    if as_json:
+        out.print_json(json.dumps([dict(zip(columns, row, strict=True)) for row in rows],
+                                  default=str))
+        return
+    table = Table()
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if value is None else str(value) for value in row))
+    out.print(table)
+
+
+@app.command()
+@handle_errors
+def simulate(
+    port: Annotated[int, typer.Option(help="API port.")] = 8787,
+    media_port: Annotated[int, typer.Option(help="Media host port.")] = 8788,
+    recordings: Annotated[int, typer.Option(help="Recordings in the dataset.")] = 300,
+    seed: Annotated[int, typer.Option(help="Dataset and fault seed.")] = 1,
+    faults: Annotated[str, typer.Option(help="none, flaky, ratelimit, chaos, or a comma "
+                                             "list of 429,500,reset,slow,truncate,expired,"
+                                             "notready,404.")] = "none",
+    rate_limit: Annotated[float | None, typer.Option(help="API requests/s before 429s.")]
+    = None,
+    access_key: Annotated[str, typer.Option(help="Key the simulator accepts.")]
+    = "sim-access-key",
+) -> None:
+    """Run the Bird API simulator on 127.0.0.1 until interrupted."""
+    from recarchive.simulator.server import SimulatorConfig, serve
+
+    serve(SimulatorConfig(recordings=recordings, seed=seed, faults=faults,
+                          rate_limit=rate_limit, access_key=access_key, port=port,
+                          media_port=media_port))
+
+
+@app.command()
+@handle_errors
+def demo(
+    recordings: Annotated[int, typer.Option(help="Recordings to archive.")] = 300,
+    data_dir: Annotated[Path, typer.Option(help="Where the demo's SQLite database and Parquet "
+                                                "dataset go (wiped first).")]
+    = Path("recarchive-data/demo"),
+) -> None:
+    """Run the whole pipeline locally: simulator, local S3 endpoint, SQLite, Parquet."""
+    from recarchive.demo import run_demo
+
+    _configure_logging(False)
+    counts = run_demo(out, recordings=recordings, data_dir=data_dir)
+    raise typer.Exit(exit_code(counts))
+
+
+@db_app.command("upgrade")
+@handle_errors
+def db_upgrade() -> None:
+    """Create or upgrade the database schema in place."""
+    from recarchive.runtime import open_store, safe_database_url
+
+    settings = _settings()
+    engine, _ = open_store(settings)
+    engine.dispose()
+    out.print(f"database is up to date: {safe_database_url(settings.database_url)}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

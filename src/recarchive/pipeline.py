@@ -1,0 +1,313 @@
+"""One chunk of recording IDs end to end: ledger claim, metadata, SQL, media, ledger marks.
+
+:func:`archive_chunk` is the unit that Prefect tasks wrap and that the CLI calls directly. It
+holds at most one chunk of payloads in memory, and runs its items concurrently with asyncio,
+bounded by the context's ``concurrency``. Retries of single HTTP requests happen in the Bird
+client only; here an item that still fails is marked ``failed`` in the ledger with the time of
+its next attempt (backoff across runs), and the run goes on. Only a :class:`FatalError`
+(bad credentials, unreachable store) stops the chunk, after releasing its leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from recarchive.counts import RunCounts
+from recarchive.errors import (
+    FatalError,
+    LedgerStateError,
+    MediaConflictError,
+    NotFoundError,
+    RecarchiveError,
+    RetryableError,
+    StorageUnavailableError,
+)
+from recarchive.media import MediaResult, archive_media
+from recarchive.normalize import normalize_recording
+from recarchive.store.s3 import media_key, sidecar_key
+
+if TYPE_CHECKING:
+    from recarchive.bird.client import BirdClient
+    from recarchive.model import LedgerEntry, NormalizedRecording
+    from recarchive.store.s3 import MediaStore
+    from recarchive.store.sql import ArchiveStore
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[RunCounts], None]
+T = TypeVar("T")
+
+#: Ledger states worth a request when the caller did not ask for ``--refresh``.
+WORK_STATES = frozenset({"pending", "metadata_only", "failed"})
+ALL_STATES = frozenset({"pending", "metadata_only", "failed", "archived", "missing"})
+AVAILABLE = "available"
+
+
+@dataclass(frozen=True)
+class ChunkOptions:
+    """What the caller asked for.
+
+    Attributes:
+        skip_media: Fetch and store metadata only; the ledger says ``metadata_only``.
+        refresh: Re-fetch metadata even of ``archived`` and ``missing`` recordings (their
+            stored media is never transferred again).
+    """
+
+    skip_media: bool = False
+    refresh: bool = False
+
+
+@dataclass
+class ArchiveContext:
+    """The clients and knobs one process uses for every chunk; built by :mod:`recarchive.runtime`.
+
+    Attributes:
+        bird: Bird API client (owns retries and request pacing).
+        store: SQL store and ledger.
+        media: S3 media store, or ``None`` when the run skips media.
+        workspace_id: Bird workspace of every ID.
+        s3_prefix: Key prefix of media objects.
+        owner: This run's lease owner name (unique per run).
+        concurrency: Items in flight at once within a chunk.
+        lease_seconds: Lease length of claimed ledger rows.
+        item_max_attempts: Attempts (across runs) after which a failure is no longer retried.
+        retry_backoff: Base delay before a failed item's next attempt (doubles per attempt).
+        temp_dir: Folder for media temp files (system default when ``None``).
+    """
+
+    bird: BirdClient
+    store: ArchiveStore
+    media: MediaStore | None
+    workspace_id: str
+    s3_prefix: str
+    owner: str
+    concurrency: int = 16
+    lease_seconds: int = 900
+    item_max_attempts: int = 8
+    retry_backoff: timedelta = timedelta(minutes=5)
+    temp_dir: Path | None = None
+
+
+async def archive_chunk(
+    ctx: ArchiveContext,
+    ids: Sequence[str],
+    options: ChunkOptions = ChunkOptions(),
+    on_progress: ProgressCallback | None = None,
+) -> RunCounts:
+    """Archive one chunk of distinct, valid recording IDs.
+
+    Args:
+        ctx: Clients and settings.
+        ids: Canonical recording IDs, no duplicates.
+        options: ``skip_media`` / ``refresh``.
+        on_progress: Called with a small :class:`RunCounts` delta per finished item.
+
+    Returns:
+        The chunk's counts.
+
+    Raises:
+        FatalError: The run must stop (credentials refused, store unreachable). Leases taken
+            by this chunk are released first, so the next run picks the items up at once.
+    """
+    chunk = _Chunk(ctx, options, on_progress)
+    return await chunk.run(ids)
+
+
+class _Chunk:
+    """State of one :func:`archive_chunk` call."""
+
+    def __init__(
+        self, ctx: ArchiveContext, options: ChunkOptions, on_progress: ProgressCallback | None
+    ) -> None:
+        self.ctx = ctx
+        self.options = options
+        self.on_progress = on_progress
+        self.counts = RunCounts()
+        self.limit = asyncio.Semaphore(ctx.concurrency)
+
+    def _outcome(self, **delta: int) -> None:
+        step = RunCounts(**delta)
+        self.counts.add(step)
+        if self.on_progress is not None:
+            self.on_progress(step)
+
+    def _fail(self, recording_id: str, error: str) -> None:
+        self.counts.record_failure(recording_id, error)
+        # record_failure counted it already; the delta below only feeds progress displays.
+        if self.on_progress is not None:
+            self.on_progress(RunCounts(failed=1))
+
+    async def run(self, ids: Sequence[str]) -> RunCounts:
+        self.counts.requested = len(ids)
+        store, ctx = self.ctx.store, self.ctx
+        store.register(ids)
+        entries = store.get_entries(ids)
+        wanted: list[str] = []
+        for recording_id in ids:
+            state = entries[recording_id].state
+            if state == "archived" and not self.options.refresh:
+                self._outcome(already_archived=1)
+            elif state == "missing" and not self.options.refresh:
+                self._outcome(missing=1)
+            else:
+                wanted.append(recording_id)
+        if not wanted:
+            return self.counts
+        states = ALL_STATES if self.options.refresh else WORK_STATES
+        claimed = store.claim(
+            wanted, owner=ctx.owner, lease_seconds=ctx.lease_seconds, states=states
+        )
+        busy = len(wanted) - len(claimed)
+        if busy:
+            logger.info("%d recordings are leased by another run; left to it", busy)
+            self._outcome(busy=busy)
+        try:
+            await self._process(claimed, entries)
+        finally:
+            # Items that reached a mark_* no longer hold a lease; this frees the rest (a fatal
+            # error or a cancellation) so the next run does not wait for the lease to expire.
+            try:
+                store.release(claimed, owner=ctx.owner)
+            except Exception:
+                logger.exception("could not release leases; they expire on their own")
+        return self.counts
+
+    async def _process(self, claimed: list[str], entries: dict[str, LedgerEntry]) -> None:
+        fetched = await self._gather(self._fetch_metadata(rid, entries[rid]) for rid in claimed)
+        records = [record for record in fetched if record is not None]
+        if not records:
+            return
+        try:
+            self.ctx.store.save_metadata(records)
+        except SQLAlchemyError as exc:
+            raise StorageUnavailableError(f"could not save metadata: {type(exc).__name__}") from exc
+        media_jobs: list[Awaitable[None]] = []
+        for record in records:
+            entry = entries[record.id]
+            if entry.state == "archived":
+                # --refresh of an archived recording: metadata updated above, media untouched.
+                self._outcome(already_archived=1)
+            elif self.options.skip_media or record.status != AVAILABLE or self.ctx.media is None:
+                reason = "skip-media" if self.options.skip_media else f"status {record.status}"
+                self._mark(record.id, entry, self.ctx.store.mark_metadata_only, reason=reason)
+                self._outcome(metadata_only=1)
+            else:
+                media_jobs.append(self._archive_media(record, entry))
+        await self._gather(media_jobs)
+
+    async def _gather(self, jobs: Iterable[Awaitable[T]]) -> list[T]:
+        """Run awaitables with at most ``concurrency`` in flight; a fatal error cancels all."""
+
+        async def bounded(job: Awaitable[T]) -> T:
+            async with self.limit:
+                return await job
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(bounded(job)) for job in jobs]
+        return [task.result() for task in tasks]
+
+    async def _fetch_metadata(
+        self, recording_id: str, entry: LedgerEntry
+    ) -> NormalizedRecording | None:
+        store = self.ctx.store
+        try:
+            payload = await self.ctx.bird.get_recording(recording_id)
+            return normalize_recording(
+                payload, workspace_id=self.ctx.workspace_id, fetched_at=datetime.now(UTC)
+            )
+        except NotFoundError as exc:
+            if entry.state == "archived":
+                # --refresh after Bird deleted its copy: ours is the archive; keep it as it is.
+                self._outcome(already_archived=1)
+            elif self._mark(recording_id, entry, store.mark_missing, error=str(exc)):
+                self._outcome(missing=1)
+        except FatalError:
+            raise
+        except RecarchiveError as exc:
+            if entry.state == "archived":
+                # A failed refresh does not undo an archived recording; report it only.
+                self._fail(recording_id, f"refresh failed: {type(exc).__name__}: {exc}")
+            else:
+                self._failed(recording_id, entry, exc)
+        return None
+
+    async def _archive_media(self, record: NormalizedRecording, entry: LedgerEntry) -> None:
+        media = self.ctx.media
+        assert media is not None
+        key = media_key(self.ctx.s3_prefix, self.ctx.workspace_id, record.id, record.created_at)
+        sidecar = json.dumps(record.redacted_payload, sort_keys=True).encode()
+        try:
+            result = await self._stored_copy(key, sidecar)
+            uploaded = result is None
+            if result is None:
+                result = await archive_media(
+                    self.ctx.bird, media, recording_id=record.id, key=key, sidecar=sidecar,
+                    temp_dir=self.ctx.temp_dir,
+                )
+                uploaded = result.outcome == "uploaded"
+        except FatalError:
+            raise
+        except RecarchiveError as exc:
+            self._failed(record.id, entry, exc)
+            return
+        marked = self._mark(
+            record.id, entry, self.ctx.store.mark_archived, bucket=result.bucket,
+            key=result.key, size_bytes=result.size_bytes, sha256=result.sha256,
+        )
+        if marked:
+            self._outcome(archived=1, bytes_uploaded=result.size_bytes if uploaded else 0)
+
+    async def _stored_copy(self, key: str, sidecar: bytes) -> MediaResult | None:
+        """Return the object a crashed earlier run already stored and verified, if any.
+
+        Objects are only ever written with their ``sha256`` metadata after the bytes were
+        hashed, so an object with that metadata needs no second download. The sidecar is
+        written again because the crash may have come between the two writes.
+        """
+        media = self.ctx.media
+        assert media is not None
+        info = await asyncio.to_thread(media.head, key)
+        if info is None or not info.sha256:
+            return None
+        await asyncio.to_thread(media.put_bytes, sidecar_key(key), sidecar)
+        return MediaResult(
+            bucket=media.bucket, key=key, size_bytes=info.size, sha256=info.sha256,
+            outcome="already_present",
+        )
+
+    def _failed(self, recording_id: str, entry: LedgerEntry, exc: RecarchiveError) -> None:
+        error = f"{type(exc).__name__}: {exc}"
+        attempts = entry.attempts + 1
+        retry_at: datetime | None = None
+        if isinstance(exc, RetryableError) and not isinstance(exc, MediaConflictError):
+            delay = self.ctx.retry_backoff * (2 ** min(attempts - 1, 10))
+            retry_at = datetime.now(UTC) + min(delay, timedelta(days=1))
+        logger.warning("recording %s failed (attempt %d): %s", recording_id, attempts, error)
+        if self._mark(recording_id, entry, self.ctx.store.mark_failed, error=error,
+                      retry_at=retry_at):
+            self._fail(recording_id, error)
+
+    def _mark(
+        self, recording_id: str, entry: LedgerEntry, mark: Callable[..., None], **kwargs: object
+    ) -> bool:
+        """Apply a ledger transition; ``False`` when another run took the lease over."""
+        try:
+            mark(recording_id, owner=self.ctx.owner, **kwargs)
+        except LedgerStateError as exc:
+            logger.warning("ledger refused %s for %s: %s", mark.__name__, recording_id, exc)
+            self._outcome(busy=1)
+            return False
+        except SQLAlchemyError as exc:
+            raise StorageUnavailableError(
+                f"could not update the ledger: {type(exc).__name__}"
+            ) from exc
+        return True

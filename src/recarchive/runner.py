@@ -1,0 +1,210 @@
+"""Whole runs: chunks of IDs through the pipeline, the ``runs`` row, and the Parquet export.
+
+The CLI calls these directly (no Prefect API needed, so the first request goes out within a
+second or two); the Prefect flows in ``flows/`` wrap the same pieces with one task per chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine
+
+from recarchive.bird.client import BirdClient
+from recarchive.config import Settings
+from recarchive.counts import RunCounts
+from recarchive.errors import RecarchiveError
+from recarchive.ids import IdCollector, IdList
+from recarchive.pipeline import ArchiveContext, ChunkOptions, ProgressCallback, archive_chunk
+from recarchive.runtime import open_archive_context, open_store
+from recarchive.store.parquet import ExportReport, export_changed
+from recarchive.store.sql import ArchiveStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunReport:
+    """What a run did.
+
+    Attributes:
+        run_id: Row id in ``runs``.
+        kind: ``archive``, ``nightly``, ``backfill``, ``retry-failed``.
+        status: ``succeeded``, ``partial`` (some items failed or missing) or ``failed``.
+        counts: Outcome counters.
+        export: The Parquet export that ended the run, if it ran.
+        seconds: Wall time.
+    """
+
+    run_id: int
+    kind: str
+    status: str
+    counts: RunCounts
+    export: ExportReport | None
+    seconds: float
+
+
+def run_status(counts: RunCounts) -> str:
+    """Return ``succeeded`` or ``partial`` for finished counts."""
+    return "succeeded" if counts.all_ok else "partial"
+
+
+async def process_chunks(
+    ctx: ArchiveContext,
+    chunks: Iterable[list[str]] | AsyncIterator[list[str]],
+    options: ChunkOptions,
+    on_progress: ProgressCallback | None = None,
+) -> RunCounts:
+    """Run chunks one after another through :func:`archive_chunk` and add up their counts."""
+    total = RunCounts()
+    if isinstance(chunks, AsyncIterator):
+        async for chunk in chunks:
+            total.add(await archive_chunk(ctx, chunk, options, on_progress))
+    else:
+        for chunk in chunks:
+            total.add(await archive_chunk(ctx, chunk, options, on_progress))
+    return total
+
+
+async def archive_ids(
+    settings: Settings,
+    ids: IdList,
+    options: ChunkOptions,
+    *,
+    kind: str = "archive",
+    params: Mapping[str, Any] | None = None,
+    on_progress: ProgressCallback | None = None,
+    export: bool = True,
+) -> RunReport:
+    """Archive every ID of ``ids`` in chunks, record the run, and export changed Parquet.
+
+    Args:
+        settings: The run's settings.
+        ids: Validated, de-duplicated IDs.
+        options: ``skip_media`` / ``refresh``.
+        kind: Run kind recorded in ``runs``.
+        params: Run parameters recorded in ``runs`` (never secrets).
+        on_progress: Progress callback per finished item.
+        export: Rewrite changed Parquet partitions at the end.
+
+    Returns:
+        The run report.
+
+    Raises:
+        FatalError: The run stopped; its ``runs`` row says ``failed`` with the reason.
+    """
+    engine, store = open_store(settings)
+    try:
+        async with open_archive_context(settings, store, skip_media=options.skip_media) as ctx:
+            return await _recorded_run(
+                store, engine, settings, kind, dict(params or {}), export,
+                lambda: process_chunks(ctx, ids.chunks(settings.chunk_size), options, on_progress),
+            )
+    finally:
+        engine.dispose()
+
+
+async def retry_failed(
+    settings: Settings,
+    *,
+    skip_media: bool = False,
+    on_progress: ProgressCallback | None = None,
+    export: bool = True,
+) -> RunReport:
+    """Archive again every ``failed`` recording whose next attempt is due."""
+    engine, store = open_store(settings)
+    try:
+        async with open_archive_context(settings, store, skip_media=skip_media) as ctx:
+            options = ChunkOptions(skip_media=skip_media)
+            chunks = due_retry_chunks(store, settings.chunk_size, settings.item_max_attempts)
+            return await _recorded_run(
+                store, engine, settings, "retry-failed", {"skip_media": skip_media}, export,
+                lambda: process_chunks(ctx, chunks, options, on_progress),
+            )
+    finally:
+        engine.dispose()
+
+
+def due_retry_chunks(store: ArchiveStore, chunk_size: int, max_attempts: int) -> Iterable[list[str]]:
+    """Yield chunks of due failed IDs, each ID at most once per run.
+
+    A retried item that fails again is either scheduled later (so not due) or, for a terminal
+    error, due at once; the seen-set stops the second kind from looping within one run.
+    """
+    seen: set[str] = set()
+    while True:
+        due = [
+            recording_id
+            for recording_id in store.due_retries(limit=chunk_size + len(seen),
+                                                  max_attempts=max_attempts)
+            if recording_id not in seen
+        ][:chunk_size]
+        if not due:
+            return
+        seen.update(due)
+        yield due
+
+
+async def _recorded_run(
+    store: ArchiveStore,
+    engine: Engine,
+    settings: Settings,
+    kind: str,
+    params: dict[str, Any],
+    export: bool,
+    work: Any,
+) -> RunReport:
+    started = time.monotonic()
+    run_id = store.start_run(kind, params)
+    counts = RunCounts()
+    try:
+        counts = await work()
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, RecarchiveError) else (
+            type(exc).__name__
+        )
+        store.finish_run(run_id, status="failed", counts=counts.as_dict(), error=reason)
+        raise
+    report = export_parquet(settings, engine) if export else None
+    status = run_status(counts)
+    store.finish_run(run_id, status=status, counts=counts.as_dict())
+    return RunReport(run_id, kind, status, counts, report, time.monotonic() - started)
+
+
+def export_parquet(settings: Settings, engine: Engine, *, full: bool = False) -> ExportReport:
+    """Rewrite the Parquet partitions changed since the last export."""
+    return export_changed(
+        engine, settings.parquet_root, s3_endpoint_url=settings.s3_endpoint_url, full=full
+    )
+
+
+async def discover_ids(
+    bird: BirdClient, *, since: datetime, until: datetime, spool_dir: str | None = None
+) -> IdList:
+    """List the IDs of recordings created in ``[since, until)`` into an :class:`IdList`.
+
+    Args:
+        bird: The API client.
+        since: Inclusive lower bound of ``createdAt`` (UTC).
+        until: Exclusive upper bound of ``createdAt`` (UTC).
+        spool_dir: Folder of the spool file.
+
+    Returns:
+        The IDs, de-duplicated, in listing order; a malformed ID from the API is recorded as a
+        problem (``list endpoint:N``), never archived.
+    """
+    collector = IdCollector(spool_dir)
+    position = 0
+    try:
+        async for payload in bird.list_recordings(since=since, until=until):
+            position += 1
+            collector.add(str(payload.get("id", "")), "list endpoint", position)
+    except BaseException:
+        collector.discard()
+        raise
+    return collector.finish()

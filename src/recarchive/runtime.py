@@ -1,0 +1,152 @@
+"""Building the clients of a run from :class:`~recarchive.config.Settings`.
+
+This is the one place where httpx, boto3 and SQLAlchemy clients are created; everything else
+receives them. Each builder is called by the CLI or a flow at run time, never at import.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from recarchive.bird.client import BirdClient
+from recarchive.bird.http import build_http_client
+from recarchive.bird.ratelimit import RequestPacer
+from recarchive.bird.retry import RetryPolicy
+from recarchive.config import Settings
+from recarchive.errors import ConfigError, StorageUnavailableError
+from recarchive.pipeline import ArchiveContext
+from recarchive.store.s3 import MediaStore, build_s3_client
+from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+
+
+def run_owner() -> str:
+    """Return a lease owner name unique to this run: host, process and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def safe_database_url(url: str) -> str:
+    """Return ``url`` with any password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable database URL>"
+
+
+def open_store(settings: Settings) -> tuple[Engine, ArchiveStore]:
+    """Create the engine, upgrade the schema in place, and return the store.
+
+    Raises:
+        ConfigError: ``RECARCHIVE_DATABASE_URL`` is not a usable SQLAlchemy URL.
+        StorageUnavailableError: The database cannot be reached or upgraded.
+    """
+    try:
+        engine = create_engine_for(settings.database_url)
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(
+            f"RECARCHIVE_DATABASE_URL: not a usable database URL "
+            f"({safe_database_url(settings.database_url)})"
+        ) from exc
+    try:
+        upgrade_database(engine)
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise StorageUnavailableError(
+            f"cannot open the database {safe_database_url(settings.database_url)}: "
+            f"{type(exc).__name__}"
+        ) from exc
+    return engine, ArchiveStore(engine)
+
+
+def build_media_store(settings: Settings) -> MediaStore:
+    """Build the S3 media store for ``RECARCHIVE_S3_BUCKET``.
+
+    Raises:
+        ConfigError: The bucket is not set.
+    """
+    bucket = settings.require_bucket()
+    s3 = build_s3_client(
+        endpoint_url=settings.s3_endpoint_url,
+        request_checksum_calculation=settings.s3_request_checksum_calculation,
+        max_pool_connections=max(settings.concurrency * 2, 10),
+    )
+    return MediaStore(
+        s3,
+        bucket=bucket,
+        sse=settings.s3_sse,
+        kms_key_id=settings.s3_sse_kms_key_id,
+        multipart_threshold=settings.s3_multipart_threshold_bytes,
+        multipart_chunk_size=settings.s3_multipart_chunk_bytes,
+    )
+
+
+def build_bird_http(settings: Settings) -> httpx.AsyncClient:
+    """Build the HTTP client for the Bird API; the caller closes it."""
+    return build_http_client(
+        timeout_seconds=settings.http_timeout_seconds,
+        max_connections=max(settings.concurrency * 2, 8),
+    )
+
+
+def build_bird_client(settings: Settings, http: httpx.AsyncClient) -> BirdClient:
+    """Build the Bird API client over ``http``, with a pacer shared by its requests.
+
+    Raises:
+        ConfigError: Workspace or access key not set.
+    """
+    workspace_id, access_key = settings.require_bird()
+    return BirdClient(
+        http,
+        api_url=settings.bird_api_url,
+        workspace_id=workspace_id,
+        access_key=access_key,
+        auth_scheme=settings.bird_auth_scheme,
+        pacer=RequestPacer(settings.requests_per_second),
+        retry=RetryPolicy(
+            max_attempts=settings.http_max_attempts,
+            max_total_seconds=settings.http_max_retry_seconds,
+        ),
+    )
+
+
+@asynccontextmanager
+async def open_archive_context(
+    settings: Settings, store: ArchiveStore, *, skip_media: bool
+) -> AsyncIterator[ArchiveContext]:
+    """Open the API and S3 clients an archive run needs and close them afterwards.
+
+    Args:
+        settings: The run's settings.
+        store: The opened SQL store (see :func:`open_store`); the caller disposes its engine.
+        skip_media: When true, no S3 client is built and the bucket is not required.
+
+    Yields:
+        The context for :func:`recarchive.pipeline.archive_chunk`.
+    """
+    workspace_id, _ = settings.require_bird()
+    media = None if skip_media else build_media_store(settings)
+    http = build_bird_http(settings)
+    try:
+        yield ArchiveContext(
+            bird=build_bird_client(settings, http),
+            store=store,
+            media=media,
+            workspace_id=workspace_id,
+            s3_prefix=settings.s3_prefix,
+            owner=run_owner(),
+            concurrency=settings.concurrency,
+            lease_seconds=settings.lease_seconds,
+            item_max_attempts=settings.item_max_attempts,
+            temp_dir=Path(settings.temp_dir) if settings.temp_dir else None,
+        )
+    finally:
+        await http.aclose()
