@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from datetime import UTC, date, datetime, time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -26,6 +26,7 @@ from recarchive.config import Settings, load_settings
 from recarchive.counts import RunCounts
 from recarchive.errors import AuthError, FatalError, InputError, RecarchiveError, UsageError
 from recarchive.progress import human_bytes
+from recarchive.when import parse_when
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -79,24 +80,6 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(130) from exc
 
     return wrapper
-
-
-def parse_when(value: str, option: str) -> datetime:
-    """Parse a date (``2026-01-31``, midnight UTC) or an ISO timestamp (UTC when naive).
-
-    Raises:
-        InputError: Naming the option and the value.
-    """
-    text = value.strip()
-    try:
-        if len(text) == 10:
-            return datetime.combine(date.fromisoformat(text), time(0), tzinfo=UTC)
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise InputError(
-            f"{option}: {value!r} is not a date (YYYY-MM-DD) or ISO timestamp"
-        ) from exc
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
 
 
 def summary_table(counts: RunCounts, title: str = "Summary") -> Table:

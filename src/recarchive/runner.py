@@ -6,9 +6,10 @@ second or two); the Prefect flows in ``flows/`` wrap the same pieces with one ta
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -54,20 +55,45 @@ def run_status(counts: RunCounts) -> str:
     return "succeeded" if counts.all_ok else "partial"
 
 
-async def process_chunks(
+ChunkRunner = Callable[[ArchiveContext, list[str], ChunkOptions], Awaitable[RunCounts]]
+
+
+def direct_chunk_runner(on_progress: ProgressCallback | None = None) -> ChunkRunner:
+    """A chunk runner that calls the pipeline directly (no Prefect task around it)."""
+
+    async def run(ctx: ArchiveContext, chunk: list[str], options: ChunkOptions) -> RunCounts:
+        return await archive_chunk(ctx, chunk, options, on_progress)
+
+    return run
+
+
+async def run_chunks(
     ctx: ArchiveContext,
-    chunks: Iterable[list[str]] | AsyncIterator[list[str]],
+    chunks: Iterable[list[str]],
     options: ChunkOptions,
-    on_progress: ProgressCallback | None = None,
+    run_chunk: ChunkRunner,
+    *,
+    max_parallel_chunks: int = 1,
 ) -> RunCounts:
-    """Run chunks one after another through :func:`archive_chunk` and add up their counts."""
+    """Run ``run_chunk`` over ``chunks`` with at most ``max_parallel_chunks`` in flight.
+
+    Chunks are pulled from the iterator only when a slot frees up, so a backfill of millions
+    of IDs holds ``max_parallel_chunks`` chunks in memory, not the whole list. A fatal error
+    in one chunk cancels the others (their leases are released by the pipeline).
+    """
     total = RunCounts()
-    if isinstance(chunks, AsyncIterator):
-        async for chunk in chunks:
-            total.add(await archive_chunk(ctx, chunk, options, on_progress))
-    else:
+    slots = asyncio.Semaphore(max_parallel_chunks)
+
+    async def one(chunk: list[str]) -> None:
+        try:
+            total.add(await run_chunk(ctx, chunk, options))
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as group:
         for chunk in chunks:
-            total.add(await archive_chunk(ctx, chunk, options, on_progress))
+            await slots.acquire()
+            group.create_task(one(chunk))
     return total
 
 
@@ -79,6 +105,8 @@ async def archive_ids(
     kind: str = "archive",
     params: Mapping[str, Any] | None = None,
     on_progress: ProgressCallback | None = None,
+    run_chunk: ChunkRunner | None = None,
+    max_parallel_chunks: int = 1,
     export: bool = True,
 ) -> RunReport:
     """Archive every ID of ``ids`` in chunks, record the run, and export changed Parquet.
@@ -89,7 +117,9 @@ async def archive_ids(
         options: ``skip_media`` / ``refresh``.
         kind: Run kind recorded in ``runs``.
         params: Run parameters recorded in ``runs`` (never secrets).
-        on_progress: Progress callback per finished item.
+        on_progress: Progress callback per finished item (direct runs).
+        run_chunk: How a chunk runs (a Prefect task in flows); the pipeline by default.
+        max_parallel_chunks: Chunks in flight at once.
         export: Rewrite changed Parquet partitions at the end.
 
     Returns:
@@ -98,12 +128,14 @@ async def archive_ids(
     Raises:
         FatalError: The run stopped; its ``runs`` row says ``failed`` with the reason.
     """
+    runner = run_chunk or direct_chunk_runner(on_progress)
     engine, store = open_store(settings)
     try:
         async with open_archive_context(settings, store, skip_media=options.skip_media) as ctx:
-            return await _recorded_run(
+            return await recorded_run(
                 store, engine, settings, kind, dict(params or {}), export,
-                lambda: process_chunks(ctx, ids.chunks(settings.chunk_size), options, on_progress),
+                lambda: run_chunks(ctx, ids.chunks(settings.chunk_size), options, runner,
+                                   max_parallel_chunks=max_parallel_chunks),
             )
     finally:
         engine.dispose()
@@ -114,17 +146,21 @@ async def retry_failed(
     *,
     skip_media: bool = False,
     on_progress: ProgressCallback | None = None,
+    run_chunk: ChunkRunner | None = None,
+    max_parallel_chunks: int = 1,
     export: bool = True,
 ) -> RunReport:
     """Archive again every ``failed`` recording whose next attempt is due."""
+    runner = run_chunk or direct_chunk_runner(on_progress)
+    options = ChunkOptions(skip_media=skip_media)
     engine, store = open_store(settings)
     try:
         async with open_archive_context(settings, store, skip_media=skip_media) as ctx:
-            options = ChunkOptions(skip_media=skip_media)
             chunks = due_retry_chunks(store, settings.chunk_size, settings.item_max_attempts)
-            return await _recorded_run(
+            return await recorded_run(
                 store, engine, settings, "retry-failed", {"skip_media": skip_media}, export,
-                lambda: process_chunks(ctx, chunks, options, on_progress),
+                lambda: run_chunks(ctx, chunks, options, runner,
+                                   max_parallel_chunks=max_parallel_chunks),
             )
     finally:
         engine.dispose()
@@ -150,15 +186,20 @@ def due_retry_chunks(store: ArchiveStore, chunk_size: int, max_attempts: int) ->
         yield due
 
 
-async def _recorded_run(
+async def recorded_run(
     store: ArchiveStore,
     engine: Engine,
     settings: Settings,
     kind: str,
     params: dict[str, Any],
     export: bool,
-    work: Any,
+    work: Callable[[], Awaitable[RunCounts]],
 ) -> RunReport:
+    """Run ``work`` between a ``runs`` row's start and finish, then export Parquet.
+
+    A failure still finishes the row (``failed`` with the error's type and message) and
+    is re-raised.
+    """
     started = time.monotonic()
     run_id = store.start_run(kind, params)
     counts = RunCounts()

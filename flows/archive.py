@@ -1,0 +1,48 @@
+"""Flow ``archive-recordings`` (deployment ``archive-ids``): archive a list or manifest of IDs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.tasks import archive_chunk_task, publish_report
+from recarchive.config import load_settings
+from recarchive.orchestration import open_id_input
+from recarchive.pipeline import ChunkOptions
+from recarchive.runner import archive_ids
+
+
+@flow(name="archive-recordings", log_prints=False)
+async def archive_recordings(
+    ids: list[str] | None = None,
+    ids_file: str | None = None,
+    skip_media: bool = False,
+    refresh: bool = False,
+    chunk_size: int | None = None,
+    max_parallel_chunks: int = 2,
+) -> dict[str, Any]:
+    """Archive the given IDs in chunks (one Prefect task each), then export Parquet.
+
+    Args:
+        ids: Recording IDs (small runs; big ones pass a manifest).
+        ids_file: Manifest of IDs: a local path or ``s3://bucket/key``.
+        skip_media: Metadata only.
+        refresh: Re-fetch metadata of every given ID.
+        chunk_size: IDs per chunk task (``RECARCHIVE_CHUNK_SIZE`` by default).
+        max_parallel_chunks: Chunk tasks in flight at once.
+
+    Returns:
+        The run's counts.
+    """
+    settings = load_settings(chunk_size=chunk_size)
+    options = ChunkOptions(skip_media=skip_media, refresh=refresh)
+    with open_id_input(settings, ids, ids_file) as id_list:
+        report = await archive_ids(
+            settings, id_list, options, kind="archive-flow",
+            params={"ids": len(id_list), "ids_file": ids_file, "skip_media": skip_media,
+                    "refresh": refresh},
+            run_chunk=archive_chunk_task, max_parallel_chunks=max_parallel_chunks,
+        )
+    await publish_report(report, key="archive-recordings")
+    return report.counts.as_dict()

@@ -1,0 +1,103 @@
+"""Flow ``backfill`` (deployment ``backfill``): many IDs, optionally fanned out to workers."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.tasks import archive_chunk_task, publish_report
+from recarchive.config import load_settings
+from recarchive.errors import InputError
+from recarchive.orchestration import Window, discover_window, open_manifest, write_manifests
+from recarchive.pipeline import ChunkOptions
+from recarchive.runner import archive_ids
+from recarchive.when import parse_when
+
+ARCHIVE_IDS_DEPLOYMENT = "archive-recordings/archive-ids"
+
+
+@flow(name="backfill", log_prints=False)
+async def backfill(
+    ids_file: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    chunk_size: int | None = None,
+    fan_out: bool = False,
+    chunks_per_child: int = 20,
+    skip_media: bool = False,
+    max_parallel_chunks: int = 2,
+) -> dict[str, Any]:
+    """Archive a manifest of IDs or a date window, here or fanned out to child runs.
+
+    With ``fan_out``, the IDs are split into manifests of ``chunks_per_child`` chunks and one
+    ``archive-ids`` deployment run is started per manifest with ``run_deployment``; the parent
+    waits for all. Each child gets the manifest's location, never the IDs, and an
+    idempotency key made of this run's id and the manifest number, so a retried parent gets
+    the same children back instead of doubling the work.
+
+    Args:
+        ids_file: Manifest of IDs (local path or ``s3://bucket/key``).
+        since: Start of a creation window (date or ISO timestamp, UTC, inclusive).
+        until: End of the window (exclusive).
+        chunk_size: IDs per chunk task.
+        fan_out: Start child deployment runs instead of archiving here.
+        chunks_per_child: Chunks per child run.
+        skip_media: Metadata only.
+        max_parallel_chunks: Chunk tasks in flight at once (here, or in each child).
+
+    Returns:
+        Counts, or the children's final states.
+    """
+    settings = load_settings(chunk_size=chunk_size)
+    if bool(ids_file) == bool(since):
+        raise InputError("give exactly one of ids_file or since/until")
+    if ids_file:
+        source = open_manifest(settings, ids_file)
+    else:
+        assert since is not None
+        window = Window(parse_when(since, "since"),
+                        parse_when(until, "until") if until else datetime.now(UTC))
+        source = await discover_window(settings, window)
+    with source as id_list:
+        if not fan_out:
+            report = await archive_ids(
+                settings, id_list, ChunkOptions(skip_media=skip_media), kind="backfill",
+                params={"ids_file": ids_file, "since": since, "until": until,
+                        "ids": len(id_list)},
+                run_chunk=archive_chunk_task, max_parallel_chunks=max_parallel_chunks,
+            )
+            await publish_report(report, key="backfill")
+            return report.counts.as_dict()
+        run_key = str(flow_run.get_id() or "local")
+        manifests = write_manifests(settings, id_list,
+                                    ids_per_manifest=settings.chunk_size * chunks_per_child,
+                                    run_key=run_key)
+    return {"children": await _fan_out(manifests, run_key, settings.chunk_size, skip_media,
+                                       max_parallel_chunks)}
+
+
+async def _fan_out(
+    manifests: list[str], run_key: str, chunk_size: int, skip_media: bool,
+    max_parallel_chunks: int,
+) -> list[dict[str, str]]:
+    from prefect.deployments import run_deployment
+
+    runs = await asyncio.gather(*(
+        run_deployment(
+            ARCHIVE_IDS_DEPLOYMENT,
+            parameters={"ids_file": manifest, "chunk_size": chunk_size,
+                        "skip_media": skip_media, "max_parallel_chunks": max_parallel_chunks},
+            idempotency_key=f"{run_key}-{index:05d}",
+            timeout=None,
+        )
+        for index, manifest in enumerate(manifests)
+    ))
+    return [
+        {"manifest": manifest, "flow_run": str(run.id),
+         "state": run.state.name if run.state else "unknown"}
+        for manifest, run in zip(manifests, runs, strict=True)
+    ]

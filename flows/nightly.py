@@ -1,0 +1,48 @@
+"""Flow ``nightly-archive`` (deployment ``nightly``): yesterday's recordings, then due retries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.tasks import archive_chunk_task, publish_report
+from recarchive.config import load_settings
+from recarchive.orchestration import discover_window, nightly_window
+from recarchive.pipeline import ChunkOptions
+from recarchive.runner import archive_ids, retry_failed
+
+
+@flow(name="nightly-archive", log_prints=False)
+async def nightly_archive(
+    days: int = 1,
+    overlap_hours: float = 6.0,
+    skip_media: bool = False,
+    max_parallel_chunks: int = 2,
+) -> dict[str, Any]:
+    """Archive the recordings created in the previous UTC day(s), then retry due failures.
+
+    Args:
+        days: Whole UTC days before today to cover.
+        overlap_hours: How far the window reaches back beyond those days, so late
+            recordings are not missed.
+        skip_media: Metadata only.
+        max_parallel_chunks: Chunk tasks in flight at once.
+
+    Returns:
+        Counts of the window run and of the retry run.
+    """
+    settings = load_settings()
+    window = nightly_window(days=days, overlap_hours=overlap_hours)
+    with await discover_window(settings, window) as id_list:
+        report = await archive_ids(
+            settings, id_list, ChunkOptions(skip_media=skip_media), kind="nightly",
+            params={**window.as_params(), "ids": len(id_list)},
+            run_chunk=archive_chunk_task, max_parallel_chunks=max_parallel_chunks,
+        )
+    await publish_report(report, key="nightly-archive")
+    retried = await retry_failed(settings, skip_media=skip_media, run_chunk=archive_chunk_task,
+                                 max_parallel_chunks=max_parallel_chunks)
+    await publish_report(retried, key="nightly-retry-failed")
+    return {"window": window.as_params(), "archive": report.counts.as_dict(),
+            "retry_failed": retried.counts.as_dict()}

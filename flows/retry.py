@@ -1,0 +1,25 @@
+"""Flow ``retry-failed`` (deployment ``retry-failed``, hourly): due failures again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.tasks import archive_chunk_task, publish_report
+from recarchive.config import load_settings
+from recarchive.runner import retry_failed
+
+
+@flow(name="retry-failed", log_prints=False)
+async def retry_failed_flow(skip_media: bool = False, max_parallel_chunks: int = 2) -> dict[str, Any]:
+    """Archive again every failed recording whose next attempt is due.
+
+    Returns:
+        The run's counts.
+    """
+    report = await retry_failed(load_settings(), skip_media=skip_media,
+                                run_chunk=archive_chunk_task,
+                                max_parallel_chunks=max_parallel_chunks)
+    await publish_report(report, key="retry-failed")
+    return report.counts.as_dict()
