@@ -146,13 +146,14 @@ def archive(
 ) -> None:
     """Archive the given recordings (metadata to SQL/Parquet, media to S3)."""
     from recarchive.ids import collect_ids, raise_for_problems
-    from recarchive.pipeline import ChunkOptions
 
     _configure_logging(verbose)
     settings = _settings(chunk_size=chunk_size, concurrency=concurrency)
     settings.require_bird()
     if not skip_media:
         settings.require_bucket()
+    from recarchive.pipeline import ChunkOptions
+
     options = ChunkOptions(skip_media=skip_media, refresh=refresh)
     if since is not None or until is not None:
         if ids or ids_file:
