@@ -1,0 +1,1 @@
+"""Alembic migrations of the recarchive schema, run programmatically by ``upgrade_database``."""

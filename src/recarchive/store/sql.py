@@ -1,0 +1,627 @@
+"""SQL store: engine setup, schema upgrades, recording upserts, the archive ledger and runs.
+
+SQLAlchemy 2 Core on SQLite (embedded default) and PostgreSQL (psycopg 3). SQL is the source
+of truth; the Parquet dataset is exported from it (:mod:`recarchive.store.parquet`).
+
+Ledger rows are claimed with leases so that two runs never work on the same recording: on
+PostgreSQL with ``SELECT ... FOR UPDATE SKIP LOCKED``; on SQLite, where every write
+transaction starts with ``BEGIN IMMEDIATE`` (one writer at a time), with a single conditional
+``UPDATE``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Row,
+    Table,
+    create_engine,
+    event,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from recarchive.errors import LedgerStateError
+from recarchive.model import (
+    ARCHIVED,
+    FAILED,
+    LEDGER_STATES,
+    METADATA_ONLY,
+    MISSING,
+    PENDING,
+    LedgerEntry,
+    NormalizedRecording,
+)
+from recarchive.store.tables import (
+    RUN_COUNT_COLUMNS,
+    archive_ledger,
+    export_partitions,
+    metadata,
+    recording_parties,
+    recordings,
+    runs,
+)
+
+__all__ = [
+    "ArchiveStore",
+    "create_engine_for",
+    "mark_partitions",
+    "metadata",
+    "upgrade_database",
+]
+
+#: IDs per statement: well below SQLite's bound-parameter limit and PostgreSQL's comfort zone.
+BATCH = 500
+#: Longest error text kept in the ledger and the runs table.
+MAX_ERROR_CHARS = 2000
+#: Key of the PostgreSQL advisory lock that serializes concurrent schema upgrades.
+_MIGRATION_LOCK_KEY = 0x7265636172636869
+
+_LEDGER_COLUMNS = (
+    archive_ledger.c.recording_id,
+    archive_ledger.c.state,
+    archive_ledger.c.attempts,
+    archive_ledger.c.last_error,
+    archive_ledger.c.next_attempt_at,
+    archive_ledger.c.s3_bucket,
+    archive_ledger.c.s3_key,
+    archive_ledger.c.size_bytes,
+    archive_ledger.c.sha256,
+    archive_ledger.c.archived_at,
+    archive_ledger.c.lease_owner,
+    archive_ledger.c.lease_expires_at,
+)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _chunks(items: Sequence[str], size: int = BATCH) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _clip(message: str | None) -> str | None:
+    return None if message is None else message[:MAX_ERROR_CHARS]
+
+
+# --- engine and schema ---------------------------------------------------------------------
+
+
+def create_engine_for(url: str) -> Engine:
+    """Create the engine for a SQLite or PostgreSQL URL.
+
+    SQLite: the parent folder is created; WAL journal, a busy timeout, foreign keys, and
+    ``BEGIN IMMEDIATE`` transactions (so a read-then-write never fails on a lock upgrade).
+    PostgreSQL: ``postgresql://`` and ``postgres://`` use psycopg 3.
+
+    Args:
+        url: SQLAlchemy database URL.
+
+    Returns:
+        The engine (nothing is connected yet).
+
+    Raises:
+        sqlalchemy.exc.ArgumentError: ``url`` is not a URL.
+        ValueError: The backend is neither SQLite nor PostgreSQL.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return _sqlite_engine(parsed)
+    if backend in ("postgresql", "postgres"):
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed, pool_pre_ping=True)
+    raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+
+
+def _sqlite_engine(url: URL) -> Engine:
+    database = url.database
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": 60})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Let SQLAlchemy's "begin" event below emit BEGIN instead of the driver.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", "recarchive:migrations")
+    return config
+
+
+def upgrade_database(engine: Engine) -> None:
+    """Create or upgrade the schema to the newest Alembic revision.
+
+    Idempotent and safe on every start; concurrent callers on PostgreSQL are serialized by an
+    advisory lock.
+
+    Args:
+        engine: Engine from :func:`create_engine_for`.
+
+    Raises:
+        sqlalchemy.exc.SQLAlchemyError: The database cannot be reached or upgraded.
+    """
+    config = _alembic_config()
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
+            )
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def mark_partitions(connection: Connection, months: Iterable[str]) -> None:
+    """Mark ``created_month`` partitions changed (bump their version) in the caller's transaction.
+
+    Args:
+        connection: A connection inside a transaction.
+        months: ``YYYY-MM`` partitions.
+    """
+    now = _now()
+    rows = [
+        {"created_month": month, "version": 1, "exported_version": 0, "changed_at": now}
+        for month in sorted(set(months))
+    ]
+    if not rows:
+        return
+    insert = _insert(connection, export_partitions)
+    connection.execute(
+        insert.on_conflict_do_update(
+            index_elements=[export_partitions.c.created_month],
+            set_={"version": export_partitions.c.version + 1, "changed_at": now},
+        ),
+        rows,
+    )
+
+
+def _insert(connection: Connection, table: Table) -> Any:
+    """A dialect INSERT that knows ``ON CONFLICT``."""
+    if connection.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def _entry(row: Row[Any]) -> LedgerEntry:
+    return LedgerEntry(
+        recording_id=row.recording_id,
+        state=row.state,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        next_attempt_at=row.next_attempt_at,
+        s3_bucket=row.s3_bucket,
+        s3_key=row.s3_key,
+        size_bytes=row.size_bytes,
+        sha256=row.sha256,
+        archived_at=row.archived_at,
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+    )
+
+
+# --- the store -----------------------------------------------------------------------------
+
+
+class ArchiveStore:
+    """Recordings, ledger and runs in one SQL database.
+
+    Args:
+        engine: Engine from :func:`create_engine_for`, schema upgraded by
+            :func:`upgrade_database`. The caller owns and disposes it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # --- recordings --------------------------------------------------------------------
+
+    def save_metadata(self, records: Sequence[NormalizedRecording]) -> None:
+        """Upsert recordings and their parties in one transaction; mark changed partitions.
+
+        A recording whose stored ``updated_at`` and ``raw_json`` equal the new ones is left
+        untouched (not even a timestamp changes). A changed or new recording gets its party
+        rows replaced and its ``created_month`` partition (and a previous month, if
+        ``createdAt`` moved) marked for the next export, in the same transaction.
+
+        Args:
+            records: Normalized recordings; for a repeated ID the last one wins.
+        """
+        latest = {record.id: record for record in records}
+        if not latest:
+            return
+        ids = list(latest)
+        with self.engine.begin() as connection:
+            previous_month: dict[str, str] = {}
+            for chunk in _chunks(ids):
+                previous_month.update(
+                    connection.execute(
+                        select(recordings.c.id, recordings.c.created_month).where(
+                            recordings.c.id.in_(chunk)
+                        )
+                    ).tuples().all()
+                )
+            insert = _insert(connection, recordings)
+            columns = [column.name for column in recordings.columns if column.name != "id"]
+            upsert = insert.on_conflict_do_update(
+                index_elements=[recordings.c.id],
+                set_={name: insert.excluded[name] for name in columns},
+                where=or_(
+                    recordings.c.updated_at.is_distinct_from(insert.excluded.updated_at),
+                    recordings.c.raw_json.is_distinct_from(insert.excluded.raw_json),
+                ),
+            ).returning(recordings.c.id)
+            changed: list[str] = []
+            for chunk in _chunks(ids):
+                rows = [latest[recording_id].recording for recording_id in chunk]
+                changed.extend(connection.execute(upsert, rows).scalars())
+            if not changed:
+                return
+            months: set[str] = set()
+            parties: list[dict[str, Any]] = []
+            for recording_id in changed:
+                record = latest[recording_id]
+                months.add(record.recording["created_month"])
+                if recording_id in previous_month:
+                    months.add(previous_month[recording_id])
+                parties.extend(record.parties)
+            for chunk in _chunks(changed):
+                connection.execute(
+                    recording_parties.delete().where(recording_parties.c.recording_id.in_(chunk))
+                )
+            if parties:
+                connection.execute(recording_parties.insert(), parties)
+            mark_partitions(connection, months)
+
+    # --- ledger: registration and reads ------------------------------------------------
+
+    def register(self, ids: Sequence[str]) -> None:
+        """Insert a ``pending`` ledger row for every ID that has none.
+
+        Args:
+            ids: Canonical recording IDs.
+        """
+        if not ids:
+            return
+        now = _now()
+        with self.engine.begin() as connection:
+            insert = _insert(connection, archive_ledger).on_conflict_do_nothing(
+                index_elements=[archive_ledger.c.recording_id]
+            )
+            for chunk in _chunks(ids):
+                connection.execute(
+                    insert,
+                    [
+                        {"recording_id": recording_id, "state": PENDING, "attempts": 0,
+                         "created_at": now, "updated_at": now}
+                        for recording_id in chunk
+                    ],
+                )
+
+    def get_entries(self, ids: Sequence[str]) -> dict[str, LedgerEntry]:
+        """Return the ledger rows of ``ids`` that exist, by ID."""
+        entries: dict[str, LedgerEntry] = {}
+        with self.engine.connect() as connection:
+            for chunk in _chunks(ids):
+                query = select(*_LEDGER_COLUMNS).where(archive_ledger.c.recording_id.in_(chunk))
+                for row in connection.execute(query):
+                    entries[row.recording_id] = _entry(row)
+        return entries
+
+    # --- ledger: leases ----------------------------------------------------------------
+
+    def claim(
+        self, ids: Sequence[str], *, owner: str, lease_seconds: int, states: Collection[str]
+    ) -> list[str]:
+        """Lease the rows of ``ids`` whose state is in ``states`` and whose lease is free.
+
+        A lease is free when nobody holds it, it expired, or ``owner`` holds it already.
+
+        Args:
+            ids: Canonical recording IDs (registered).
+            owner: This run's lease owner name.
+            lease_seconds: Lease length.
+            states: States worth claiming.
+
+        Returns:
+            The IDs now leased to ``owner``.
+        """
+        if not ids or not states:
+            return []
+        now = _now()
+        values = {"lease_owner": owner, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
+        claimed: list[str] = []
+        with self.engine.begin() as connection:
+            postgres = connection.dialect.name == "postgresql"
+            for chunk in _chunks(ids):
+                where = (
+                    archive_ledger.c.recording_id.in_(chunk),
+                    archive_ledger.c.state.in_(list(states)),
+                    self._lease_free(owner, now),
+                )
+                if postgres:
+                    # Rows another transaction is claiming right now are skipped, not waited
+                    # for: that run will hold them.
+                    locked = list(
+                        connection.execute(
+                            select(archive_ledger.c.recording_id)
+                            .where(*where)
+                            .with_for_update(skip_locked=True)
+                        ).scalars()
+                    )
+                    if locked:
+                        connection.execute(
+                            update(archive_ledger)
+                            .where(archive_ledger.c.recording_id.in_(locked))
+                            .values(**values)
+                        )
+                    claimed.extend(locked)
+                else:
+                    result = connection.execute(
+                        update(archive_ledger)
+                        .where(*where)
+                        .values(**values)
+                        .returning(archive_ledger.c.recording_id)
+                    )
+                    claimed.extend(result.scalars())
+        order = {recording_id: index for index, recording_id in enumerate(ids)}
+        return sorted(claimed, key=order.__getitem__)
+
+    @staticmethod
+    def _lease_free(owner: str, now: datetime) -> ColumnElement[bool]:
+        return or_(
+            archive_ledger.c.lease_owner.is_(None),
+            archive_ledger.c.lease_owner == owner,
+            archive_ledger.c.lease_expires_at <= now,
+        )
+
+    def release(self, ids: Sequence[str], *, owner: str) -> None:
+        """Clear the leases of ``ids`` that ``owner`` holds (others' leases stay)."""
+        if not ids:
+            return
+        with self.engine.begin() as connection:
+            for chunk in _chunks(ids):
+                connection.execute(
+                    update(archive_ledger)
+                    .where(
+                        archive_ledger.c.recording_id.in_(chunk),
+                        archive_ledger.c.lease_owner == owner,
+                    )
+                    .values(lease_owner=None, lease_expires_at=None)
+                )
+
+    # --- ledger: transitions -----------------------------------------------------------
+
+    def mark_metadata_only(self, recording_id: str, *, owner: str, reason: str) -> None:
+        """Metadata stored, media not (yet): not available, or ``--skip-media``.
+
+        Raises:
+            LedgerStateError: Already ``archived``, unknown, or ``owner`` holds no lease.
+        """
+        self._transition(
+            recording_id, owner, METADATA_ONLY,
+            {"last_error": _clip(reason), "next_attempt_at": None},
+        )
+
+    def mark_missing(self, recording_id: str, *, owner: str, error: str) -> None:
+        """The recording does not exist at Bird (404).
+
+        Raises:
+            LedgerStateError: Already ``archived``, unknown, or ``owner`` holds no lease.
+        """
+        self._transition(
+            recording_id, owner, MISSING, {"last_error": _clip(error), "next_attempt_at": None}
+        )
+
+    def mark_failed(
+        self, recording_id: str, *, owner: str, error: str, retry_at: datetime | None
+    ) -> None:
+        """An attempt failed: count it and schedule the next one.
+
+        Args:
+            recording_id: The recording.
+            owner: Lease owner.
+            error: Why (type and message, no secrets).
+            retry_at: When it is due again; ``None`` for a terminal failure, which
+                :meth:`due_retries` never returns (only an explicit request archives it again).
+
+        Raises:
+            LedgerStateError: Already ``archived``, unknown, or ``owner`` holds no lease.
+        """
+        self._transition(
+            recording_id, owner, FAILED,
+            {"last_error": _clip(error), "next_attempt_at": retry_at,
+             "attempts": archive_ledger.c.attempts + 1},
+        )
+
+    def mark_archived(
+        self, recording_id: str, *, owner: str, bucket: str, key: str, size_bytes: int,
+        sha256: str,
+    ) -> None:
+        """The media is in S3 and verified.
+
+        Raises:
+            LedgerStateError: Unknown, or ``owner`` holds no lease.
+        """
+        self._transition(
+            recording_id, owner, ARCHIVED,
+            {"s3_bucket": bucket, "s3_key": key, "size_bytes": size_bytes, "sha256": sha256,
+             "archived_at": _now(), "last_error": None, "next_attempt_at": None},
+        )
+
+    def _transition(
+        self, recording_id: str, owner: str, target: str, values: dict[str, Any]
+    ) -> None:
+        conditions = [
+            archive_ledger.c.recording_id == recording_id,
+            archive_ledger.c.lease_owner == owner,
+        ]
+        if target != ARCHIVED:
+            # Archived media is final: no later outcome may hide it.
+            conditions.append(archive_ledger.c.state != ARCHIVED)
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(archive_ledger)
+                .where(*conditions)
+                .values(state=target, lease_owner=None, lease_expires_at=None,
+                        updated_at=_now(), **values)
+            )
+            if result.rowcount != 1:
+                row = connection.execute(
+                    select(archive_ledger.c.state, archive_ledger.c.lease_owner).where(
+                        archive_ledger.c.recording_id == recording_id
+                    )
+                ).first()
+                if row is None:
+                    reason = "it is not in the ledger"
+                elif row.state == ARCHIVED and target != ARCHIVED:
+                    reason = "it is archived already"
+                else:
+                    reason = "this run does not hold its lease"
+                raise LedgerStateError(f"cannot mark {recording_id} {target}: {reason}")
+            # The Parquet rows carry ledger_state and the media columns: re-export the month.
+            self._mark_partition_of(connection, recording_id)
+
+    @staticmethod
+    def _mark_partition_of(connection: Connection, recording_id: str) -> None:
+        month = connection.execute(
+            select(recordings.c.created_month).where(recordings.c.id == recording_id)
+        ).scalar()
+        if month is not None:
+            mark_partitions(connection, [month])
+
+    # --- ledger: queries ---------------------------------------------------------------
+
+    def due_retries(self, *, limit: int, max_attempts: int) -> list[str]:
+        """Failed recordings whose next attempt is due, oldest due first.
+
+        Args:
+            limit: Most IDs to return.
+            max_attempts: Recordings with this many failed attempts are not retried.
+
+        Returns:
+            IDs with ``next_attempt_at <= now``, ``attempts < max_attempts`` and no live lease.
+        """
+        now = _now()
+        query = (
+            select(archive_ledger.c.recording_id)
+            .where(
+                archive_ledger.c.state == FAILED,
+                archive_ledger.c.next_attempt_at <= now,
+                archive_ledger.c.attempts < max_attempts,
+                or_(
+                    archive_ledger.c.lease_owner.is_(None),
+                    archive_ledger.c.lease_expires_at <= now,
+                ),
+            )
+            .order_by(archive_ledger.c.next_attempt_at, archive_ledger.c.recording_id)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return list(connection.execute(query).scalars())
+
+    def counts(self) -> dict[str, int]:
+        """Ledger rows per state (every state listed, zero included)."""
+        query = select(archive_ledger.c.state, func.count()).group_by(archive_ledger.c.state)
+        with self.engine.connect() as connection:
+            found = {state: int(count) for state, count in connection.execute(query).tuples().all()}
+        return {**dict.fromkeys(LEDGER_STATES, 0), **found}
+
+    def failed_entries(self, limit: int) -> list[LedgerEntry]:
+        """The ``failed`` rows, most recently updated first."""
+        query = (
+            select(*_LEDGER_COLUMNS)
+            .where(archive_ledger.c.state == FAILED)
+            .order_by(archive_ledger.c.updated_at.desc(), archive_ledger.c.recording_id)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [_entry(row) for row in connection.execute(query)]
+
+    def iter_archived(self, batch_size: int = BATCH) -> Iterator[LedgerEntry]:
+        """Yield every ``archived`` row in ID order, one short query per batch.
+
+        Keyset pagination: memory holds one batch, and no connection stays open between
+        batches (the caller may take its time with each entry).
+        """
+        after = ""
+        while True:
+            query = (
+                select(*_LEDGER_COLUMNS)
+                .where(archive_ledger.c.state == ARCHIVED, archive_ledger.c.recording_id > after)
+                .order_by(archive_ledger.c.recording_id)
+                .limit(batch_size)
+            )
+            with self.engine.connect() as connection:
+                batch = [_entry(row) for row in connection.execute(query)]
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1].recording_id
+
+    # --- runs --------------------------------------------------------------------------
+
+    def start_run(self, kind: str, params: dict[str, Any]) -> int:
+        """Insert a ``running`` runs row and return its id."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                runs.insert()
+                .values(kind=kind, status="running", started_at=_now(),
+                        params=json.dumps(params, sort_keys=True, default=str))
+                .returning(runs.c.id)
+            )
+            return int(result.scalar_one())
+
+    def finish_run(
+        self, run_id: int, *, status: str, counts: dict[str, int], error: str | None = None
+    ) -> None:
+        """Record a run's end: status, counts (unknown keys ignored) and error."""
+        values: dict[str, Any] = {name: int(counts.get(name, 0)) for name in RUN_COUNT_COLUMNS}
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(status=status, finished_at=_now(), error=_clip(error), **values)
+            )
+
+    def last_runs(self, limit: int) -> list[dict[str, Any]]:
+        """The newest runs as dicts: id, kind, status, started_at, finished_at, counts, error."""
+        columns = [runs.c.id, runs.c.kind, runs.c.status, runs.c.started_at, runs.c.finished_at,
+                   *(runs.c[name] for name in RUN_COUNT_COLUMNS), runs.c.error]
+        query = select(*columns).order_by(runs.c.id.desc()).limit(limit)
+        with self.engine.connect() as connection:
+            return [dict(row._mapping) for row in connection.execute(query)]
+

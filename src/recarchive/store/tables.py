@@ -1,0 +1,175 @@
+"""SQLAlchemy Core tables: the schema of ``sql/`` and of the Alembic migrations.
+
+All timestamps are UTC. On PostgreSQL they are ``timestamptz``; SQLite has no time type, so
+they are stored as naive UTC text (SQLAlchemy's ``DATETIME`` format), and :class:`UTCDateTime`
+gives aware UTC datetimes back on both.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC that always comes back timezone-aware (UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert to UTC; naive values are taken as UTC already."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        # SQLite stores text: keep one canonical naive form so comparisons are textual.
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        """Attach or convert to UTC."""
+        if value is None:
+            return None
+        if not isinstance(value, datetime):
+            raise TypeError(f"expected a datetime from the database, got {type(value).__name__}")
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+recordings = Table(
+    "recordings",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("workspace_id", Text, nullable=False),
+    Column("source", Text, nullable=False),
+    Column("source_id", Text, nullable=False),
+    Column("channel_id", Text),
+    Column("status", Text, nullable=False),
+    Column("direction", Text),
+    Column("origin", Text, nullable=False),
+    Column("duration", Float(53)),
+    Column("stereo", Boolean, nullable=False),
+    Column("format", Text, nullable=False),
+    Column("transcription", Boolean, nullable=False),
+    Column("conference_id", Text),
+    Column("url", Text),
+    Column("room_info_url", Text),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("ended_at", UTCDateTime),
+    Column("started_at", UTCDateTime),
+    Column("created_month", String(7), nullable=False),
+    Column("fetched_at", UTCDateTime, nullable=False),
+    Column("raw_json", Text, nullable=False),
+    # The export reads one month at a time in id order: this index serves it without a sort.
+    Index("ix_recordings_created_month_id", "created_month", "id"),
+    Index("ix_recordings_created_at", "created_at"),
+)
+
+recording_parties = Table(
+    "recording_parties",
+    metadata,
+    Column(
+        "recording_id",
+        String(36),
+        ForeignKey("recordings.id", ondelete="CASCADE", name="fk_recording_parties_recording"),
+        primary_key=True,
+    ),
+    Column("role", String(16), primary_key=True),
+    Column("contact_id", Text),
+    Column("contact_identifier_key", Text),
+    Column("contact_identifier_value", Text),
+    Column("number_type", Text),
+    Column("number", Text),
+    Column("number_anonymous", Boolean),
+    Column("number_caller_id_name", Text),
+    Column("number_identity", Text),
+    Column("number_country_iso_code", Text),
+)
+
+archive_ledger = Table(
+    "archive_ledger",
+    metadata,
+    # No foreign key to recordings: IDs are registered before their metadata is fetched.
+    Column("recording_id", String(36), primary_key=True),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    Column("next_attempt_at", UTCDateTime),
+    Column("s3_bucket", Text),
+    Column("s3_key", Text),
+    Column("size_bytes", BigInteger),
+    Column("sha256", String(64)),
+    Column("archived_at", UTCDateTime),
+    Column("lease_owner", Text),
+    Column("lease_expires_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    # due_retries and the per-state counts.
+    Index("ix_archive_ledger_state_next_attempt", "state", "next_attempt_at"),
+)
+
+RUN_COUNT_COLUMNS: tuple[str, ...] = (
+    "requested",
+    "archived",
+    "already_archived",
+    "metadata_only",
+    "missing",
+    "failed",
+    "busy",
+    "bytes_uploaded",
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(32), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    Column("params", Text, nullable=False),
+    *(
+        Column(name, BigInteger if name == "bytes_uploaded" else Integer, nullable=False,
+               server_default="0")
+        for name in RUN_COUNT_COLUMNS
+    ),
+    Column("error", Text),
+)
+
+export_partitions = Table(
+    "export_partitions",
+    metadata,
+    # One row per created_month. ``version`` grows with every change to the month's rows;
+    # the export writes the files, then records the version it wrote only if nothing changed
+    # meanwhile. A partition is due while version > exported_version.
+    Column("created_month", String(7), primary_key=True),
+    Column("version", BigInteger, nullable=False),
+    Column("exported_version", BigInteger, nullable=False, server_default="0"),
+    Column("changed_at", UTCDateTime, nullable=False),
+    Column("exported_at", UTCDateTime),
+)
+
+#: Tables in creation order (children after parents).
+TABLES = (recordings, recording_parties, archive_ledger, runs, export_partitions)
