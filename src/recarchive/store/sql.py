@@ -152,7 +152,12 @@ def _sqlite_engine(url: URL) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the write lock up front; long readers (the Parquet export) opt out
+        # with the ``recarchive_read_only`` execution option and read a WAL snapshot.
+        if connection.get_execution_options().get("recarchive_read_only"):
+            connection.exec_driver_sql("BEGIN DEFERRED")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 

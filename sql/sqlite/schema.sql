@@ -1,0 +1,103 @@
+-- recarchive schema for SQLite (revision 0001; keep in step with
+-- src/recarchive/store/tables.py and src/recarchive/migrations/, tests/test_schema.py checks it).
+--
+-- The application creates and upgrades its schema itself with Alembic
+-- (`recarchive db upgrade`, also run on every start); this file documents the schema and lets
+-- a DBA create it by hand. Timestamps are naive UTC text ('YYYY-MM-DD HH:MM:SS.ffffff').
+
+-- One row per recording; raw_json holds the redacted payload (unknown fields included).
+CREATE TABLE recordings (
+    id VARCHAR(36) NOT NULL,
+    workspace_id TEXT NOT NULL,
+    source TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    channel_id TEXT,
+    status TEXT NOT NULL,
+    direction TEXT,
+    origin TEXT NOT NULL,
+    duration FLOAT,
+    stereo BOOLEAN NOT NULL,
+    format TEXT NOT NULL,
+    transcription BOOLEAN NOT NULL,
+    conference_id TEXT,
+    url TEXT,
+    room_info_url TEXT,
+    created_at DATETIME NOT NULL,
+    updated_at DATETIME NOT NULL,
+    ended_at DATETIME,
+    started_at DATETIME,
+    created_month VARCHAR(7) NOT NULL,
+    fetched_at DATETIME NOT NULL,
+    raw_json TEXT NOT NULL,
+    PRIMARY KEY (id)
+);
+CREATE INDEX ix_recordings_created_at ON recordings (created_at);
+CREATE INDEX ix_recordings_created_month_id ON recordings (created_month, id);
+
+-- One row per present originator/receiver of a recording.
+CREATE TABLE recording_parties (
+    recording_id VARCHAR(36) NOT NULL,
+    role VARCHAR(16) NOT NULL,
+    contact_id TEXT,
+    contact_identifier_key TEXT,
+    contact_identifier_value TEXT,
+    number_type TEXT,
+    number TEXT,
+    number_anonymous BOOLEAN,
+    number_caller_id_name TEXT,
+    number_identity TEXT,
+    number_country_iso_code TEXT,
+    PRIMARY KEY (recording_id, role),
+    CONSTRAINT fk_recording_parties_recording FOREIGN KEY(recording_id) REFERENCES recordings (id) ON DELETE CASCADE
+);
+
+-- One row per requested recording: state, attempts, media location, lease.
+-- state: pending | metadata_only | archived | missing | failed
+CREATE TABLE archive_ledger (
+    recording_id VARCHAR(36) NOT NULL,
+    state VARCHAR(16) NOT NULL,
+    attempts INTEGER DEFAULT 0 NOT NULL,
+    last_error TEXT,
+    next_attempt_at DATETIME,
+    s3_bucket TEXT,
+    s3_key TEXT,
+    size_bytes BIGINT,
+    sha256 VARCHAR(64),
+    archived_at DATETIME,
+    lease_owner TEXT,
+    lease_expires_at DATETIME,
+    created_at DATETIME NOT NULL,
+    updated_at DATETIME NOT NULL,
+    PRIMARY KEY (recording_id)
+);
+CREATE INDEX ix_archive_ledger_state_next_attempt ON archive_ledger (state, next_attempt_at);
+
+-- One row per run with its counts.
+CREATE TABLE runs (
+    id INTEGER NOT NULL,
+    kind VARCHAR(32) NOT NULL,
+    status VARCHAR(16) NOT NULL,
+    started_at DATETIME NOT NULL,
+    finished_at DATETIME,
+    params TEXT NOT NULL,
+    requested INTEGER DEFAULT 0 NOT NULL,
+    archived INTEGER DEFAULT 0 NOT NULL,
+    already_archived INTEGER DEFAULT 0 NOT NULL,
+    metadata_only INTEGER DEFAULT 0 NOT NULL,
+    missing INTEGER DEFAULT 0 NOT NULL,
+    failed INTEGER DEFAULT 0 NOT NULL,
+    busy INTEGER DEFAULT 0 NOT NULL,
+    bytes_uploaded BIGINT DEFAULT 0 NOT NULL,
+    error TEXT,
+    PRIMARY KEY (id)
+);
+
+-- Parquet partitions (created_month) to export: due while version > exported_version.
+CREATE TABLE export_partitions (
+    created_month VARCHAR(7) NOT NULL,
+    version BIGINT NOT NULL,
+    exported_version BIGINT DEFAULT 0 NOT NULL,
+    changed_at DATETIME NOT NULL,
+    exported_at DATETIME,
+    PRIMARY KEY (created_month)
+);

@@ -1,0 +1,375 @@
+"""Export of the analyst Parquet dataset from SQL, one monthly partition at a time.
+
+Layout (DESIGN §2)::
+
+    {root}/recordings/created_month=YYYY-MM/part-0.parquet
+    {root}/recording_parties/created_month=YYYY-MM/part-0.parquet
+
+A partition is rewritten whole from SQL: a temp file in the same folder, then ``os.replace``
+(locally), or one upload of a finished local file (``s3://bucket/prefix`` roots), so a reader
+never sees half a partition or a recording twice. Rows are streamed from SQL per partition,
+so memory holds one row group, not the table. Which partitions are due is kept in the
+``export_partitions`` table: its ``version`` grows with every change, and the export records
+the version it wrote only if the partition did not change again while it was writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+from sqlalchemy import Connection, Engine, Select, and_, select, union, update
+
+from recarchive.errors import ConfigError, StorageUnavailableError
+from recarchive.model import ARCHIVED, PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS
+from recarchive.store.tables import (
+    archive_ledger,
+    export_partitions,
+    recording_parties,
+    recordings,
+)
+
+#: Rows per Parquet row group: large enough for DuckDB's and Athena's scans.
+ROW_GROUP_ROWS = 128 * 1024
+#: Rows fetched from SQL per round trip.
+FETCH_ROWS = 5000
+FILE_NAME = "part-0.parquet"
+
+_TS = pa.timestamp("us", tz="UTC")
+
+_RECORDING_TYPES: dict[str, pa.DataType] = {
+    "id": pa.string(),
+    "workspace_id": pa.string(),
+    "source": pa.string(),
+    "source_id": pa.string(),
+    "channel_id": pa.string(),
+    "status": pa.string(),
+    "direction": pa.string(),
+    "origin": pa.string(),
+    "duration": pa.float64(),
+    "stereo": pa.bool_(),
+    "format": pa.string(),
+    "transcription": pa.bool_(),
+    "conference_id": pa.string(),
+    "url": pa.string(),
+    "room_info_url": pa.string(),
+    "created_at": _TS,
+    "updated_at": _TS,
+    "ended_at": _TS,
+    "started_at": _TS,
+}
+_PARTY_TYPES: dict[str, pa.DataType] = {
+    name: pa.bool_() if name == "number_anonymous" else pa.string() for name in PARTY_FIELDS
+}
+
+#: Schema of ``recordings`` files: flattened parties, media and ledger columns. The partition
+#: column ``created_month`` comes from the folder name (hive partitioning), not the file.
+RECORDINGS_SCHEMA = pa.schema(
+    [pa.field(name, _RECORDING_TYPES[name]) for name in RECORDING_FIELDS]
+    + [pa.field("fetched_at", _TS)]
+    + [
+        pa.field(f"{role}_{name}", _PARTY_TYPES[name])
+        for role in PARTY_ROLES
+        for name in PARTY_FIELDS
+    ]
+    + [
+        pa.field("media_s3_uri", pa.string()),
+        pa.field("media_sha256", pa.string()),
+        pa.field("media_size_bytes", pa.int64()),
+        pa.field("archived_at", _TS),
+        pa.field("ledger_state", pa.string()),
+    ]
+)
+
+#: Schema of ``recording_parties`` files.
+PARTIES_SCHEMA = pa.schema(
+    [pa.field("recording_id", pa.string()), pa.field("role", pa.string())]
+    + [pa.field(name, _PARTY_TYPES[name]) for name in PARTY_FIELDS]
+)
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "recordings": RECORDINGS_SCHEMA,
+    "recording_parties": PARTIES_SCHEMA,
+}
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote.
+
+    Attributes:
+        rows: Recordings rows written (all partitions).
+        partitions: ``YYYY-MM`` partitions rewritten.
+        seconds: Wall time.
+    """
+
+    rows: int
+    partitions: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --- SQL side ------------------------------------------------------------------------------
+
+
+def _recordings_query(month: str) -> Select[Any]:
+    parties = {role: recording_parties.alias(role) for role in PARTY_ROLES}
+    joined = recordings
+    for role, alias in parties.items():
+        joined = joined.outerjoin(
+            alias, and_(alias.c.recording_id == recordings.c.id, alias.c.role == role)
+        )
+    joined = joined.outerjoin(archive_ledger, archive_ledger.c.recording_id == recordings.c.id)
+    columns = [recordings.c[name] for name in (*RECORDING_FIELDS, "fetched_at")]
+    columns += [
+        parties[role].c[name].label(f"{role}_{name}")
+        for role in PARTY_ROLES
+        for name in PARTY_FIELDS
+    ]
+    columns += [
+        archive_ledger.c.s3_bucket,
+        archive_ledger.c.s3_key,
+        archive_ledger.c.sha256,
+        archive_ledger.c.size_bytes,
+        archive_ledger.c.archived_at,
+        archive_ledger.c.state,
+    ]
+    return (
+        select(*columns)
+        .select_from(joined)
+        .where(recordings.c.created_month == month)
+        .order_by(recordings.c.id)
+    )
+
+
+def _parties_query(month: str) -> Select[Any]:
+    columns = [recording_parties.c[name] for name in PARTIES_SCHEMA.names]
+    return (
+        select(*columns)
+        .select_from(recording_parties.join(recordings,
+                                            recordings.c.id == recording_parties.c.recording_id))
+        .where(recordings.c.created_month == month)
+        .order_by(recording_parties.c.recording_id, recording_parties.c.role)
+    )
+
+
+def _recording_batches(connection: Connection, month: str) -> Iterator[pa.RecordBatch]:
+    plain = len(RECORDING_FIELDS) + 1 + len(PARTY_ROLES) * len(PARTY_FIELDS)
+    result = connection.execution_options(yield_per=FETCH_ROWS).execute(_recordings_query(month))
+    for rows in result.partitions():
+        columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
+        bucket, key, sha256, size, archived_at, state = columns[plain:]
+        archived = [value == ARCHIVED for value in state]
+        media_uri = [
+            f"s3://{b}/{k}" if ok and b and k else None
+            for ok, b, k in zip(archived, bucket, key, strict=True)
+        ]
+        columns[plain:] = [
+            media_uri,
+            [v if ok else None for ok, v in zip(archived, sha256, strict=True)],
+            [v if ok else None for ok, v in zip(archived, size, strict=True)],
+            [v if ok else None for ok, v in zip(archived, archived_at, strict=True)],
+            state,
+        ]
+        yield _batch(columns, RECORDINGS_SCHEMA)
+
+
+def _party_batches(connection: Connection, month: str) -> Iterator[pa.RecordBatch]:
+    result = connection.execution_options(yield_per=FETCH_ROWS).execute(_parties_query(month))
+    for rows in result.partitions():
+        yield _batch(list(zip(*rows, strict=True)), PARTIES_SCHEMA)
+
+
+def _batch(columns: Sequence[Sequence[Any]], schema: pa.Schema) -> pa.RecordBatch:
+    arrays = [
+        pa.array(values, type=item.type, from_pandas=False)
+        for values, item in zip(columns, schema, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _due_partitions(connection: Connection, full: bool) -> dict[str, int | None]:
+    """Partitions to write, with the version each is written at (``None``: never marked)."""
+    versions = dict(
+        connection.execute(
+            select(export_partitions.c.created_month, export_partitions.c.version).where(
+                export_partitions.c.version > export_partitions.c.exported_version
+            )
+            if not full
+            else select(export_partitions.c.created_month, export_partitions.c.version)
+        ).tuples().all()
+    )
+    due: dict[str, int | None] = dict(versions)
+    if full:
+        months = connection.execute(
+            union(select(recordings.c.created_month).distinct(),
+                  select(export_partitions.c.created_month))
+        ).scalars()
+        for month in months:
+            due.setdefault(month, None)
+    return dict(sorted(due.items()))
+
+
+def _record_exported(engine: Engine, month: str, version: int) -> bool:
+    """Mark ``month`` exported at ``version`` unless it changed again meanwhile."""
+    with engine.begin() as connection:
+        result = connection.execute(
+            update(export_partitions)
+            .where(export_partitions.c.created_month == month,
+                   export_partitions.c.version == version)
+            .values(exported_version=version, exported_at=datetime.now(UTC))
+        )
+        return result.rowcount == 1
+
+
+# --- file side -----------------------------------------------------------------------------
+
+
+class _Target:
+    """Where partition files go: a local folder or an S3 prefix."""
+
+    def __init__(self, root: str, s3_endpoint_url: str | None) -> None:
+        self.s3: pafs.S3FileSystem | None = None
+        if root.startswith("s3://"):
+            self.s3 = _s3_filesystem(s3_endpoint_url)
+            self.base = root.removeprefix("s3://").rstrip("/")
+        else:
+            self.base = str(Path(root))
+
+    def folder(self, table: str, month: str) -> str:
+        return f"{self.base}/{table}/created_month={month}"
+
+    def write(self, table: str, month: str, batches: Iterator[pa.RecordBatch]) -> int:
+        """Write one partition file whole; with no rows, remove the partition instead."""
+        folder = self.folder(table, month)
+        if self.s3 is None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            temp_dir = folder
+        else:
+            temp_dir = tempfile.gettempdir()
+        # Not ending in .parquet: readers globbing *.parquet never see a file being written.
+        temp = Path(temp_dir) / f".{FILE_NAME}.{uuid.uuid4().hex}.tmp"
+        try:
+            rows = _write_file(temp, TABLE_SCHEMAS[table], batches)
+            if rows == 0:
+                self._remove_partition(folder)
+                return 0
+            if self.s3 is None:
+                os.replace(temp, Path(folder) / FILE_NAME)
+                _fsync_dir(Path(folder))
+            else:
+                with temp.open("rb") as source, \
+                        self.s3.open_output_stream(f"{folder}/{FILE_NAME}") as sink:
+                    shutil.copyfileobj(source, sink, 1024 * 1024)
+            return rows
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _remove_partition(self, folder: str) -> None:
+        if self.s3 is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        with contextlib.suppress(FileNotFoundError, OSError):
+            self.s3.delete_dir(folder)
+
+
+def _write_file(path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> int:
+    rows = 0
+    pending: list[pa.RecordBatch] = []
+    pending_rows = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for batch in batches:
+            pending.append(batch)
+            pending_rows += batch.num_rows
+            if pending_rows >= ROW_GROUP_ROWS:
+                writer.write_table(pa.Table.from_batches(pending, schema),
+                                   row_group_size=ROW_GROUP_ROWS)
+                rows += pending_rows
+                pending, pending_rows = [], 0
+        if pending_rows or rows == 0:
+            writer.write_table(pa.Table.from_batches(pending, schema),
+                               row_group_size=ROW_GROUP_ROWS)
+            rows += pending_rows
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+    return rows
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _s3_filesystem(endpoint_url: str | None) -> pafs.S3FileSystem:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    if not endpoint_url:
+        return pafs.S3FileSystem(region=region)
+    parts = urlsplit(endpoint_url)
+    if not parts.scheme or not parts.netloc:
+        raise ConfigError("RECARCHIVE_S3_ENDPOINT_URL: expected a URL like http://host:port")
+    return pafs.S3FileSystem(
+        region=region, endpoint_override=parts.netloc, scheme=parts.scheme,
+        allow_bucket_creation=False,
+    )
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def export_changed(
+    engine: Engine, root: str, *, s3_endpoint_url: str | None = None, full: bool = False
+) -> ExportReport:
+    """Rewrite the Parquet partitions changed since the last export (all with ``full``).
+
+    Args:
+        engine: The SQL store's engine.
+        root: Dataset root: a local folder or ``s3://bucket/prefix``.
+        s3_endpoint_url: S3-compatible endpoint for ``s3://`` roots.
+        full: Rewrite every partition present in SQL.
+
+    Returns:
+        Rows and partitions written.
+
+    Raises:
+        StorageUnavailableError: A partition file could not be written.
+        ConfigError: The S3 endpoint setting is not a URL.
+    """
+    started = time.monotonic()
+    target = _Target(root, s3_endpoint_url)
+    report = ExportReport(rows=0)
+    # A deferred (read-only) transaction on SQLite: the export must not block writers.
+    with engine.connect().execution_options(recarchive_read_only=True) as connection:
+        due = _due_partitions(connection, full)
+        connection.rollback()
+    for month, version in due.items():
+        try:
+            with engine.connect().execution_options(recarchive_read_only=True) as connection:
+                rows = target.write("recordings", month, _recording_batches(connection, month))
+                target.write("recording_parties", month, _party_batches(connection, month))
+                connection.rollback()
+        except OSError as exc:
+            raise StorageUnavailableError(
+                f"could not write Parquet partition {month} under {root}: {exc}"
+            ) from exc
+        report.rows += rows
+        report.partitions.append(month)
+        if version is not None:
+            _record_exported(engine, month, version)
+    report.seconds = time.monotonic() - started
+    return report
