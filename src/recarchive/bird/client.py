@@ -272,6 +272,7 @@ class BirdClient:
                 error = TransportError(f"{what}: connection failed ({type(exc).__name__})")
                 error.__cause__ = exc
             if error is None:
+                self.pacer.record_success()
                 return response
             if not isinstance(error, RetryableError):
                 raise error
