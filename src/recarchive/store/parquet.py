@@ -209,7 +209,7 @@ def _due_partitions(connection: Connection, full: bool) -> dict[str, int | None]
             )
             if not full
             else select(export_partitions.c.created_month, export_partitions.c.version)
-        ).tuples().all()
+        ).all()
     )
     due: dict[str, int | None] = dict(versions)
     if full:

@@ -277,7 +277,7 @@ class ArchiveStore:
                         select(recordings.c.id, recordings.c.created_month).where(
                             recordings.c.id.in_(chunk)
                         )
-                    ).tuples().all()
+                    ).all()
                 )
             insert = _insert(connection, recordings)
             columns = [column.name for column in recordings.columns if column.name != "id"]
@@ -562,7 +562,7 @@ class ArchiveStore:
         """Ledger rows per state (every state listed, zero included)."""
         query = select(archive_ledger.c.state, func.count()).group_by(archive_ledger.c.state)
         with self.engine.connect() as connection:
-            found = {state: int(count) for state, count in connection.execute(query).tuples().all()}
+            found = {state: int(count) for state, count in connection.execute(query).all()}
         return {**dict.fromkeys(LEDGER_STATES, 0), **found}
 
     def failed_entries(self, limit: int) -> list[LedgerEntry]:

@@ -1,0 +1,266 @@
+"""Archive ledger on SQLite and PostgreSQL: states, refusals, leases, retries, concurrency."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, update
+
+from recarchive.errors import LedgerStateError
+from recarchive.model import LEDGER_STATES
+from recarchive.normalize import normalize_recording
+from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.tables import archive_ledger, export_partitions
+from tests.test_normalize import make_payload
+
+WORK = {"pending", "metadata_only", "failed"}
+SHA = "ab" * 32
+
+
+def ids(count: int, start: int = 0) -> list[str]:
+    return [str(uuid.UUID(int=index + 1)) for index in range(start, start + count)]
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = create_engine_for(database_url)
+    upgrade_database(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine: Engine) -> ArchiveStore:
+    return ArchiveStore(engine)
+
+
+def claimed_one(store: ArchiveStore, owner: str = "run-a") -> str:
+    (recording_id,) = ids(1)
+    store.register([recording_id])
+    assert store.claim([recording_id], owner=owner, lease_seconds=60, states=WORK) == [
+        recording_id
+    ]
+    return recording_id
+
+
+def test_register_is_idempotent_and_pending(store: ArchiveStore) -> None:
+    batch = ids(1203)
+    store.register(batch)
+    store.register(batch[:10])
+    entries = store.get_entries(batch)
+    assert len(entries) == 1203
+    entry = entries[batch[0]]
+    assert entry.state == "pending" and entry.attempts == 0 and entry.lease_owner is None
+    assert store.counts() == {"pending": 1203, "metadata_only": 0, "archived": 0,
+                              "missing": 0, "failed": 0}
+    assert set(store.counts()) == set(LEDGER_STATES)
+    assert store.get_entries(ids(1, start=5000)) == {}
+
+
+def test_claim_is_exclusive_and_release_frees(store: ArchiveStore) -> None:
+    batch = ids(10)
+    store.register(batch)
+    first = store.claim(batch[:6], owner="a", lease_seconds=60, states=WORK)
+    assert first == batch[:6]
+    second = store.claim(batch, owner="b", lease_seconds=60, states=WORK)
+    assert second == batch[6:]
+    entry = store.get_entries([batch[0]])[batch[0]]
+    assert entry.lease_owner == "a" and entry.lease_expires_at is not None
+    assert entry.lease_expires_at > datetime.now(UTC) + timedelta(seconds=50)
+    # Release only frees the owner's own leases.
+    store.release(batch, owner="a")
+    assert store.get_entries([batch[6]])[batch[6]].lease_owner == "b"
+    assert store.claim(batch, owner="c", lease_seconds=60, states=WORK) == batch[:6]
+
+
+def test_claim_respects_states(store: ArchiveStore) -> None:
+    recording_id = claimed_one(store)
+    store.mark_missing(recording_id, owner="run-a", error="NotFoundError: 404")
+    assert store.claim([recording_id], owner="b", lease_seconds=60, states=WORK) == []
+    assert store.claim([recording_id], owner="b", lease_seconds=60,
+                       states={"missing"}) == [recording_id]
+
+
+def test_expired_lease_can_be_claimed_by_another_owner(engine: Engine,
+                                                       store: ArchiveStore) -> None:
+    recording_id = claimed_one(store, owner="crashed")
+    assert store.claim([recording_id], owner="next", lease_seconds=60, states=WORK) == []
+    with engine.begin() as connection:
+        connection.execute(update(archive_ledger).values(
+            lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+    assert store.claim([recording_id], owner="next", lease_seconds=60, states=WORK) == [
+        recording_id
+    ]
+    # The crashed run lost its lease: its late outcome is refused.
+    with pytest.raises(LedgerStateError, match="lease"):
+        store.mark_failed(recording_id, owner="crashed", error="x", retry_at=None)
+
+
+def test_short_lease_expires_in_real_time(store: ArchiveStore) -> None:
+    recording_id = claimed_one(store, owner="a")
+    store.claim([recording_id], owner="a", lease_seconds=1, states=WORK)
+    time.sleep(1.2)
+    assert store.claim([recording_id], owner="b", lease_seconds=60, states=WORK) == [
+        recording_id
+    ]
+
+
+def test_transitions_and_fields(engine: Engine, store: ArchiveStore) -> None:
+    recording_id = claimed_one(store)
+    retry_at = datetime.now(UTC) + timedelta(minutes=5)
+    store.mark_failed(recording_id, owner="run-a", error="ServerError: 503", retry_at=retry_at)
+    entry = store.get_entries([recording_id])[recording_id]
+    assert entry.state == "failed" and entry.attempts == 1
+    assert entry.last_error == "ServerError: 503" and entry.lease_owner is None
+    assert entry.next_attempt_at is not None
+    assert abs(entry.next_attempt_at - retry_at) < timedelta(milliseconds=1)
+
+    store.claim([recording_id], owner="run-a", lease_seconds=60, states=WORK)
+    store.mark_failed(recording_id, owner="run-a", error="again", retry_at=None)
+    entry = store.get_entries([recording_id])[recording_id]
+    assert entry.attempts == 2 and entry.next_attempt_at is None
+
+    store.claim([recording_id], owner="run-a", lease_seconds=60, states=WORK)
+    store.mark_metadata_only(recording_id, owner="run-a", reason="status completed")
+    entry = store.get_entries([recording_id])[recording_id]
+    assert entry.state == "metadata_only" and entry.last_error == "status completed"
+
+    store.claim([recording_id], owner="run-a", lease_seconds=60, states=WORK)
+    store.mark_archived(recording_id, owner="run-a", bucket="bkt", key="k/1.mp3",
+                        size_bytes=123, sha256=SHA)
+    entry = store.get_entries([recording_id])[recording_id]
+    assert entry.state == "archived" and entry.s3_bucket == "bkt" and entry.s3_key == "k/1.mp3"
+    assert entry.size_bytes == 123 and entry.sha256 == SHA and entry.last_error is None
+    assert entry.archived_at is not None and entry.lease_owner is None
+    assert store.counts()["archived"] == 1
+    assert [e.recording_id for e in store.iter_archived(batch_size=10)] == [recording_id]
+
+
+@pytest.mark.parametrize("mark", ["metadata_only", "missing", "failed"])
+def test_archived_is_never_moved_back(store: ArchiveStore, mark: str) -> None:
+    recording_id = claimed_one(store)
+    store.mark_archived(recording_id, owner="run-a", bucket="b", key="k", size_bytes=1,
+                        sha256=SHA)
+    store.claim([recording_id], owner="run-a", lease_seconds=60, states={"archived"})
+    with pytest.raises(LedgerStateError, match="archived already"):
+        if mark == "metadata_only":
+            store.mark_metadata_only(recording_id, owner="run-a", reason="r")
+        elif mark == "missing":
+            store.mark_missing(recording_id, owner="run-a", error="404")
+        else:
+            store.mark_failed(recording_id, owner="run-a", error="e", retry_at=None)
+    assert store.get_entries([recording_id])[recording_id].state == "archived"
+
+
+def test_transition_needs_the_lease(store: ArchiveStore) -> None:
+    (recording_id,) = ids(1)
+    store.register([recording_id])
+    with pytest.raises(LedgerStateError, match="lease"):
+        store.mark_archived(recording_id, owner="nobody", bucket="b", key="k", size_bytes=1,
+                            sha256=SHA)
+    store.claim([recording_id], owner="a", lease_seconds=60, states=WORK)
+    with pytest.raises(LedgerStateError, match="lease"):
+        store.mark_missing(recording_id, owner="b", error="404")
+    with pytest.raises(LedgerStateError, match="not in the ledger"):
+        store.mark_missing(ids(1, start=99)[0], owner="a", error="404")
+    assert store.get_entries([recording_id])[recording_id].state == "pending"
+
+
+def test_mark_archived_marks_the_partition(engine: Engine, store: ArchiveStore) -> None:
+    record = normalize_recording(make_payload(0), workspace_id="ws", fetched_at=datetime.now(UTC))
+    store.save_metadata([record])
+    store.register([record.id])
+    store.claim([record.id], owner="a", lease_seconds=60, states=WORK)
+    with engine.connect() as connection:
+        before = connection.execute(export_partitions.select()).one().version
+    store.mark_archived(record.id, owner="a", bucket="b", key="k", size_bytes=1, sha256=SHA)
+    with engine.connect() as connection:
+        after = connection.execute(export_partitions.select()).one().version
+    assert after == before + 1
+
+
+def test_due_retries(engine: Engine, store: ArchiveStore) -> None:
+    batch = ids(6)
+    store.register(batch)
+    store.claim(batch, owner="a", lease_seconds=60, states=WORK)
+    now = datetime.now(UTC)
+    store.mark_failed(batch[0], owner="a", error="e", retry_at=now - timedelta(minutes=1))
+    store.mark_failed(batch[1], owner="a", error="e", retry_at=now - timedelta(minutes=5))
+    store.mark_failed(batch[2], owner="a", error="e", retry_at=now + timedelta(hours=1))
+    store.mark_failed(batch[3], owner="a", error="terminal", retry_at=None)
+    store.mark_failed(batch[4], owner="a", error="e", retry_at=now - timedelta(minutes=2))
+    with engine.begin() as connection:  # exhausted attempts
+        connection.execute(update(archive_ledger)
+                           .where(archive_ledger.c.recording_id == batch[4])
+                           .values(attempts=8))
+    assert store.due_retries(limit=10, max_attempts=8) == [batch[1], batch[0]]
+    assert store.due_retries(limit=1, max_attempts=8) == [batch[1]]
+    assert store.due_retries(limit=10, max_attempts=9) == [batch[1], batch[4], batch[0]]
+    # A leased row is not due.
+    store.claim([batch[1]], owner="b", lease_seconds=60, states=WORK)
+    assert store.due_retries(limit=10, max_attempts=8) == [batch[0]]
+    failed = store.failed_entries(limit=10)
+    assert {entry.recording_id for entry in failed} == set(batch[:5])
+    assert all(entry.state == "failed" for entry in failed)
+    assert len(store.failed_entries(limit=2)) == 2
+
+
+def test_iter_archived_pages_in_id_order(store: ArchiveStore) -> None:
+    batch = ids(25)
+    store.register(batch)
+    store.claim(batch, owner="a", lease_seconds=60, states=WORK)
+    for recording_id in batch[::2]:
+        store.mark_archived(recording_id, owner="a", bucket="b", key=recording_id,
+                            size_bytes=1, sha256=SHA)
+    got = [entry.recording_id for entry in store.iter_archived(batch_size=4)]
+    assert got == sorted(batch[::2])
+
+
+def test_concurrent_claimers_never_share_an_id(database_url: str) -> None:
+    """Eight threads, each with its own engine (own connections), claim overlapping sets."""
+    setup = create_engine_for(database_url)
+    upgrade_database(setup)
+    batch = ids(400)
+    ArchiveStore(setup).register(batch)
+    setup.dispose()
+    results: dict[str, list[str]] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker(owner: str, offset: int) -> None:
+        engine = create_engine_for(database_url)
+        try:
+            store = ArchiveStore(engine)
+            rotated = batch[offset:] + batch[:offset]
+            barrier.wait()
+            got: list[str] = []
+            for start in range(0, len(rotated), 50):
+                got += store.claim(rotated[start:start + 50], owner=owner, lease_seconds=60,
+                                   states=WORK)
+            results[owner] = got
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=worker, args=(f"w{n}", n * 50)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    everything = [rid for got in results.values() for rid in got]
+    assert len(everything) == len(set(everything)), "an ID was claimed twice"
+    assert sorted(everything) == sorted(batch), "every free ID was claimed by someone"
+    check = create_engine_for(database_url)
+    try:
+        entries = ArchiveStore(check).get_entries(batch)
+        for owner, got in results.items():
+            assert all(entries[rid].lease_owner == owner for rid in got)
+    finally:
+        check.dispose()
