@@ -1,0 +1,241 @@
+"""One recording's media: download through the API's redirect, verify, upload, sidecar.
+
+The body is streamed into a temp file while its SHA-256 is computed, so memory is bounded by
+the download's chunk size, never by the recording's size. Before anything is uploaded the
+file must have the announced length and look like MPEG audio (an ID3 tag or an MPEG frame
+sync), so an HTML error page or a truncated body is never stored.
+
+Retry layers: the Bird client retries each HTTP request (the redirect and the media GET);
+this module retries only what the client cannot see — a body that broke off or failed
+verification — by downloading the whole recording again, at most ``attempts`` times. S3
+requests are retried by botocore (see :mod:`recarchive.store.s3`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from recarchive.errors import MediaIntegrityError, RetryableError
+from recarchive.store.s3 import sidecar_key
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from contextlib import AbstractAsyncContextManager
+
+    from recarchive.store.s3 import MediaStore
+
+logger = logging.getLogger(__name__)
+
+#: Bytes kept from the start of the body to recognise MPEG audio.
+SNIFF_BYTES = 64 * 1024
+#: Write buffer of the temp file: fewer system calls than one write per network chunk.
+WRITE_BUFFER = 1024 * 1024
+#: First delay between whole-download attempts (doubles each time, capped below).
+RETRY_BASE_DELAY = 0.25
+RETRY_MAX_DELAY = 5.0
+#: Zero bytes tolerated between an ID3 tag and the first frame (encoders pad tags).
+MAX_ID3_PADDING = 4096
+
+
+class MediaStream(Protocol):
+    """What ``BirdClient.open_media`` yields (:class:`recarchive.bird.client.MediaDownload`)."""
+
+    recording_id: str
+    content_length: int | None
+
+    def iter_bytes(self) -> AsyncIterator[bytes]:
+        """Yield the body; raises RetryableError subclasses when it breaks off."""
+        ...
+
+
+class MediaSource(Protocol):
+    """The part of :class:`recarchive.bird.client.BirdClient` that downloads media."""
+
+    def open_media(self, recording_id: str) -> AbstractAsyncContextManager[MediaStream]:
+        """Open a recording's MP3 through the API redirect."""
+        ...
+
+
+@dataclass(frozen=True)
+class MediaResult:
+    """Where a recording's media is stored, and what it is.
+
+    Attributes:
+        bucket: The S3 bucket.
+        key: The object key.
+        size_bytes: Size of the MP3.
+        sha256: Hex SHA-256 of its bytes.
+        outcome: ``uploaded`` by this call, or ``already_present`` (same bytes were there).
+    """
+
+    bucket: str
+    key: str
+    size_bytes: int
+    sha256: str
+    outcome: Literal["uploaded", "already_present"]
+
+
+@dataclass(frozen=True)
+class _Downloaded:
+    size: int
+    sha256: str
+
+
+def check_mpeg_audio(head: bytes, recording_id: str) -> None:
+    """Raise unless ``head`` (the first bytes of a body) starts like an MP3 file.
+
+    Accepted: an ID3v2 tag (``ID3``, version, flags, synchsafe size) followed — when the
+    tag ends within ``head`` — by an MPEG frame sync (11 set bits, ``0xFF 0xE*``) after at
+    most :data:`MAX_ID3_PADDING` zero bytes; or a frame sync at the very start. Everything
+    else (HTML or XML error pages, JSON, empty bodies) is rejected.
+
+    Raises:
+        MediaIntegrityError: The bytes are not MPEG audio.
+    """
+    offset = 0
+    if head[:3] == b"ID3":
+        if len(head) < 10 or head[3] == 0xFF or any(byte & 0x80 for byte in head[6:10]):
+            raise MediaIntegrityError(f"media of {recording_id}: malformed ID3 tag")
+        size = int.from_bytes(bytes(b & 0x7F for b in head[6:10]), "big")
+        footer = 10 if head[5] & 0x10 else 0
+        offset = 10 + size + footer
+        if offset >= len(head):
+            return  # a large tag (cover art): the frames start beyond what was sniffed
+        padding = len(head[offset : offset + MAX_ID3_PADDING]) - len(
+            head[offset : offset + MAX_ID3_PADDING].lstrip(b"\x00")
+        )
+        offset += padding
+        if offset >= len(head):
+            return
+    if len(head) >= offset + 2 and head[offset] == 0xFF and head[offset + 1] & 0xE0 == 0xE0:
+        return
+    start = head[:16].decode("ascii", "replace").strip()
+    raise MediaIntegrityError(
+        f"media of {recording_id}: not MPEG audio (starts with {start[:16]!r})"
+        if head
+        else f"media of {recording_id}: empty body"
+    )
+
+
+class _Progress:
+    """Whether the current attempt got past ``open_media`` (a body to retry)."""
+
+    opened = False
+
+
+async def _download(
+    bird: MediaSource, recording_id: str, path: Path, progress: _Progress
+) -> _Downloaded:
+    """Stream the media into ``path`` (truncating it) and verify length and format."""
+    digest = hashlib.sha256()
+    head = bytearray()
+    size = 0
+    async with bird.open_media(recording_id) as download:
+        progress.opened = True
+        # Plain buffered writes: a write of a network chunk into the page cache takes
+        # microseconds, far less than a thread hop per chunk (measured in bench/).
+        with path.open("wb", buffering=WRITE_BUFFER) as handle:
+            async for chunk in download.iter_bytes():
+                digest.update(chunk)
+                size += len(chunk)
+                if len(head) < SNIFF_BYTES:
+                    head += chunk[: SNIFF_BYTES - len(head)]
+                handle.write(chunk)
+        expected = download.content_length
+    if expected is not None and size != expected:
+        raise MediaIntegrityError(
+            f"media of {recording_id}: got {size} bytes, Content-Length said {expected}"
+        )
+    check_mpeg_audio(bytes(head), recording_id)
+    return _Downloaded(size=size, sha256=digest.hexdigest())
+
+
+async def archive_media(
+    bird: MediaSource,
+    media: MediaStore,
+    *,
+    recording_id: str,
+    key: str,
+    sidecar: bytes,
+    temp_dir: Path | None = None,
+    attempts: int = 3,
+) -> MediaResult:
+    """Download a recording's MP3, verify it, store it at ``key`` with its sidecar.
+
+    Args:
+        bird: The Bird client (``open_media``).
+        media: The S3 media store.
+        recording_id: The recording.
+        key: Destination key of the MP3 (see :func:`recarchive.store.s3.media_key`).
+        sidecar: The redacted metadata JSON, stored beside the MP3.
+        temp_dir: Folder of the temp file (system default when ``None``).
+        attempts: Whole downloads tried when a body breaks off or fails verification.
+
+    Returns:
+        Where and what was stored.
+
+    Raises:
+        MediaIntegrityError: Every attempt gave a truncated or non-MP3 body.
+        RetryableError: The download or S3 kept failing.
+        MediaConflictError: ``key`` holds different bytes (nothing overwritten).
+        NotFoundError, MediaNotAvailableError, AuthError: from the Bird client.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be at least 1")
+    handle, name = tempfile.mkstemp(prefix="recarchive-", suffix=".mp3.part", dir=temp_dir)
+    os.close(handle)
+    path = Path(name)
+    try:
+        downloaded = await _download_with_retries(bird, recording_id, path, attempts)
+        outcome = await asyncio.to_thread(
+            media.upload_file, key, path, size=downloaded.size, sha256_hex=downloaded.sha256
+        )
+        await asyncio.to_thread(media.put_bytes, sidecar_key(key), sidecar)
+    finally:
+        # Synchronous on purpose: an unlink takes microseconds, and a finally block that
+        # awaited could be interrupted by cancellation and leak the file.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # noqa: PTH108
+    return MediaResult(
+        bucket=media.bucket,
+        key=key,
+        size_bytes=downloaded.size,
+        sha256=downloaded.sha256,
+        outcome=outcome,
+    )
+
+
+async def _download_with_retries(
+    bird: MediaSource, recording_id: str, path: Path, attempts: int
+) -> _Downloaded:
+    attempt = 0
+    while True:
+        attempt += 1
+        progress = _Progress()
+        try:
+            return await _download(bird, recording_id, path, progress)
+        except RetryableError as exc:
+            # Errors of open_media itself come after the client's own retries of that
+            # request: retrying them here would stack a second retry layer on top.
+            if attempt >= attempts or not progress.opened:
+                raise
+            delay = min(RETRY_BASE_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY)
+            if exc.retry_after is not None:
+                delay = max(delay, min(exc.retry_after, RETRY_MAX_DELAY))
+            logger.info(
+                "media of %s: %s; downloading again in %.2fs (attempt %d of %d)",
+                recording_id,
+                exc,
+                delay,
+                attempt + 1,
+                attempts,
+            )
+            await asyncio.sleep(delay)

@@ -1,0 +1,374 @@
+"""media.archive_media: download → verify → upload → sidecar, against moto over HTTP.
+
+Fake downloads cover each failure precisely; the last tests go through the real simulator
+(redirect, media host, fault profiles) and the real Bird client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from recarchive.errors import (
+    MediaConflictError,
+    MediaIntegrityError,
+    NotFoundError,
+    ServerError,
+    StorageUnavailableError,
+    TransportError,
+)
+from recarchive.media import MediaResult, archive_media, check_mpeg_audio
+from recarchive.simulator.mp3 import Mp3Source
+from recarchive.store.s3 import MediaStore, sidecar_key
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+
+    from tests.fixtures.simulator import BirdClientFactory, SimulatorFactory
+
+MiB = 1024 * 1024
+KEY = "recordings/ws/2024/05/06/rec-1.mp3"
+SIDECAR = b'{"id": "rec-1"}'
+
+
+def mp3(size: int, key: str = "rec-1", id3: bool = True) -> bytes:
+    return Mp3Source(key, size, with_id3=id3).read_all()
+
+
+class FakeDownload:
+    """A media body: ``chunks`` then, optionally, an error mid-body."""
+
+    def __init__(
+        self,
+        chunks: Sequence[bytes] | Iterator[bytes],
+        content_length: int | None,
+        fail: Exception | None = None,
+    ) -> None:
+        self.recording_id = "rec-1"
+        self.content_length = content_length
+        self.content_type = "audio/mpeg"
+        self._chunks = chunks
+        self._fail = fail
+
+    async def iter_bytes(self) -> AsyncIterator[bytes]:
+        for chunk in self._chunks:
+            yield chunk
+        if self._fail is not None:
+            raise self._fail
+
+
+class FakeBird:
+    """``open_media`` answers from a script: a download, or an exception raised on open."""
+
+    def __init__(self, *script: FakeDownload | Exception) -> None:
+        self.script = list(script)
+        self.opened = 0
+
+    @asynccontextmanager
+    async def open_media(self, recording_id: str) -> AsyncIterator[FakeDownload]:
+        item = self.script[min(self.opened, len(self.script) - 1)]
+        self.opened += 1
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+def good(data: bytes, chunk: int = 64 * 1024) -> FakeDownload:
+    return FakeDownload([data[i : i + chunk] for i in range(0, len(data), chunk)], len(data))
+
+
+@pytest.fixture
+def store(s3_client: S3Client, s3_bucket: str) -> MediaStore:
+    return MediaStore(
+        s3_client, bucket=s3_bucket, multipart_threshold=5 * MiB, multipart_chunk_size=5 * MiB
+    )
+
+
+@pytest.fixture
+def temp_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("recarchive.media.RETRY_BASE_DELAY", 0.001)
+
+
+async def archive(bird: Any, store: MediaStore, temp_dir: Path, **kwargs: Any) -> MediaResult:
+    return await archive_media(
+        bird, store, recording_id="rec-1", key=KEY, sidecar=SIDECAR, temp_dir=temp_dir, **kwargs
+    )
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return list(folder.iterdir())
+
+
+def stored(store: MediaStore, key: str = KEY) -> bytes | None:
+    if store.head(key) is None:
+        return None
+    body: bytes = store.s3.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+    return body
+
+
+# --- format check ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("id3", [True, False])
+def test_simulator_mp3_is_accepted(id3: bool) -> None:
+    check_mpeg_audio(mp3(100_000, id3=id3)[:65536], "r")
+
+
+def test_id3_tag_followed_by_padding_then_frame_is_accepted() -> None:
+    tag = b"ID3\x04\x00\x00\x00\x00\x00\x05" + b"TIT2x" + b"\x00" * 30 + b"\xff\xfb\x90\x44"
+    check_mpeg_audio(tag, "r")
+
+
+def test_large_id3_tag_beyond_sniffed_bytes_is_accepted() -> None:
+    check_mpeg_audio(b"ID3\x03\x00\x00\x00\x10\x00\x00" + b"\x01" * 100, "r")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<!DOCTYPE html><html><body>Error</body></html>",
+        b'<?xml version="1.0"?><Error><Code>AccessDenied</Code></Error>',
+        b'{"error": "not found"}',
+        b"",
+        b"\xff",  # a lone byte
+        b"\xff\x1b\x90\x44",  # 0xFF not followed by the remaining sync bits
+        b"ID3\x03\x00\x00\x00\x00\x00\x04TIT2<html>",  # tag, then no frame
+        b"ID3\x03\x00\x00\x80\x00\x00\x00",  # size byte not synchsafe
+    ],
+)
+def test_non_mpeg_bytes_are_rejected(body: bytes) -> None:
+    with pytest.raises(MediaIntegrityError):
+        check_mpeg_audio(body, "r")
+
+
+# --- success ----------------------------------------------------------------------------------
+
+
+async def test_archive_stores_media_and_sidecar_and_removes_temp(
+    store: MediaStore, temp_dir: Path
+) -> None:
+    data = mp3(300_000)
+    bird = FakeBird(good(data))
+    result = await archive(bird, store, temp_dir)
+    digest = hashlib.sha256(data).hexdigest()
+    assert result == MediaResult(
+        bucket=store.bucket, key=KEY, size_bytes=len(data), sha256=digest, outcome="uploaded"
+    )
+    assert stored(store) == data
+    assert stored(store, sidecar_key(KEY)) == SIDECAR
+    assert store.head(KEY) is not None and store.head(KEY).sha256 == digest  # type: ignore[union-attr]
+    assert leftovers(temp_dir) == []
+
+
+async def test_content_length_unknown_is_fine(store: MediaStore, temp_dir: Path) -> None:
+    data = mp3(50_000, id3=False)
+    result = await archive(FakeBird(FakeDownload([data], None)), store, temp_dir)
+    assert result.size_bytes == len(data)
+    assert stored(store) == data
+
+
+async def test_multipart_sized_media(store: MediaStore, temp_dir: Path) -> None:
+    data = mp3(12 * MiB)
+    result = await archive(FakeBird(good(data, chunk=1 * MiB)), store, temp_dir)
+    assert result.outcome == "uploaded"
+    assert store.hash_object(KEY) == (len(data), hashlib.sha256(data).hexdigest())
+    assert store.list_open_multipart_uploads() == []
+    assert leftovers(temp_dir) == []
+
+
+async def test_same_bytes_already_present(store: MediaStore, temp_dir: Path) -> None:
+    data = mp3(20_000)
+    await archive(FakeBird(good(data)), store, temp_dir)
+    again = await archive(FakeBird(good(data)), store, temp_dir)
+    assert again.outcome == "already_present"
+    assert again.sha256 == hashlib.sha256(data).hexdigest()
+
+
+# --- retried, never stored ---------------------------------------------------------------------
+
+
+async def test_truncated_body_is_retried_and_never_stored(
+    store: MediaStore, temp_dir: Path
+) -> None:
+    data = mp3(200_000)
+    truncated = FakeDownload([data[:150_000]], len(data))
+    bird = FakeBird(truncated, good(data))
+    result = await archive(bird, store, temp_dir)
+    assert bird.opened == 2
+    assert result.size_bytes == len(data)
+    assert stored(store) == data
+    assert leftovers(temp_dir) == []
+
+
+async def test_body_breaking_off_is_retried(store: MediaStore, temp_dir: Path) -> None:
+    data = mp3(200_000)
+    broken = FakeDownload([data[:70_000]], len(data), fail=TransportError("reset"))
+    bird = FakeBird(broken, broken, good(data))
+    result = await archive(bird, store, temp_dir)
+    assert bird.opened == 3
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        FakeDownload([b"<html><body>502 Bad Gateway</body></html>"], None),
+        FakeDownload([mp3(10_000)[:4000]], 10_000),  # always truncated
+        FakeDownload([mp3(10_000) + b"extra"], 10_000),  # longer than announced
+    ],
+    ids=["html", "truncated", "too-long"],
+)
+async def test_bad_media_is_never_stored(
+    store: MediaStore, temp_dir: Path, bad: FakeDownload
+) -> None:
+    bird = FakeBird(bad)
+    with pytest.raises(MediaIntegrityError):
+        await archive(bird, store, temp_dir, attempts=3)
+    assert bird.opened == 3
+    assert store.head(KEY) is None
+    assert store.head(sidecar_key(KEY)) is None
+    assert leftovers(temp_dir) == []
+
+
+async def test_errors_of_open_media_are_not_retried_again(
+    store: MediaStore, temp_dir: Path
+) -> None:
+    # The Bird client retried that request already: one retry layer only.
+    bird = FakeBird(ServerError("media host kept failing"), good(mp3(1000)))
+    with pytest.raises(ServerError):
+        await archive(bird, store, temp_dir)
+    assert bird.opened == 1
+    assert leftovers(temp_dir) == []
+
+
+async def test_not_found_propagates(store: MediaStore, temp_dir: Path) -> None:
+    bird = FakeBird(NotFoundError("gone"))
+    with pytest.raises(NotFoundError):
+        await archive(bird, store, temp_dir)
+    assert bird.opened == 1
+    assert leftovers(temp_dir) == []
+
+
+async def test_conflict_keeps_original_and_removes_temp(store: MediaStore, temp_dir: Path) -> None:
+    original = mp3(30_000, key="a")
+    await archive(FakeBird(good(original)), store, temp_dir)
+    other = mp3(30_000, key="b")
+    with pytest.raises(MediaConflictError):
+        await archive(FakeBird(good(other)), store, temp_dir)
+    assert stored(store) == original
+    assert leftovers(temp_dir) == []
+
+
+async def test_upload_failure_removes_temp(s3_client: S3Client, temp_dir: Path) -> None:
+    store = MediaStore(s3_client, bucket="no-such-bucket-media")
+    with pytest.raises(StorageUnavailableError):
+        await archive(FakeBird(good(mp3(5000))), store, temp_dir)
+    assert leftovers(temp_dir) == []
+
+
+async def test_cancellation_mid_download_removes_temp(store: MediaStore, temp_dir: Path) -> None:
+    started = asyncio.Event()
+
+    class Slow(FakeDownload):
+        async def iter_bytes(self) -> AsyncIterator[bytes]:
+            yield mp3(1000)
+            started.set()
+            await asyncio.sleep(30)
+            yield b""
+
+    task = asyncio.create_task(archive(FakeBird(Slow([], None)), store, temp_dir))
+    await asyncio.wait_for(started.wait(), 5)
+    assert len(leftovers(temp_dir)) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert leftovers(temp_dir) == []
+    assert store.head(KEY) is None
+
+
+class HashingStore:
+    """A media store that only reads the uploaded file back in blocks (no server in-process)."""
+
+    bucket = "fake"
+
+    def __init__(self) -> None:
+        self.uploaded: tuple[int, str] | None = None
+
+    def upload_file(self, key: str, path: Path, *, size: int, sha256_hex: str) -> str:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while block := handle.read(1 * MiB):
+                digest.update(block)
+        self.uploaded = (path.stat().st_size, digest.hexdigest())
+        return "uploaded"
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        pass
+
+
+async def test_memory_is_bounded_by_chunks_not_file_size(temp_dir: Path) -> None:
+    source = Mp3Source("big", 64 * MiB, with_id3=True)
+    bird = FakeBird(FakeDownload(source.iter_chunks(256 * 1024), source.size))
+    store = HashingStore()
+    tracemalloc.start()
+    try:
+        result = await archive(bird, store, temp_dir)  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.size_bytes == 64 * MiB
+    assert store.uploaded == (64 * MiB, result.sha256)
+    # Chunks, the sniff buffer and the write buffer: a few MiB, whatever the file size.
+    assert peak < 6 * MiB, peak
+
+
+# --- through the simulator and the real Bird client ------------------------------------------
+
+
+async def test_archive_through_simulator_with_media_faults(
+    simulator_factory: SimulatorFactory,
+    bird_client_factory: BirdClientFactory,
+    store: MediaStore,
+    temp_dir: Path,
+) -> None:
+    simulator = simulator_factory(
+        recordings=30, seed=11, faults="media", media_size_range=(20_000, 300_000)
+    )
+    bird = bird_client_factory(simulator)
+    ids = simulator.dataset.available_ids()[:12]
+    assert len(ids) >= 10
+    results = await asyncio.gather(
+        *(
+            archive_media(
+                bird,
+                store,
+                recording_id=rid,
+                key=f"r/{rid}.mp3",
+                sidecar=b"{}",
+                temp_dir=temp_dir,
+            )
+            for rid in ids
+        )
+    )
+    for rid, result in zip(ids, results, strict=True):
+        expected = simulator.dataset.media_bytes(rid)
+        assert result.sha256 == hashlib.sha256(expected).hexdigest()
+        assert store.hash_object(f"r/{rid}.mp3") == (len(expected), result.sha256)
+    assert simulator.leaks == []
+    statuses = {record.status for record in simulator.media_requests()}
+    assert statuses - {200}, "the media fault profile should have injected something"
+    assert leftovers(temp_dir) == []
