@@ -1,0 +1,162 @@
+"""Archived ledger rows against the objects in S3: exists, size, SHA-256.
+
+Shallow verification trusts the object's ``sha256`` metadata (one HEAD per recording); deep
+verification also downloads the object and hashes its bytes, which is what must have passed
+before a recording's source may be deleted at Bird.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from recarchive.errors import MediaIntegrityError, RetryableError
+from recarchive.store.s3 import MediaStore
+
+if TYPE_CHECKING:
+    from recarchive.model import LedgerEntry
+
+logger = logging.getLogger(__name__)
+
+ARCHIVED = "archived"
+
+
+@dataclass
+class VerifyProblem:
+    """One mismatch between the ledger and S3.
+
+    Attributes:
+        recording_id: The recording.
+        key: Its S3 key (``s3://bucket/key`` form is built by the reader when needed).
+        problem: What is wrong, e.g. ``"missing object"`` or ``"size 123 != ledger 456"``.
+    """
+
+    recording_id: str
+    key: str
+    problem: str
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of a verification.
+
+    Attributes:
+        checked: Archived ledger rows looked at.
+        ok: Rows without any problem.
+        problems: Every problem found (a row may have several).
+    """
+
+    checked: int
+    ok: int
+    problems: list[VerifyProblem] = field(default_factory=list)
+
+
+def _short(digest: str | None) -> str:
+    if not digest:
+        return "none"
+    return f"{digest[:12]}…" if len(digest) > 12 else digest
+
+
+class _Verifier:
+    def __init__(self, media: MediaStore, *, deep: bool) -> None:
+        self.media = media
+        self.deep = deep
+        self._stores: dict[str, MediaStore] = {media.bucket: media}
+
+    def store_for(self, bucket: str) -> MediaStore:
+        # Rows archived before the bucket setting changed still name their own bucket.
+        store = self._stores.get(bucket)
+        if store is None:
+            store = MediaStore(self.media.s3, bucket=bucket)
+            self._stores[bucket] = store
+        return store
+
+    def check(self, entry: LedgerEntry) -> list[str]:
+        """Return the problems of one archived row (empty when it is fine)."""
+        key, bucket = entry.s3_key, entry.s3_bucket
+        if not key or not bucket or entry.size_bytes is None or not entry.sha256:
+            return ["ledger row lacks bucket, key, size or sha256"]
+        store = self.store_for(bucket)
+        try:
+            info = store.head(key)
+        except RetryableError as exc:
+            return [f"could not check: {type(exc).__name__}: {exc}"]
+        if info is None:
+            return ["missing object"]
+        problems: list[str] = []
+        if info.size != entry.size_bytes:
+            problems.append(f"size {info.size} != ledger {entry.size_bytes}")
+        if info.sha256 != entry.sha256:
+            problems.append(
+                f"sha256 metadata {_short(info.sha256)} != ledger {_short(entry.sha256)}"
+            )
+        if self.deep:
+            try:
+                size, digest = store.hash_object(key)
+            except MediaIntegrityError as exc:
+                problems.append(f"could not read object: {exc}")
+                return problems
+            except RetryableError as exc:
+                problems.append(f"could not download: {type(exc).__name__}: {exc}")
+                return problems
+            if size != entry.size_bytes and info.size == entry.size_bytes:
+                problems.append(f"downloaded size {size} != ledger {entry.size_bytes}")
+            if digest != entry.sha256:
+                problems.append(f"content hash {_short(digest)} != ledger {_short(entry.sha256)}")
+        return problems
+
+
+def verify_archive(
+    entries: Sequence[LedgerEntry],
+    media: MediaStore,
+    *,
+    deep: bool,
+    concurrency: int,
+) -> VerifyReport:
+    """Check archived ledger rows against S3.
+
+    Rows whose state is not ``archived`` are ignored. For each archived row: the object
+    exists, its size matches the ledger, its ``sha256`` metadata matches the ledger; with
+    ``deep``, its downloaded bytes hash to the ledger's SHA-256 as well.
+
+    Args:
+        entries: Ledger rows (attribute access only: ``recording_id``, ``state``,
+            ``s3_bucket``, ``s3_key``, ``size_bytes``, ``sha256``).
+        media: The media store; rows of another bucket are checked with the same client.
+        deep: Download and hash every object.
+        concurrency: Objects checked at once (threads).
+
+    Returns:
+        The report; problems are in the order of ``entries``.
+
+    Raises:
+        FatalError: S3 refused access or the bucket is missing (every check would fail).
+    """
+    archived = [entry for entry in entries if entry.state == ARCHIVED]
+    verifier = _Verifier(media, deep=deep)
+    report = VerifyReport(checked=len(archived), ok=0, problems=[])
+    if not archived:
+        return report
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        results = list(pool.map(verifier.check, archived))
+    for entry, problems in zip(archived, results, strict=True):
+        if not problems:
+            report.ok += 1
+            continue
+        for problem in problems:
+            logger.warning(
+                "verify %s (s3://%s/%s): %s",
+                entry.recording_id,
+                entry.s3_bucket,
+                entry.s3_key,
+                problem,
+            )
+            report.problems.append(
+                VerifyProblem(
+                    recording_id=entry.recording_id, key=entry.s3_key or "", problem=problem
+                )
+            )
+    return report
