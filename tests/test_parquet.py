@@ -1,0 +1,314 @@
+"""Parquet export and DuckDB query: layout, schema, atomic replace, marks, views, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sqlalchemy import Engine, select
+
+from recarchive.errors import InputError, StorageUnavailableError
+from recarchive.normalize import normalize_recording
+from recarchive.query import run_query
+from recarchive.store import parquet
+from recarchive.store.parquet import (
+    PARTIES_SCHEMA,
+    RECORDINGS_SCHEMA,
+    ExportReport,
+    export_changed,
+)
+from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.tables import export_partitions
+from tests.test_normalize import make_payload
+
+JULY = datetime(2025, 7, 10, 2, 10, 43, 130000, tzinfo=UTC)
+AUGUST = datetime(2025, 8, 3, 23, 59, 59, tzinfo=UTC)
+SHA = "cd" * 32
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = create_engine_for(database_url)
+    upgrade_database(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    upgrade_database(engine)
+    yield engine
+    engine.dispose()
+
+
+def normalized(index: int, **kwargs: Any) -> Any:
+    return normalize_recording(make_payload(index, **kwargs), workspace_id="ws-1",
+                               fetched_at=JULY + timedelta(days=1))
+
+
+def seed(store: ArchiveStore, count: int = 10) -> list[Any]:
+    records = [normalized(i, created=JULY if i % 2 else AUGUST) for i in range(count)]
+    store.save_metadata(records)
+    return records
+
+
+def due(engine: Engine) -> dict[str, bool]:
+    with engine.connect() as connection:
+        return {
+            row.created_month: row.version > row.exported_version
+            for row in connection.execute(select(export_partitions))
+        }
+
+
+def part(root: Path, table: str, month: str) -> Path:
+    return root / table / f"created_month={month}" / "part-0.parquet"
+
+
+# --- layout, schema, content -----------------------------------------------------------------
+
+
+def test_export_layout_and_schema(engine: Engine, tmp_path: Path) -> None:
+    store = ArchiveStore(engine)
+    records = seed(store)
+    root = tmp_path / "parquet"
+    report = export_changed(engine, str(root))
+    assert isinstance(report, ExportReport)
+    assert report.rows == 10 and report.partitions == ["2025-07", "2025-08"]
+    for month in ("2025-07", "2025-08"):
+        recordings_file = pq.ParquetFile(part(root, "recordings", month))
+        assert recordings_file.schema_arrow == RECORDINGS_SCHEMA
+        assert recordings_file.metadata.row_group(0).column(0).compression == "ZSTD"
+        assert pq.ParquetFile(part(root, "recording_parties", month)).schema_arrow == \
+            PARTIES_SCHEMA
+    table = pq.read_table(part(root, "recordings", "2025-07"))
+    assert table.num_rows == 5
+    row = {name: table.column(name)[0].as_py() for name in table.column_names}
+    source = next(r for r in records if r.id == row["id"])
+    assert row["originator_number"] == source.parties[0]["number"]
+    assert row["receiver_contact_id"] == "contact-desk"
+    assert row["created_at"] == source.created_at
+    assert row["ledger_state"] is None and row["media_s3_uri"] is None
+    assert "?" not in row["url"]
+    # Nothing changed since: the next export writes nothing.
+    assert export_changed(engine, str(root)).partitions == []
+    assert due(engine) == {"2025-07": False, "2025-08": False}
+
+
+def test_all_null_columns_keep_their_types(sqlite_engine: Engine, tmp_path: Path) -> None:
+    store = ArchiveStore(sqlite_engine)
+    bare = {key: make_payload(0)[key] for key in
+            ("id", "source", "sourceId", "status", "origin", "stereo", "format",
+             "transcription", "createdAt", "updatedAt")}
+    store.save_metadata([normalize_recording(bare, workspace_id="ws", fetched_at=JULY)])
+    export_changed(sqlite_engine, str(tmp_path))
+    schema = pq.read_schema(part(tmp_path, "recordings", "2025-07"))
+    assert schema == RECORDINGS_SCHEMA
+    assert schema.field("duration").type == pa.float64()
+    assert schema.field("ended_at").type == pa.timestamp("us", tz="UTC")
+    assert schema.field("originator_number_anonymous").type == pa.bool_()
+    assert schema.field("media_size_bytes").type == pa.int64()
+    # No parties at all: the partition has no parties file, and the view still works.
+    assert not part(tmp_path, "recording_parties", "2025-07").exists()
+    columns, rows = run_query(str(tmp_path), "SELECT count(*) FROM recording_parties")
+    assert rows == [(0,)]
+
+
+def test_archived_media_columns_and_duckdb_types(engine: Engine, tmp_path: Path) -> None:
+    store = ArchiveStore(engine)
+    records = seed(store, 4)
+    target = records[1]
+    store.register([r.id for r in records])
+    store.claim([target.id], owner="a", lease_seconds=60, states={"pending"})
+    store.mark_archived(target.id, owner="a", bucket="bkt", key="recordings/x.mp3",
+                        size_bytes=2048, sha256=SHA)
+    export_changed(engine, str(tmp_path))
+    columns, rows = run_query(
+        str(tmp_path),
+        "SELECT id, media_s3_uri, media_sha256, media_size_bytes, ledger_state, created_month, "
+        "archived_at FROM recordings ORDER BY id",
+    )
+    by_id = {row[0]: dict(zip(columns, row, strict=True)) for row in rows}
+    assert len(by_id) == 4
+    archived = by_id[target.id]
+    assert archived["media_s3_uri"] == "s3://bkt/recordings/x.mp3"
+    assert archived["media_sha256"] == SHA and archived["media_size_bytes"] == 2048
+    assert archived["ledger_state"] == "archived" and archived["archived_at"] is not None
+    assert archived["created_month"] == "2025-07"
+    others = [row for rid, row in by_id.items() if rid != target.id]
+    assert all(row["ledger_state"] == "pending" and row["media_s3_uri"] is None
+               for row in others)
+    types = dict(run_query(str(tmp_path),
+                           "SELECT column_name, column_type FROM (DESCRIBE recordings)")[1])
+    assert types["created_at"] == "TIMESTAMP WITH TIME ZONE"
+    assert types["duration"] == "DOUBLE" and types["stereo"] == "BOOLEAN"
+    assert types["media_size_bytes"] == "BIGINT" and types["originator_number"] == "VARCHAR"
+    assert types["created_month"] == "VARCHAR"
+
+
+def test_three_stores_then_each_recording_once_with_latest(engine: Engine,
+                                                           tmp_path: Path) -> None:
+    store = ArchiveStore(engine)
+    root = str(tmp_path)
+    seed(store, 50)
+    export_changed(engine, root)
+    seed(store, 50)
+    assert export_changed(engine, root).partitions == []
+    later = JULY + timedelta(days=3)
+    third = [
+        normalized(i, created=JULY if i % 2 else AUGUST, updated=later, status="completed")
+        if i % 5 == 0 else normalized(i, created=JULY if i % 2 else AUGUST)
+        for i in range(50)
+    ]
+    store.save_metadata(third)
+    export_changed(engine, root)
+    columns, rows = run_query(root, "SELECT id, status, updated_at FROM recordings")
+    assert len(rows) == 50 and len({row[0] for row in rows}) == 50
+    for recording_id, status, updated_at in rows:
+        index = int(recording_id.replace("-", ""), 16) - 1
+        assert status == ("completed" if index % 5 == 0 else "available")
+        if index % 5 == 0:
+            assert updated_at == later
+    _, parties = run_query(root, "SELECT count(*), count(DISTINCT recording_id) "
+                                 "FROM recording_parties")
+    assert parties == [(100, 50)]
+
+
+def test_full_rewrites_every_partition(engine: Engine, tmp_path: Path) -> None:
+    seed(ArchiveStore(engine), 6)
+    export_changed(engine, str(tmp_path))
+    part(tmp_path, "recordings", "2025-07").unlink()
+    assert export_changed(engine, str(tmp_path)).partitions == []
+    report = export_changed(engine, str(tmp_path), full=True)
+    assert report.partitions == ["2025-07", "2025-08"] and report.rows == 6
+    assert part(tmp_path, "recordings", "2025-07").exists()
+
+
+def test_moved_recording_leaves_its_old_partition(sqlite_engine: Engine, tmp_path: Path) -> None:
+    store = ArchiveStore(sqlite_engine)
+    store.save_metadata([normalized(0, created=JULY)])
+    export_changed(sqlite_engine, str(tmp_path))
+    store.save_metadata([normalized(0, created=AUGUST)])
+    report = export_changed(sqlite_engine, str(tmp_path))
+    assert report.partitions == ["2025-07", "2025-08"]
+    assert not part(tmp_path, "recordings", "2025-07").exists()
+    _, rows = run_query(str(tmp_path), "SELECT created_month FROM recordings")
+    assert rows == [("2025-08",)]
+
+
+# --- atomicity and marks ----------------------------------------------------------------------
+
+
+def test_failed_write_keeps_old_file_and_mark(sqlite_engine: Engine, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ArchiveStore(sqlite_engine)
+    root = tmp_path / "dataset"
+    seed(store, 4)
+    export_changed(sqlite_engine, str(root))
+    old = part(root, "recordings", "2025-07").read_bytes()
+    store.save_metadata([normalized(1, created=JULY, status="completed",
+                                    updated=JULY + timedelta(hours=1))])
+
+    def broken(*args: Any, **kwargs: Any) -> Iterator[pa.RecordBatch]:
+        yield pa.RecordBatch.from_pylist([], schema=RECORDINGS_SCHEMA)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(parquet, "_recording_batches", broken)
+    with pytest.raises(StorageUnavailableError, match="2025-07"):
+        export_changed(sqlite_engine, str(root))
+    assert part(root, "recordings", "2025-07").read_bytes() == old
+    leftovers = [p.name for p in root.rglob("*") if p.is_file() and p.suffix != ".parquet"]
+    assert leftovers == []
+    assert due(sqlite_engine)["2025-07"] is True
+    monkeypatch.undo()
+    assert export_changed(sqlite_engine, str(root)).partitions == ["2025-07"]
+    assert due(sqlite_engine)["2025-07"] is False
+
+
+def test_mark_survives_a_change_during_export(engine: Engine, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    store = ArchiveStore(engine)
+    seed(store, 4)
+    original = parquet._Target.write
+    changed = {"done": False}
+
+    def write_and_change(self: Any, table: str, month: str, batches: Any) -> int:
+        rows = original(self, table, month, batches)
+        if table == "recording_parties" and month == "2025-07" and not changed["done"]:
+            changed["done"] = True
+            # Another run stores a newer version while this export is still running.
+            store.save_metadata([normalized(1, created=JULY, status="completed",
+                                            updated=JULY + timedelta(hours=2))])
+        return rows
+
+    monkeypatch.setattr(parquet._Target, "write", write_and_change)
+    export_changed(engine, str(tmp_path))
+    assert due(engine) == {"2025-07": True, "2025-08": False}
+    monkeypatch.undo()
+    assert export_changed(engine, str(tmp_path)).partitions == ["2025-07"]
+    _, rows = run_query(str(tmp_path), "SELECT status FROM recordings WHERE id = "
+                                       "'00000000-0000-0000-0000-000000000002'")
+    assert rows == [("completed",)]
+
+
+def test_temp_files_are_invisible_to_readers(sqlite_engine: Engine, tmp_path: Path) -> None:
+    seed(ArchiveStore(sqlite_engine), 2)
+    export_changed(sqlite_engine, str(tmp_path))
+    folder = part(tmp_path, "recordings", "2025-07").parent
+    (folder / ".part-0.parquet.deadbeef.tmp").write_bytes(b"half a file")
+    _, rows = run_query(str(tmp_path), "SELECT count(*) FROM recordings")
+    assert rows == [(2,)]
+
+
+def test_row_groups_are_bounded(sqlite_engine: Engine, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parquet, "ROW_GROUP_ROWS", 7)
+    monkeypatch.setattr(parquet, "FETCH_ROWS", 3)
+    store = ArchiveStore(sqlite_engine)
+    store.save_metadata([normalized(i, created=JULY) for i in range(30)])
+    export_changed(sqlite_engine, str(tmp_path))
+    meta = pq.ParquetFile(part(tmp_path, "recordings", "2025-07")).metadata
+    assert meta.num_rows == 30
+    assert all(meta.row_group(i).num_rows <= 9 for i in range(meta.num_row_groups))
+    ids = pq.read_table(part(tmp_path, "recordings", "2025-07")).column("id").to_pylist()
+    assert ids == sorted(ids) and len(set(ids)) == 30
+
+
+# --- query ------------------------------------------------------------------------------------
+
+
+def test_query_on_empty_dataset_has_views_with_columns(tmp_path: Path) -> None:
+    columns, rows = run_query(str(tmp_path / "nothing-yet"), "SELECT * FROM recordings")
+    assert rows == []
+    assert columns == [*RECORDINGS_SCHEMA.names, "created_month"]
+    columns, rows = run_query(str(tmp_path), "SELECT * FROM recording_parties")
+    assert columns == [*PARTIES_SCHEMA.names, "created_month"]
+
+
+@pytest.mark.parametrize(
+    ("sql", "fragment"),
+    [("SELEC 1", "syntax error"), ("SELECT nope FROM recordings", "nope"),
+     ("SELECT * FROM missing_table", "missing_table")],
+)
+def test_bad_sql_is_an_input_error(tmp_path: Path, sql: str, fragment: str) -> None:
+    with pytest.raises(InputError, match="query failed") as info:
+        run_query(str(tmp_path), sql)
+    assert any(fragment in line for line in info.value.problems)
+
+
+def test_query_reads_what_duckdb_reads_directly(sqlite_engine: Engine, tmp_path: Path) -> None:
+    seed(ArchiveStore(sqlite_engine), 8)
+    export_changed(sqlite_engine, str(tmp_path))
+    direct = duckdb.sql(
+        f"SELECT created_month, count(*) FROM read_parquet('{tmp_path}/recordings/*/*.parquet', "
+        "hive_partitioning = true) GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    _, via = run_query(str(tmp_path),
+                       "SELECT created_month, count(*) FROM recordings GROUP BY 1 ORDER BY 1")
+    assert via == direct == [("2025-07", 4), ("2025-08", 4)]
