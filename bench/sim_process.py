@@ -1,0 +1,77 @@
+"""Run the Bird simulator in its own process, so it does not share the GIL with the client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from recarchive.simulator.server import DEFAULT_WORKSPACE, SimulatorConfig
+
+
+@dataclass(frozen=True)
+class SimulatorProcess:
+    """Where a simulator subprocess listens."""
+
+    api_url: str
+    media_url: str
+    workspace_id: str
+    access_key: str
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def simulator_process(
+    *, recordings: int, seed: int = 1, faults: str = "none", rate_limit: float | None = None
+) -> Iterator[SimulatorProcess]:
+    """Start ``recarchive simulate`` and stop it afterwards."""
+    port, media_port = _free_port(), _free_port()
+    access_key = SimulatorConfig().access_key
+    command = [
+        str(Path(sys.executable).parent / "recarchive"),
+        "simulate",
+        "--port",
+        str(port),
+        "--media-port",
+        str(media_port),
+        "--recordings",
+        str(recordings),
+        "--seed",
+        str(seed),
+        "--faults",
+        faults,
+        "--access-key",
+        access_key,
+    ]
+    if rate_limit is not None:
+        command += ["--rate-limit", str(rate_limit)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(api_url, timeout=1)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("simulator did not start") from None
+                time.sleep(0.1)
+        yield SimulatorProcess(
+            api_url, f"http://127.0.0.1:{media_port}", DEFAULT_WORKSPACE, access_key
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
