@@ -1,0 +1,1 @@
+"""Prefect flows of recarchive: thin wrappers over :mod:`recarchive.runner` and the pipeline."""

@@ -39,10 +39,18 @@ async def archive_recordings(
     options = ChunkOptions(skip_media=skip_media, refresh=refresh)
     with open_id_input(settings, ids, ids_file) as id_list:
         report = await archive_ids(
-            settings, id_list, options, kind="archive-flow",
-            params={"ids": len(id_list), "ids_file": ids_file, "skip_media": skip_media,
-                    "refresh": refresh},
-            run_chunk=archive_chunk_task, max_parallel_chunks=max_parallel_chunks,
+            settings,
+            id_list,
+            options,
+            kind="archive-flow",
+            params={
+                "ids": len(id_list),
+                "ids_file": ids_file,
+                "skip_media": skip_media,
+                "refresh": refresh,
+            },
+            run_chunk=archive_chunk_task,
+            max_parallel_chunks=max_parallel_chunks,
         )
     await publish_report(report, key="archive-recordings")
     return report.counts.as_dict()

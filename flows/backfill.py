@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +13,7 @@ from prefect.runtime import flow_run
 from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
 from recarchive.errors import InputError
+from recarchive.ids import IdList
 from recarchive.orchestration import Window, discover_window, open_manifest, write_manifests
 from recarchive.pipeline import ChunkOptions
 from recarchive.runner import archive_ids
@@ -56,48 +58,70 @@ async def backfill(
     if bool(ids_file) == bool(since):
         raise InputError("give exactly one of ids_file or since/until")
     if ids_file:
-        source = open_manifest(settings, ids_file)
+        source: contextlib.AbstractContextManager[IdList] = open_manifest(settings, ids_file)
     else:
         assert since is not None
-        window = Window(parse_when(since, "since"),
-                        parse_when(until, "until") if until else datetime.now(UTC))
+        window = Window(
+            parse_when(since, "since"), parse_when(until, "until") if until else datetime.now(UTC)
+        )
         source = await discover_window(settings, window)
     with source as id_list:
         if not fan_out:
             report = await archive_ids(
-                settings, id_list, ChunkOptions(skip_media=skip_media), kind="backfill",
-                params={"ids_file": ids_file, "since": since, "until": until,
-                        "ids": len(id_list)},
-                run_chunk=archive_chunk_task, max_parallel_chunks=max_parallel_chunks,
+                settings,
+                id_list,
+                ChunkOptions(skip_media=skip_media),
+                kind="backfill",
+                params={"ids_file": ids_file, "since": since, "until": until, "ids": len(id_list)},
+                run_chunk=archive_chunk_task,
+                max_parallel_chunks=max_parallel_chunks,
             )
             await publish_report(report, key="backfill")
             return report.counts.as_dict()
         run_key = str(flow_run.get_id() or "local")
-        manifests = write_manifests(settings, id_list,
-                                    ids_per_manifest=settings.chunk_size * chunks_per_child,
-                                    run_key=run_key)
-    return {"children": await _fan_out(manifests, run_key, settings.chunk_size, skip_media,
-                                       max_parallel_chunks)}
+        manifests = write_manifests(
+            settings,
+            id_list,
+            ids_per_manifest=settings.chunk_size * chunks_per_child,
+            run_key=run_key,
+        )
+    return {
+        "children": await _fan_out(
+            manifests, run_key, settings.chunk_size, skip_media, max_parallel_chunks
+        )
+    }
 
 
 async def _fan_out(
-    manifests: list[str], run_key: str, chunk_size: int, skip_media: bool,
+    manifests: list[str],
+    run_key: str,
+    chunk_size: int,
+    skip_media: bool,
     max_parallel_chunks: int,
 ) -> list[dict[str, str]]:
-    from prefect.deployments import run_deployment
+    from prefect.deployments import arun_deployment
 
-    runs = await asyncio.gather(*(
-        run_deployment(
-            ARCHIVE_IDS_DEPLOYMENT,
-            parameters={"ids_file": manifest, "chunk_size": chunk_size,
-                        "skip_media": skip_media, "max_parallel_chunks": max_parallel_chunks},
-            idempotency_key=f"{run_key}-{index:05d}",
-            timeout=None,
+    runs = await asyncio.gather(
+        *(
+            arun_deployment(
+                ARCHIVE_IDS_DEPLOYMENT,
+                parameters={
+                    "ids_file": manifest,
+                    "chunk_size": chunk_size,
+                    "skip_media": skip_media,
+                    "max_parallel_chunks": max_parallel_chunks,
+                },
+                idempotency_key=f"{run_key}-{index:05d}",
+                timeout=None,
+            )
+            for index, manifest in enumerate(manifests)
         )
-        for index, manifest in enumerate(manifests)
-    ))
+    )
     return [
-        {"manifest": manifest, "flow_run": str(run.id),
-         "state": run.state.name if run.state else "unknown"}
+        {
+            "manifest": manifest,
+            "flow_run": str(run.id),
+            "state": run.state.name if run.state and run.state.name else "unknown",
+        }
         for manifest, run in zip(manifests, runs, strict=True)
     ]

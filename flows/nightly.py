@@ -36,13 +36,24 @@ async def nightly_archive(
     window = nightly_window(days=days, overlap_hours=overlap_hours)
     with await discover_window(settings, window) as id_list:
         report = await archive_ids(
-            settings, id_list, ChunkOptions(skip_media=skip_media), kind="nightly",
+            settings,
+            id_list,
+            ChunkOptions(skip_media=skip_media),
+            kind="nightly",
             params={**window.as_params(), "ids": len(id_list)},
-            run_chunk=archive_chunk_task, max_parallel_chunks=max_parallel_chunks,
+            run_chunk=archive_chunk_task,
+            max_parallel_chunks=max_parallel_chunks,
         )
     await publish_report(report, key="nightly-archive")
-    retried = await retry_failed(settings, skip_media=skip_media, run_chunk=archive_chunk_task,
-                                 max_parallel_chunks=max_parallel_chunks)
+    retried = await retry_failed(
+        settings,
+        skip_media=skip_media,
+        run_chunk=archive_chunk_task,
+        max_parallel_chunks=max_parallel_chunks,
+    )
     await publish_report(retried, key="nightly-retry-failed")
-    return {"window": window.as_params(), "archive": report.counts.as_dict(),
-            "retry_failed": retried.counts.as_dict()}
+    return {
+        "window": window.as_params(),
+        "archive": report.counts.as_dict(),
+        "retry_failed": retried.counts.as_dict(),
+    }

@@ -12,14 +12,19 @@ from recarchive.runner import retry_failed
 
 
 @flow(name="retry-failed", log_prints=False)
-async def retry_failed_flow(skip_media: bool = False, max_parallel_chunks: int = 2) -> dict[str, Any]:
+async def retry_failed_flow(
+    skip_media: bool = False, max_parallel_chunks: int = 2
+) -> dict[str, Any]:
     """Archive again every failed recording whose next attempt is due.
 
     Returns:
         The run's counts.
     """
-    report = await retry_failed(load_settings(), skip_media=skip_media,
-                                run_chunk=archive_chunk_task,
-                                max_parallel_chunks=max_parallel_chunks)
+    report = await retry_failed(
+        load_settings(),
+        skip_media=skip_media,
+        run_chunk=archive_chunk_task,
+        max_parallel_chunks=max_parallel_chunks,
+    )
     await publish_report(report, key="retry-failed")
     return report.counts.as_dict()

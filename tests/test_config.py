@@ -100,19 +100,36 @@ def test_invalid_secret_value_not_echoed(monkeypatch: pytest.MonkeyPatch) -> Non
     ("env", "args", "expected"),
     [
         ({}, ["archive", VALID_ID], "RECARCHIVE_BIRD_ACCESS_KEY"),
-        ({"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
-         ["archive", VALID_ID], "RECARCHIVE_S3_BUCKET"),
-        ({"RECARCHIVE_BIRD_AUTH_SCHEME": "Basic"}, ["archive", VALID_ID],
-         "RECARCHIVE_BIRD_AUTH_SCHEME"),
-        ({"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
-         ["archive", "--skip-media", "not-a-uuid", VALID_ID], "argument:1: 'not-a-uuid'"),
-        ({"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
-         ["archive", "--skip-media"], "no IDs given"),
-        ({"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
-         ["archive", "--skip-media", "--since", "yesterday"], "--since: 'yesterday'"),
-        ({"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
-         ["archive", "--skip-media", "--since", "2026-02-01", "--until", "2026-01-01"],
-         "must be after"),
+        (
+            {"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
+            ["archive", VALID_ID],
+            "RECARCHIVE_S3_BUCKET",
+        ),
+        (
+            {"RECARCHIVE_BIRD_AUTH_SCHEME": "Basic"},
+            ["archive", VALID_ID],
+            "RECARCHIVE_BIRD_AUTH_SCHEME",
+        ),
+        (
+            {"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
+            ["archive", "--skip-media", "not-a-uuid", VALID_ID],
+            "argument:1: 'not-a-uuid'",
+        ),
+        (
+            {"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
+            ["archive", "--skip-media"],
+            "no IDs given",
+        ),
+        (
+            {"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
+            ["archive", "--skip-media", "--since", "yesterday"],
+            "--since: 'yesterday'",
+        ),
+        (
+            {"RECARCHIVE_BIRD_ACCESS_KEY": SECRET, "RECARCHIVE_WORKSPACE_ID": "ws"},
+            ["archive", "--skip-media", "--since", "2026-02-01", "--until", "2026-01-01"],
+            "must be after",
+        ),
     ],
     ids=["no-key", "no-bucket", "bad-scheme", "invalid-id", "no-ids", "bad-date", "empty-window"],
 )
@@ -130,8 +147,17 @@ def test_cli_usage_errors_exit_2_without_traceback(
 
 def test_every_command_has_help() -> None:
     runner = CliRunner()
-    for command in ("archive", "status", "retry-failed", "verify", "export", "query",
-                    "simulate", "demo", "db"):
+    for command in (
+        "archive",
+        "status",
+        "retry-failed",
+        "verify",
+        "export",
+        "query",
+        "simulate",
+        "demo",
+        "db",
+    ):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "Usage" in result.output

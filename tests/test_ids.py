@@ -58,8 +58,17 @@ def test_canonical_id(value: str, expected: str | None) -> None:
         (b"", []),
     ],
     ids=[
-        "lf", "crlf", "bom", "comments-blanks", "inline-comment", "dedupe-keeps-first-order",
-        "csv", "csv-bom-crlf-id-not-first", "csv-quoted-newline", "single-column-csv", "empty",
+        "lf",
+        "crlf",
+        "bom",
+        "comments-blanks",
+        "inline-comment",
+        "dedupe-keeps-first-order",
+        "csv",
+        "csv-bom-crlf-id-not-first",
+        "csv-quoted-newline",
+        "single-column-csv",
+        "empty",
     ],
 )
 def test_file_forms(tmp_path: Path, content: bytes, expected: list[str]) -> None:
@@ -97,7 +106,7 @@ def test_csv_without_id_column_is_an_error(tmp_path: Path) -> None:
 
 
 def test_missing_file_names_it(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="ID file not found: .*nope.txt"):
+    with pytest.raises(InputError, match=r"ID file not found: .*nope\.txt"):
         collect_ids(files=[tmp_path / "nope.txt"])
 
 

@@ -50,8 +50,9 @@ EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _configure_logging(verbose: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
     # httpx logs full request URLs at INFO: a presigned media URL's query is a credential.
     for noisy in ("httpx", "httpcore", "botocore", "boto3", "s3transfer", "urllib3", "aiohttp"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -85,12 +86,23 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
 def summary_table(counts: RunCounts, title: str = "Summary") -> Table:
     """Return the run summary as a rich table."""
     table = Table(title=title, show_header=True, header_style="bold")
-    for column in ("requested", "archived", "already archived", "media pending", "missing",
-                   "failed", "bytes"):
+    for column in (
+        "requested",
+        "archived",
+        "already archived",
+        "media pending",
+        "missing",
+        "failed",
+        "bytes",
+    ):
         table.add_column(column, justify="right")
     table.add_row(
-        str(counts.requested), str(counts.archived), str(counts.already_archived),
-        str(counts.metadata_only), str(counts.missing), str(counts.failed),
+        str(counts.requested),
+        str(counts.archived),
+        str(counts.already_archived),
+        str(counts.metadata_only),
+        str(counts.missing),
+        str(counts.failed),
         human_bytes(counts.bytes_uploaded),
     )
     return table
@@ -127,19 +139,24 @@ def archive(
     ids: Annotated[list[str] | None, typer.Argument(help="Recording IDs (UUIDs).")] = None,
     ids_file: Annotated[
         list[str] | None,
-        typer.Option("--ids-file", help="File of IDs, one per line or CSV with an id column; "
-                                         "'-' reads stdin. Repeatable."),
+        typer.Option(
+            "--ids-file",
+            help="File of IDs, one per line or CSV with an id column; '-' reads stdin. Repeatable.",
+        ),
     ] = None,
-    since: Annotated[str | None, typer.Option(help="Discover IDs created at or after this "
-                                                   "date/timestamp (UTC).")] = None,
-    until: Annotated[str | None, typer.Option(help="...and before this one (exclusive; "
-                                                   "default now).")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Discover IDs created at or after this date/timestamp (UTC).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(help="...and before this one (exclusive; default now).")
+    ] = None,
     skip_media: Annotated[bool, typer.Option("--skip-media", help="Metadata only.")] = False,
-    refresh: Annotated[bool, typer.Option("--refresh", help="Re-fetch metadata of every "
-                                                             "given ID.")] = False,
-    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Skip invalid IDs "
-                                                                      "instead of stopping.")]
-    = False,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="Re-fetch metadata of every given ID.")
+    ] = False,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Skip invalid IDs instead of stopping.")
+    ] = False,
     chunk_size: Annotated[int | None, typer.Option(help="IDs per chunk.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
     verbose: VerboseOption = False,
@@ -163,8 +180,9 @@ def archive(
         start = parse_when(since, "--since")
         end = parse_when(until, "--until") if until else datetime.now(UTC)
         if end <= start:
-            raise InputError(f"--until ({end.isoformat()}) must be after --since "
-                             f"({start.isoformat()})")
+            raise InputError(
+                f"--until ({end.isoformat()}) must be after --since ({start.isoformat()})"
+            )
         counts = asyncio.run(_discover_and_archive(settings, start, end, options))
         raise typer.Exit(exit_code(counts))
     if not ids and not ids_file:
@@ -176,9 +194,18 @@ def archive(
             err.print(f"skipping {id_list.invalid} invalid IDs (--skip-invalid):")
             for problem in id_list.problems[:20]:
                 err.print(f"  {problem}", highlight=False, markup=False)
-        counts = asyncio.run(_archive_list(settings, id_list, options, {
-            "ids": len(id_list), "skip_media": skip_media, "refresh": refresh,
-        }))
+        counts = asyncio.run(
+            _archive_list(
+                settings,
+                id_list,
+                options,
+                {
+                    "ids": len(id_list),
+                    "skip_media": skip_media,
+                    "refresh": refresh,
+                },
+            )
+        )
     raise typer.Exit(exit_code(counts))
 
 
@@ -189,10 +216,14 @@ async def _archive_list(
     from recarchive.runner import archive_ids
 
     with ProgressReporter(err, len(id_list)) as progress:
-        report = await archive_ids(settings, id_list, options, kind=kind, params=params,
-                                   on_progress=progress.update)
-    print_run(report.counts, export_partitions=len(report.export.partitions)
-              if report.export else None, seconds=report.seconds)
+        report = await archive_ids(
+            settings, id_list, options, kind=kind, params=params, on_progress=progress.update
+        )
+    print_run(
+        report.counts,
+        export_partitions=len(report.export.partitions) if report.export else None,
+        seconds=report.seconds,
+    )
     return report.counts
 
 
@@ -208,10 +239,17 @@ async def _discover_and_archive(
         id_list = await discover_ids(bird, since=since, until=until, spool_dir=settings.temp_dir)
     with id_list:
         err.print(f"found {len(id_list)} recordings")
-        return await _archive_list(settings, id_list, options, {
-            "since": since.isoformat(), "until": until.isoformat(),
-            "ids": len(id_list), "skip_media": options.skip_media,
-        })
+        return await _archive_list(
+            settings,
+            id_list,
+            options,
+            {
+                "since": since.isoformat(),
+                "until": until.isoformat(),
+                "ids": len(id_list),
+                "skip_media": options.skip_media,
+            },
+        )
 
 
 @app.command("retry-failed")
@@ -227,10 +265,14 @@ def retry_failed_command(
     _configure_logging(verbose)
     settings = _settings()
     with ProgressReporter(err, None) as progress:
-        report = asyncio.run(retry_failed(settings, skip_media=skip_media,
-                                          on_progress=progress.update))
-    print_run(report.counts, export_partitions=len(report.export.partitions)
-              if report.export else None, seconds=report.seconds)
+        report = asyncio.run(
+            retry_failed(settings, skip_media=skip_media, on_progress=progress.update)
+        )
+    print_run(
+        report.counts,
+        export_partitions=len(report.export.partitions) if report.export else None,
+        seconds=report.seconds,
+    )
     raise typer.Exit(exit_code(report.counts))
 
 
@@ -256,8 +298,12 @@ def status(
         doc: dict[str, Any] = {"states": counts, "runs": runs}
         if failed:
             doc["failed"] = [
-                {"id": e.recording_id, "attempts": e.attempts, "last_error": e.last_error,
-                 "next_attempt_at": e.next_attempt_at.isoformat() if e.next_attempt_at else None}
+                {
+                    "id": e.recording_id,
+                    "attempts": e.attempts,
+                    "last_error": e.last_error,
+                    "next_attempt_at": e.next_attempt_at.isoformat() if e.next_attempt_at else None,
+                }
                 for e in failures
             ]
         out.print_json(json.dumps(doc, default=str))
@@ -273,18 +319,32 @@ def status(
         for column in ("id", "kind", "status", "started_at", "archived", "failed", "missing"):
             runs_table.add_column(column)
         for run in runs:
-            runs_table.add_row(*(str(run.get(column, "")) for column in
-                                 ("id", "kind", "status", "started_at", "archived", "failed",
-                                  "missing")))
+            runs_table.add_row(
+                *(
+                    str(run.get(column, ""))
+                    for column in (
+                        "id",
+                        "kind",
+                        "status",
+                        "started_at",
+                        "archived",
+                        "failed",
+                        "missing",
+                    )
+                )
+            )
         out.print(runs_table)
     if failed:
         failed_table = Table(title="Failed recordings")
         for column in ("id", "attempts", "next attempt", "last error"):
             failed_table.add_column(column)
         for entry in failures:
-            failed_table.add_row(entry.recording_id, str(entry.attempts),
-                                 str(entry.next_attempt_at or "on retry-failed"),
-                                 entry.last_error or "")
+            failed_table.add_row(
+                entry.recording_id,
+                str(entry.attempts),
+                str(entry.next_attempt_at or "on retry-failed"),
+                entry.last_error or "",
+            )
         out.print(failed_table)
 
 
@@ -294,9 +354,11 @@ def verify(
     deep: Annotated[bool, typer.Option("--deep", help="Download and hash every object.")] = False,
     delete_source_after_verify: Annotated[
         bool,
-        typer.Option("--delete-source-after-verify",
-                     help="After a deep verification of an object succeeds, delete that "
-                          "recording's media at Bird. Implies --deep. Irreversible."),
+        typer.Option(
+            "--delete-source-after-verify",
+            help="After a deep verification of an object succeeds, delete that "
+            "recording's media at Bird. Implies --deep. Irreversible.",
+        ),
     ] = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -305,13 +367,24 @@ def verify(
 
     _configure_logging(verbose)
     settings = _settings()
-    report = asyncio.run(run_verify(settings, deep=deep or delete_source_after_verify,
-                                    delete_source=delete_source_after_verify, console=err))
-    out.print(f"verified {report.checked} archived recordings: {report.ok} ok, "
-              f"{len(report.problems)} problems")
+    report = asyncio.run(
+        run_verify(
+            settings,
+            deep=deep or delete_source_after_verify,
+            delete_source=delete_source_after_verify,
+            console=err,
+        )
+    )
+    out.print(
+        f"verified {report.checked} archived recordings: {report.ok} ok, "
+        f"{len(report.problems)} problems"
+    )
     for problem in report.problems[:100]:
-        out.print(f"  {problem.recording_id} {problem.key}: {problem.problem}",
-                  highlight=False, markup=False)
+        out.print(
+            f"  {problem.recording_id} {problem.key}: {problem.problem}",
+            highlight=False,
+            markup=False,
+        )
     raise typer.Exit(EXIT_ITEMS_FAILED if report.problems else EXIT_OK)
 
 
@@ -331,15 +404,18 @@ def export(
         report = export_parquet(settings, engine, full=full)
     finally:
         engine.dispose()
-    out.print(f"exported {report.rows} rows in {len(report.partitions)} partitions to "
-              f"{settings.parquet_root} in {report.seconds:.1f}s")
+    out.print(
+        f"exported {report.rows} rows in {len(report.partitions)} partitions to "
+        f"{settings.parquet_root} in {report.seconds:.1f}s"
+    )
 
 
 @app.command()
 @handle_errors
 def query(
-    sql: Annotated[str, typer.Argument(help="DuckDB SQL over the views recordings and "
-                                            "recording_parties.")],
+    sql: Annotated[
+        str, typer.Argument(help="DuckDB SQL over the views recordings and recording_parties.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Rows as JSON.")] = False,
 ) -> None:
     """Query the Parquet dataset with DuckDB."""
@@ -348,8 +424,9 @@ def query(
     settings = _settings()
     columns, rows = run_query(settings.parquet_root, sql, s3_endpoint_url=settings.s3_endpoint_url)
     if as_json:
-        out.print_json(json.dumps([dict(zip(columns, row, strict=True)) for row in rows],
-                                  default=str))
+        out.print_json(
+            json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str)
+        )
         return
     table = Table()
     for column in columns:
@@ -366,29 +443,41 @@ def simulate(
     media_port: Annotated[int, typer.Option(help="Media host port.")] = 8788,
     recordings: Annotated[int, typer.Option(help="Recordings in the dataset.")] = 300,
     seed: Annotated[int, typer.Option(help="Dataset and fault seed.")] = 1,
-    faults: Annotated[str, typer.Option(help="none, flaky, ratelimit, chaos, or a comma "
-                                             "list of 429,500,reset,slow,truncate,expired,"
-                                             "notready,404.")] = "none",
-    rate_limit: Annotated[float | None, typer.Option(help="API requests/s before 429s.")]
-    = None,
-    access_key: Annotated[str, typer.Option(help="Key the simulator accepts.")]
-    = "sim-access-key",
+    faults: Annotated[
+        str,
+        typer.Option(
+            help="none, flaky, ratelimit, chaos, or a comma "
+            "list of 429,500,reset,slow,truncate,expired,"
+            "notready,404."
+        ),
+    ] = "none",
+    rate_limit: Annotated[float | None, typer.Option(help="API requests/s before 429s.")] = None,
+    access_key: Annotated[str, typer.Option(help="Key the simulator accepts.")] = "sim-access-key",
 ) -> None:
     """Run the Bird API simulator on 127.0.0.1 until interrupted."""
     from recarchive.simulator.server import SimulatorConfig, serve
 
-    serve(SimulatorConfig(recordings=recordings, seed=seed, faults=faults,
-                          rate_limit=rate_limit, access_key=access_key, port=port,
-                          media_port=media_port))
+    serve(
+        SimulatorConfig(
+            recordings=recordings,
+            seed=seed,
+            faults=faults,
+            rate_limit=rate_limit,
+            access_key=access_key,
+            port=port,
+            media_port=media_port,
+        )
+    )
 
 
 @app.command()
 @handle_errors
 def demo(
     recordings: Annotated[int, typer.Option(help="Recordings to archive.")] = 300,
-    data_dir: Annotated[Path, typer.Option(help="Where the demo's SQLite database and Parquet "
-                                                "dataset go (wiped first).")]
-    = Path("recarchive-data/demo"),
+    data_dir: Annotated[
+        Path,
+        typer.Option(help="Where the demo's SQLite database and Parquet dataset go (wiped first)."),
+    ] = Path("recarchive-data/demo"),
 ) -> None:
     """Run the whole pipeline locally: simulator, local S3 endpoint, SQLite, Parquet."""
     from recarchive.demo import run_demo

@@ -91,8 +91,10 @@ class Settings(BaseSettings):
         """
         missing = [
             env_name(name)
-            for name, value in (("bird_access_key", self.bird_access_key),
-                                ("workspace_id", self.workspace_id))
+            for name, value in (
+                ("bird_access_key", self.bird_access_key),
+                ("workspace_id", self.workspace_id),
+            )
             if value is None
         ]
         if missing:

@@ -55,8 +55,12 @@ class RunCounts:
     def done(self) -> int:
         """IDs that reached an outcome in this run."""
         return (
-            self.archived + self.already_archived + self.metadata_only + self.missing
-            + self.failed + self.busy
+            self.archived
+            + self.already_archived
+            + self.metadata_only
+            + self.missing
+            + self.failed
+            + self.busy
         )
 
     @property

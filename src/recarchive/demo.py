@@ -72,15 +72,22 @@ def run_demo(console: Console, *, recordings: int, data_dir: Path) -> RunCounts:
     started = time.monotonic()
     _prepare_data_dir(data_dir)
     # Dummy credentials for the local S3 endpoint only; real ones are never needed here.
-    for name, value in (("AWS_ACCESS_KEY_ID", "demo"), ("AWS_SECRET_ACCESS_KEY", "demo"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")):
+    for name, value in (
+        ("AWS_ACCESS_KEY_ID", "demo"),
+        ("AWS_SECRET_ACCESS_KEY", "demo"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+    ):
         os.environ[name] = value
     s3_server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3_server.start()
-    simulator = SimulatorServer(SimulatorConfig(
-        recordings=recordings, seed=2026, faults="500,slow,truncate,expired",
-        media_size_range=(8_000, 400_000),
-    ))
+    simulator = SimulatorServer(
+        SimulatorConfig(
+            recordings=recordings,
+            seed=2026,
+            faults="500,slow,truncate,expired",
+            media_size_range=(8_000, 400_000),
+        )
+    )
     simulator.start()
     try:
         host, port = s3_server.get_host_and_port()
@@ -88,7 +95,7 @@ def run_demo(console: Console, *, recordings: int, data_dir: Path) -> RunCounts:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=DEMO_BUCKET)
         settings = Settings(
             bird_api_url=simulator.api_url,
-            bird_access_key=simulator.config.access_key,  # type: ignore[arg-type]
+            bird_access_key=simulator.config.access_key,
             workspace_id=simulator.config.workspace_id,
             database_url=f"sqlite:///{data_dir / 'archive.db'}",
             parquet_root=str(data_dir / "parquet"),
@@ -98,20 +105,31 @@ def run_demo(console: Console, *, recordings: int, data_dir: Path) -> RunCounts:
             concurrency=16,
             chunk_size=100,
         )
-        console.print(f"Bird simulator on {simulator.api_url} (media host {simulator.media_url}), "
-                      f"{recordings} recordings, faults: 5xx, slow, truncated and expired "
-                      f"media links")
-        console.print(f"S3 (moto) on {endpoint}, bucket {DEMO_BUCKET}; SQLite and Parquet "
-                      f"under {data_dir}/")
+        console.print(
+            f"Bird simulator on {simulator.api_url} (media host {simulator.media_url}), "
+            f"{recordings} recordings, faults: 5xx, slow, truncated and expired "
+            f"media links"
+        )
+        console.print(
+            f"S3 (moto) on {endpoint}, bucket {DEMO_BUCKET}; SQLite and Parquet under {data_dir}/"
+        )
         total = RunCounts()
         ids = list(simulator.dataset.ids)
         for title in ("First run", "Second run (pending media became available)"):
-            with spool_ids(ids, source="demo") as id_list:
-                with ProgressReporter(console, len(id_list)) as progress:
-                    report = asyncio.run(archive_ids(
-                        settings, id_list, ChunkOptions(), kind="demo",
-                        params={"ids": len(id_list)}, on_progress=progress.update,
-                    ))
+            with (
+                spool_ids(ids, source="demo") as id_list,
+                ProgressReporter(console, len(id_list)) as progress,
+            ):
+                report = asyncio.run(
+                    archive_ids(
+                        settings,
+                        id_list,
+                        ChunkOptions(),
+                        kind="demo",
+                        params={"ids": len(id_list)},
+                        on_progress=progress.update,
+                    )
+                )
             _print_counts(console, title, report.counts, report.seconds)
             total.add(report.counts)
             simulator.dataset.make_all_available()
@@ -123,9 +141,9 @@ def run_demo(console: Console, *, recordings: int, data_dir: Path) -> RunCounts:
         for row in rows:
             table.add_row(*("" if value is None else str(value) for value in row))
         console.print(table)
+        example = 'recarchive query "SELECT status, count(*) FROM recordings GROUP BY 1"'
         console.print(
-            f"Try it yourself:\n  RECARCHIVE_PARQUET_ROOT={settings.parquet_root} "
-            f"recarchive query \"SELECT status, count(*) FROM recordings GROUP BY 1\"\n"
+            f"Try it yourself:\n  RECARCHIVE_PARQUET_ROOT={settings.parquet_root} {example}\n"
             f"Demo finished in {time.monotonic() - started:.1f}s."
         )
         return total
@@ -136,9 +154,21 @@ def run_demo(console: Console, *, recordings: int, data_dir: Path) -> RunCounts:
 
 def _print_counts(console: Console, title: str, counts: RunCounts, seconds: float) -> None:
     table = Table(title=f"{title}: {seconds:.1f}s")
-    for column in ("archived", "already archived", "media pending", "missing", "failed",
-                   "bytes uploaded"):
+    for column in (
+        "archived",
+        "already archived",
+        "media pending",
+        "missing",
+        "failed",
+        "bytes uploaded",
+    ):
         table.add_column(column, justify="right")
-    table.add_row(str(counts.archived), str(counts.already_archived), str(counts.metadata_only),
-                  str(counts.missing), str(counts.failed), human_bytes(counts.bytes_uploaded))
+    table.add_row(
+        str(counts.archived),
+        str(counts.already_archived),
+        str(counts.metadata_only),
+        str(counts.missing),
+        str(counts.failed),
+        human_bytes(counts.bytes_uploaded),
+    )
     console.print(table)

@@ -126,7 +126,11 @@ class IdCollector:
         # Seen IDs as 16-byte keys: about a third of the memory of the 36-character strings.
         self._seen: set[bytes] = set()
         self._spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 - owned by IdList
-            "w", encoding="ascii", prefix="recarchive-ids-", suffix=".txt", dir=spool_dir,
+            "w",
+            encoding="ascii",
+            prefix="recarchive-ids-",
+            suffix=".txt",
+            dir=spool_dir,
             delete=False,
         )
         self.result._spool = self._spool

@@ -24,6 +24,7 @@ from recarchive.ids import IdList, collect_ids, raise_for_problems
 from recarchive.runner import RunReport, discover_ids
 from recarchive.runtime import build_bird_client, build_bird_http
 
+
 def should_retry_chunk(exc: BaseException | None) -> bool:
     """Whether a failed chunk task is worth a Prefect retry.
 
@@ -64,8 +65,9 @@ async def discover_window(settings: Settings, window: Window) -> IdList:
     """List the IDs created in ``window`` (one spooled, de-duplicated list)."""
     async with build_bird_http(settings) as http:
         bird = build_bird_client(settings, http)
-        return await discover_ids(bird, since=window.since, until=window.until,
-                                  spool_dir=settings.temp_dir)
+        return await discover_ids(
+            bird, since=window.since, until=window.until, spool_dir=settings.temp_dir
+        )
 
 
 @contextlib.contextmanager
@@ -88,10 +90,10 @@ def open_manifest(settings: Settings, manifest: str) -> Iterator[IdList]:
 def _downloaded(settings: Settings, uri: str) -> Iterator[str]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from recarchive.store.s3 import build_s3_client
+    from recarchive.runtime import build_s3
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    s3 = build_s3_client(endpoint_url=settings.s3_endpoint_url)
+    s3 = build_s3(settings)
     with tempfile.TemporaryDirectory(prefix="recarchive-manifest-") as folder:
         target = Path(folder) / "manifest.txt"
         try:
@@ -114,19 +116,20 @@ def write_manifests(
     locations: list[str] = []
     local_root = Path(settings.temp_dir or "recarchive-data") / "manifests" / run_key
     s3 = None
-    if settings.s3_bucket:
-        from recarchive.store.s3 import build_s3_client
+    bucket = settings.s3_bucket
+    if bucket:
+        from recarchive.runtime import build_s3
 
-        s3 = build_s3_client(endpoint_url=settings.s3_endpoint_url)
+        s3 = build_s3(settings)
     else:
         local_root.mkdir(parents=True, exist_ok=True)
     for index, group in enumerate(id_list.chunks(ids_per_manifest)):
         body = "\n".join(group) + "\n"
         name = f"part-{index:05d}.txt"
-        if s3 is not None:
+        if s3 is not None and bucket:
             key = f"{settings.s3_prefix}/manifests/{run_key}/{name}"
-            s3.put_object(Bucket=settings.s3_bucket, Key=key, Body=body.encode())
-            locations.append(f"s3://{settings.s3_bucket}/{key}")
+            s3.put_object(Bucket=bucket, Key=key, Body=body.encode())
+            locations.append(f"s3://{bucket}/{key}")
         else:
             path = local_root / name
             path.write_text(body)

@@ -135,7 +135,9 @@ class _Chunk:
         self.limit = asyncio.Semaphore(ctx.concurrency)
 
     def _outcome(self, **delta: int) -> None:
-        step = RunCounts(**delta)
+        step = RunCounts()
+        for name, value in delta.items():
+            setattr(step, name, value)
         self.counts.add(step)
         if self.on_progress is not None:
             self.on_progress(step)
@@ -250,7 +252,11 @@ class _Chunk:
             uploaded = result is None
             if result is None:
                 result = await archive_media(
-                    self.ctx.bird, media, recording_id=record.id, key=key, sidecar=sidecar,
+                    self.ctx.bird,
+                    media,
+                    recording_id=record.id,
+                    key=key,
+                    sidecar=sidecar,
                     temp_dir=self.ctx.temp_dir,
                 )
                 uploaded = result.outcome == "uploaded"
@@ -260,8 +266,13 @@ class _Chunk:
             self._failed(record.id, entry, exc)
             return
         marked = self._mark(
-            record.id, entry, self.ctx.store.mark_archived, bucket=result.bucket,
-            key=result.key, size_bytes=result.size_bytes, sha256=result.sha256,
+            record.id,
+            entry,
+            self.ctx.store.mark_archived,
+            bucket=result.bucket,
+            key=result.key,
+            size_bytes=result.size_bytes,
+            sha256=result.sha256,
         )
         if marked:
             self._outcome(archived=1, bytes_uploaded=result.size_bytes if uploaded else 0)
@@ -280,7 +291,10 @@ class _Chunk:
             return None
         await asyncio.to_thread(media.put_bytes, sidecar_key(key), sidecar)
         return MediaResult(
-            bucket=media.bucket, key=key, size_bytes=info.size, sha256=info.sha256,
+            bucket=media.bucket,
+            key=key,
+            size_bytes=info.size,
+            sha256=info.sha256,
             outcome="already_present",
         )
 
@@ -292,8 +306,9 @@ class _Chunk:
             delay = self.ctx.retry_backoff * (2 ** min(attempts - 1, 10))
             retry_at = datetime.now(UTC) + min(delay, timedelta(days=1))
         logger.warning("recording %s failed (attempt %d): %s", recording_id, attempts, error)
-        if self._mark(recording_id, entry, self.ctx.store.mark_failed, error=error,
-                      retry_at=retry_at):
+        if self._mark(
+            recording_id, entry, self.ctx.store.mark_failed, error=error, retry_at=retry_at
+        ):
             self._fail(recording_id, error)
 
     def _mark(

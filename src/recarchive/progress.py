@@ -65,8 +65,9 @@ class ProgressReporter:
                 transient=True,
             )
             self._progress.start()
-            self._task = self._progress.add_task("archive", total=self.total, rate="0.0",
-                                                 bytes="0 B")
+            self._task = self._progress.add_task(
+                "archive", total=self.total, rate="0.0", bytes="0 B"
+            )
         return self
 
     def __exit__(

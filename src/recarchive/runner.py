@@ -133,9 +133,19 @@ async def archive_ids(
     try:
         async with open_archive_context(settings, store, skip_media=options.skip_media) as ctx:
             return await recorded_run(
-                store, engine, settings, kind, dict(params or {}), export,
-                lambda: run_chunks(ctx, ids.chunks(settings.chunk_size), options, runner,
-                                   max_parallel_chunks=max_parallel_chunks),
+                store,
+                engine,
+                settings,
+                kind,
+                dict(params or {}),
+                export,
+                lambda: run_chunks(
+                    ctx,
+                    ids.chunks(settings.chunk_size),
+                    options,
+                    runner,
+                    max_parallel_chunks=max_parallel_chunks,
+                ),
             )
     finally:
         engine.dispose()
@@ -158,15 +168,23 @@ async def retry_failed(
         async with open_archive_context(settings, store, skip_media=skip_media) as ctx:
             chunks = due_retry_chunks(store, settings.chunk_size, settings.item_max_attempts)
             return await recorded_run(
-                store, engine, settings, "retry-failed", {"skip_media": skip_media}, export,
-                lambda: run_chunks(ctx, chunks, options, runner,
-                                   max_parallel_chunks=max_parallel_chunks),
+                store,
+                engine,
+                settings,
+                "retry-failed",
+                {"skip_media": skip_media},
+                export,
+                lambda: run_chunks(
+                    ctx, chunks, options, runner, max_parallel_chunks=max_parallel_chunks
+                ),
             )
     finally:
         engine.dispose()
 
 
-def due_retry_chunks(store: ArchiveStore, chunk_size: int, max_attempts: int) -> Iterable[list[str]]:
+def due_retry_chunks(
+    store: ArchiveStore, chunk_size: int, max_attempts: int
+) -> Iterable[list[str]]:
     """Yield chunks of due failed IDs, each ID at most once per run.
 
     A retried item that fails again is either scheduled later (so not due) or, for a terminal
@@ -176,8 +194,9 @@ def due_retry_chunks(store: ArchiveStore, chunk_size: int, max_attempts: int) ->
     while True:
         due = [
             recording_id
-            for recording_id in store.due_retries(limit=chunk_size + len(seen),
-                                                  max_attempts=max_attempts)
+            for recording_id in store.due_retries(
+                limit=chunk_size + len(seen), max_attempts=max_attempts
+            )
             if recording_id not in seen
         ][:chunk_size]
         if not due:
@@ -206,8 +225,10 @@ async def recorded_run(
     try:
         counts = await work()
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, RecarchiveError) else (
-            type(exc).__name__
+        reason = (
+            f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, RecarchiveError)
+            else (type(exc).__name__)
         )
         store.finish_run(run_id, status="failed", counts=counts.as_dict(), error=reason)
         raise

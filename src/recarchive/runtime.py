@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from sqlalchemy import Engine
@@ -27,6 +28,9 @@ from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.pipeline import ArchiveContext
 from recarchive.store.s3 import MediaStore, build_s3_client
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
 
 
 def run_owner() -> str:
@@ -67,6 +71,15 @@ def open_store(settings: Settings) -> tuple[Engine, ArchiveStore]:
     return engine, ArchiveStore(engine)
 
 
+def build_s3(settings: Settings, *, max_pool_connections: int = 10) -> S3Client:
+    """Build the boto3 S3 client for ``settings`` (endpoint, checksum mode)."""
+    return build_s3_client(
+        endpoint_url=settings.s3_endpoint_url,
+        request_checksum_calculation=settings.s3_request_checksum_calculation,
+        max_pool_connections=max_pool_connections,
+    )
+
+
 def build_media_store(settings: Settings) -> MediaStore:
     """Build the S3 media store for ``RECARCHIVE_S3_BUCKET``.
 
@@ -74,11 +87,7 @@ def build_media_store(settings: Settings) -> MediaStore:
         ConfigError: The bucket is not set.
     """
     bucket = settings.require_bucket()
-    s3 = build_s3_client(
-        endpoint_url=settings.s3_endpoint_url,
-        request_checksum_calculation=settings.s3_request_checksum_calculation,
-        max_pool_connections=max(settings.concurrency * 2, 10),
-    )
+    s3 = build_s3(settings, max_pool_connections=max(settings.concurrency * 2, 10))
     return MediaStore(
         s3,
         bucket=bucket,

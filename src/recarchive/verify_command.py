@@ -60,8 +60,9 @@ async def run_verify(
             total.checked += report.checked
             total.ok += report.ok
             total.problems.extend(report.problems)
-            console.print(f"verified {total.checked} ({len(total.problems)} problems)",
-                          highlight=False)
+            console.print(
+                f"verified {total.checked} ({len(total.problems)} problems)", highlight=False
+            )
             if bird is not None:
                 bad = {problem.recording_id for problem in report.problems}
                 for entry in batch:
@@ -74,7 +75,10 @@ async def run_verify(
                         continue
                     logger.warning(
                         "deleted source media at Bird for %s (verified s3://%s/%s sha256 %s)",
-                        entry.recording_id, entry.s3_bucket, entry.s3_key, entry.sha256,
+                        entry.recording_id,
+                        entry.s3_bucket,
+                        entry.s3_key,
+                        entry.sha256,
                     )
     finally:
         if http is not None:
