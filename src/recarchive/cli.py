@@ -54,7 +54,16 @@ def _configure_logging(verbose: bool) -> None:
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
     # httpx logs full request URLs at INFO: a presigned media URL's query is a credential.
-    for noisy in ("httpx", "httpcore", "botocore", "boto3", "s3transfer", "urllib3", "aiohttp"):
+    for noisy in (
+        "httpx",
+        "httpcore",
+        "botocore",
+        "boto3",
+        "s3transfer",
+        "urllib3",
+        "aiohttp",
+        "werkzeug",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

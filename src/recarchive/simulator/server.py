@@ -99,6 +99,18 @@ class _DroppedConnection(Exception):
     """Raised by a handler that closed the connection on purpose (reset fault)."""
 
 
+class _HideDroppedConnections(logging.Filter):
+    """Keep aiohttp from logging our deliberate connection drops as server errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, _DroppedConnection)
+
+
+_http_logger = logging.getLogger("recarchive.simulator.http")
+_http_logger.addFilter(_HideDroppedConnections())
+
+
 class _TokenBucket:
     """Requests per second with a small burst, answering how long until the next token."""
 
@@ -215,7 +227,7 @@ class SimulatorServer:
         media = web.Application(middlewares=[self._media_middleware])
         media.router.add_get("/media/{workspace}/{recording}.mp3", self._media)
         for app, attr in ((api, "port"), (media, "media_port")):
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=_http_logger)
             await runner.setup()
             site = web.TCPSite(runner, self.config.host, getattr(self, attr), backlog=1024)
             await site.start()
