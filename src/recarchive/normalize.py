@@ -89,8 +89,9 @@ def _normalize(
         "started_at": _opt(payload, "startedAt", _time),
         "created_month": f"{created_at.year:04d}-{created_at.month:02d}",
         "fetched_at": fetched_at.astimezone(UTC),
-        "raw_json": json.dumps(redacted, sort_keys=True, separators=(",", ":"),
-                               allow_nan=False),
+        # allow_nan: an unknown field holding Infinity (which json.loads accepts) must not
+        # fail the recording; known numeric fields are checked to be finite above.
+        "raw_json": json.dumps(redacted, sort_keys=True, separators=(",", ":")),
     }
     parties = [
         party
@@ -142,6 +143,8 @@ def _req(
     data: Mapping[str, Any], key: str, convert: Callable[[Any, str], T], parent: str = ""
 ) -> T:
     value = data.get(key, _MISSING)
+    if value is not _MISSING and value is not None and _plain(value, convert):
+        return value  # type: ignore[no-any-return]
     field = _path(parent, key)
     if value is _MISSING or value is None:
         raise PayloadError(f"required field {field} is missing", field=field)
@@ -154,7 +157,17 @@ def _opt(
     value = data.get(key)
     if value is None:
         return None
+    if _plain(value, convert):
+        return value  # type: ignore[no-any-return]
     return convert(value, _path(parent, key))
+
+
+def _plain(value: Any, convert: Callable[[Any, str], Any]) -> bool:
+    """Fast path for the common case: a clean ASCII string or a bool, needing no conversion."""
+    kind = type(value)
+    if convert is _str:
+        return kind is str and value.isascii() and "\x00" not in value
+    return convert is _bool and kind is bool
 
 
 def _str(value: Any, field: str) -> str:
@@ -250,17 +263,20 @@ def strip_url(url: str) -> str:
         return scheme + sep + rest.rsplit("@", 1)[-1] if sep else cut
 
 
-def _is_url_key(key: object) -> bool:
-    return isinstance(key, str) and key.lower().endswith("url")
-
-
 def _redact(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {
-            key: strip_url(item) if _is_url_key(key) and isinstance(item, str) else _redact(item)
-            for key, item in value.items()
-        }
-    if isinstance(value, list | tuple):
+    # Hot path (every payload): exact type checks first, the ABC checks only as a fallback.
+    kind = type(value)
+    if kind is dict or (kind is not list and isinstance(value, Mapping)):
+        copied: dict[Any, Any] = {}
+        for key, item in value.items():
+            if type(item) is str:
+                if type(key) is str and key[-3:].lower() == "url":
+                    item = strip_url(item)
+            elif type(item) in (dict, list) or isinstance(item, Mapping | list | tuple):
+                item = _redact(item)
+            copied[key] = item
+        return copied
+    if kind is list or isinstance(value, list | tuple):
         return [_redact(item) for item in value]
     return value
 
