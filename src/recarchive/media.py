@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeVar
 
 from recarchive.errors import MediaIntegrityError, RetryableError
 from recarchive.store.s3 import sidecar_key
@@ -33,11 +36,10 @@ if TYPE_CHECKING:
     from recarchive.store.s3 import MediaStore
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Bytes kept from the start of the body to recognise MPEG audio.
 SNIFF_BYTES = 64 * 1024
-#: Write buffer of the temp file: fewer system calls than one write per network chunk.
-WRITE_BUFFER = 1024 * 1024
 #: First delay between whole-download attempts (doubles each time, capped below).
 RETRY_BASE_DELAY = 0.25
 RETRY_MAX_DELAY = 5.0
@@ -131,8 +133,40 @@ class _Progress:
     opened = False
 
 
+def _write_and_hash(handle: BinaryIO, digest: Any, chunk: bytes) -> None:
+    # Both release the GIL for large buffers, so this runs beside the event loop.
+    digest.update(chunk)
+    handle.write(chunk)
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # noqa: PTH108
+
+
+class _Worker:
+    """One thread of this recording's own, for its file I/O, hashing and S3 calls.
+
+    ``asyncio.to_thread`` shares the loop's default executor (``min(32, cpus + 4)`` threads,
+    six on two cores) with every other blocking call of the run: chunks waiting there behind
+    S3 requests stalled the downloads (bench/media_throughput.py). One thread per recording
+    in flight is bounded by the pipeline's concurrency and keeps the chunk writes in order.
+    """
+
+    def __init__(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recarchive-media")
+
+    async def run(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(func, *args, **kwargs))
+
+    def close(self) -> None:
+        # Queued work (a shielded unlink) still runs; nobody waits for the thread to end.
+        self._executor.shutdown(wait=False)
+
+
 async def _download(
-    bird: MediaSource, recording_id: str, path: Path, progress: _Progress
+    bird: MediaSource, recording_id: str, path: Path, progress: _Progress, worker: _Worker
 ) -> _Downloaded:
     """Stream the media into ``path`` (truncating it) and verify length and format."""
     digest = hashlib.sha256()
@@ -140,15 +174,18 @@ async def _download(
     size = 0
     async with bird.open_media(recording_id) as download:
         progress.opened = True
-        # Plain buffered writes: a write of a network chunk into the page cache takes
-        # microseconds, far less than a thread hop per chunk (measured in bench/).
-        with path.open("wb", buffering=WRITE_BUFFER) as handle:
+        # Hashing and writing a chunk (about 1 MiB) take milliseconds of CPU and disk: done in
+        # the worker thread, the event loop keeps receiving the other downloads meanwhile
+        # (measured in bench/media_throughput.py: plain writes on the loop were the slower).
+        handle = await worker.run(path.open, "wb")
+        try:
             async for chunk in download.iter_bytes():
-                digest.update(chunk)
                 size += len(chunk)
                 if len(head) < SNIFF_BYTES:
                     head += chunk[: SNIFF_BYTES - len(head)]
-                handle.write(chunk)
+                await worker.run(_write_and_hash, handle, digest, chunk)
+        finally:
+            handle.close()
         expected = download.content_length
     if expected is not None and size != expected:
         raise MediaIntegrityError(
@@ -193,17 +230,24 @@ async def archive_media(
     handle, name = tempfile.mkstemp(prefix="recarchive-", suffix=".mp3.part", dir=temp_dir)
     os.close(handle)
     path = Path(name)
+    worker = _Worker()
     try:
-        downloaded = await _download_with_retries(bird, recording_id, path, attempts)
-        outcome = await asyncio.to_thread(
+        downloaded = await _download_with_retries(bird, recording_id, path, attempts, worker)
+        outcome = await worker.run(
             media.upload_file, key, path, size=downloaded.size, sha256_hex=downloaded.sha256
         )
-        await asyncio.to_thread(media.put_bytes, sidecar_key(key), sidecar)
+        await worker.run(media.put_bytes, sidecar_key(key), sidecar)
     finally:
-        # Synchronous on purpose: an unlink takes microseconds, and a finally block that
-        # awaited could be interrupted by cancellation and leak the file.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # noqa: PTH108
+        # Unlinking a freshly written file costs milliseconds (the file system frees its
+        # pages): a thread keeps that off the loop. Shielded, and repeated synchronously when
+        # the task is cancelled meanwhile, so the file never outlives this call.
+        try:
+            await asyncio.shield(worker.run(_remove, path))
+        except asyncio.CancelledError:
+            _remove(path)
+            raise
+        finally:
+            worker.close()
     return MediaResult(
         bucket=media.bucket,
         key=key,
@@ -214,14 +258,14 @@ async def archive_media(
 
 
 async def _download_with_retries(
-    bird: MediaSource, recording_id: str, path: Path, attempts: int
+    bird: MediaSource, recording_id: str, path: Path, attempts: int, worker: _Worker
 ) -> _Downloaded:
     attempt = 0
     while True:
         attempt += 1
         progress = _Progress()
         try:
-            return await _download(bird, recording_id, path, progress)
+            return await _download(bird, recording_id, path, progress, worker)
         except RetryableError as exc:
             # Errors of open_media itself come after the client's own retries of that
             # request: retrying them here would stack a second retry layer on top.

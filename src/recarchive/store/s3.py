@@ -109,8 +109,14 @@ def build_s3_client(
         max_pool_connections=max_pool_connections,
         request_checksum_calculation=mode,
         response_checksum_validation=mode,
-        # Path-style works with every S3-compatible endpoint (no wildcard DNS needed).
-        s3={"addressing_style": "path"} if endpoint_url else None,
+        s3={
+            # Every write of ours carries its x-amz-checksum-sha256 header (signed, and checked
+            # by the server against the body), so botocore's extra SHA-256 of the payload for
+            # the signature — done over plain-http endpoints only — is pure CPU cost.
+            "payload_signing_enabled": False,
+            # Path-style works with every S3-compatible endpoint (no wildcard DNS needed).
+            **({"addressing_style": "path"} if endpoint_url else {}),
+        },
     )
     session = boto3.session.Session()
     return session.client("s3", endpoint_url=endpoint_url, config=config)
