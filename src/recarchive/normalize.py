@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -24,6 +25,9 @@ T = TypeVar("T")
 ZERO_DATE = datetime(1, 1, 1, tzinfo=UTC)
 
 _MISSING = object()
+
+#: A UUID already in canonical form (the usual case) needs no parsing.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def normalize_recording(
@@ -63,41 +67,30 @@ def _normalize(
     recording_id = _uuid(payload, "id")
     created_at = _required_time(payload, "createdAt")
     updated_at = _required_time(payload, "updatedAt")
-    status = _req(payload, "status", _str)
+    recording: dict[str, Any] = {"id": recording_id, "workspace_id": workspace_id}
+    _read_fields(payload, _TOP_FIELDS, "", recording)
+    url, room_info_url = recording["url"], recording["room_info_url"]
+    if url is not None:
+        recording["url"] = strip_url(url)
+    if room_info_url is not None:
+        recording["room_info_url"] = strip_url(room_info_url)
+    recording["created_at"] = created_at
+    recording["updated_at"] = updated_at
+    recording["ended_at"] = _opt(payload, "endedAt", _time)
+    recording["started_at"] = _opt(payload, "startedAt", _time)
+    recording["created_month"] = f"{created_at.year:04d}-{created_at.month:02d}"
+    recording["fetched_at"] = fetched_at.astimezone(UTC)
     redacted = redact_payload(payload)
-    url = _opt(payload, "url", _str)
-    room_info_url = _opt(payload, "roomInfoUrl", _str)
-    recording: dict[str, Any] = {
-        "id": recording_id,
-        "workspace_id": workspace_id,
-        "source": _req(payload, "source", _str),
-        "source_id": _req(payload, "sourceId", _str),
-        "channel_id": _opt(payload, "channelId", _str),
-        "status": status,
-        "direction": _opt(payload, "direction", _str),
-        "origin": _req(payload, "origin", _str),
-        "duration": _opt(payload, "duration", _number),
-        "stereo": _req(payload, "stereo", _bool),
-        "format": _req(payload, "format", _str),
-        "transcription": _req(payload, "transcription", _bool),
-        "conference_id": _opt(payload, "conferenceId", _str),
-        "url": strip_url(url) if url is not None else None,
-        "room_info_url": strip_url(room_info_url) if room_info_url is not None else None,
-        "created_at": created_at,
-        "updated_at": updated_at,
-        "ended_at": _opt(payload, "endedAt", _time),
-        "started_at": _opt(payload, "startedAt", _time),
-        "created_month": f"{created_at.year:04d}-{created_at.month:02d}",
-        "fetched_at": fetched_at.astimezone(UTC),
-        # allow_nan: an unknown field holding Infinity (which json.loads accepts) must not
-        # fail the recording; known numeric fields are checked to be finite above.
-        "raw_json": json.dumps(redacted, sort_keys=True, separators=(",", ":")),
-    }
+    # Sorted keys: the same payload always gives the same text, so "unchanged" is exact.
+    # NaN/Infinity are allowed: an unknown field holding one (json.loads accepts them) must
+    # not fail the recording; known numeric fields are checked to be finite.
+    recording["raw_json"] = json.dumps(redacted, sort_keys=True, separators=(",", ":"))
     parties = [
         party
         for role in PARTY_ROLES
         if (party := _party(payload, role, recording_id)) is not None
     ]
+    status: str = recording["status"]
     return NormalizedRecording(
         id=recording_id,
         workspace_id=workspace_id,
@@ -114,22 +107,42 @@ def _party(payload: Mapping[str, Any], role: str, recording_id: str) -> dict[str
     side = _opt(payload, role, _object)
     if side is None:
         return None
-    contact = _opt(side, "contact", _object, role) or {}
-    number = _opt(side, "number", _object, role) or {}
-    c, n = f"{role}.contact", f"{role}.number"
-    return {
-        "recording_id": recording_id,
-        "role": role,
-        "contact_id": _opt(contact, "id", _str, c),
-        "contact_identifier_key": _opt(contact, "identifierKey", _str, c),
-        "contact_identifier_value": _opt(contact, "identifierValue", _str, c),
-        "number_type": _opt(number, "type", _str, n),
-        "number": _opt(number, "number", _str, n),
-        "number_anonymous": _opt(number, "anonymous", _bool, n),
-        "number_caller_id_name": _opt(number, "callerIdName", _str, n),
-        "number_identity": _opt(number, "identity", _str, n),
-        "number_country_iso_code": _opt(number, "countryIsoCode", _str, n),
-    }
+    party: dict[str, Any] = {"recording_id": recording_id, "role": role}
+    for group, fields in _PARTY_GROUPS:
+        data = _opt(side, group, _object, role) or {}
+        _read_fields(data, fields, f"{role}.{group}", party)
+    return party
+
+
+# --- field readers -------------------------------------------------------------------------
+
+Reader = Callable[[Any, str], Any]
+
+
+def _read_fields(
+    data: Mapping[str, Any],
+    fields: tuple[tuple[str, str, Reader, bool], ...],
+    parent: str,
+    row: dict[str, Any],
+) -> None:
+    """Read ``(key, column, reader, required)`` fields of ``data`` into ``row``."""
+    get = data.get
+    for key, column, reader, required in fields:
+        value = get(key)
+        if value is None:
+            if required:
+                field = _path(parent, key)
+                raise PayloadError(f"required field {field} is missing", field=field)
+            row[column] = None
+            continue
+        kind = type(value)
+        # Hot path: a clean ASCII string or a bool needs no conversion.
+        if (kind is str and reader is _str and value.isascii() and "\x00" not in value) or (
+            kind is bool and reader is _bool
+        ):
+            row[column] = value
+        else:
+            row[column] = reader(value, _path(parent, key))
 
 
 # --- field readers -------------------------------------------------------------------------
@@ -211,6 +224,8 @@ def _object(value: Any, field: str) -> Mapping[str, Any]:
 
 def _uuid(data: Mapping[str, Any], key: str) -> str:
     text = _req(data, key, _str)
+    if _CANONICAL_UUID.fullmatch(text):
+        return text
     try:
         return str(uuid.UUID(text))
     except ValueError as exc:
@@ -244,6 +259,39 @@ def _kind(value: Any) -> str:
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
+_TOP_FIELDS: tuple[tuple[str, str, Reader, bool], ...] = (
+    ("source", "source", _str, True),
+    ("sourceId", "source_id", _str, True),
+    ("channelId", "channel_id", _str, False),
+    ("status", "status", _str, True),
+    ("direction", "direction", _str, False),
+    ("origin", "origin", _str, True),
+    ("duration", "duration", _number, False),
+    ("stereo", "stereo", _bool, True),
+    ("format", "format", _str, True),
+    ("transcription", "transcription", _bool, True),
+    ("conferenceId", "conference_id", _str, False),
+    ("url", "url", _str, False),
+    ("roomInfoUrl", "room_info_url", _str, False),
+)
+
+_PARTY_GROUPS: tuple[tuple[str, tuple[tuple[str, str, Reader, bool], ...]], ...] = (
+    ("contact", (
+        ("id", "contact_id", _str, False),
+        ("identifierKey", "contact_identifier_key", _str, False),
+        ("identifierValue", "contact_identifier_value", _str, False),
+    )),
+    ("number", (
+        ("type", "number_type", _str, False),
+        ("number", "number", _str, False),
+        ("anonymous", "number_anonymous", _bool, False),
+        ("callerIdName", "number_caller_id_name", _str, False),
+        ("identity", "number_identity", _str, False),
+        ("countryIsoCode", "number_country_iso_code", _str, False),
+    )),
+)
+
+
 # --- redaction -----------------------------------------------------------------------------
 
 
@@ -253,6 +301,8 @@ def strip_url(url: str) -> str:
     The query string of a presigned URL is a credential; only scheme, host and path are kept.
     """
     cut = url.split("?", 1)[0].split("#", 1)[0]
+    if "@" not in cut:
+        return cut
     try:
         parts = urlsplit(cut)
         netloc = parts.netloc.rsplit("@", 1)[-1]
@@ -269,16 +319,22 @@ def _redact(value: Any) -> Any:
     if kind is dict or (kind is not list and isinstance(value, Mapping)):
         copied: dict[Any, Any] = {}
         for key, item in value.items():
-            if type(item) is str:
+            item_kind = type(item)
+            if item_kind is str:
                 if type(key) is str and key[-3:].lower() == "url":
                     item = strip_url(item)
-            elif type(item) in (dict, list) or isinstance(item, Mapping | list | tuple):
+            elif item_kind is dict or item_kind is list:
+                item = _redact(item)
+            elif item is not None and item_kind not in _SCALARS:
                 item = _redact(item)
             copied[key] = item
         return copied
     if kind is list or isinstance(value, list | tuple):
         return [_redact(item) for item in value]
     return value
+
+
+_SCALARS = frozenset({int, float, bool})
 
 
 def redact_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
