@@ -160,6 +160,10 @@ class _Worker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(func, *args, **kwargs))
 
+    def submit(self, func: Callable[..., object], /, *args: Any) -> None:
+        """Queue ``func`` behind the work already queued, without waiting for it."""
+        self._executor.submit(func, *args)
+
     def close(self) -> None:
         # Queued work (a shielded unlink) still runs; nobody waits for the thread to end.
         self._executor.shutdown(wait=False)
@@ -185,7 +189,9 @@ async def _download(
                     head += chunk[: SNIFF_BYTES - len(head)]
                 await worker.run(_write_and_hash, handle, digest, chunk)
         finally:
-            handle.close()
+            # Queued behind a write that may still run in the thread (when this task was
+            # cancelled mid-write); everything later on this worker runs after the close.
+            worker.submit(handle.close)
         expected = download.content_length
     if expected is not None and size != expected:
         raise MediaIntegrityError(
