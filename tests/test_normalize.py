@@ -302,6 +302,11 @@ def test_redaction_removes_credentials_everywhere() -> None:
     assert redact_payload(payload) == record.redacted_payload
 
 
+def test_control_characters_in_a_dropped_query_do_not_matter() -> None:
+    record = norm(make_payload(url="https://media.example.com/a.mp3?sig=\x00\ud800"))
+    assert record.recording["url"] == "https://media.example.com/a.mp3"
+
+
 # --- properties -------------------------------------------------------------------------------
 
 json_scalars = (

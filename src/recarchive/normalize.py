@@ -69,11 +69,6 @@ def _normalize(
     updated_at = _required_time(payload, "updatedAt")
     recording: dict[str, Any] = {"id": recording_id, "workspace_id": workspace_id}
     _read_fields(payload, _TOP_FIELDS, "", recording)
-    url, room_info_url = recording["url"], recording["room_info_url"]
-    if url is not None:
-        recording["url"] = strip_url(url)
-    if room_info_url is not None:
-        recording["room_info_url"] = strip_url(room_info_url)
     recording["created_at"] = created_at
     recording["updated_at"] = updated_at
     recording["ended_at"] = _opt(payload, "endedAt", _time)
@@ -198,6 +193,13 @@ def _str(value: Any, field: str) -> str:
     return value
 
 
+def _url(value: Any, field: str) -> str:
+    """A URL without its credentials; checked after stripping, as the query is dropped."""
+    if not isinstance(value, str):
+        raise PayloadError(f"{field} must be a string, not {_kind(value)}", field=field)
+    return _str(strip_url(value), field)
+
+
 def _bool(value: Any, field: str) -> bool:
     if not isinstance(value, bool):
         raise PayloadError(f"{field} must be a boolean, not {_kind(value)}", field=field)
@@ -271,8 +273,8 @@ _TOP_FIELDS: tuple[tuple[str, str, Reader, bool], ...] = (
     ("format", "format", _str, True),
     ("transcription", "transcription", _bool, True),
     ("conferenceId", "conference_id", _str, False),
-    ("url", "url", _str, False),
-    ("roomInfoUrl", "room_info_url", _str, False),
+    ("url", "url", _url, False),
+    ("roomInfoUrl", "room_info_url", _url, False),
 )
 
 _PARTY_GROUPS: tuple[tuple[str, tuple[tuple[str, str, Reader, bool], ...]], ...] = (

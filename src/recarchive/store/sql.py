@@ -233,6 +233,8 @@ def _executemany(
     if not rows:
         return
     if connection.dialect.name != "sqlite":
+        # psycopg sends these as one pipelined statement per row; measured faster than
+        # multi-row VALUES with RETURNING, whose huge statements psycopg parses in Python.
         connection.execute(statement, rows)
         return
     compiled = statement.compile(dialect=connection.dialect, column_keys=list(rows[0]))
@@ -294,10 +296,7 @@ class ArchiveStore:
         if not latest:
             return
         with self.engine.begin() as connection:
-            if connection.dialect.name == "sqlite":
-                changed, previous_month = self._upsert_sqlite(connection, latest)
-            else:
-                changed, previous_month = self._upsert_returning(connection, latest)
+            changed, previous_month = self._upsert_changed(connection, latest)
             if not changed:
                 return
             months: set[str] = set()
@@ -330,50 +329,31 @@ class ArchiveStore:
             ),
         )
 
-    def _upsert_returning(
+    def _upsert_changed(
         self, connection: Connection, latest: dict[str, NormalizedRecording]
     ) -> tuple[list[str], dict[str, str]]:
-        """PostgreSQL: the upsert reports what it changed (RETURNING).
+        """Compare with the stored rows, then write only the new and changed ones.
 
-        The conditional ``DO UPDATE`` locks the row, so of two concurrent runs storing the
-        same new version only the first sees it changed and replaces the parties.
+        Returns the changed IDs and the stored ``created_month`` of the existing ones.
+        Nothing can change between the comparison and the write: SQLite transactions begin
+        with ``BEGIN IMMEDIATE``, and on PostgreSQL the existing rows are read ``FOR UPDATE``;
+        a row inserted concurrently meets the upsert's condition (identical data: no-op).
         """
-        ids = list(latest)
-        previous_month: dict[str, str] = {}
-        for chunk in _chunks(ids):
-            previous_month.update(
-                connection.execute(
-                    select(recordings.c.id, recordings.c.created_month).where(
-                        recordings.c.id.in_(chunk)
-                    )
-                ).all()
-            )
-        upsert = self._upsert_statement(connection).returning(recordings.c.id)
-        changed: list[str] = []
-        for chunk in _chunks(ids):
-            rows = [latest[recording_id].recording for recording_id in chunk]
-            changed.extend(connection.execute(upsert, rows).scalars())
-        return changed, previous_month
-
-    def _upsert_sqlite(
-        self, connection: Connection, latest: dict[str, NormalizedRecording]
-    ) -> tuple[list[str], dict[str, str]]:
-        """SQLite: compare with the stored rows first, then write only what changed.
-
-        The transaction began with ``BEGIN IMMEDIATE``, so nothing can change between the
-        comparison and the write; skipping unchanged rows also skips their writes entirely.
-        """
-        ids = list(latest)
+        # Sorted: concurrent writers lock rows in the same order, so they cannot deadlock.
+        ids = sorted(latest)
         stored: dict[str, tuple[datetime, str, str]] = {}
         for chunk in _chunks(ids):
             query = select(
                 recordings.c.id, recordings.c.updated_at, recordings.c.raw_json,
                 recordings.c.created_month,
             ).where(recordings.c.id.in_(chunk))
+            if connection.dialect.name == "postgresql":
+                query = query.with_for_update()
             for row in connection.execute(query):
                 stored[row.id] = (row.updated_at, row.raw_json, row.created_month)
         changed: list[str] = []
-        for recording_id, record in latest.items():
+        for recording_id in ids:
+            record = latest[recording_id]
             old = stored.get(recording_id)
             if old is None or old[1] != record.recording["raw_json"] or (
                 old[0] != record.recording["updated_at"]

@@ -39,9 +39,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         """Convert to UTC; naive values are taken as UTC already."""
         if value is None:
             return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        value = value.astimezone(UTC)
+        if value.tzinfo is not UTC:
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
         # SQLite stores text: keep one canonical naive form so comparisons are textual.
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
