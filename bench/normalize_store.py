@@ -43,17 +43,34 @@ def payloads(count: int) -> Iterator[dict[str, Any]]:
             "status": STATUSES[index % len(STATUSES)],
             "direction": "incoming" if index % 2 else "outgoing",
             "originator": {
-                "contact": {"id": f"c-{index % 5000}", "identifierKey": "phonenumber",
-                            "identifierValue": f"+316{index % 100000000:08d}"},
-                "number": {"type": "pstn", "number": f"+316{index % 100000000:08d}",
-                           "anonymous": index % 17 == 0, "callerIdName": f"Caller {index}",
-                           "identity": "verified", "countryIsoCode": "NL"},
+                "contact": {
+                    "id": f"c-{index % 5000}",
+                    "identifierKey": "phonenumber",
+                    "identifierValue": f"+316{index % 100000000:08d}",
+                },
+                "number": {
+                    "type": "pstn",
+                    "number": f"+316{index % 100000000:08d}",
+                    "anonymous": index % 17 == 0,
+                    "callerIdName": f"Caller {index}",
+                    "identity": "verified",
+                    "countryIsoCode": "NL",
+                },
             },
             "receiver": {
-                "contact": {"id": "desk", "identifierKey": "phonenumber",
-                            "identifierValue": "+31201234567"},
-                "number": {"type": "pstn", "number": "+31201234567", "anonymous": False,
-                           "callerIdName": "Support", "identity": None, "countryIsoCode": "NL"},
+                "contact": {
+                    "id": "desk",
+                    "identifierKey": "phonenumber",
+                    "identifierValue": "+31201234567",
+                },
+                "number": {
+                    "type": "pstn",
+                    "number": "+31201234567",
+                    "anonymous": False,
+                    "callerIdName": "Support",
+                    "identity": None,
+                    "countryIsoCode": "NL",
+                },
             },
             "origin": "call-command-record",
             "duration": 5 + index % 900,
@@ -103,8 +120,9 @@ def run_pipeline(url: str, count: int, root: str) -> dict[str, float]:
     # A second store of the same data must change nothing (and is cheap).
     t = time.perf_counter()
     again = list(itertools.islice(payloads(count), 10_000))
-    store.save_metadata([normalize_recording(p, workspace_id="ws-bench", fetched_at=fetched)
-                         for p in again])
+    store.save_metadata(
+        [normalize_recording(p, workspace_id="ws-bench", fetched_at=fetched) for p in again]
+    )
     second = export_changed(engine, root)
     idle = time.perf_counter() - t
     engine.dispose()
@@ -121,29 +139,70 @@ def run_pipeline(url: str, count: int, root: str) -> dict[str, float]:
     }
 
 
-BASELINE_COLUMNS = ["id", "workspace_id", "source", "source_id", "channel_id", "status",
-                    "direction", "origin", "duration", "stereo", "format", "transcription",
-                    "conference_id", "url", "room_info_url", "created_at", "updated_at",
-                    "ended_at", "started_at", "created_month", "fetched_at", "raw_json"]
+BASELINE_COLUMNS = [
+    "id",
+    "workspace_id",
+    "source",
+    "source_id",
+    "channel_id",
+    "status",
+    "direction",
+    "origin",
+    "duration",
+    "stereo",
+    "format",
+    "transcription",
+    "conference_id",
+    "url",
+    "room_info_url",
+    "created_at",
+    "updated_at",
+    "ended_at",
+    "started_at",
+    "created_month",
+    "fetched_at",
+    "raw_json",
+]
 
 
 def _baseline_row(p: dict[str, Any], fetched: str) -> tuple[Any, ...]:
-    return (p["id"], "ws-bench", p["source"], p["sourceId"], p["channelId"], p["status"],
-            p["direction"], p["origin"], p["duration"], p["stereo"], p["format"],
-            p["transcription"], p["conferenceId"], p["url"], p["roomInfoUrl"], p["createdAt"],
-            p["updatedAt"], p["endedAt"], p["startedAt"], p["createdAt"][:7], fetched,
-            json.dumps(p))
+    return (
+        p["id"],
+        "ws-bench",
+        p["source"],
+        p["sourceId"],
+        p["channelId"],
+        p["status"],
+        p["direction"],
+        p["origin"],
+        p["duration"],
+        p["stereo"],
+        p["format"],
+        p["transcription"],
+        p["conferenceId"],
+        p["url"],
+        p["roomInfoUrl"],
+        p["createdAt"],
+        p["updatedAt"],
+        p["endedAt"],
+        p["startedAt"],
+        p["createdAt"][:7],
+        fetched,
+        json.dumps(p),
+    )
 
 
 def run_baseline(url: str, count: int) -> dict[str, float]:
-    columns = ", ".join(f"{name} TEXT" for name in BASELINE_COLUMNS)
+    columns = ", ".join(f"{name} TEXT" for name in BASELINE_COLUMNS).replace(
+        "id TEXT", "id TEXT PRIMARY KEY", 1
+    )
     marks = ", ".join(["?"] * len(BASELINE_COLUMNS))
     fetched = datetime.now(UTC).isoformat()
+    connection: Any
     if url.startswith("sqlite"):
         import sqlite3
 
-        path = url.removeprefix("sqlite:///")
-        connection: Any = sqlite3.connect(path)
+        connection = sqlite3.connect(url.removeprefix("sqlite:///"))
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
     else:
@@ -151,36 +210,28 @@ def run_baseline(url: str, count: int) -> dict[str, float]:
 
         connection = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
         marks = marks.replace("?", "%s")
-    connection.execute(f"CREATE TABLE baseline ({columns.replace('id TEXT', 'id TEXT PRIMARY KEY', 1)})")
+    connection.execute(f"CREATE TABLE baseline ({columns})")
     connection.commit()
+    sql = f"INSERT INTO baseline VALUES ({marks})"
+
+    def flush(rows: list[tuple[Any, ...]]) -> None:
+        cursor = connection.cursor()
+        cursor.executemany(sql, rows)
+        cursor.close()
+        connection.commit()
+
     started = time.perf_counter()
     rows: list[tuple[Any, ...]] = []
-    sql = f"INSERT INTO baseline VALUES ({marks})"
     for payload in payloads(count):
         rows.append(_baseline_row(payload, fetched))
         if len(rows) == CHUNK:
-            with connection.cursor() if not url.startswith("sqlite") else _nullcontext(
-                    connection) as cursor:
-                cursor.executemany(sql, rows)
-            connection.commit()
+            flush(rows)
             rows = []
     if rows:
-        connection.cursor().executemany(sql, rows)
-        connection.commit()
+        flush(rows)
     seconds = time.perf_counter() - started
     connection.close()
     return {"seconds": seconds, "rss_mb": _rss_mb()}
-
-
-class _nullcontext:  # noqa: N801 - tiny helper: sqlite3 connections have executemany
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __enter__(self) -> Any:
-        return self.value
-
-    def __exit__(self, *args: object) -> None:
-        return None
 
 
 def in_child(function: Any, *args: Any) -> dict[str, float]:
@@ -199,27 +250,43 @@ def bench_backend(name: str, pipeline_url: str, baseline_url: str, count: int) -
     rate = count / result["seconds"]
     base_rate = count / base["seconds"]
     print(f"\n== {name}: {count:,} recordings ==")
-    print(f"pipeline (normalize + upsert + parties + ledger register + export): "
-          f"{result['seconds']:.2f}s = {rate:,.0f} recordings/s, peak RSS {result['rss_mb']:.0f} MB")
-    print(f"  normalize {result['normalize_seconds']:.2f}s, SQL {result['store_seconds']:.2f}s, "
-          f"Parquet export {result['export_seconds']:.2f}s ({result['partitions']:.0f} partitions)")
-    print(f"  re-store of 10k identical payloads + export: {result['rerun_10k_seconds']:.2f}s "
-          f"(no rows changed, no partitions written)")
-    print(f"baseline (bare executemany INSERT of the same rows): {base['seconds']:.2f}s = "
-          f"{base_rate:,.0f} rows/s, peak RSS {base['rss_mb']:.0f} MB")
+    print(
+        f"pipeline (normalize + upsert + parties + ledger register + export): "
+        f"{result['seconds']:.2f}s = {rate:,.0f} recordings/s, "
+        f"peak RSS {result['rss_mb']:.0f} MB"
+    )
+    print(
+        f"  normalize {result['normalize_seconds']:.2f}s, SQL {result['store_seconds']:.2f}s, "
+        f"Parquet export {result['export_seconds']:.2f}s ({result['partitions']:.0f} partitions)"
+    )
+    print(
+        f"  re-store of 10k identical payloads + export: {result['rerun_10k_seconds']:.2f}s "
+        f"(no rows changed, no partitions written)"
+    )
+    print(
+        f"baseline (bare executemany INSERT of the same rows): {base['seconds']:.2f}s = "
+        f"{base_rate:,.0f} rows/s, peak RSS {base['rss_mb']:.0f} MB"
+    )
     print(f"ratio pipeline/baseline throughput: {rate / base_rate:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=100_000)
-    parser.add_argument("--postgres", default="auto",
-                        help="PostgreSQL URL; 'auto' starts a throwaway server; 'none' skips")
+    parser.add_argument(
+        "--postgres",
+        default="auto",
+        help="PostgreSQL URL; 'auto' starts a throwaway server; 'none' skips",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recarchive-bench-"))
     try:
-        bench_backend("SQLite", f"sqlite:///{work / 'pipeline.db'}",
-                      f"sqlite:///{work / 'baseline.db'}", args.count)
+        bench_backend(
+            "SQLite",
+            f"sqlite:///{work / 'pipeline.db'}",
+            f"sqlite:///{work / 'baseline.db'}",
+            args.count,
+        )
         if args.postgres == "none":
             return
         server = None
@@ -235,8 +302,10 @@ def main() -> None:
         try:
             from tests.fixtures.postgres import fresh_postgres_database
 
-            with fresh_postgres_database(url) as pipeline_url, \
-                    fresh_postgres_database(url) as baseline_url:
+            with (
+                fresh_postgres_database(url) as pipeline_url,
+                fresh_postgres_database(url) as baseline_url,
+            ):
                 bench_backend("PostgreSQL", pipeline_url, baseline_url, args.count)
         finally:
             if server is not None:

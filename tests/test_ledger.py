@@ -42,9 +42,7 @@ def store(engine: Engine) -> ArchiveStore:
 def claimed_one(store: ArchiveStore, owner: str = "run-a") -> str:
     (recording_id,) = ids(1)
     store.register([recording_id])
-    assert store.claim([recording_id], owner=owner, lease_seconds=60, states=WORK) == [
-        recording_id
-    ]
+    assert store.claim([recording_id], owner=owner, lease_seconds=60, states=WORK) == [recording_id]
     return recording_id
 
 
@@ -56,8 +54,13 @@ def test_register_is_idempotent_and_pending(store: ArchiveStore) -> None:
     assert len(entries) == 1203
     entry = entries[batch[0]]
     assert entry.state == "pending" and entry.attempts == 0 and entry.lease_owner is None
-    assert store.counts() == {"pending": 1203, "metadata_only": 0, "archived": 0,
-                              "missing": 0, "failed": 0}
+    assert store.counts() == {
+        "pending": 1203,
+        "metadata_only": 0,
+        "archived": 0,
+        "missing": 0,
+        "failed": 0,
+    }
     assert set(store.counts()) == set(LEDGER_STATES)
     assert store.get_entries(ids(1, start=5000)) == {}
 
@@ -82,17 +85,18 @@ def test_claim_respects_states(store: ArchiveStore) -> None:
     recording_id = claimed_one(store)
     store.mark_missing(recording_id, owner="run-a", error="NotFoundError: 404")
     assert store.claim([recording_id], owner="b", lease_seconds=60, states=WORK) == []
-    assert store.claim([recording_id], owner="b", lease_seconds=60,
-                       states={"missing"}) == [recording_id]
+    assert store.claim([recording_id], owner="b", lease_seconds=60, states={"missing"}) == [
+        recording_id
+    ]
 
 
-def test_expired_lease_can_be_claimed_by_another_owner(engine: Engine,
-                                                       store: ArchiveStore) -> None:
+def test_expired_lease_can_be_claimed_by_another_owner(engine: Engine, store: ArchiveStore) -> None:
     recording_id = claimed_one(store, owner="crashed")
     assert store.claim([recording_id], owner="next", lease_seconds=60, states=WORK) == []
     with engine.begin() as connection:
-        connection.execute(update(archive_ledger).values(
-            lease_expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        connection.execute(
+            update(archive_ledger).values(lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
     assert store.claim([recording_id], owner="next", lease_seconds=60, states=WORK) == [
         recording_id
     ]
@@ -105,9 +109,7 @@ def test_short_lease_expires_in_real_time(store: ArchiveStore) -> None:
     recording_id = claimed_one(store, owner="a")
     store.claim([recording_id], owner="a", lease_seconds=1, states=WORK)
     time.sleep(1.2)
-    assert store.claim([recording_id], owner="b", lease_seconds=60, states=WORK) == [
-        recording_id
-    ]
+    assert store.claim([recording_id], owner="b", lease_seconds=60, states=WORK) == [recording_id]
 
 
 def test_transitions_and_fields(engine: Engine, store: ArchiveStore) -> None:
@@ -131,8 +133,9 @@ def test_transitions_and_fields(engine: Engine, store: ArchiveStore) -> None:
     assert entry.state == "metadata_only" and entry.last_error == "status completed"
 
     store.claim([recording_id], owner="run-a", lease_seconds=60, states=WORK)
-    store.mark_archived(recording_id, owner="run-a", bucket="bkt", key="k/1.mp3",
-                        size_bytes=123, sha256=SHA)
+    store.mark_archived(
+        recording_id, owner="run-a", bucket="bkt", key="k/1.mp3", size_bytes=123, sha256=SHA
+    )
     entry = store.get_entries([recording_id])[recording_id]
     assert entry.state == "archived" and entry.s3_bucket == "bkt" and entry.s3_key == "k/1.mp3"
     assert entry.size_bytes == 123 and entry.sha256 == SHA and entry.last_error is None
@@ -144,8 +147,7 @@ def test_transitions_and_fields(engine: Engine, store: ArchiveStore) -> None:
 @pytest.mark.parametrize("mark", ["metadata_only", "missing", "failed"])
 def test_archived_is_never_moved_back(store: ArchiveStore, mark: str) -> None:
     recording_id = claimed_one(store)
-    store.mark_archived(recording_id, owner="run-a", bucket="b", key="k", size_bytes=1,
-                        sha256=SHA)
+    store.mark_archived(recording_id, owner="run-a", bucket="b", key="k", size_bytes=1, sha256=SHA)
     store.claim([recording_id], owner="run-a", lease_seconds=60, states={"archived"})
     with pytest.raises(LedgerStateError, match="archived already"):
         if mark == "metadata_only":
@@ -161,8 +163,9 @@ def test_transition_needs_the_lease(store: ArchiveStore) -> None:
     (recording_id,) = ids(1)
     store.register([recording_id])
     with pytest.raises(LedgerStateError, match="lease"):
-        store.mark_archived(recording_id, owner="nobody", bucket="b", key="k", size_bytes=1,
-                            sha256=SHA)
+        store.mark_archived(
+            recording_id, owner="nobody", bucket="b", key="k", size_bytes=1, sha256=SHA
+        )
     store.claim([recording_id], owner="a", lease_seconds=60, states=WORK)
     with pytest.raises(LedgerStateError, match="lease"):
         store.mark_missing(recording_id, owner="b", error="404")
@@ -195,9 +198,11 @@ def test_due_retries(engine: Engine, store: ArchiveStore) -> None:
     store.mark_failed(batch[3], owner="a", error="terminal", retry_at=None)
     store.mark_failed(batch[4], owner="a", error="e", retry_at=now - timedelta(minutes=2))
     with engine.begin() as connection:  # exhausted attempts
-        connection.execute(update(archive_ledger)
-                           .where(archive_ledger.c.recording_id == batch[4])
-                           .values(attempts=8))
+        connection.execute(
+            update(archive_ledger)
+            .where(archive_ledger.c.recording_id == batch[4])
+            .values(attempts=8)
+        )
     assert store.due_retries(limit=10, max_attempts=8) == [batch[1], batch[0]]
     assert store.due_retries(limit=1, max_attempts=8) == [batch[1]]
     assert store.due_retries(limit=10, max_attempts=9) == [batch[1], batch[4], batch[0]]
@@ -215,8 +220,9 @@ def test_iter_archived_pages_in_id_order(store: ArchiveStore) -> None:
     store.register(batch)
     store.claim(batch, owner="a", lease_seconds=60, states=WORK)
     for recording_id in batch[::2]:
-        store.mark_archived(recording_id, owner="a", bucket="b", key=recording_id,
-                            size_bytes=1, sha256=SHA)
+        store.mark_archived(
+            recording_id, owner="a", bucket="b", key=recording_id, size_bytes=1, sha256=SHA
+        )
     got = [entry.recording_id for entry in store.iter_archived(batch_size=4)]
     assert got == sorted(batch[::2])
 
@@ -240,8 +246,9 @@ def test_concurrent_claimers_never_share_an_id(database_url: str) -> None:
             barrier.wait()
             got: list[str] = []
             for start in range(0, len(rotated), 50):
-                got += store.claim(rotated[start:start + 50], owner=owner, lease_seconds=60,
-                                   states=WORK)
+                got += store.claim(
+                    rotated[start : start + 50], owner=owner, lease_seconds=60, states=WORK
+                )
             results[owner] = got
         except BaseException as exc:
             errors.append(exc)

@@ -49,8 +49,9 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
 
 
 def normalized(index: int, **kwargs: Any) -> Any:
-    return normalize_recording(make_payload(index, **kwargs), workspace_id="ws-1",
-                               fetched_at=JULY + timedelta(days=1))
+    return normalize_recording(
+        make_payload(index, **kwargs), workspace_id="ws-1", fetched_at=JULY + timedelta(days=1)
+    )
 
 
 def seed(store: ArchiveStore, count: int = 10) -> list[Any]:
@@ -85,8 +86,7 @@ def test_export_layout_and_schema(engine: Engine, tmp_path: Path) -> None:
         recordings_file = pq.ParquetFile(part(root, "recordings", month))
         assert recordings_file.schema_arrow == RECORDINGS_SCHEMA
         assert recordings_file.metadata.row_group(0).column(0).compression == "ZSTD"
-        assert pq.ParquetFile(part(root, "recording_parties", month)).schema_arrow == \
-            PARTIES_SCHEMA
+        assert pq.ParquetFile(part(root, "recording_parties", month)).schema_arrow == PARTIES_SCHEMA
     table = pq.read_table(part(root, "recordings", "2025-07"))
     assert table.num_rows == 5
     row = {name: table.column(name)[0].as_py() for name in table.column_names}
@@ -103,9 +103,21 @@ def test_export_layout_and_schema(engine: Engine, tmp_path: Path) -> None:
 
 def test_all_null_columns_keep_their_types(sqlite_engine: Engine, tmp_path: Path) -> None:
     store = ArchiveStore(sqlite_engine)
-    bare = {key: make_payload(0)[key] for key in
-            ("id", "source", "sourceId", "status", "origin", "stereo", "format",
-             "transcription", "createdAt", "updatedAt")}
+    bare = {
+        key: make_payload(0)[key]
+        for key in (
+            "id",
+            "source",
+            "sourceId",
+            "status",
+            "origin",
+            "stereo",
+            "format",
+            "transcription",
+            "createdAt",
+            "updatedAt",
+        )
+    }
     store.save_metadata([normalize_recording(bare, workspace_id="ws", fetched_at=JULY)])
     export_changed(sqlite_engine, str(tmp_path))
     schema = pq.read_schema(part(tmp_path, "recordings", "2025-07"))
@@ -116,7 +128,7 @@ def test_all_null_columns_keep_their_types(sqlite_engine: Engine, tmp_path: Path
     assert schema.field("media_size_bytes").type == pa.int64()
     # No parties at all: the partition has no parties file, and the view still works.
     assert not part(tmp_path, "recording_parties", "2025-07").exists()
-    columns, rows = run_query(str(tmp_path), "SELECT count(*) FROM recording_parties")
+    _, rows = run_query(str(tmp_path), "SELECT count(*) FROM recording_parties")
     assert rows == [(0,)]
 
 
@@ -126,8 +138,9 @@ def test_archived_media_columns_and_duckdb_types(engine: Engine, tmp_path: Path)
     target = records[1]
     store.register([r.id for r in records])
     store.claim([target.id], owner="a", lease_seconds=60, states={"pending"})
-    store.mark_archived(target.id, owner="a", bucket="bkt", key="recordings/x.mp3",
-                        size_bytes=2048, sha256=SHA)
+    store.mark_archived(
+        target.id, owner="a", bucket="bkt", key="recordings/x.mp3", size_bytes=2048, sha256=SHA
+    )
     export_changed(engine, str(tmp_path))
     columns, rows = run_query(
         str(tmp_path),
@@ -142,18 +155,17 @@ def test_archived_media_columns_and_duckdb_types(engine: Engine, tmp_path: Path)
     assert archived["ledger_state"] == "archived" and archived["archived_at"] is not None
     assert archived["created_month"] == "2025-07"
     others = [row for rid, row in by_id.items() if rid != target.id]
-    assert all(row["ledger_state"] == "pending" and row["media_s3_uri"] is None
-               for row in others)
-    types = dict(run_query(str(tmp_path),
-                           "SELECT column_name, column_type FROM (DESCRIBE recordings)")[1])
+    assert all(row["ledger_state"] == "pending" and row["media_s3_uri"] is None for row in others)
+    types = dict(
+        run_query(str(tmp_path), "SELECT column_name, column_type FROM (DESCRIBE recordings)")[1]
+    )
     assert types["created_at"] == "TIMESTAMP WITH TIME ZONE"
     assert types["duration"] == "DOUBLE" and types["stereo"] == "BOOLEAN"
     assert types["media_size_bytes"] == "BIGINT" and types["originator_number"] == "VARCHAR"
     assert types["created_month"] == "VARCHAR"
 
 
-def test_three_stores_then_each_recording_once_with_latest(engine: Engine,
-                                                           tmp_path: Path) -> None:
+def test_three_stores_then_each_recording_once_with_latest(engine: Engine, tmp_path: Path) -> None:
     store = ArchiveStore(engine)
     root = str(tmp_path)
     seed(store, 50)
@@ -163,20 +175,22 @@ def test_three_stores_then_each_recording_once_with_latest(engine: Engine,
     later = JULY + timedelta(days=3)
     third = [
         normalized(i, created=JULY if i % 2 else AUGUST, updated=later, status="completed")
-        if i % 5 == 0 else normalized(i, created=JULY if i % 2 else AUGUST)
+        if i % 5 == 0
+        else normalized(i, created=JULY if i % 2 else AUGUST)
         for i in range(50)
     ]
     store.save_metadata(third)
     export_changed(engine, root)
-    columns, rows = run_query(root, "SELECT id, status, updated_at FROM recordings")
+    _, rows = run_query(root, "SELECT id, status, updated_at FROM recordings")
     assert len(rows) == 50 and len({row[0] for row in rows}) == 50
     for recording_id, status, updated_at in rows:
         index = int(recording_id.replace("-", ""), 16) - 1
         assert status == ("completed" if index % 5 == 0 else "available")
         if index % 5 == 0:
             assert updated_at == later
-    _, parties = run_query(root, "SELECT count(*), count(DISTINCT recording_id) "
-                                 "FROM recording_parties")
+    _, parties = run_query(
+        root, "SELECT count(*), count(DISTINCT recording_id) FROM recording_parties"
+    )
     assert parties == [(100, 50)]
 
 
@@ -205,15 +219,17 @@ def test_moved_recording_leaves_its_old_partition(sqlite_engine: Engine, tmp_pat
 # --- atomicity and marks ----------------------------------------------------------------------
 
 
-def test_failed_write_keeps_old_file_and_mark(sqlite_engine: Engine, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_keeps_old_file_and_mark(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = ArchiveStore(sqlite_engine)
     root = tmp_path / "dataset"
     seed(store, 4)
     export_changed(sqlite_engine, str(root))
     old = part(root, "recordings", "2025-07").read_bytes()
-    store.save_metadata([normalized(1, created=JULY, status="completed",
-                                    updated=JULY + timedelta(hours=1))])
+    store.save_metadata(
+        [normalized(1, created=JULY, status="completed", updated=JULY + timedelta(hours=1))]
+    )
 
     def broken(*args: Any, **kwargs: Any) -> Iterator[pa.RecordBatch]:
         yield pa.RecordBatch.from_pylist([], schema=RECORDINGS_SCHEMA)
@@ -231,8 +247,9 @@ def test_failed_write_keeps_old_file_and_mark(sqlite_engine: Engine, tmp_path: P
     assert due(sqlite_engine)["2025-07"] is False
 
 
-def test_mark_survives_a_change_during_export(engine: Engine, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mark_survives_a_change_during_export(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = ArchiveStore(engine)
     seed(store, 4)
     original = parquet._Target.write
@@ -243,8 +260,9 @@ def test_mark_survives_a_change_during_export(engine: Engine, tmp_path: Path,
         if table == "recording_parties" and month == "2025-07" and not changed["done"]:
             changed["done"] = True
             # Another run stores a newer version while this export is still running.
-            store.save_metadata([normalized(1, created=JULY, status="completed",
-                                            updated=JULY + timedelta(hours=2))])
+            store.save_metadata(
+                [normalized(1, created=JULY, status="completed", updated=JULY + timedelta(hours=2))]
+            )
         return rows
 
     monkeypatch.setattr(parquet._Target, "write", write_and_change)
@@ -252,8 +270,10 @@ def test_mark_survives_a_change_during_export(engine: Engine, tmp_path: Path,
     assert due(engine) == {"2025-07": True, "2025-08": False}
     monkeypatch.undo()
     assert export_changed(engine, str(tmp_path)).partitions == ["2025-07"]
-    _, rows = run_query(str(tmp_path), "SELECT status FROM recordings WHERE id = "
-                                       "'00000000-0000-0000-0000-000000000002'")
+    _, rows = run_query(
+        str(tmp_path),
+        "SELECT status FROM recordings WHERE id = '00000000-0000-0000-0000-000000000002'",
+    )
     assert rows == [("completed",)]
 
 
@@ -266,8 +286,9 @@ def test_temp_files_are_invisible_to_readers(sqlite_engine: Engine, tmp_path: Pa
     assert rows == [(2,)]
 
 
-def test_row_groups_are_bounded(sqlite_engine: Engine, tmp_path: Path,
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_row_groups_are_bounded(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(parquet, "ROW_GROUP_ROWS", 7)
     monkeypatch.setattr(parquet, "FETCH_ROWS", 3)
     store = ArchiveStore(sqlite_engine)
@@ -293,8 +314,11 @@ def test_query_on_empty_dataset_has_views_with_columns(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("sql", "fragment"),
-    [("SELEC 1", "syntax error"), ("SELECT nope FROM recordings", "nope"),
-     ("SELECT * FROM missing_table", "missing_table")],
+    [
+        ("SELEC 1", "syntax error"),
+        ("SELECT nope FROM recordings", "nope"),
+        ("SELECT * FROM missing_table", "missing_table"),
+    ],
 )
 def test_bad_sql_is_an_input_error(tmp_path: Path, sql: str, fragment: str) -> None:
     with pytest.raises(InputError, match="query failed") as info:
@@ -305,10 +329,15 @@ def test_bad_sql_is_an_input_error(tmp_path: Path, sql: str, fragment: str) -> N
 def test_query_reads_what_duckdb_reads_directly(sqlite_engine: Engine, tmp_path: Path) -> None:
     seed(ArchiveStore(sqlite_engine), 8)
     export_changed(sqlite_engine, str(tmp_path))
-    direct = duckdb.sql(
-        f"SELECT created_month, count(*) FROM read_parquet('{tmp_path}/recordings/*/*.parquet', "
-        "hive_partitioning = true) GROUP BY 1 ORDER BY 1"
-    ).fetchall()
-    _, via = run_query(str(tmp_path),
-                       "SELECT created_month, count(*) FROM recordings GROUP BY 1 ORDER BY 1")
+    direct = (
+        duckdb.connect()
+        .execute(
+            f"SELECT created_month, count(*) FROM read_parquet('{tmp_path}/recordings/*/*.parquet', "
+            "hive_partitioning = true) GROUP BY 1 ORDER BY 1"
+        )
+        .fetchall()
+    )
+    _, via = run_query(
+        str(tmp_path), "SELECT created_month, count(*) FROM recordings GROUP BY 1 ORDER BY 1"
+    )
     assert via == direct == [("2025-07", 4), ("2025-08", 4)]

@@ -57,8 +57,12 @@ def describe(engine: Engine) -> dict[str, Any]:
                 for index in inspector.get_indexes(table)
             ),
             "foreign_keys": sorted(
-                (tuple(fk["constrained_columns"]), fk["referred_table"],
-                 tuple(fk["referred_columns"]), (fk.get("options") or {}).get("ondelete"))
+                (
+                    tuple(fk["constrained_columns"]),
+                    fk["referred_table"],
+                    tuple(fk["referred_columns"]),
+                    (fk.get("options") or {}).get("ondelete"),
+                )
                 for fk in inspector.get_foreign_keys(table)
             ),
         }
@@ -66,8 +70,9 @@ def describe(engine: Engine) -> dict[str, Any]:
 
 
 @pytest.fixture
-def second_database_url(database_url: str, tmp_path: Path,
-                        request: pytest.FixtureRequest) -> Iterator[str]:
+def second_database_url(
+    database_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
     if dialect_of(database_url) == "sqlite":
         yield f"sqlite:///{tmp_path / 'ddl' / 'ddl.db'}"
         return
@@ -86,8 +91,7 @@ def test_alembic_head_matches_the_tables(database_url: str) -> None:
         engine.dispose()
 
 
-def test_ddl_files_match_the_migrated_schema(database_url: str,
-                                             second_database_url: str) -> None:
+def test_ddl_files_match_the_migrated_schema(database_url: str, second_database_url: str) -> None:
     migrated = create_engine_for(database_url)
     from_ddl = create_engine_for(second_database_url)
     try:
@@ -116,19 +120,24 @@ def test_analyst_views_apply_and_match_the_parquet_columns(database_url: str) ->
         store.save_metadata([record])
         store.register([record.id])
         store.claim([record.id], owner="a", lease_seconds=60, states={"pending"})
-        store.mark_archived(record.id, owner="a", bucket="b", key="k.mp3", size_bytes=9,
-                            sha256="ef" * 32)
+        store.mark_archived(
+            record.id, owner="a", bucket="b", key="k.mp3", size_bytes=9, sha256="ef" * 32
+        )
         apply_sql_file(engine, SQL_DIR / "views.sql")
         apply_sql_file(engine, SQL_DIR / "views.sql")  # re-applying replaces the views
         with engine.connect() as connection:
             flat = connection.exec_driver_sql("SELECT * FROM recordings_flat")
             columns = list(flat.keys())
             (row,) = flat.all()
-            counts = dict(connection.exec_driver_sql(
-                "SELECT state, recordings FROM ledger_state_counts").all())
+            counts: dict[str, int] = dict(
+                connection.exec_driver_sql(
+                    "SELECT state, recordings FROM ledger_state_counts"
+                ).all()
+            )
             per_month = connection.exec_driver_sql(
                 "SELECT created_month, recordings, archived, archived_bytes "
-                "FROM recordings_per_month").all()
+                "FROM recordings_per_month"
+            ).all()
         assert set(columns) == {*RECORDINGS_SCHEMA.names, "created_month"}
         values = dict(zip(columns, row, strict=True))
         assert values["media_s3_uri"] == "s3://b/k.mp3" and values["ledger_state"] == "archived"

@@ -33,11 +33,11 @@ def store(engine: Engine) -> ArchiveStore:
     return ArchiveStore(engine)
 
 
-def records(count: int, *, start: int = 0, fetched: datetime = T0, **kwargs: Any
-            ) -> list[NormalizedRecording]:
+def records(
+    count: int, *, start: int = 0, fetched: datetime = T0, **kwargs: Any
+) -> list[NormalizedRecording]:
     return [
-        normalize_recording(make_payload(index, **kwargs), workspace_id="ws-1",
-                            fetched_at=fetched)
+        normalize_recording(make_payload(index, **kwargs), workspace_id="ws-1", fetched_at=fetched)
         for index in range(start, start + count)
     ]
 
@@ -49,9 +49,11 @@ def rows(engine: Engine, table: Any) -> list[dict[str, Any]]:
 
 def versions(engine: Engine) -> dict[str, int]:
     with engine.connect() as connection:
-        return dict(connection.execute(
-            select(export_partitions.c.created_month, export_partitions.c.version)
-        ).all())
+        return dict(
+            connection.execute(
+                select(export_partitions.c.created_month, export_partitions.c.version)
+            ).all()
+        )
 
 
 # --- engine and schema ------------------------------------------------------------------------
@@ -71,8 +73,11 @@ def test_sqlite_engine_creates_folder_and_pragmas(tmp_path: Path) -> None:
 
 
 def test_postgresql_urls_use_psycopg() -> None:
-    for url in ("postgresql://u:p@localhost/db", "postgres://u:p@localhost/db",
-                "postgresql+psycopg://u:p@localhost/db"):
+    for url in (
+        "postgresql://u:p@localhost/db",
+        "postgres://u:p@localhost/db",
+        "postgresql+psycopg://u:p@localhost/db",
+    ):
         engine = create_engine_for(url)
         assert engine.dialect.driver == "psycopg"
         engine.dispose()
@@ -95,8 +100,9 @@ def test_upgrade_is_idempotent_and_keeps_data(engine: Engine, store: ArchiveStor
     upgrade_database(engine)
     assert len(rows(engine, recordings)) == 3
     with engine.connect() as connection:
-        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() \
-            == "0001"
+        assert (
+            connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+        )
 
 
 # --- upserts ----------------------------------------------------------------------------------
@@ -125,13 +131,16 @@ def test_identical_payload_changes_nothing(engine: Engine, store: ArchiveStore) 
     assert versions(engine) == {"2025-07": 1}
 
 
-def test_updated_at_change_updates_row_parties_and_mark(engine: Engine,
-                                                        store: ArchiveStore) -> None:
+def test_updated_at_change_updates_row_parties_and_mark(
+    engine: Engine, store: ArchiveStore
+) -> None:
     store.save_metadata(records(3))
     later = T0 + timedelta(days=1)
     changed = normalize_recording(
-        make_payload(1, updated=later, status="completed",
-                     receiver=None), workspace_id="ws-1", fetched_at=later)
+        make_payload(1, updated=later, status="completed", receiver=None),
+        workspace_id="ws-1",
+        fetched_at=later,
+    )
     store.save_metadata([changed])
     stored = {row["id"]: row for row in rows(engine, recordings)}
     row = stored[changed.id]
@@ -168,8 +177,11 @@ def test_three_stores_keep_each_recording_once_with_latest_values(
     store.save_metadata(records(600))
     later = T0 + timedelta(days=2)
     third = [
-        normalize_recording(make_payload(i, updated=later, status="completed") if i % 7 == 0
-                            else make_payload(i), workspace_id="ws-1", fetched_at=later)
+        normalize_recording(
+            make_payload(i, updated=later, status="completed") if i % 7 == 0 else make_payload(i),
+            workspace_id="ws-1",
+            fetched_at=later,
+        )
         for i in range(600)
     ]
     store.save_metadata(third)
@@ -179,8 +191,9 @@ def test_three_stores_keep_each_recording_once_with_latest_values(
         index = int(row["id"].replace("-", ""), 16) - 1
         expected = "completed" if index % 7 == 0 else "available"
         assert row["status"] == expected
-        assert row["updated_at"] == (later if index % 7 == 0
-                                     else datetime(2025, 7, 10, 2, 10, 43, 130000, tzinfo=UTC))
+        assert row["updated_at"] == (
+            later if index % 7 == 0 else datetime(2025, 7, 10, 2, 10, 43, 130000, tzinfo=UTC)
+        )
     assert len(rows(engine, recording_parties)) == 1200
 
 
@@ -203,9 +216,18 @@ def test_runs_rows(store: ArchiveStore) -> None:
     first = store.start_run("archive", {"skip_media": False, "ids": 3})
     second = store.start_run("backfill", {"since": "2025-07-01"})
     assert second > first
-    store.finish_run(first, status="partial",
-                     counts={"requested": 3, "archived": 1, "failed": 1, "missing": 1,
-                             "bytes_uploaded": 5_000_000_000, "unknown_key": 9})
+    store.finish_run(
+        first,
+        status="partial",
+        counts={
+            "requested": 3,
+            "archived": 1,
+            "failed": 1,
+            "missing": 1,
+            "bytes_uploaded": 5_000_000_000,
+            "unknown_key": 9,
+        },
+    )
     store.finish_run(second, status="failed", counts={}, error="AuthError: refused")
     newest, oldest = store.last_runs(limit=10)
     assert newest["id"] == second and newest["status"] == "failed"
@@ -215,9 +237,21 @@ def test_runs_rows(store: ArchiveStore) -> None:
     assert oldest["bytes_uploaded"] == 5_000_000_000
     assert oldest["started_at"] <= oldest["finished_at"]
     assert oldest["started_at"].tzinfo is not None
-    assert {"id", "kind", "status", "started_at", "finished_at", "requested", "archived",
-            "already_archived", "metadata_only", "missing", "failed", "busy",
-            "bytes_uploaded"} <= set(oldest)
+    assert {
+        "id",
+        "kind",
+        "status",
+        "started_at",
+        "finished_at",
+        "requested",
+        "archived",
+        "already_archived",
+        "metadata_only",
+        "missing",
+        "failed",
+        "busy",
+        "bytes_uploaded",
+    } <= set(oldest)
     assert len(store.last_runs(limit=1)) == 1
 
 

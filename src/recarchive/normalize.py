@@ -57,8 +57,9 @@ def normalize_recording(
         raise PayloadError("payload is nested too deeply", field="$") from exc
     except (TypeError, ValueError, OverflowError) as exc:
         # Only reachable for values no JSON parser produces (e.g. non-string keys).
-        raise PayloadError(f"payload is not JSON-serializable: {type(exc).__name__}",
-                           field="$") from exc
+        raise PayloadError(
+            f"payload is not JSON-serializable: {type(exc).__name__}", field="$"
+        ) from exc
 
 
 def _normalize(
@@ -81,9 +82,7 @@ def _normalize(
     # not fail the recording; known numeric fields are checked to be finite.
     recording["raw_json"] = json.dumps(redacted, sort_keys=True, separators=(",", ":"))
     parties = [
-        party
-        for role in PARTY_ROLES
-        if (party := _party(payload, role, recording_id)) is not None
+        party for role in PARTY_ROLES if (party := _party(payload, role, recording_id)) is not None
     ]
     status: str = recording["status"]
     return NormalizedRecording(
@@ -256,8 +255,14 @@ def _required_time(data: Mapping[str, Any], key: str) -> datetime:
 
 
 def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
-             int: "a number", float: "a number"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
@@ -278,19 +283,25 @@ _TOP_FIELDS: tuple[tuple[str, str, Reader, bool], ...] = (
 )
 
 _PARTY_GROUPS: tuple[tuple[str, tuple[tuple[str, str, Reader, bool], ...]], ...] = (
-    ("contact", (
-        ("id", "contact_id", _str, False),
-        ("identifierKey", "contact_identifier_key", _str, False),
-        ("identifierValue", "contact_identifier_value", _str, False),
-    )),
-    ("number", (
-        ("type", "number_type", _str, False),
-        ("number", "number", _str, False),
-        ("anonymous", "number_anonymous", _bool, False),
-        ("callerIdName", "number_caller_id_name", _str, False),
-        ("identity", "number_identity", _str, False),
-        ("countryIsoCode", "number_country_iso_code", _str, False),
-    )),
+    (
+        "contact",
+        (
+            ("id", "contact_id", _str, False),
+            ("identifierKey", "contact_identifier_key", _str, False),
+            ("identifierValue", "contact_identifier_value", _str, False),
+        ),
+    ),
+    (
+        "number",
+        (
+            ("type", "number_type", _str, False),
+            ("number", "number", _str, False),
+            ("anonymous", "number_anonymous", _bool, False),
+            ("callerIdName", "number_caller_id_name", _str, False),
+            ("identity", "number_identity", _str, False),
+            ("countryIsoCode", "number_country_iso_code", _str, False),
+        ),
+    ),
 )
 
 
@@ -325,9 +336,11 @@ def _redact(value: Any) -> Any:
             if item_kind is str:
                 if type(key) is str and key[-3:].lower() == "url":
                     item = strip_url(item)
-            elif item_kind is dict or item_kind is list:
-                item = _redact(item)
-            elif item is not None and item_kind not in _SCALARS:
+            elif (
+                item_kind is dict
+                or item_kind is list
+                or (item is not None and item_kind not in _SCALARS)
+            ):
                 item = _redact(item)
             copied[key] = item
         return copied

@@ -126,13 +126,13 @@ class ExportReport:
 
 def _recordings_query(month: str) -> Select[Any]:
     parties = {role: recording_parties.alias(role) for role in PARTY_ROLES}
-    joined = recordings
+    joined: Any = recordings
     for role, alias in parties.items():
         joined = joined.outerjoin(
             alias, and_(alias.c.recording_id == recordings.c.id, alias.c.role == role)
         )
     joined = joined.outerjoin(archive_ledger, archive_ledger.c.recording_id == recordings.c.id)
-    columns = [recordings.c[name] for name in (*RECORDING_FIELDS, "fetched_at")]
+    columns: list[Any] = [recordings.c[name] for name in (*RECORDING_FIELDS, "fetched_at")]
     columns += [
         parties[role].c[name].label(f"{role}_{name}")
         for role in PARTY_ROLES
@@ -158,8 +158,9 @@ def _parties_query(month: str) -> Select[Any]:
     columns = [recording_parties.c[name] for name in PARTIES_SCHEMA.names]
     return (
         select(*columns)
-        .select_from(recording_parties.join(recordings,
-                                            recordings.c.id == recording_parties.c.recording_id))
+        .select_from(
+            recording_parties.join(recordings, recordings.c.id == recording_parties.c.recording_id)
+        )
         .where(recordings.c.created_month == month)
         .order_by(recording_parties.c.recording_id, recording_parties.c.role)
     )
@@ -240,8 +241,10 @@ def _due_partitions(connection: Connection, full: bool) -> dict[str, int | None]
     due: dict[str, int | None] = dict(versions)
     if full:
         months = connection.execute(
-            union(select(recordings.c.created_month).distinct(),
-                  select(export_partitions.c.created_month))
+            union(
+                select(recordings.c.created_month).distinct(),
+                select(export_partitions.c.created_month),
+            )
         ).scalars()
         for month in months:
             due.setdefault(month, None)
@@ -253,8 +256,9 @@ def _record_exported(engine: Engine, month: str, version: int) -> bool:
     with engine.begin() as connection:
         result = connection.execute(
             update(export_partitions)
-            .where(export_partitions.c.created_month == month,
-                   export_partitions.c.version == version)
+            .where(
+                export_partitions.c.created_month == month, export_partitions.c.version == version
+            )
             .values(exported_version=version, exported_at=datetime.now(UTC))
         )
         return result.rowcount == 1
@@ -293,11 +297,13 @@ class _Target:
                 self._remove_partition(folder)
                 return 0
             if self.s3 is None:
-                os.replace(temp, Path(folder) / FILE_NAME)
+                temp.replace(Path(folder) / FILE_NAME)  # atomic (os.replace)
                 _fsync_dir(Path(folder))
             else:
-                with temp.open("rb") as source, \
-                        self.s3.open_output_stream(f"{folder}/{FILE_NAME}") as sink:
+                with (
+                    temp.open("rb") as source,
+                    self.s3.open_output_stream(f"{folder}/{FILE_NAME}") as sink,
+                ):
                     shutil.copyfileobj(source, sink, 1024 * 1024)
             return rows
         finally:
@@ -320,13 +326,15 @@ def _write_file(path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch]
             pending.append(batch)
             pending_rows += batch.num_rows
             if pending_rows >= ROW_GROUP_ROWS:
-                writer.write_table(pa.Table.from_batches(pending, schema),
-                                   row_group_size=ROW_GROUP_ROWS)
+                writer.write_table(
+                    pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP_ROWS
+                )
                 rows += pending_rows
                 pending, pending_rows = [], 0
         if pending_rows or rows == 0:
-            writer.write_table(pa.Table.from_batches(pending, schema),
-                               row_group_size=ROW_GROUP_ROWS)
+            writer.write_table(
+                pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP_ROWS
+            )
             rows += pending_rows
     with path.open("rb") as handle:
         os.fsync(handle.fileno())
@@ -350,7 +358,9 @@ def _s3_filesystem(endpoint_url: str | None) -> pafs.S3FileSystem:
     if not parts.scheme or not parts.netloc:
         raise ConfigError("RECARCHIVE_S3_ENDPOINT_URL: expected a URL like http://host:port")
     return pafs.S3FileSystem(
-        region=region, endpoint_override=parts.netloc, scheme=parts.scheme,
+        region=region,
+        endpoint_override=parts.netloc,
+        scheme=parts.scheme,
         allow_bucket_creation=False,
     )
 

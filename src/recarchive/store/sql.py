@@ -23,7 +23,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
-    Row,
     Table,
     create_engine,
     event,
@@ -248,7 +247,7 @@ def _executemany(
     connection.exec_driver_sql(str(compiled), parameters)
 
 
-def _entry(row: Row[Any]) -> LedgerEntry:
+def _entry(row: Any) -> LedgerEntry:
     return LedgerEntry(
         recording_id=row.recording_id,
         state=row.state,
@@ -344,7 +343,9 @@ class ArchiveStore:
         stored: dict[str, tuple[datetime, str, str]] = {}
         for chunk in _chunks(ids):
             query = select(
-                recordings.c.id, recordings.c.updated_at, recordings.c.raw_json,
+                recordings.c.id,
+                recordings.c.updated_at,
+                recordings.c.raw_json,
                 recordings.c.created_month,
             ).where(recordings.c.id.in_(chunk))
             if connection.dialect.name == "postgresql":
@@ -355,13 +356,19 @@ class ArchiveStore:
         for recording_id in ids:
             record = latest[recording_id]
             old = stored.get(recording_id)
-            if old is None or old[1] != record.recording["raw_json"] or (
-                old[0] != record.recording["updated_at"]
+            if (
+                old is None
+                or old[1] != record.recording["raw_json"]
+                or (old[0] != record.recording["updated_at"])
             ):
                 changed.append(recording_id)
         if changed:
-            _executemany(connection, self._upsert_statement(connection), recordings,
-                         [latest[recording_id].recording for recording_id in changed])
+            _executemany(
+                connection,
+                self._upsert_statement(connection),
+                recordings,
+                [latest[recording_id].recording for recording_id in changed],
+            )
         return changed, {recording_id: old[2] for recording_id, old in stored.items()}
 
     # --- ledger: registration and reads ------------------------------------------------
@@ -385,8 +392,13 @@ class ArchiveStore:
                     insert,
                     archive_ledger,
                     [
-                        {"recording_id": recording_id, "state": PENDING, "attempts": 0,
-                         "created_at": now, "updated_at": now}
+                        {
+                            "recording_id": recording_id,
+                            "state": PENDING,
+                            "attempts": 0,
+                            "created_at": now,
+                            "updated_at": now,
+                        }
                         for recording_id in chunk
                     ],
                 )
@@ -492,7 +504,9 @@ class ArchiveStore:
             LedgerStateError: Already ``archived``, unknown, or ``owner`` holds no lease.
         """
         self._transition(
-            recording_id, owner, METADATA_ONLY,
+            recording_id,
+            owner,
+            METADATA_ONLY,
             {"last_error": _clip(reason), "next_attempt_at": None},
         )
 
@@ -522,13 +536,24 @@ class ArchiveStore:
             LedgerStateError: Already ``archived``, unknown, or ``owner`` holds no lease.
         """
         self._transition(
-            recording_id, owner, FAILED,
-            {"last_error": _clip(error), "next_attempt_at": retry_at,
-             "attempts": archive_ledger.c.attempts + 1},
+            recording_id,
+            owner,
+            FAILED,
+            {
+                "last_error": _clip(error),
+                "next_attempt_at": retry_at,
+                "attempts": archive_ledger.c.attempts + 1,
+            },
         )
 
     def mark_archived(
-        self, recording_id: str, *, owner: str, bucket: str, key: str, size_bytes: int,
+        self,
+        recording_id: str,
+        *,
+        owner: str,
+        bucket: str,
+        key: str,
+        size_bytes: int,
         sha256: str,
     ) -> None:
         """The media is in S3 and verified.
@@ -537,9 +562,18 @@ class ArchiveStore:
             LedgerStateError: Unknown, or ``owner`` holds no lease.
         """
         self._transition(
-            recording_id, owner, ARCHIVED,
-            {"s3_bucket": bucket, "s3_key": key, "size_bytes": size_bytes, "sha256": sha256,
-             "archived_at": _now(), "last_error": None, "next_attempt_at": None},
+            recording_id,
+            owner,
+            ARCHIVED,
+            {
+                "s3_bucket": bucket,
+                "s3_key": key,
+                "size_bytes": size_bytes,
+                "sha256": sha256,
+                "archived_at": _now(),
+                "last_error": None,
+                "next_attempt_at": None,
+            },
         )
 
     def _transition(
@@ -556,8 +590,13 @@ class ArchiveStore:
             result = connection.execute(
                 update(archive_ledger)
                 .where(*conditions)
-                .values(state=target, lease_owner=None, lease_expires_at=None,
-                        updated_at=_now(), **values)
+                .values(
+                    state=target,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=_now(),
+                    **values,
+                )
             )
             if result.rowcount != 1:
                 row = connection.execute(
@@ -659,8 +698,12 @@ class ArchiveStore:
         with self.engine.begin() as connection:
             result = connection.execute(
                 runs.insert()
-                .values(kind=kind, status="running", started_at=_now(),
-                        params=json.dumps(params, sort_keys=True, default=str))
+                .values(
+                    kind=kind,
+                    status="running",
+                    started_at=_now(),
+                    params=json.dumps(params, sort_keys=True, default=str),
+                )
                 .returning(runs.c.id)
             )
             return int(result.scalar_one())
@@ -679,9 +722,15 @@ class ArchiveStore:
 
     def last_runs(self, limit: int) -> list[dict[str, Any]]:
         """The newest runs as dicts: id, kind, status, started_at, finished_at, counts, error."""
-        columns = [runs.c.id, runs.c.kind, runs.c.status, runs.c.started_at, runs.c.finished_at,
-                   *(runs.c[name] for name in RUN_COUNT_COLUMNS), runs.c.error]
+        columns = [
+            runs.c.id,
+            runs.c.kind,
+            runs.c.status,
+            runs.c.started_at,
+            runs.c.finished_at,
+            *(runs.c[name] for name in RUN_COUNT_COLUMNS),
+            runs.c.error,
+        ]
         query = select(*columns).order_by(runs.c.id.desc()).limit(limit)
         with self.engine.connect() as connection:
             return [dict(row._mapping) for row in connection.execute(query)]
-

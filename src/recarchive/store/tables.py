@@ -180,8 +180,12 @@ runs = Table(
     Column("finished_at", UTCDateTime),
     Column("params", Text, nullable=False),
     *(
-        Column(name, BigInteger if name == "bytes_uploaded" else Integer, nullable=False,
-               server_default="0")
+        Column(
+            name,
+            BigInteger if name == "bytes_uploaded" else Integer,
+            nullable=False,
+            server_default="0",
+        )
         for name in RUN_COUNT_COLUMNS
     ),
     Column("error", Text),

@@ -60,7 +60,9 @@ def upgrade() -> None:
         sa.Column("number_identity", sa.Text),
         sa.Column("number_country_iso_code", sa.Text),
         sa.ForeignKeyConstraint(
-            ["recording_id"], ["recordings.id"], ondelete="CASCADE",
+            ["recording_id"],
+            ["recordings.id"],
+            ondelete="CASCADE",
             name="fk_recording_parties_recording",
         ),
     )
