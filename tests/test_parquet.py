@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -332,8 +333,9 @@ def test_query_reads_what_duckdb_reads_directly(sqlite_engine: Engine, tmp_path:
     direct = (
         duckdb.connect()
         .execute(
-            f"SELECT created_month, count(*) FROM read_parquet('{tmp_path}/recordings/*/*.parquet', "
-            "hive_partitioning = true) GROUP BY 1 ORDER BY 1"
+            "SELECT created_month, count(*) FROM read_parquet("
+            f"'{tmp_path}/recordings/*/*.parquet', hive_partitioning = true) "
+            "GROUP BY 1 ORDER BY 1"
         )
         .fetchall()
     )
@@ -341,3 +343,42 @@ def test_query_reads_what_duckdb_reads_directly(sqlite_engine: Engine, tmp_path:
         str(tmp_path), "SELECT created_month, count(*) FROM recordings GROUP BY 1 ORDER BY 1"
     )
     assert via == direct == [("2025-07", 4), ("2025-08", 4)]
+
+
+# --- s3:// roots ------------------------------------------------------------------------------
+
+
+def test_export_to_s3_root(
+    sqlite_engine: Engine, s3_endpoint: str, s3_bucket: str, s3_client: Any
+) -> None:
+    store = ArchiveStore(sqlite_engine)
+    store.save_metadata([normalized(i, created=JULY if i % 2 else AUGUST) for i in range(6)])
+    root = f"s3://{s3_bucket}/analytics/v1"
+    report = export_changed(sqlite_engine, root, s3_endpoint_url=s3_endpoint)
+    assert report.partitions == ["2025-07", "2025-08"] and report.rows == 6
+    listed = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix="analytics/v1/")
+    keys = sorted(item["Key"] for item in listed.get("Contents", []))
+    assert keys == [
+        f"analytics/v1/{table}/created_month={month}/part-0.parquet"
+        for table in ("recording_parties", "recordings")
+        for month in ("2025-07", "2025-08")
+    ]
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+    body = s3_client.get_object(
+        Bucket=s3_bucket, Key="analytics/v1/recordings/created_month=2025-07/part-0.parquet"
+    )["Body"].read()
+    table = pq.read_table(pa.BufferReader(body))
+    assert table.schema == RECORDINGS_SCHEMA and table.num_rows == 3
+    # A recording moving to another month leaves no copy behind in the old partition.
+    store.save_metadata([normalized(1, created=AUGUST)])
+    export_changed(sqlite_engine, root, s3_endpoint_url=s3_endpoint)
+    body = s3_client.get_object(
+        Bucket=s3_bucket, Key="analytics/v1/recordings/created_month=2025-08/part-0.parquet"
+    )["Body"].read()
+    assert pq.read_table(pa.BufferReader(body)).num_rows == 4
+    body = s3_client.get_object(
+        Bucket=s3_bucket, Key="analytics/v1/recordings/created_month=2025-07/part-0.parquet"
+    )["Body"].read()
+    assert pq.read_table(pa.BufferReader(body)).num_rows == 2
+    # Nothing is left in the local temp folder.
+    assert not list(Path(tempfile.gettempdir()).glob(".part-0.parquet.*.tmp"))
