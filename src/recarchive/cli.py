@@ -43,7 +43,8 @@ db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 out = Console()
-err = Console(stderr=True)
+# Messages are never wrapped: a user greps them, and an ID or a path must stay on one line.
+err = Console(stderr=True, soft_wrap=True)
 
 EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -148,3 +148,27 @@ class LedgerStateError(RecarchiveError):
     Raised when the state forbids the move, or when the run does not hold the recording's
     lease (another run took it over).
     """
+
+
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Return the exception a caller of a task group should see.
+
+    ``asyncio.TaskGroup`` wraps failures in an exception group; callers of the pipeline expect
+    the error itself (a :class:`FatalError` above all, since it decides the exit code).
+    Cancellations of sibling tasks are only consequences and come last.
+    """
+    leaves: list[BaseException] = []
+
+    def collect(item: BaseException) -> None:
+        if isinstance(item, BaseExceptionGroup):
+            for inner in item.exceptions:
+                collect(inner)
+        else:
+            leaves.append(item)
+
+    collect(group)
+    for kind in (FatalError, RecarchiveError, Exception):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]

@@ -30,6 +30,7 @@ from recarchive.errors import (
     RecarchiveError,
     RetryableError,
     StorageUnavailableError,
+    first_error,
 )
 from recarchive.media import MediaResult, archive_media
 from recarchive.normalize import normalize_recording
@@ -213,8 +214,11 @@ class _Chunk:
             async with self.limit:
                 return await job
 
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(bounded(job)) for job in jobs]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(bounded(job)) for job in jobs]
+        except BaseExceptionGroup as group_error:
+            raise first_error(group_error) from None
         return [task.result() for task in tasks]
 
     async def _fetch_metadata(

@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from recarchive.bird.client import BirdClient
 from recarchive.config import Settings
 from recarchive.counts import RunCounts
-from recarchive.errors import RecarchiveError
+from recarchive.errors import RecarchiveError, first_error
 from recarchive.ids import IdCollector, IdList
 from recarchive.pipeline import ArchiveContext, ChunkOptions, ProgressCallback, archive_chunk
 from recarchive.runtime import open_archive_context, open_store
@@ -90,10 +90,13 @@ async def run_chunks(
         finally:
             slots.release()
 
-    async with asyncio.TaskGroup() as group:
-        for chunk in chunks:
-            await slots.acquire()
-            group.create_task(one(chunk))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for chunk in chunks:
+                await slots.acquire()
+                group.create_task(one(chunk))
+    except BaseExceptionGroup as group_error:
+        raise first_error(group_error) from None
     return total
 
 

@@ -34,7 +34,9 @@ class RequestPacer:
             raise ValueError("rate must be positive")
         self.rate = rate
         self.current_rate = rate
-        self.min_rate = min(rate, 0.5)
+        # A floor, so that a run of unrelated 429s cannot slow the pacer to a crawl: each
+        # pause still holds every sender for the Retry-After the API asked for.
+        self.min_rate = rate / 10
         self.interval = 1.0 / rate
         self.burst = max(1, burst)
         self._clock = clock

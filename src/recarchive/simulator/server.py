@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE = "6f1c2a34-8d0e-4b7a-9c11-2f5e8d3b7a10"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Set on a request the handler logged itself (streamed media).
+_LOGGED = web.RequestKey("logged", bool)
 
 
 @dataclass(frozen=True)
@@ -320,12 +322,14 @@ class SimulatorServer:
         try:
             response = await handler(request)
         except _DroppedConnection:
-            self._log("media", request, 0)
+            if not request.get(_LOGGED):
+                self._log("media", request, 0)
             raise
         except web.HTTPException as exc:
             self._log("media", request, exc.status)
             raise
-        self._log("media", request, response.status)
+        if not request.get(_LOGGED):
+            self._log("media", request, response.status)
         return response
 
     # --- API handlers ----------------------------------------------------------------------
@@ -462,6 +466,11 @@ class SimulatorServer:
             return _s3_error(503, "SlowDown", "Please reduce your request rate.")
         source = self.dataset.media(recording_id)
         truncate = self.faults.hits("truncate", key, attempt)
+        # Logged before the body goes out: the client may have read it all before this handler
+        # returns, and a test must then find the request in the log. A planned truncation is
+        # logged as a dropped connection (status 0).
+        self._log("media", request, 0 if truncate else 200)
+        request[_LOGGED] = True
         response = web.StreamResponse(status=200)
         response.content_length = source.size
         response.content_type = "audio/mpeg"
