@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from prefect import flow
@@ -11,10 +12,12 @@ from recarchive.config import load_settings
 from recarchive.orchestration import discover_window, nightly_window
 from recarchive.pipeline import ChunkOptions
 from recarchive.runner import archive_ids, retry_failed
+from recarchive.when import parse_when
 
 
 @flow(name="nightly-archive", log_prints=False)
 async def nightly_archive(
+    day: str | None = None,
     days: int = 1,
     overlap_hours: float = 6.0,
     skip_media: bool = False,
@@ -23,7 +26,9 @@ async def nightly_archive(
     """Archive the recordings created in the previous UTC day(s), then retry due failures.
 
     Args:
-        days: Whole UTC days before today to cover.
+        day: The last UTC day to archive (``YYYY-MM-DD``); yesterday by default. Set it to
+            re-run a night that was missed.
+        days: Whole UTC days to cover, ending with ``day``.
         overlap_hours: How far the window reaches back beyond those days, so late
             recordings are not missed.
         skip_media: Metadata only.
@@ -33,7 +38,8 @@ async def nightly_archive(
         Counts of the window run and of the retry run.
     """
     settings = load_settings()
-    window = nightly_window(days=days, overlap_hours=overlap_hours)
+    now = parse_when(day, "day") + timedelta(days=1) if day else None
+    window = nightly_window(now, days=days, overlap_hours=overlap_hours)
     with await discover_window(settings, window) as id_list:
         report = await archive_ids(
             settings,
