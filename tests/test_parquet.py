@@ -102,8 +102,8 @@ def test_export_layout_and_schema(engine: Engine, tmp_path: Path) -> None:
     assert due(engine) == {"2025-07": False, "2025-08": False}
 
 
-def test_all_null_columns_keep_their_types(sqlite_engine: Engine, tmp_path: Path) -> None:
-    store = ArchiveStore(sqlite_engine)
+def test_all_null_columns_keep_their_types(engine: Engine, tmp_path: Path) -> None:
+    store = ArchiveStore(engine)
     bare = {
         key: make_payload(0)[key]
         for key in (
@@ -120,7 +120,7 @@ def test_all_null_columns_keep_their_types(sqlite_engine: Engine, tmp_path: Path
         )
     }
     store.save_metadata([normalize_recording(bare, workspace_id="ws", fetched_at=JULY)])
-    export_changed(sqlite_engine, str(tmp_path))
+    export_changed(engine, str(tmp_path))
     schema = pq.read_schema(part(tmp_path, "recordings", "2025-07"))
     assert schema == RECORDINGS_SCHEMA
     assert schema.field("duration").type == pa.float64()
