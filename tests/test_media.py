@@ -316,6 +316,12 @@ class HashingStore:
         self.uploaded = (path.stat().st_size, digest.hexdigest())
         return "uploaded"
 
+    def store_file(self, key: str, path: Path, *, size: int, sha256_hex: str) -> str:
+        return self.upload_file(key, path, size=size, sha256_hex=sha256_hex)
+
+    def verify_stored(self, key: str, *, size: int, sha256_hex: str) -> None:
+        assert self.uploaded == (size, sha256_hex)
+
     def put_bytes(self, key: str, data: bytes) -> None:
         pass
 

@@ -19,6 +19,8 @@ import functools
 import hashlib
 import logging
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeVar
 
 from recarchive.errors import MediaIntegrityError, RetryableError
+from recarchive.leases import PidCheck, pid_alive
 from recarchive.store.s3 import sidecar_key
 
 if TYPE_CHECKING:
@@ -45,6 +48,11 @@ RETRY_BASE_DELAY = 0.25
 RETRY_MAX_DELAY = 5.0
 #: Zero bytes tolerated between an ID3 tag and the first frame (encoders pad tags).
 MAX_ID3_PADDING = 4096
+#: Temp files are ``recarchive-{host}-{pid}-{random}.mp3.part``: the owner is in the name, so
+#: the files of a killed run can be told apart from those of a live one (see
+#: :func:`remove_orphan_temp_files`).
+TEMP_SUFFIX = ".mp3.part"
+_TEMP_NAME = re.compile(r"^recarchive-(?P<host>.+)-(?P<pid>[0-9]+)-[^-]*\.mp3\.part$")
 
 
 class MediaStream(Protocol):
@@ -125,6 +133,54 @@ def check_mpeg_audio(head: bytes, recording_id: str) -> None:
         if head
         else f"media of {recording_id}: empty body"
     )
+
+
+def _host_tag() -> str:
+    return socket.gethostname().replace(os.sep, "_")
+
+
+def temp_prefix() -> str:
+    """Return the name prefix of this process's media temp files (host and pid in it)."""
+    return f"recarchive-{_host_tag()}-{os.getpid()}-"
+
+
+def remove_orphan_temp_files(temp_dir: Path | None, *, alive: PidCheck = pid_alive) -> int:
+    """Delete media temp files left behind by killed processes of this host.
+
+    A run killed mid-download (SIGKILL, OOM) cannot remove its temp file; without this, each
+    crash would leave up to ``concurrency`` partial MP3s in the temp folder for good. Only
+    files named by :func:`temp_prefix` with this host's name and a pid that no longer exists
+    are removed: a live run's files, and those of other hosts sharing the folder, stay.
+
+    Args:
+        temp_dir: The media temp folder (the system default when ``None``).
+        alive: The liveness check (injected by tests).
+
+    Returns:
+        How many files were removed.
+    """
+    folder = Path(temp_dir) if temp_dir is not None else Path(tempfile.gettempdir())
+    host = _host_tag()
+    verdicts: dict[int, bool] = {os.getpid(): True}
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or match["host"] != host:
+            continue
+        pid = int(match["pid"])
+        if pid not in verdicts:
+            verdicts[pid] = alive(pid)
+        if not verdicts[pid]:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)  # noqa: PTH108
+                removed += 1
+    if removed:
+        logger.warning("removed %d media temp file(s) of killed runs from %s", removed, folder)
+    return removed
 
 
 class _Progress:
@@ -210,6 +266,7 @@ async def archive_media(
     sidecar: bytes,
     temp_dir: Path | None = None,
     attempts: int = 3,
+    check_existing: bool = False,
 ) -> MediaResult:
     """Download a recording's MP3, verify it, store it at ``key`` with its sidecar.
 
@@ -221,6 +278,10 @@ async def archive_media(
         sidecar: The redacted metadata JSON, stored beside the MP3.
         temp_dir: Folder of the temp file (system default when ``None``).
         attempts: Whole downloads tried when a body breaks off or fails verification.
+        check_existing: HEAD ``key`` first, and when an earlier (crashed) run stored the
+            object already, only write the sidecar: no download. For recordings an earlier
+            run may have been transferring; without it, an existing object costs a download
+            and is then compared by hash (the upload is create-only).
 
     Returns:
         Where and what was stored.
@@ -233,16 +294,63 @@ async def archive_media(
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
-    handle, name = tempfile.mkstemp(prefix="recarchive-", suffix=".mp3.part", dir=temp_dir)
+    worker = _Worker()
+    try:
+        if check_existing:
+            stored = await _stored_copy(media, key, sidecar, worker)
+            if stored is not None:
+                return stored
+        return await _transfer(bird, media, recording_id, key, sidecar, temp_dir, attempts, worker)
+    finally:
+        worker.close()
+
+
+async def _stored_copy(
+    media: MediaStore, key: str, sidecar: bytes, worker: _Worker
+) -> MediaResult | None:
+    """Return the object a crashed earlier run already stored, if any, after its sidecar.
+
+    Objects are only ever written with their ``sha256`` metadata after the bytes were hashed
+    (and a multipart object appears only once it is complete), so an object with that
+    metadata needs no second download. The sidecar is written again because the crash may
+    have come between the two writes.
+    """
+    info = await worker.run(media.head, key)
+    if info is None or not info.sha256:
+        return None
+    logger.info("media of %s is in S3 already (an earlier run stored it)", key)
+    await worker.run(media.put_bytes, sidecar_key(key), sidecar)
+    return MediaResult(
+        bucket=media.bucket,
+        key=key,
+        size_bytes=info.size,
+        sha256=info.sha256,
+        outcome="already_present",
+    )
+
+
+async def _transfer(
+    bird: MediaSource,
+    media: MediaStore,
+    recording_id: str,
+    key: str,
+    sidecar: bytes,
+    temp_dir: Path | None,
+    attempts: int,
+    worker: _Worker,
+) -> MediaResult:
+    handle, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=TEMP_SUFFIX, dir=temp_dir)
     os.close(handle)
     path = Path(name)
-    worker = _Worker()
     try:
         downloaded = await _download_with_retries(bird, recording_id, path, attempts, worker)
         outcome = await worker.run(
-            media.upload_file, key, path, size=downloaded.size, sha256_hex=downloaded.sha256
+            media.store_file, key, path, size=downloaded.size, sha256_hex=downloaded.sha256
         )
-        await worker.run(media.put_bytes, sidecar_key(key), sidecar)
+        if outcome == "uploaded":
+            await _verify_and_write_sidecar(media, key, sidecar, downloaded, worker)
+        else:
+            await worker.run(media.put_bytes, sidecar_key(key), sidecar)
     finally:
         # Unlinking a freshly written file costs milliseconds (the file system frees its
         # pages): a thread keeps that off the loop. Shielded, and repeated synchronously when
@@ -252,8 +360,6 @@ async def archive_media(
         except asyncio.CancelledError:
             _remove(path)
             raise
-        finally:
-            worker.close()
     return MediaResult(
         bucket=media.bucket,
         key=key,
@@ -261,6 +367,31 @@ async def archive_media(
         sha256=downloaded.sha256,
         outcome=outcome,
     )
+
+
+async def _verify_and_write_sidecar(
+    media: MediaStore, key: str, sidecar: bytes, downloaded: _Downloaded, worker: _Worker
+) -> None:
+    """The read-back HEAD and the sidecar PUT at once: two round trips in the time of one.
+
+    The media object exists when this starts, so a sidecar never stands beside nothing; if
+    the read-back fails the recording is not archived, and the attempt that archives it
+    writes the sidecar again.
+    """
+    side = _Worker()
+    try:
+        results = await asyncio.gather(
+            worker.run(
+                media.verify_stored, key, size=downloaded.size, sha256_hex=downloaded.sha256
+            ),
+            side.run(media.put_bytes, sidecar_key(key), sidecar),
+            return_exceptions=True,
+        )
+    finally:
+        side.close()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def _download_with_retries(

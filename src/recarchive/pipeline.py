@@ -32,9 +32,10 @@ from recarchive.errors import (
     StorageUnavailableError,
     first_error,
 )
-from recarchive.media import MediaResult, archive_media
+from recarchive.leases import release_dead_leases
+from recarchive.media import archive_media, remove_orphan_temp_files
 from recarchive.normalize import normalize_recording
-from recarchive.store.s3 import media_key, sidecar_key
+from recarchive.store.s3 import media_key
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
@@ -51,6 +52,7 @@ T = TypeVar("T")
 WORK_STATES = frozenset({"pending", "metadata_only", "failed"})
 ALL_STATES = frozenset({"pending", "metadata_only", "failed", "archived", "missing"})
 AVAILABLE = "available"
+PENDING = "pending"
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,8 @@ class _Chunk:
         self.on_progress = on_progress
         self.counts = RunCounts()
         self.limit = asyncio.Semaphore(ctx.concurrency)
+        # IDs whose ledger row this chunk created (see _register).
+        self.fresh: set[str] = set()
 
     def _outcome(self, **delta: int) -> None:
         step = RunCounts()
@@ -152,8 +156,12 @@ class _Chunk:
     async def run(self, ids: Sequence[str]) -> RunCounts:
         self.counts.requested = len(ids)
         store, ctx = self.ctx.store, self.ctx
-        store.register(ids)
-        entries = store.get_entries(ids)
+        try:
+            entries = self._register(ids)
+        except SQLAlchemyError as exc:
+            raise StorageUnavailableError(
+                f"could not read the ledger: {type(exc).__name__}"
+            ) from exc
         wanted: list[str] = []
         for recording_id in ids:
             state = entries[recording_id].state
@@ -165,6 +173,18 @@ class _Chunk:
                 wanted.append(recording_id)
         if not wanted:
             return self.counts
+        if ctx.media is not None and not self.options.skip_media:
+            await asyncio.to_thread(remove_orphan_temp_files, ctx.temp_dir)
+        try:
+            release_dead_leases(
+                (entries[recording_id] for recording_id in wanted),
+                store.release,
+                own_owner=ctx.owner,
+            )
+        except SQLAlchemyError as exc:
+            raise StorageUnavailableError(
+                f"could not take over dead leases: {type(exc).__name__}"
+            ) from exc
         states = ALL_STATES if self.options.refresh else WORK_STATES
         claimed = store.claim(
             wanted, owner=ctx.owner, lease_seconds=ctx.lease_seconds, states=states
@@ -183,6 +203,28 @@ class _Chunk:
             except Exception:
                 logger.exception("could not release leases; they expire on their own")
         return self.counts
+
+    def _register(self, ids: Sequence[str]) -> dict[str, LedgerEntry]:
+        """Return the ledger rows of ``ids``, inserting ``pending`` rows for new IDs.
+
+        IDs whose row this run inserted, and that nobody had leased when it was read back, are
+        remembered in ``fresh``: no earlier run can have stored their media, so the S3 check
+        for a crashed run's object is skipped for them (a create-only upload that meets an
+        object anyway compares hashes, so a wrong guess costs a download, never a duplicate).
+        """
+        store = self.ctx.store
+        entries = store.get_entries(ids)
+        new = [recording_id for recording_id in ids if recording_id not in entries]
+        if new:
+            store.register(new)
+            added = store.get_entries(new)
+            entries.update(added)
+            self.fresh = {
+                recording_id
+                for recording_id, entry in added.items()
+                if entry.state == PENDING and entry.attempts == 0 and entry.lease_owner is None
+            }
+        return entries
 
     async def _process(self, claimed: list[str], entries: dict[str, LedgerEntry]) -> None:
         fetched = await self._gather(self._fetch_metadata(rid, entries[rid]) for rid in claimed)
@@ -252,18 +294,17 @@ class _Chunk:
         key = media_key(self.ctx.s3_prefix, self.ctx.workspace_id, record.id, record.created_at)
         sidecar = json.dumps(record.redacted_payload, sort_keys=True).encode()
         try:
-            result = await self._stored_copy(key, sidecar)
-            uploaded = result is None
-            if result is None:
-                result = await archive_media(
-                    self.ctx.bird,
-                    media,
-                    recording_id=record.id,
-                    key=key,
-                    sidecar=sidecar,
-                    temp_dir=self.ctx.temp_dir,
-                )
-                uploaded = result.outcome == "uploaded"
+            result = await archive_media(
+                self.ctx.bird,
+                media,
+                recording_id=record.id,
+                key=key,
+                sidecar=sidecar,
+                temp_dir=self.ctx.temp_dir,
+                # A row this run created cannot have an object of a crashed run behind it.
+                check_existing=record.id not in self.fresh,
+            )
+            uploaded = result.outcome == "uploaded"
         except FatalError:
             raise
         except RecarchiveError as exc:
@@ -280,27 +321,6 @@ class _Chunk:
         )
         if marked:
             self._outcome(archived=1, bytes_uploaded=result.size_bytes if uploaded else 0)
-
-    async def _stored_copy(self, key: str, sidecar: bytes) -> MediaResult | None:
-        """Return the object a crashed earlier run already stored and verified, if any.
-
-        Objects are only ever written with their ``sha256`` metadata after the bytes were
-        hashed, so an object with that metadata needs no second download. The sidecar is
-        written again because the crash may have come between the two writes.
-        """
-        media = self.ctx.media
-        assert media is not None
-        info = await asyncio.to_thread(media.head, key)
-        if info is None or not info.sha256:
-            return None
-        await asyncio.to_thread(media.put_bytes, sidecar_key(key), sidecar)
-        return MediaResult(
-            bucket=media.bucket,
-            key=key,
-            size_bytes=info.size,
-            sha256=info.sha256,
-            outcome="already_present",
-        )
 
     def _failed(self, recording_id: str, entry: LedgerEntry, exc: RecarchiveError) -> None:
         error = f"{type(exc).__name__}: {exc}"

@@ -385,10 +385,7 @@ class MediaStore:
     def upload_file(self, key: str, path: Path, *, size: int, sha256_hex: str) -> UploadOutcome:
         """Store the file ``path`` at ``key`` unless the key exists; verify it afterwards.
 
-        Below ``multipart_threshold`` one ``put_object``, else a multipart upload whose parts
-        are streamed from the file one at a time (memory does not grow with the file). Both
-        send the SHA-256 checksum and write only if the key does not exist
-        (``IfNoneMatch="*"``).
+        :meth:`store_file` then, for a fresh upload, :meth:`verify_stored`.
 
         Args:
             key: Destination key.
@@ -405,8 +402,32 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
+        outcome = self.store_file(key, path, size=size, sha256_hex=sha256_hex)
+        if outcome == "uploaded":
+            self.verify_stored(key, size=size, sha256_hex=sha256_hex)
+        return outcome
+
+    def store_file(self, key: str, path: Path, *, size: int, sha256_hex: str) -> UploadOutcome:
+        """Write ``path`` to ``key`` unless the key exists; no read-back (see :meth:`upload_file`).
+
+        Below ``multipart_threshold`` one ``put_object``, else a multipart upload whose parts
+        are streamed from the file one at a time (memory does not grow with the file). Both
+        send the SHA-256 checksum and write only if the key does not exist
+        (``IfNoneMatch="*"``). Before a multipart upload, open uploads of exactly this key are
+        aborted: the caller holds the ledger lease of the recording, so they are leftovers of a
+        run that was killed mid-upload (they would otherwise stay, and be billed, forever).
+
+        An ``"uploaded"`` object counts as stored only after :meth:`verify_stored`; an
+        ``"already_present"`` one was checked by its HEAD (size and ``sha256`` metadata).
+
+        Raises:
+            MediaConflictError: The key holds different bytes; nothing was overwritten.
+            RetryableError: Transient S3 failure after botocore's retries.
+            StorageUnavailableError: Access denied, no such bucket, bad credentials.
+        """
         try:
             if size >= self.multipart_threshold:
+                self.abort_open_uploads(key)
                 self._multipart_upload(key, path, size=size, sha256_hex=sha256_hex)
             else:
                 self._single_put(key, path, sha256_hex=sha256_hex)
@@ -417,8 +438,35 @@ class MediaStore:
             return self._existing(key, size=size, sha256_hex=sha256_hex, cause=exc)
         except BotoCoreError as exc:
             raise translate_error(exc, f"upload {self._uri(key)}") from exc
-        self._verify_stored(key, size=size, sha256_hex=sha256_hex)
         return "uploaded"
+
+    def abort_open_uploads(self, key: str) -> int:
+        """Abort every open multipart upload of exactly ``key``; return how many there were.
+
+        Only call this while holding the recording's ledger lease: an upload of a live run
+        would be aborted too (that run's completion then fails and is retried, so nothing is
+        lost, but the work is wasted).
+
+        Raises:
+            RetryableError: Transient S3 failure after botocore's retries.
+            StorageUnavailableError: Access denied, no such bucket, bad credentials.
+        """
+        stale: list[str] = []
+        try:
+            paginator = self.s3.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
+                # Prefix also matches longer keys (``x.mp3`` and ``x.mp3.bak``): exact only.
+                stale.extend(
+                    upload["UploadId"] for upload in page.get("Uploads", []) if upload["Key"] == key
+                )
+        except (ClientError, BotoCoreError) as exc:
+            raise translate_error(exc, f"list uploads {self._uri(key)}") from exc
+        for upload_id in stale:
+            logger.warning(
+                "aborting a multipart upload of %s left open by an earlier run", self._uri(key)
+            )
+            self._abort(key, upload_id)
+        return len(stale)
 
     def _single_put(self, key: str, path: Path, *, sha256_hex: str) -> None:
         checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
@@ -468,6 +516,19 @@ class MediaStore:
         except BaseException:
             self._abort(key, upload_id)
             raise
+        finally:
+            # A retried CreateMultipartUpload may have created an upload whose answer was
+            # lost: nobody knows its id, so it would stay open. Ours is completed or aborted
+            # by now; any upload of this key still open is such an orphan.
+            if created.get("ResponseMetadata", {}).get("RetryAttempts", 0):
+                self._abort_orphans(key)
+
+    def _abort_orphans(self, key: str) -> None:
+        try:
+            self.abort_open_uploads(key)
+        except RecarchiveError as exc:
+            # Never hide the upload's own outcome; the bucket's lifecycle rule is the backstop.
+            logger.warning("could not list open uploads of %s: %s", self._uri(key), exc)
 
     def _complete(
         self,
@@ -522,7 +583,14 @@ class MediaStore:
             f"({size} bytes); not overwritten"
         ) from cause
 
-    def _verify_stored(self, key: str, *, size: int, sha256_hex: str) -> None:
+    def verify_stored(self, key: str, *, size: int, sha256_hex: str) -> None:
+        """HEAD ``key`` and check its size and ``sha256`` metadata against the upload.
+
+        Raises:
+            MediaIntegrityError: Missing, or another size or hash than expected.
+            RetryableError: Transient S3 failure after botocore's retries.
+            StorageUnavailableError: Access denied, no such bucket, bad credentials.
+        """
         info = self.head(key)
         if info is None:
             raise MediaIntegrityError(f"{self._uri(key)}: object missing after upload")
