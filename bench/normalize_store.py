@@ -100,6 +100,7 @@ def run_pipeline(url: str, count: int, root: str) -> dict[str, float]:
     upgrade_database(engine)
     store = ArchiveStore(engine)
     fetched = datetime.now(UTC)
+    rss_at_start = _rss_mb()
     started = time.perf_counter()
     chunk: list[Any] = []
     normalize_seconds = 0.0
@@ -119,10 +120,11 @@ def run_pipeline(url: str, count: int, root: str) -> dict[str, float]:
     done = time.perf_counter()
     # A second store of the same data must change nothing (and is cheap).
     t = time.perf_counter()
-    again = list(itertools.islice(payloads(count), 10_000))
-    store.save_metadata(
-        [normalize_recording(p, workspace_id="ws-bench", fetched_at=fetched) for p in again]
-    )
+    again = itertools.islice(payloads(count), 10_000)
+    while batch := list(itertools.islice(again, CHUNK)):
+        store.save_metadata(
+            [normalize_recording(p, workspace_id="ws-bench", fetched_at=fetched) for p in batch]
+        )
     second = export_changed(engine, root)
     idle = time.perf_counter() - t
     engine.dispose()
@@ -136,6 +138,7 @@ def run_pipeline(url: str, count: int, root: str) -> dict[str, float]:
         "partitions": len(report.partitions),
         "rerun_10k_seconds": idle,
         "rss_mb": _rss_mb(),
+        "rss_at_start_mb": rss_at_start,
     }
 
 

@@ -162,7 +162,7 @@ def _parties_query(month: str) -> Select[Any]:
             recording_parties.join(recordings, recordings.c.id == recording_parties.c.recording_id)
         )
         .where(recordings.c.created_month == month)
-        .order_by(recording_parties.c.recording_id, recording_parties.c.role)
+        .order_by(recordings.c.id, recording_parties.c.role)
     )
 
 

@@ -253,13 +253,18 @@ def _executemany(
         return
     compiled = statement.compile(dialect=connection.dialect, column_keys=list(rows[0]))
     names = list(compiled.positiontup or ())
-    processors = [table.c[name].type.bind_processor(connection.dialect) for name in names]
-    pairs = list(zip(names, processors, strict=True))
-    parameters = [
-        tuple(process(row[name]) if process else row[name] for name, process in pairs)
-        for row in rows
-    ]
-    connection.exec_driver_sql(str(compiled), parameters)
+    # Column-wise: one list per column, converted with map() only where the column's type
+    # needs it (timestamps); sqlite3 binds str, float, int, bool and None natively.
+    columns: list[list[Any]] = []
+    for name in names:
+        values = [row[name] for row in rows]
+        column_type = table.c[name].type
+        if not isinstance(column_type, Boolean):
+            process = column_type.bind_processor(connection.dialect)
+            if process is not None:
+                values = list(map(process, values))
+        columns.append(values)
+    connection.exec_driver_sql(str(compiled), list(zip(*columns, strict=True)))
 
 
 _PG_ARRAY_TYPES: dict[type, str] = {

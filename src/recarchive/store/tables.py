@@ -52,6 +52,9 @@ class UTCDateTime(TypeDecorator[datetime]):
         def process(value: datetime | None) -> str | None:
             if value is None:
                 return None
+            if value.tzinfo is UTC:
+                # 'YYYY-MM-DD HH:MM:SS.ffffff+00:00' without its offset (fixed width).
+                return value.isoformat(" ", "microseconds")[:26]
             if value.tzinfo is not None:
                 value = value.astimezone(UTC).replace(tzinfo=None)
             return value.isoformat(" ", "microseconds")
