@@ -256,7 +256,7 @@ def bench_backend(name: str, pipeline_url: str, baseline_url: str, count: int) -
     print(
         f"pipeline (normalize + upsert + parties + ledger register + export): "
         f"{result['seconds']:.2f}s = {rate:,.0f} recordings/s, "
-        f"peak RSS {result['rss_mb']:.0f} MB"
+        f"peak RSS {result['rss_mb']:.0f} MB ({result['rss_at_start_mb']:.0f} MB after imports)"
     )
     print(
         f"  normalize {result['normalize_seconds']:.2f}s, SQL {result['store_seconds']:.2f}s, "
