@@ -30,8 +30,12 @@ def prefect_api() -> Iterator[None]:
     """One Prefect test API for the whole session (it takes ~15 s to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    with pytest.MonkeyPatch.context() as patch:
+        # The server's telemetry write races the harness's start-up on SQLite ("database is
+        # locked" in the log); tests do not need it.
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
 
 
 @pytest.fixture
