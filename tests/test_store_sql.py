@@ -259,3 +259,55 @@ def test_running_run_has_no_finish(store: ArchiveStore) -> None:
     run_id = store.start_run("archive", {})
     (run,) = store.last_runs(limit=5)
     assert run["id"] == run_id and run["status"] == "running" and run["finished_at"] is None
+
+
+def test_concurrent_saves_of_overlapping_recordings(database_url: str) -> None:
+    """Four writers store overlapping, partly newer versions at once: no error, no duplicate."""
+    import threading
+
+    setup = create_engine_for(database_url)
+    upgrade_database(setup)
+    setup.dispose()
+    later = T0 + timedelta(days=1)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def writer(number: int) -> None:
+        engine = create_engine_for(database_url)
+        try:
+            store = ArchiveStore(engine)
+            batch = [
+                normalize_recording(
+                    make_payload(i, updated=later, status="completed")
+                    if number % 2
+                    else make_payload(i),
+                    workspace_id="ws-1",
+                    fetched_at=T0,
+                )
+                for i in range(number * 50, number * 50 + 300)
+            ]
+            barrier.wait()
+            for start in range(0, len(batch), 60):
+                store.save_metadata(
+                    batch[start : start + 60][::-1] if number == 3 else batch[start : start + 60]
+                )
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    check = create_engine_for(database_url)
+    try:
+        stored = rows(check, recordings)
+        assert len(stored) == 450 and len({row["id"] for row in stored}) == 450
+        parties = rows(check, recording_parties)
+        assert len(parties) == 900
+        assert len({(p["recording_id"], p["role"]) for p in parties}) == 900
+    finally:
+        check.dispose()
