@@ -243,8 +243,10 @@ def _executemany(
     PostgreSQL: one ``INSERT ... SELECT * FROM unnest(array, ...)`` with one array per
     column: a single round trip and a short statement, where row-wise executemany costs a
     pipelined statement per row and multi-row VALUES a huge statement psycopg parses in
-    Python. ``conflict_update`` / ``conflict_nothing`` give that statement the same
-    ``ON CONFLICT`` clause as ``statement`` (upsert of recordings / ledger registration).
+    Python. There, ``conflict_update`` / ``conflict_nothing`` give the statement the same
+    ``ON CONFLICT`` clause as ``statement``: ``conflict_update`` is the recordings upsert
+    (update those columns where ``updated_at`` or ``raw_json`` differ), ``conflict_nothing``
+    the ledger registration.
     """
     if not rows:
         return
