@@ -311,3 +311,29 @@ def test_concurrent_saves_of_overlapping_recordings(database_url: str) -> None:
         assert len({(p["recording_id"], p["role"]) for p in parties}) == 900
     finally:
         check.dispose()
+
+
+def test_deadlock_is_retried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from recarchive.store import sql
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    calls: list[int] = []
+
+    def flaky() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OperationalError("UPDATE ...", {}, Deadlock())
+
+    monkeypatch.setattr("recarchive.store.sql.time.sleep", lambda _: None)
+    sql._retry_conflicts(flaky)
+    assert len(calls) == 3
+
+    def other() -> None:
+        raise OperationalError("SELECT ...", {}, Exception("database is locked"))
+
+    with pytest.raises(OperationalError):
+        sql._retry_conflicts(other)

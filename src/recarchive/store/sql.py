@@ -12,7 +12,8 @@ transaction starts with ``BEGIN IMMEDIATE`` (one writer at a time), with a singl
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from recarchive.errors import LedgerStateError
@@ -319,6 +321,27 @@ def _unnest_insert(
     connection.exec_driver_sql(sql, params)
 
 
+def _retry_conflicts(work: Callable[[], None], attempts: int = 4) -> None:
+    """Run a whole transaction again when PostgreSQL aborted it for a deadlock.
+
+    The transactions retried here are idempotent (upserts), so a second attempt is safe.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            work()
+            return
+        except OperationalError as exc:
+            if getattr(exc.orig, "sqlstate", None) not in _RETRYABLE_SQLSTATES or (
+                attempt == attempts
+            ):
+                raise
+            time.sleep(0.05 * attempt)
+
+
+#: deadlock_detected, serialization_failure.
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+
+
 def _entry(row: Any) -> LedgerEntry:
     return LedgerEntry(
         recording_id=row.recording_id,
@@ -366,6 +389,9 @@ class ArchiveStore:
         latest = {record.id: record for record in records}
         if not latest:
             return
+        _retry_conflicts(lambda: self._save(latest))
+
+    def _save(self, latest: dict[str, NormalizedRecording]) -> None:
         with self.engine.begin() as connection:
             changed, previous_month = self._upsert_changed(connection, latest)
             if not changed:
@@ -406,11 +432,14 @@ class ArchiveStore:
         """Compare with the stored rows, then write only the new and changed ones.
 
         Returns the changed IDs and the stored ``created_month`` of the existing ones.
-        Nothing can change between the comparison and the write: SQLite transactions begin
-        with ``BEGIN IMMEDIATE``, and on PostgreSQL the existing rows are read ``FOR UPDATE``;
-        a row inserted concurrently meets the upsert's condition (identical data: no-op).
+        On SQLite nothing can change in between (transactions begin with ``BEGIN
+        IMMEDIATE``). On PostgreSQL a concurrent writer may: the upsert's own condition still
+        decides, and the upsert locks each row it meets (even when it changes nothing), so
+        the party rows replaced afterwards are those of a row this transaction holds. The
+        comparison is deliberately not ``FOR UPDATE``: locking existing rows first and new
+        ones later deadlocked concurrent writers; one upsert over sorted IDs takes every
+        row lock in the same order.
         """
-        # Sorted: concurrent writers lock rows in the same order, so they cannot deadlock.
         ids = sorted(latest)
         stored: dict[str, tuple[datetime, str, str]] = {}
         for chunk in _chunks(ids):
@@ -420,8 +449,6 @@ class ArchiveStore:
                 recordings.c.raw_json,
                 recordings.c.created_month,
             ).where(recordings.c.id.in_(chunk))
-            if connection.dialect.name == "postgresql":
-                query = query.with_for_update()
             for row in connection.execute(query):
                 stored[row.id] = (row.updated_at, row.raw_json, row.created_month)
         changed: list[str] = []
