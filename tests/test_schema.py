@@ -100,7 +100,13 @@ def test_ddl_files_match_the_migrated_schema(database_url: str, second_database_
         expected = describe(migrated)
         assert set(expected) == {t.name for t in metadata.sorted_tables}
         assert describe(from_ddl) == expected
-        # The DDL-built database works with the store, too.
+        # The DDL-built database is adopted by the migrations and works with the store.
+        upgrade_database(from_ddl)
+        upgrade_database(from_ddl)
+        with from_ddl.connect() as connection:
+            version = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
+            assert version.scalar() == "0001"
+        assert describe(from_ddl) == expected
         store = ArchiveStore(from_ddl)
         record = normalize_recording(make_payload(0), workspace_id="ws", fetched_at=FETCHED)
         store.save_metadata([record])

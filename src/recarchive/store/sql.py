@@ -34,6 +34,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     or_,
     select,
     text,
@@ -78,6 +79,8 @@ __all__ = [
 BATCH = 500
 #: Longest error text kept in the ledger and the runs table.
 MAX_ERROR_CHARS = 2000
+#: The Alembic revision that the DDL files in ``sql/`` describe.
+DDL_REVISION = "0001"
 #: Key of the PostgreSQL advisory lock that serializes concurrent schema upgrades.
 _MIGRATION_LOCK_KEY = 0x7265636172636869
 
@@ -180,7 +183,8 @@ def upgrade_database(engine: Engine) -> None:
     """Create or upgrade the schema to the newest Alembic revision.
 
     Idempotent and safe on every start; concurrent callers on PostgreSQL are serialized by an
-    advisory lock.
+    advisory lock. A database created by hand from ``sql/*/schema.sql`` (no Alembic version
+    table yet) is stamped with that DDL's revision first, then upgraded.
 
     Args:
         engine: Engine from :func:`create_engine_for`.
@@ -195,6 +199,10 @@ def upgrade_database(engine: Engine) -> None:
                 text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY}
             )
         config.attributes["connection"] = connection
+        tables = set(inspect(connection).get_table_names())
+        if "alembic_version" not in tables and {t.name for t in metadata.sorted_tables} <= tables:
+            # Created by hand from sql/*/schema.sql, which is revision 0001: adopt it.
+            command.stamp(config, DDL_REVISION)
         command.upgrade(config, "head")
 
 
