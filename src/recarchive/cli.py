@@ -352,7 +352,7 @@ def status(
             failed_table.add_row(
                 entry.recording_id,
                 str(entry.attempts),
-                str(entry.next_attempt_at or "on retry-failed"),
+                str(entry.next_attempt_at or "never (terminal; archive the ID to retry)"),
                 entry.last_error or "",
             )
         out.print(failed_table)

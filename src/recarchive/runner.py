@@ -190,8 +190,9 @@ def due_retry_chunks(
 ) -> Iterable[list[str]]:
     """Yield chunks of due failed IDs, each ID at most once per run.
 
-    A retried item that fails again is either scheduled later (so not due) or, for a terminal
-    error, due at once; the seen-set stops the second kind from looping within one run.
+    Terminal failures (no next attempt) are never due: they are retried only when their ID is
+    archived explicitly. A retried item that fails again is scheduled later, so it is not due
+    again in this run; the seen-set guards against a store that still reports it.
     """
     seen: set[str] = set()
     while True:
