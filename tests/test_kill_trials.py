@@ -23,6 +23,7 @@ import hashlib
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,9 +35,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from recarchive.leases import owner_pid_on_host, pid_alive, release_dead_leases
+from recarchive.model import LedgerEntry
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.s3 import MediaStore, media_key, sidecar_key
-from recarchive.store.sql import ArchiveStore, create_engine_for
+from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 from tests.fixtures.s3 import AWS_ENV
 from tests.fixtures.simulator import SimulatorFactory
 
@@ -277,3 +280,86 @@ def test_sigkill_mid_multipart_upload_then_rerun(
     assert second.wait(timeout=90) == 0, trial.output("second.log")
     assert "left open by an earlier run" in trial.output("second.log")
     assert_archived_exactly_once(trial, s3_client, s3_bucket)
+
+
+# --- taking over the leases of dead runs (unit level) ----------------------------------------
+
+
+def _entry(recording_id: str, owner: str | None) -> LedgerEntry:
+    return LedgerEntry(
+        recording_id=recording_id,
+        state="pending",
+        attempts=0,
+        last_error=None,
+        next_attempt_at=None,
+        s3_bucket=None,
+        s3_key=None,
+        size_bytes=None,
+        sha256=None,
+        archived_at=None,
+        lease_owner=owner,
+        lease_expires_at=None,
+    )
+
+
+def test_only_dead_owners_of_this_host_are_taken_over(caplog: pytest.LogCaptureFixture) -> None:
+    own = f"host-a:{os.getpid()}:self"
+    entries = [
+        _entry("r1", "host-a:111:dead"),
+        _entry("r2", "host-a:111:dead"),
+        _entry("r3", "host-a:222:live"),
+        _entry("r4", "host-b:111:elsewhere"),  # same pid number, another host
+        _entry("r5", own),
+        _entry("r6", f"host-a:{os.getpid()}:sibling"),  # another run in this very process
+        _entry("r7", None),
+        _entry("r8", "not-an-owner-name"),
+        _entry("r9", "host-a:abc:x"),
+    ]
+    released: list[tuple[list[str], str]] = []
+
+    def release(ids: list[str], *, owner: str) -> None:
+        released.append((list(ids), owner))
+
+    taken = release_dead_leases(
+        entries, release, own_owner=own, hostname="host-a", alive=lambda pid: pid != 111
+    )
+    assert taken == {"r1", "r2"}
+    assert released == [(["r1", "r2"], "host-a:111:dead")]
+    assert "took over 2 lease(s) of run host-a:111:dead" in caplog.text
+
+
+def test_pid_alive_tells_a_reaped_child_from_a_running_one() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert pid_alive(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert not pid_alive(child.pid)
+    assert pid_alive(os.getpid())
+    assert owner_pid_on_host(f"{socket.gethostname()}:{child.pid}:x", socket.gethostname()) == (
+        child.pid
+    )
+
+
+def test_rerun_takes_over_a_dead_runs_leases_at_once(tmp_path: Path) -> None:
+    store = ArchiveStore(create_engine_for(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    upgrade_database(store.engine)
+    try:
+        ids = ["00000000-0000-4000-8000-000000000001", "00000000-0000-4000-8000-000000000002"]
+        store.register(ids)
+        child = subprocess.Popen([sys.executable, "-c", "pass"])
+        child.wait()
+        host = socket.gethostname()
+        dead_owner = f"{host}:{child.pid}:dead"
+        live_owner = f"{host}:{os.getppid()}:live"  # our parent process is alive
+        assert store.claim(ids[:1], owner=dead_owner, lease_seconds=900, states={"pending"})
+        assert store.claim(ids[1:], owner=live_owner, lease_seconds=900, states={"pending"})
+        me = f"{host}:{os.getpid()}:rerun"
+        assert store.claim(ids, owner=me, lease_seconds=900, states={"pending"}) == []
+        taken = release_dead_leases(store.get_entries(ids).values(), store.release, own_owner=me)
+        assert taken == {ids[0]}
+        assert store.claim(ids, owner=me, lease_seconds=900, states={"pending"}) == ids[:1]
+        assert store.get_entries(ids)[ids[1]].lease_owner == live_owner
+    finally:
+        store.engine.dispose()

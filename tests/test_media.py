@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -24,7 +25,13 @@ from recarchive.errors import (
     StorageUnavailableError,
     TransportError,
 )
-from recarchive.media import MediaResult, archive_media, check_mpeg_audio
+from recarchive.media import (
+    MediaResult,
+    archive_media,
+    check_mpeg_audio,
+    remove_orphan_temp_files,
+    temp_prefix,
+)
 from recarchive.simulator.mp3 import Mp3Source
 from recarchive.store.s3 import MediaStore, sidecar_key
 
@@ -378,3 +385,76 @@ async def test_archive_through_simulator_with_media_faults(
     statuses = {record.status for record in simulator.media_requests()}
     assert statuses - {200}, "the media fault profile should have injected something"
     assert leftovers(temp_dir) == []
+
+
+# --- crash leftovers and the pre-check -------------------------------------------------------
+
+
+async def test_check_existing_skips_the_download_of_a_stored_object(
+    store: MediaStore, temp_dir: Path
+) -> None:
+    data = mp3(40_000)
+    first = await archive(FakeBird(good(data)), store, temp_dir)
+    store.s3.delete_object(Bucket=store.bucket, Key=sidecar_key(KEY))  # killed before the sidecar
+    bird = FakeBird(NotFoundError("must not be asked"))
+    again = await archive(bird, store, temp_dir, check_existing=True)
+    assert bird.opened == 0
+    assert again.outcome == "already_present"
+    assert (again.size_bytes, again.sha256) == (first.size_bytes, first.sha256)
+    assert store.head(sidecar_key(KEY)) is not None
+    assert leftovers(temp_dir) == []
+
+
+async def test_check_existing_downloads_when_nothing_is_stored(
+    store: MediaStore, temp_dir: Path
+) -> None:
+    data = mp3(40_000)
+    result = await archive(FakeBird(good(data)), store, temp_dir, check_existing=True)
+    assert result.outcome == "uploaded"
+    assert stored(store) == data
+
+
+async def test_failed_read_back_fails_the_archive_even_with_the_sidecar_written(
+    store: MediaStore, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def wrong(key: str, *, size: int, sha256_hex: str) -> None:
+        raise MediaIntegrityError("stored sha256 metadata differs")
+
+    monkeypatch.setattr(store, "verify_stored", wrong)
+    with pytest.raises(MediaIntegrityError):
+        await archive(FakeBird(good(mp3(30_000))), store, temp_dir)
+    assert leftovers(temp_dir) == []
+
+
+def test_temp_files_of_dead_processes_of_this_host_are_removed(temp_dir: Path) -> None:
+    host = socket.gethostname()
+    dead = temp_dir / f"recarchive-{host}-4242-abc123.mp3.part"
+    live = temp_dir / f"recarchive-{host}-4343-def456.mp3.part"
+    own = temp_dir / f"{temp_prefix()}ghi789.mp3.part"
+    elsewhere = temp_dir / "recarchive-other-host-4242-jkl012.mp3.part"
+    unrelated = temp_dir / "recarchive-ids-xyz.txt"
+    for path in (dead, live, own, elsewhere, unrelated):
+        path.write_bytes(b"partial")
+    asked: list[int] = []
+
+    def alive(pid: int) -> bool:
+        asked.append(pid)
+        return pid == 4343
+
+    assert remove_orphan_temp_files(temp_dir, alive=alive) == 1
+    assert sorted(leftovers(temp_dir)) == sorted([live, own, elsewhere, unrelated])
+    assert sorted(asked) == [4242, 4343]  # never this process, never another host's
+
+
+async def test_temp_file_names_carry_host_and_pid(store: MediaStore, temp_dir: Path) -> None:
+    seen: list[str] = []
+    real = store.store_file
+
+    def spy(key: str, path: Path, *, size: int, sha256_hex: str) -> str:
+        seen.append(path.name)
+        return real(key, path, size=size, sha256_hex=sha256_hex)
+
+    store.store_file = spy  # type: ignore[method-assign,assignment]
+    await archive(FakeBird(good(mp3(20_000))), store, temp_dir)
+    assert len(seen) == 1 and seen[0].startswith(temp_prefix()) and seen[0].endswith(".mp3.part")
+    assert remove_orphan_temp_files(temp_dir) == 0

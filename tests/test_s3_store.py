@@ -425,3 +425,64 @@ def test_many_uploads_through_seeded_faults_each_complete_exactly_once(
     for key, (_, size, digest) in files.items():
         assert store.hash_object(key) == (size, digest)
     assert store.list_open_multipart_uploads() == []
+
+
+# --- crash leftovers ---------------------------------------------------------------------------
+
+
+def test_open_uploads_of_the_key_are_aborted_before_a_multipart_upload(
+    s3_client: S3Client, s3_bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What a run killed mid-upload leaves: open uploads of the key (and one of a longer key
+    # sharing its prefix, which belongs to another object and must stay).
+    for _ in range(2):
+        s3_client.create_multipart_upload(Bucket=s3_bucket, Key="m.mp3")
+    other = s3_client.create_multipart_upload(Bucket=s3_bucket, Key="m.mp3.bak")["UploadId"]
+    store = small_store(s3_client, s3_bucket)
+    data = mp3_bytes(6 * MiB)
+    path, digest = write(tmp_path, data)
+    assert store.upload_file("m.mp3", path, size=len(data), sha256_hex=digest) == "uploaded"
+    assert store.list_open_multipart_uploads() == ["m.mp3.bak"]
+    assert store.hash_object("m.mp3") == (len(data), digest)
+    assert caplog.text.count("left open by an earlier run") == 2
+    assert f"s3://{s3_bucket}/m.mp3" in caplog.text
+    s3_client.abort_multipart_upload(Bucket=s3_bucket, Key="m.mp3.bak", UploadId=other)
+
+
+def test_abort_open_uploads_reports_how_many(s3_client: S3Client, s3_bucket: str) -> None:
+    store = small_store(s3_client, s3_bucket)
+    assert store.abort_open_uploads("k.mp3") == 0
+    s3_client.create_multipart_upload(Bucket=s3_bucket, Key="k.mp3")
+    assert store.abort_open_uploads("k.mp3") == 1
+    assert store.list_open_multipart_uploads() == []
+
+
+def test_orphan_of_a_retried_create_is_aborted(
+    s3_fault_proxy: FaultProxy, s3_client: S3Client, s3_bucket: str, tmp_path: Path
+) -> None:
+    # The first CreateMultipartUpload reaches S3 but its answer is lost: botocore creates a
+    # second upload, and nobody knows the first one's id.
+    store = proxied_store(s3_fault_proxy, s3_bucket)
+    s3_fault_proxy.schedule = ScriptedSchedule(
+        ["drop_after"], match=lambda r: r.method == "POST" and "uploads" in r.target
+    )
+    data = mp3_bytes(6 * MiB)
+    path, digest = write(tmp_path, data)
+    assert store.upload_file("m.mp3", path, size=len(data), sha256_hex=digest) == "uploaded"
+    assert s3_fault_proxy.faults() == 1
+    assert store.list_open_multipart_uploads() == []
+    assert store.hash_object("m.mp3") == (len(data), digest)
+
+
+def test_store_file_does_not_read_back_and_verify_stored_does(
+    s3_client: S3Client, s3_bucket: str, tmp_path: Path
+) -> None:
+    store = small_store(s3_client, s3_bucket)
+    data = mp3_bytes(50_000)
+    path, digest = write(tmp_path, data)
+    assert store.store_file("s.mp3", path, size=len(data), sha256_hex=digest) == "uploaded"
+    store.verify_stored("s.mp3", size=len(data), sha256_hex=digest)
+    with pytest.raises(MediaIntegrityError):
+        store.verify_stored("s.mp3", size=len(data) + 1, sha256_hex=digest)
+    with pytest.raises(MediaIntegrityError):
+        store.verify_stored("absent.mp3", size=len(data), sha256_hex=digest)
