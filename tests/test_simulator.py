@@ -19,7 +19,8 @@ from recarchive.simulator.dataset import STATUSES, ZERO_DATE, Dataset
 from recarchive.simulator.faults import FaultProfile, UnknownFaultError
 from recarchive.simulator.mp3 import FRAME_HEADER, Mp3Source
 
-SEED_DOC = Path(__file__).resolve().parents[2] / "shared" / "seed" / "000_1acc17b671be7558.txt"
+#: The example payload of the user's source document ("Get a Recording"), copied verbatim.
+SEED_EXAMPLE = Path(__file__).parent / "data" / "seed_recording.json"
 SEED_FIELDS = {
     "id",
     "source",
@@ -44,13 +45,19 @@ SEED_FIELDS = {
 }
 
 
-def test_seed_fields_match_the_seed_document() -> None:
-    # The list above is the seed document's example; keep it honest when the file is here.
-    if not SEED_DOC.exists():
-        pytest.fail(f"seed document not found at {SEED_DOC}")
-    text = SEED_DOC.read_text()
-    example = json.loads(text[text.index("{\n") : text.index("}\ncurl") + 1])
+def test_simulated_payloads_have_the_seed_documents_shape() -> None:
+    example = json.loads(SEED_EXAMPLE.read_text())
     assert set(example) == SEED_FIELDS
+    dataset = Dataset(40, 1, workspace_id="ws")
+    full = [p for p in map(dataset.payload, dataset.ids) if p and set(SEED_FIELDS) <= set(p)]
+    assert full, "no simulated payload carries every field of the seed document"
+    for payload in full:
+        for field, value in example.items():
+            if value is not None and payload[field] is not None:
+                assert type(payload[field]) is type(value), field
+        for role in ("originator", "receiver"):
+            if payload[role] and payload[role].get("contact"):
+                assert set(payload[role]["contact"]) == set(example[role]["contact"])
 
 
 def test_dataset_is_deterministic() -> None:
