@@ -26,7 +26,7 @@ from recarchive.pipeline import ChunkOptions
 from recarchive.runner import archive_ids
 from recarchive.runtime import open_store
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.s3 import media_key, sidecar_key
+from recarchive.store.keys import media_key, sidecar_key
 from recarchive.store.sql import ArchiveStore, create_engine_for
 from tests.fixtures.postgres import fresh_postgres_database
 from tests.fixtures.s3_proxy import FaultProxy

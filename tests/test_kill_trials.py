@@ -38,7 +38,8 @@ import pytest
 from recarchive.leases import owner_pid_on_host, pid_alive, release_dead_leases
 from recarchive.model import LedgerEntry
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.s3 import MediaStore, media_key, sidecar_key
+from recarchive.store.keys import media_key, sidecar_key
+from recarchive.store.s3 import MediaStore
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 from tests.fixtures.s3 import AWS_ENV
 from tests.fixtures.simulator import SimulatorFactory

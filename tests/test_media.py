@@ -33,7 +33,8 @@ from recarchive.media import (
     temp_prefix,
 )
 from recarchive.simulator.mp3 import Mp3Source
-from recarchive.store.s3 import MediaStore, sidecar_key
+from recarchive.store.keys import sidecar_key
+from recarchive.store.s3 import MediaStore
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

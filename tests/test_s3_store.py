@@ -19,12 +19,11 @@ from recarchive.errors import (
     StorageUnavailableError,
     TransportError,
 )
+from recarchive.store.keys import media_key, sidecar_key
 from recarchive.store.s3 import (
     MediaStore,
     ObjectInfo,
     build_s3_client,
-    media_key,
-    sidecar_key,
     translate_error,
 )
 from tests.fixtures.s3_proxy import FaultProxy, ScriptedSchedule, SeededSchedule

@@ -152,3 +152,26 @@ def test_analyst_views_apply_and_match_the_parquet_columns(database_url: str) ->
         assert [tuple(r) for r in per_month] == [("2025-07", 1, 1, 9)]
     finally:
         engine.dispose()
+
+
+def test_head_revision_constant_is_alembics_head() -> None:
+    from alembic.script import ScriptDirectory
+
+    from recarchive.store.sql import HEAD_REVISION, _alembic_config
+
+    assert ScriptDirectory.from_config(_alembic_config()).get_current_head() == HEAD_REVISION
+
+
+def test_opening_an_upgraded_database_skips_alembic(tmp_path: Path) -> None:
+    import sys
+
+    from recarchive.store.sql import _at_head
+
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'fast.db'}")
+    assert not _at_head(engine)
+    upgrade_database(engine)
+    assert _at_head(engine)
+    sys.modules.pop("alembic.command", None)
+    upgrade_database(engine)  # at head: returns before importing Alembic's commands
+    assert "alembic.command" not in sys.modules
+    engine.dispose()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeVar
 
 from recarchive.errors import MediaIntegrityError, RetryableError
 from recarchive.leases import PidCheck, pid_alive
-from recarchive.store.s3 import sidecar_key
+from recarchive.store.keys import sidecar_key
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

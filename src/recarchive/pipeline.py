@@ -35,7 +35,7 @@ from recarchive.errors import (
 from recarchive.leases import release_dead_leases
 from recarchive.media import archive_media, remove_orphan_temp_files
 from recarchive.normalize import normalize_recording
-from recarchive.store.s3 import media_key
+from recarchive.store.keys import media_key
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient

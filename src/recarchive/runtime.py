@@ -26,11 +26,12 @@ from recarchive.bird.retry import RetryPolicy
 from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.pipeline import ArchiveContext
-from recarchive.store.s3 import MediaStore, build_s3_client
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+    from recarchive.store.s3 import MediaStore
 
 
 def run_owner() -> str:
@@ -73,6 +74,9 @@ def open_store(settings: Settings) -> tuple[Engine, ArchiveStore]:
 
 def build_s3(settings: Settings, *, max_pool_connections: int = 10) -> S3Client:
     """Build the boto3 S3 client for ``settings`` (endpoint, checksum mode)."""
+    # Imported here: boto3 costs about half a second, and --skip-media runs never need it.
+    from recarchive.store.s3 import build_s3_client
+
     return build_s3_client(
         endpoint_url=settings.s3_endpoint_url,
         request_checksum_calculation=settings.s3_request_checksum_calculation,
@@ -86,6 +90,8 @@ def build_media_store(settings: Settings) -> MediaStore:
     Raises:
         ConfigError: The bucket is not set.
     """
+    from recarchive.store.s3 import MediaStore
+
     bucket = settings.require_bucket()
     s3 = build_s3(settings, max_pool_connections=max(settings.concurrency * 2, 10))
     return MediaStore(

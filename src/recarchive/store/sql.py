@@ -18,8 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -173,7 +171,15 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
-def _alembic_config() -> Config:
+#: The newest Alembic revision in ``recarchive/migrations/versions``; a test keeps it equal to
+#: Alembic's head. A database already there is opened without importing Alembic at all, which
+#: saves about half a second of every command's start-up.
+HEAD_REVISION = "0001"
+
+
+def _alembic_config() -> Any:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "recarchive:migrations")
     return config
@@ -192,6 +198,10 @@ def upgrade_database(engine: Engine) -> None:
     Raises:
         sqlalchemy.exc.SQLAlchemyError: The database cannot be reached or upgraded.
     """
+    if _at_head(engine):
+        return
+    from alembic import command
+
     config = _alembic_config()
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
@@ -204,6 +214,15 @@ def upgrade_database(engine: Engine) -> None:
             # Created by hand from sql/*/schema.sql, which is revision 0001: adopt it.
             command.stamp(config, DDL_REVISION)
         command.upgrade(config, "head")
+
+
+def _at_head(engine: Engine) -> bool:
+    """True when the database is already at :data:`HEAD_REVISION` (a cheap read)."""
+    with engine.connect().execution_options(recarchive_read_only=True) as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return False
+        versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+        return [row[0] for row in versions] == [HEAD_REVISION]
 
 
 def mark_partitions(connection: Connection, months: Iterable[str]) -> None:

@@ -1,0 +1,30 @@
+"""Where a recording's media and sidecar live in the bucket (DESIGN §2).
+
+Pure functions, kept apart from :mod:`recarchive.store.s3` so that callers that only need a
+key (the pipeline, ``--skip-media`` runs) do not pay for importing boto3.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+
+def media_key(prefix: str, workspace_id: str, recording_id: str, created_at: datetime) -> str:
+    """Return the S3 key of a recording's MP3 (DESIGN §2).
+
+    ``{prefix}/{workspaceId}/{YYYY}/{MM}/{DD}/{recordingId}.mp3``, the date taken from
+    ``created_at`` in UTC (a naive datetime is taken as UTC). An empty prefix gives a key
+    without a leading slash.
+    """
+    if created_at.tzinfo is None:
+        created_at = created_at.replace(tzinfo=UTC)
+    day = created_at.astimezone(UTC)
+    path = f"{workspace_id}/{day:%Y/%m/%d}/{recording_id}.mp3"
+    prefix = prefix.strip("/")
+    return f"{prefix}/{path}" if prefix else path
+
+
+def sidecar_key(key: str) -> str:
+    """Return the key of the metadata sidecar beside the media object ``key``."""
+    stem = key[: -len(".mp3")] if key.endswith(".mp3") else key
+    return f"{stem}.json"
