@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,19 +23,6 @@ SHA = "ab" * 32
 
 def ids(count: int, start: int = 0) -> list[str]:
     return [str(uuid.UUID(int=index + 1)) for index in range(start, start + count)]
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine_for(database_url)
-    upgrade_database(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(engine: Engine) -> ArchiveStore:
-    return ArchiveStore(engine)
 
 
 def claimed_one(store: ArchiveStore, owner: str = "run-a") -> str:

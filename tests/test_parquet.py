@@ -34,14 +34,6 @@ SHA = "cd" * 32
 
 
 @pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine_for(database_url)
-    upgrade_database(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     engine = create_engine_for(f"sqlite:///{tmp_path / 'db.sqlite'}")
     upgrade_database(engine)

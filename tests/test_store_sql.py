@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,19 +17,6 @@ from recarchive.store.tables import export_partitions, recording_parties, record
 from tests.test_normalize import make_payload
 
 T0 = datetime(2025, 7, 10, 2, 10, 43, tzinfo=UTC)
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine_for(database_url)
-    upgrade_database(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def store(engine: Engine) -> ArchiveStore:
-    return ArchiveStore(engine)
 
 
 def records(

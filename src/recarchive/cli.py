@@ -25,7 +25,7 @@ from rich.table import Table
 from recarchive.config import Settings, load_settings
 from recarchive.counts import RunCounts
 from recarchive.errors import AuthError, FatalError, InputError, RecarchiveError, UsageError
-from recarchive.progress import human_bytes
+from recarchive.progress import result_table, summary_table
 from recarchive.when import parse_when
 
 P = ParamSpec("P")
@@ -91,31 +91,6 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(130) from exc
 
     return wrapper
-
-
-def summary_table(counts: RunCounts, title: str = "Summary") -> Table:
-    """Return the run summary as a rich table."""
-    table = Table(title=title, show_header=True, header_style="bold")
-    for column in (
-        "requested",
-        "archived",
-        "already archived",
-        "media pending",
-        "missing",
-        "failed",
-        "bytes",
-    ):
-        table.add_column(column, justify="right")
-    table.add_row(
-        str(counts.requested),
-        str(counts.archived),
-        str(counts.already_archived),
-        str(counts.metadata_only),
-        str(counts.missing),
-        str(counts.failed),
-        human_bytes(counts.bytes_uploaded),
-    )
-    return table
 
 
 def print_run(counts: RunCounts, *, export_partitions: int | None, seconds: float) -> None:
@@ -438,12 +413,7 @@ def query(
             json.dumps([dict(zip(columns, row, strict=True)) for row in rows], default=str)
         )
         return
-    table = Table()
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if value is None else str(value) for value in row))
-    out.print(table)
+    out.print(result_table(columns, rows))
 
 
 @app.command()

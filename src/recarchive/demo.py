@@ -19,14 +19,13 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from recarchive.config import Settings
 from recarchive.counts import RunCounts
 from recarchive.errors import UsageError
 from recarchive.ids import spool_ids
 from recarchive.pipeline import ChunkOptions
-from recarchive.progress import ProgressReporter, human_bytes
+from recarchive.progress import ProgressReporter, result_table, summary_table
 
 DEMO_MARKER = ".recarchive-demo"
 DEMO_BUCKET = "recarchive-demo"
@@ -130,17 +129,14 @@ def run_demo(console: Console, *, recordings: int, data_dir: Path) -> RunCounts:
                         on_progress=progress.update,
                     )
                 )
-            _print_counts(console, title, report.counts, report.seconds)
+            console.print(summary_table(report.counts, f"{title}: {report.seconds:.1f}s"))
             total.add(report.counts)
             simulator.dataset.make_all_available()
         leaks = len(simulator.leaks)
         console.print(f"Authorization headers seen by the media host: {leaks}")
         console.print(f"\nSample query ([bold]recarchive query[/bold]):\n  {SAMPLE_QUERY}")
         columns, rows = run_query(settings.parquet_root, SAMPLE_QUERY)
-        table = Table(*columns)
-        for row in rows:
-            table.add_row(*("" if value is None else str(value) for value in row))
-        console.print(table)
+        console.print(result_table(columns, rows))
         example = 'recarchive query "SELECT status, count(*) FROM recordings GROUP BY 1"'
         console.print(
             f"Try it yourself:\n  RECARCHIVE_PARQUET_ROOT={settings.parquet_root} {example}\n"
@@ -150,25 +146,3 @@ def run_demo(console: Console, *, recordings: int, data_dir: Path) -> RunCounts:
     finally:
         simulator.stop()
         s3_server.stop()
-
-
-def _print_counts(console: Console, title: str, counts: RunCounts, seconds: float) -> None:
-    table = Table(title=f"{title}: {seconds:.1f}s")
-    for column in (
-        "archived",
-        "already archived",
-        "media pending",
-        "missing",
-        "failed",
-        "bytes uploaded",
-    ):
-        table.add_column(column, justify="right")
-    table.add_row(
-        str(counts.archived),
-        str(counts.already_archived),
-        str(counts.metadata_only),
-        str(counts.missing),
-        str(counts.failed),
-        human_bytes(counts.bytes_uploaded),
-    )
-    console.print(table)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -15,6 +17,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 from recarchive.counts import RunCounts
 
@@ -113,3 +116,36 @@ class ProgressReporter:
         if self.total and self.rate > 0 and done < self.total:
             parts.append(f"ETA {(self.total - done) / self.rate:.0f}s")
         self.console.print(", ".join(parts), highlight=False, soft_wrap=True)
+
+
+def summary_table(counts: RunCounts, title: str = "Summary") -> Table:
+    """Return the run summary as a rich table."""
+    table = Table(title=title, show_header=True, header_style="bold")
+    for column in (
+        "requested",
+        "archived",
+        "already archived",
+        "media pending",
+        "missing",
+        "failed",
+        "bytes",
+    ):
+        table.add_column(column, justify="right")
+    table.add_row(
+        str(counts.requested),
+        str(counts.archived),
+        str(counts.already_archived),
+        str(counts.metadata_only),
+        str(counts.missing),
+        str(counts.failed),
+        human_bytes(counts.bytes_uploaded),
+    )
+    return table
+
+
+def result_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    """Return query results as a rich table (NULL shown as an empty cell)."""
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*("" if value is None else str(value) for value in row))
+    return table
