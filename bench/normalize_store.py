@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from recarchive.model import RECORDING_FIELDS
+
 CHUNK = 500
 STATUSES = ["available"] * 6 + ["completed", "accepted", "ongoing", "paused"]
 BASE = datetime(2024, 7, 1, tzinfo=UTC)
@@ -142,30 +144,8 @@ def run_pipeline(url: str, count: int, root: str) -> dict[str, float]:
     }
 
 
-BASELINE_COLUMNS = [
-    "id",
-    "workspace_id",
-    "source",
-    "source_id",
-    "channel_id",
-    "status",
-    "direction",
-    "origin",
-    "duration",
-    "stereo",
-    "format",
-    "transcription",
-    "conference_id",
-    "url",
-    "room_info_url",
-    "created_at",
-    "updated_at",
-    "ended_at",
-    "started_at",
-    "created_month",
-    "fetched_at",
-    "raw_json",
-]
+#: The ``recordings`` columns the baseline inserts: the same row the store writes.
+BASELINE_COLUMNS = [*RECORDING_FIELDS, "created_month", "fetched_at", "raw_json"]
 
 
 def _baseline_row(p: dict[str, Any], fetched: str) -> tuple[Any, ...]:
