@@ -350,3 +350,17 @@ def test_pacer_spaces_slots_and_pauses() -> None:
     assert pacer.reserve() == pytest.approx(2.0)
     now[0] += 10
     assert pacer.reserve() == 0.0
+
+
+async def test_httpx_request_logs_carry_no_presigned_signature(
+    simulator: SimulatorServer,
+    bird_client_factory: BirdClientFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = bird_client_factory(simulator, aiohttp=False)  # httpx's transport logs requests
+    caplog.set_level(logging.DEBUG, logger="httpx")
+    recording_id = simulator.dataset.available_ids()[0]
+    await download(client, recording_id)
+    lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
+    assert any(f"{recording_id}.mp3" in line and "/media/" in line for line in lines)
+    assert not any("X-Amz-Signature" in line for line in lines)

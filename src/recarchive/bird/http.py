@@ -8,8 +8,31 @@ handling work the same on both (the transport never follows redirects itself).
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 from httpx_aiohttp import AiohttpTransport
+
+
+class RedactQueryStrings(logging.Filter):
+    """Drop query strings from the URLs httpx logs.
+
+    httpx logs every request's full URL at INFO; a presigned media URL's query string is a
+    credential. The CLI keeps httpx at WARNING anyway, but a worker or a caller configuring
+    logging its own way must not be one log level away from leaking signatures.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's URL arguments without query; never drops a record."""
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                arg.copy_with(query=None, fragment=None) if isinstance(arg, httpx.URL) else arg
+                for arg in record.args
+            )
+        return True
+
+
+_REDACTION = RedactQueryStrings()
 
 
 def build_http_client(
@@ -29,6 +52,9 @@ def build_http_client(
         A client the caller must close (``await client.aclose()``). It must be used from the
         event loop it first ran on.
     """
+    httpx_logger = logging.getLogger("httpx")
+    if _REDACTION not in httpx_logger.filters:
+        httpx_logger.addFilter(_REDACTION)
     limits = httpx.Limits(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
