@@ -309,3 +309,34 @@ def test_two_concurrent_runs_never_transfer_a_recording_twice(
         engine = create_engine_for(database_url)
         assert states(ArchiveStore(engine)) == {"archived": 60}
         engine.dispose()
+
+
+def test_delete_source_only_after_a_successful_deep_verify(
+    simulator_factory: SimulatorFactory,
+    invoke: Invoke,
+    env: dict[str, str],
+    s3_client: S3Client,
+    s3_bucket: str,
+) -> None:
+    sim = simulator_factory(recordings=8, seed=37, available_fraction=1.0)
+    ids = sim.dataset.ids
+    assert invoke("archive", *ids, sim=sim).exit_code == 0
+    # One object silently corrupted behind intact metadata: its source must survive.
+    victim = store_for(env).get_entries([ids[0]])[ids[0]]
+    assert victim.s3_key is not None
+    original = s3_client.get_object(Bucket=s3_bucket, Key=victim.s3_key)
+    s3_client.put_object(
+        Bucket=s3_bucket,
+        Key=victim.s3_key,
+        Body=original["Body"].read()[::-1],
+        Metadata=original["Metadata"],
+    )
+    sim.clear_requests()
+    result = invoke("verify", "--delete-source-after-verify", sim=sim)
+    assert result.exit_code == 1 and ids[0] in result.output
+    deletes = [r for r in sim.api_requests() if r.method == "DELETE"]
+    assert {r.path.rsplit("/", 1)[1] for r in deletes} == set(ids[1:])
+    assert not sim.dataset.is_deleted(ids[0])
+    assert all(sim.dataset.is_deleted(rid) for rid in ids[1:])
+    # Each deletion is logged (the CLI's log goes to stderr, part of the output here).
+    assert result.output.count("deleted source media at Bird") == 7
