@@ -161,3 +161,21 @@ def test_every_command_has_help() -> None:
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0, (command, result.output)
         assert "Usage" in result.output
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://u:pw1@h:5432/db", "postgresql://u:***@h:5432/db"),
+        (
+            "postgresql://u@h/db?password=pw1&sslmode=require",
+            "postgresql://u@h/db?password=***&sslmode=***",
+        ),
+        ("sqlite:///recarchive-data/archive.db", "sqlite:///recarchive-data/archive.db"),
+    ],
+)
+def test_database_urls_are_shown_without_credentials(url: str, shown: str) -> None:
+    from recarchive.runtime import safe_database_url
+
+    assert safe_database_url(url) == shown
+    assert "pw1" not in safe_database_url(url)

@@ -452,3 +452,18 @@ def test_known_fields_round_trip(
     originator = record.parties[0]
     assert originator["number"] == number and originator["number_anonymous"] == anonymous
     assert json.loads(row["raw_json"])["status"] == status
+
+
+def test_signed_urls_are_stripped_whatever_the_field_is_called() -> None:
+    payload = make_payload(
+        links={"download": "https://s3.example/a.mp3?X-Amz-Signature=S2"},
+        mediaUrls=["https://s3.example/b.mp3?X-Amz-Signature=S3", "plain text"],
+        recordingUri="https://s3.example/c.mp3?X-Amz-Signature=S4",
+        mirrors=[{"href": "https://user:pw@s3.example/d.mp3#frag"}],
+    )
+    record = norm(payload)
+    rendered = json.dumps(record.redacted_payload) + record.recording["raw_json"]
+    for secret in ("S2", "S3", "S4", "user:pw", "frag"):
+        assert secret not in rendered
+    assert record.redacted_payload["links"]["download"] == "https://s3.example/a.mp3"
+    assert record.redacted_payload["mediaUrls"][1] == "plain text"

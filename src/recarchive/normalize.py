@@ -326,26 +326,35 @@ def strip_url(url: str) -> str:
         return scheme + sep + rest.rsplit("@", 1)[-1] if sep else cut
 
 
-def _redact(value: Any) -> Any:
+def _looks_like_credentialed_url(text: str) -> bool:
+    """An absolute http(s) URL carrying a query, fragment or user info (any field name)."""
+    head = text[:8].lower()
+    return (head.startswith(("http://", "https://"))) and any(c in text for c in "?#@")
+
+
+def _redact(value: Any, url_field: bool = False) -> Any:
     # Hot path (every payload): exact type checks first, the ABC checks only as a fallback.
+    # Fields named *url* are always stripped; any other string is stripped when it is an
+    # absolute URL with a query (Bird may add e.g. ``links.download`` with a signature).
     kind = type(value)
+    if kind is str:
+        return strip_url(value) if url_field or _looks_like_credentialed_url(value) else value
     if kind is dict or (kind is not list and isinstance(value, Mapping)):
         copied: dict[Any, Any] = {}
         for key, item in value.items():
             item_kind = type(item)
-            if item_kind is str:
-                if type(key) is str and key[-3:].lower() == "url":
-                    item = strip_url(item)
-            elif (
-                item_kind is dict
+            if (
+                item_kind is str
+                or item_kind is dict
                 or item_kind is list
                 or (item is not None and item_kind not in _SCALARS)
             ):
-                item = _redact(item)
+                is_url_field = type(key) is str and key.lower().rstrip("s")[-3:] in ("url", "uri")
+                item = _redact(item, is_url_field)
             copied[key] = item
         return copied
     if kind is list or isinstance(value, list | tuple):
-        return [_redact(item) for item in value]
+        return [_redact(item, url_field) for item in value]
     return value
 
 

@@ -42,7 +42,12 @@ def run_owner() -> str:
 def safe_database_url(url: str) -> str:
     """Return ``url`` with any password masked, for messages and logs."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
+        # Query parameters can carry credentials too (``?password=``, ``sslpassword``):
+        # keep their names, never their values.
+        base = parsed.set(query={}).render_as_string(hide_password=True)
+        query = "&".join(f"{key}=***" for key in parsed.query)
+        return f"{base}?{query}" if query else base
     except ArgumentError:
         return "<unparseable database URL>"
 
