@@ -406,6 +406,21 @@ async def test_check_existing_skips_the_download_of_a_stored_object(
     assert leftovers(temp_dir) == []
 
 
+async def test_check_existing_never_accepts_a_damaged_object(
+    store: MediaStore, temp_dir: Path
+) -> None:
+    # A store that ignored the upload checksum kept other bytes behind intact metadata.
+    data = mp3(40_000)
+    first = await archive(FakeBird(good(data)), store, temp_dir)
+    store.s3.put_object(
+        Bucket=store.bucket, Key=KEY, Body=data[: len(data) // 2], Metadata={"sha256": first.sha256}
+    )
+    bird = FakeBird(NotFoundError("must not be asked"))
+    with pytest.raises(MediaConflictError, match="do not match its sha256 metadata"):
+        await archive(bird, store, temp_dir, check_existing=True)
+    assert stored(store) == data[: len(data) // 2]  # left untouched for an operator
+
+
 async def test_check_existing_downloads_when_nothing_is_stored(
     store: MediaStore, temp_dir: Path
 ) -> None:

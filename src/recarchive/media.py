@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeVar
 
-from recarchive.errors import MediaIntegrityError, RetryableError
+from recarchive.errors import MediaConflictError, MediaIntegrityError, RetryableError
 from recarchive.leases import PidCheck, pid_alive
 from recarchive.store.keys import sidecar_key
 
@@ -308,16 +308,28 @@ async def archive_media(
 async def _stored_copy(
     media: MediaStore, key: str, sidecar: bytes, worker: _Worker
 ) -> MediaResult | None:
-    """Return the object a crashed earlier run already stored, if any, after its sidecar.
+    """Return the object a crashed or failed earlier run already stored, if any.
 
-    Objects are only ever written with their ``sha256`` metadata after the bytes were hashed
-    (and a multipart object appears only once it is complete), so an object with that
-    metadata needs no second download. The sidecar is written again because the crash may
-    have come between the two writes.
+    Objects are only ever written with their ``sha256`` metadata after the bytes were hashed,
+    but the earlier attempt may have failed its read-back check (an S3-compatible store that
+    ignores the upload checksum can keep a damaged body), so the object's bytes are hashed
+    once more before they count: this path is rare (recovery only) and must never turn a
+    damaged object into an ``archived`` one. The sidecar is written again because the crash
+    may have come between the two writes.
+
+    Raises:
+        MediaConflictError: The object's bytes do not match its own metadata; it is left
+            untouched for an operator, and the recording ends ``failed``.
     """
     info = await worker.run(media.head, key)
     if info is None or not info.sha256:
         return None
+    size, digest = await worker.run(media.hash_object, key)
+    if digest != info.sha256 or size != info.size:
+        raise MediaConflictError(
+            f"{key} exists but its bytes (sha256 {digest}, {size} bytes) do not match its "
+            f"sha256 metadata {info.sha256} ({info.size} bytes); left untouched"
+        )
     logger.info("media of %s is in S3 already (an earlier run stored it)", key)
     await worker.run(media.put_bytes, sidecar_key(key), sidecar)
     return MediaResult(
