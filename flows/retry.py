@@ -15,7 +15,7 @@ from recarchive.runner import retry_failed
 async def retry_failed_flow(
     skip_media: bool = False, max_parallel_chunks: int = 2
 ) -> dict[str, Any]:
-    """Archive again every failed recording whose next attempt is due.
+    """Retry due failures, and look again at recordings whose media was not ready.
 
     Returns:
         The run's counts.

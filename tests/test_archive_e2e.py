@@ -340,3 +340,38 @@ def test_delete_source_only_after_a_successful_deep_verify(
     assert all(sim.dataset.is_deleted(rid) for rid in ids[1:])
     # Each deletion is logged (the CLI's log goes to stderr, part of the output here).
     assert result.output.count("deleted source media at Bird") == 7
+
+
+def test_retry_failed_archives_media_that_became_ready_later(
+    simulator_factory: SimulatorFactory, invoke: Invoke, env: dict[str, str]
+) -> None:
+    sim = simulator_factory(recordings=30, seed=61, available_fraction=0.5)
+    normal, skipped = sim.dataset.ids[:20], sim.dataset.ids[20:]
+    pending = [rid for rid in normal if not sim.dataset.has_media(rid)]
+    assert pending
+    assert invoke("archive", *normal, sim=sim).exit_code == 0
+    assert invoke("archive", *skipped, "--skip-media", sim=sim).exit_code == 0
+    entries = store_for(env).get_entries(sim.dataset.ids)
+    assert {rid for rid in normal if entries[rid].state == "metadata_only"} == set(pending)
+    assert all(entries[rid].next_attempt_at is not None for rid in pending)
+    assert all(entries[rid].next_attempt_at is None for rid in skipped)
+    sim.dataset.make_all_available()
+    sim.clear_requests()
+    assert invoke("retry-failed", sim=sim).exit_code == 0
+    assert sim.requests == []  # not due yet (an hour later)
+    engine = create_engine_for(env["RECARCHIVE_DATABASE_URL"])
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "UPDATE archive_ledger SET next_attempt_at = :t WHERE next_attempt_at IS NOT NULL"
+            ),
+            {"t": datetime(2020, 1, 1, tzinfo=UTC)},
+        )
+    engine.dispose()
+    result = invoke("retry-failed", sim=sim)
+    assert result.exit_code == 0, result.output
+    entries = store_for(env).get_entries(sim.dataset.ids)
+    assert all(entries[rid].state == "archived" for rid in normal)
+    assert all(entries[rid].state == "metadata_only" for rid in skipped)
+    asked = {r.path.rsplit("/", 1)[1].removesuffix(".mp3") for r in sim.api_requests()}
+    assert asked == set(pending)

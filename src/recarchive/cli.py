@@ -243,7 +243,7 @@ def retry_failed_command(
     skip_media: Annotated[bool, typer.Option("--skip-media", help="Metadata only.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
-    """Archive again the failed recordings whose next attempt is due."""
+    """Retry due failures, and look again at recordings whose media was not ready."""
     from recarchive.progress import ProgressReporter
     from recarchive.runner import retry_failed
 

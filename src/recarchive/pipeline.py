@@ -84,6 +84,8 @@ class ArchiveContext:
         lease_seconds: Lease length of claimed ledger rows.
         item_max_attempts: Attempts (across runs) after which a failure is no longer retried.
         retry_backoff: Base delay before a failed item's next attempt (doubles per attempt).
+        media_recheck: Delay before ``retry-failed`` looks again at a recording whose media
+            was not available yet.
         temp_dir: Folder for media temp files (system default when ``None``).
     """
 
@@ -97,6 +99,7 @@ class ArchiveContext:
     lease_seconds: int = 900
     item_max_attempts: int = 8
     retry_backoff: timedelta = timedelta(minutes=5)
+    media_recheck: timedelta = timedelta(hours=1)
     temp_dir: Path | None = None
 
 
@@ -242,8 +245,19 @@ class _Chunk:
                 # --refresh of an archived recording: metadata updated above, media untouched.
                 self._outcome(already_archived=1)
             elif self.options.skip_media or record.status != AVAILABLE or self.ctx.media is None:
-                reason = "skip-media" if self.options.skip_media else f"status {record.status}"
-                self._mark(record.id, entry, self.ctx.store.mark_metadata_only, reason=reason)
+                if self.options.skip_media:
+                    reason, recheck_at = "skip-media", None
+                else:
+                    # Media not ready: retry-failed looks again once this is due.
+                    reason = f"status {record.status}"
+                    recheck_at = datetime.now(UTC) + self.ctx.media_recheck
+                self._mark(
+                    record.id,
+                    entry,
+                    self.ctx.store.mark_metadata_only,
+                    reason=reason,
+                    retry_at=recheck_at,
+                )
                 self._outcome(metadata_only=1)
             else:
                 media_jobs.append(self._archive_media(record, entry))

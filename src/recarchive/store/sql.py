@@ -29,6 +29,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     create_engine,
     event,
     func,
@@ -625,8 +626,17 @@ class ArchiveStore:
 
     # --- ledger: transitions -----------------------------------------------------------
 
-    def mark_metadata_only(self, recording_id: str, *, owner: str, reason: str) -> None:
+    def mark_metadata_only(
+        self, recording_id: str, *, owner: str, reason: str, retry_at: datetime | None = None
+    ) -> None:
         """Metadata stored, media not (yet): not available, or ``--skip-media``.
+
+        Args:
+            recording_id: The recording.
+            owner: Lease holder.
+            reason: Why there is no media yet (``status completed``, ``skip-media``).
+            retry_at: When ``retry-failed`` should look again whether the media is ready;
+                ``None`` (``--skip-media``) means only when the ID is archived again.
 
         Raises:
             LedgerStateError: Already ``archived``, unknown, or ``owner`` holds no lease.
@@ -635,7 +645,7 @@ class ArchiveStore:
             recording_id,
             owner,
             METADATA_ONLY,
-            {"last_error": _clip(reason), "next_attempt_at": None},
+            {"last_error": _clip(reason), "next_attempt_at": retry_at},
         )
 
     def mark_missing(self, recording_id: str, *, owner: str, error: str) -> None:
@@ -753,22 +763,32 @@ class ArchiveStore:
     # --- ledger: queries ---------------------------------------------------------------
 
     def due_retries(self, *, limit: int, max_attempts: int) -> list[str]:
-        """Failed recordings whose next attempt is due, oldest due first.
+        """Recordings whose next attempt is due, oldest due first.
+
+        These are ``failed`` recordings due for a retry, and ``metadata_only`` recordings due
+        for a look whether their media became available (without this, a recording whose
+        media was not ready during its nightly window would never be fetched again).
 
         Args:
             limit: Most IDs to return.
-            max_attempts: Recordings with this many failed attempts are not retried.
+            max_attempts: Failed recordings with this many attempts are not retried.
 
         Returns:
-            IDs with ``next_attempt_at <= now``, ``attempts < max_attempts`` and no live lease.
+            IDs with ``next_attempt_at <= now`` and no live lease (failed ones also with
+            ``attempts < max_attempts``).
         """
         now = _now()
         query = (
             select(archive_ledger.c.recording_id)
             .where(
-                archive_ledger.c.state == FAILED,
+                or_(
+                    and_(
+                        archive_ledger.c.state == FAILED,
+                        archive_ledger.c.attempts < max_attempts,
+                    ),
+                    archive_ledger.c.state == METADATA_ONLY,
+                ),
                 archive_ledger.c.next_attempt_at <= now,
-                archive_ledger.c.attempts < max_attempts,
                 or_(
                     archive_ledger.c.lease_owner.is_(None),
                     archive_ledger.c.lease_expires_at <= now,
