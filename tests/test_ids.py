@@ -171,3 +171,18 @@ def test_memory_per_distinct_id_is_bounded(tmp_path: Path) -> None:
     assert count == 200_000
     # 16-byte keys in a set: ~100 bytes per distinct ID (a list of the strings alone is ~90).
     assert peak / count < 128, peak / count
+
+
+def test_undecodable_stdin_is_an_input_error() -> None:
+    class Stdin:
+        buffer = io.BytesIO(b"\xff\xfe not utf-8\n")
+
+    with pytest.raises(InputError, match="standard input is not UTF-8"):
+        collect_ids(files=["-"], stdin=Stdin())  # type: ignore[arg-type]
+
+
+def test_broken_csv_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "ids.csv"
+    path.write_text('id,note\n"' + "a" * 200_000 + '",x\n')
+    with pytest.raises(InputError, match=r"ids\.csv:2: not valid CSV"):
+        collect_ids(files=[path])

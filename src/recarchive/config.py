@@ -7,6 +7,7 @@ in a repr, a log line or an exception message.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -78,10 +79,27 @@ class Settings(BaseSettings):
     def _strip_slashes(cls, value: str) -> str:
         return value.strip("/")
 
-    @field_validator("bird_access_key", "workspace_id", "s3_bucket", mode="before")
+    # Deployment templates often export optional variables as empty strings.
+    @field_validator(
+        "bird_access_key",
+        "workspace_id",
+        "s3_bucket",
+        "s3_endpoint_url",
+        "s3_sse",
+        "s3_sse_kms_key_id",
+        "temp_dir",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
+
+    @field_validator("temp_dir")
+    @classmethod
+    def _existing_folder(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not an existing folder")
+        return value
 
     def require_bird(self) -> tuple[str, SecretStr]:
         """Return ``(workspace_id, access_key)`` or fail naming the missing variable.

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, Any, TextIO
 
 from recarchive.errors import InputError
 
@@ -197,7 +197,12 @@ def collect_ids(
                 import sys
 
                 stream = stdin if stdin is not None else sys.stdin
-                _read_stream(_without_bom(stream), "<stdin>", collector)
+                try:
+                    _read_stream(_without_bom(stream), "<stdin>", collector)
+                except UnicodeDecodeError as exc:
+                    raise InputError(
+                        f"standard input is not UTF-8 text (byte {exc.start} of a read)"
+                    ) from exc
             else:
                 _read_file(Path(file), collector)
     except BaseException:
@@ -280,6 +285,17 @@ def _read_csv(
 ) -> None:
     id_index = header.index("id")
     reader = csv.reader(lines)
+    try:
+        _read_csv_rows(reader, id_index, source, header_line, c)
+    except csv.Error as exc:
+        raise InputError(
+            f"{source}:{header_line + reader.line_num}: not valid CSV ({exc})"
+        ) from exc
+
+
+def _read_csv_rows(
+    reader: Any, id_index: int, source: str, header_line: int, c: IdCollector
+) -> None:
     for row in reader:
         line_number = header_line + reader.line_num
         if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):

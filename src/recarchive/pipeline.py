@@ -27,6 +27,7 @@ from recarchive.errors import (
     LedgerStateError,
     MediaConflictError,
     NotFoundError,
+    PayloadError,
     RecarchiveError,
     RetryableError,
     StorageUnavailableError,
@@ -283,9 +284,15 @@ class _Chunk:
         store = self.ctx.store
         try:
             payload = await self.ctx.bird.get_recording(recording_id)
-            return normalize_recording(
+            record = normalize_recording(
                 payload, workspace_id=self.ctx.workspace_id, fetched_at=datetime.now(UTC)
             )
+            if record.id != recording_id:
+                raise PayloadError(
+                    f"asked for recording {recording_id}, the API answered with {record.id}",
+                    field="id",
+                )
+            return record
         except NotFoundError as exc:
             if entry.state == "archived":
                 # --refresh after Bird deleted its copy: ours is the archive; keep it as it is.

@@ -332,7 +332,9 @@ class BirdClient:
                 if response.status_code == 200:
                     return response
                 await response.aclose()
-                if response.status_code == 403:
+                # 403 is how S3 says "expired"; 401 from a presigned URL's host cannot be
+                # about our key (it was never sent there): ask the API for a fresh link.
+                if response.status_code in (401, 403):
                     logger.info("presigned URL of %s refused (expired); asking again", recording_id)
                     return None
                 error = _classify(response, what)
