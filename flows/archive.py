@@ -10,7 +10,7 @@ from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
 from recarchive.orchestration import open_id_input
 from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids
+from recarchive.runner import archive_ids, raise_for_export
 
 
 @flow(name="archive-recordings", log_prints=False)
@@ -53,4 +53,5 @@ async def archive_recordings(
             max_parallel_chunks=max_parallel_chunks,
         )
     await publish_report(report, key="archive-recordings")
+    raise_for_export(report)
     return report.counts.as_dict()

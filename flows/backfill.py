@@ -16,7 +16,7 @@ from recarchive.errors import InputError
 from recarchive.ids import IdList
 from recarchive.orchestration import Window, discover_window, open_manifest, write_manifests
 from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids
+from recarchive.runner import archive_ids, raise_for_export
 from recarchive.when import parse_when
 
 ARCHIVE_IDS_DEPLOYMENT = "archive-recordings/archive-ids"
@@ -77,6 +77,7 @@ async def backfill(
                 max_parallel_chunks=max_parallel_chunks,
             )
             await publish_report(report, key="backfill")
+            raise_for_export(report)
             return report.counts.as_dict()
         run_key = str(flow_run.get_id() or "local")
         manifests = write_manifests(

@@ -11,7 +11,7 @@ from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
 from recarchive.orchestration import discover_window, nightly_window
 from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids, retry_failed
+from recarchive.runner import archive_ids, raise_for_export, retry_failed
 from recarchive.when import parse_when
 
 
@@ -58,6 +58,8 @@ async def nightly_archive(
         max_parallel_chunks=max_parallel_chunks,
     )
     await publish_report(retried, key="nightly-retry-failed")
+    raise_for_export(report)
+    raise_for_export(retried)
     return {
         "window": window.as_params(),
         "archive": report.counts.as_dict(),

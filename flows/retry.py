@@ -8,7 +8,7 @@ from prefect import flow
 
 from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
-from recarchive.runner import retry_failed
+from recarchive.runner import raise_for_export, retry_failed
 
 
 @flow(name="retry-failed", log_prints=False)
@@ -27,4 +27,5 @@ async def retry_failed_flow(
         max_parallel_chunks=max_parallel_chunks,
     )
     await publish_report(report, key="retry-failed")
+    raise_for_export(report)
     return report.counts.as_dict()

@@ -375,3 +375,22 @@ def test_retry_failed_archives_media_that_became_ready_later(
     assert all(entries[rid].state == "metadata_only" for rid in skipped)
     asked = {r.path.rsplit("/", 1)[1].removesuffix(".mp3") for r in sim.api_requests()}
     assert asked == set(pending)
+
+
+def test_failed_export_keeps_the_run_summary_and_says_how_to_redo_it(
+    simulator: SimulatorServer, invoke: Invoke, env: dict[str, str], tmp_path: Path
+) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the Parquet root should be")
+    ids = simulator.dataset.ids[:6]
+    result = invoke(
+        "archive", *ids, "--skip-media", sim=simulator, RECARCHIVE_PARQUET_ROOT=str(blocked)
+    )
+    assert result.exit_code == 1
+    assert "requested" in result.output  # the summary table still printed
+    assert "Parquet export failed" in result.output and "recarchive export" in result.output
+    status = json.loads(invoke("status", "--json").output)
+    assert status["runs"][0]["status"] == "partial"
+    assert states(store_for(env)) == {"metadata_only": 6}
+    redo = invoke("export")
+    assert redo.exit_code == 0 and "exported 6 rows" in redo.output

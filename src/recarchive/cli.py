@@ -209,6 +209,9 @@ async def _archive_list(
         export_partitions=len(report.export.partitions) if report.export else None,
         seconds=report.seconds,
     )
+    from recarchive.runner import raise_for_export
+
+    raise_for_export(report)
     return report.counts
 
 
@@ -258,6 +261,9 @@ def retry_failed_command(
         export_partitions=len(report.export.partitions) if report.export else None,
         seconds=report.seconds,
     )
+    from recarchive.runner import raise_for_export
+
+    raise_for_export(report)
     raise typer.Exit(exit_code(report.counts))
 
 

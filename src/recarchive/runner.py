@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 from recarchive.bird.client import BirdClient
 from recarchive.config import Settings
 from recarchive.counts import RunCounts
-from recarchive.errors import RecarchiveError, first_error
+from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
 from recarchive.ids import IdCollector, IdList
 from recarchive.pipeline import ArchiveContext, ChunkOptions, ProgressCallback, archive_chunk
 from recarchive.runtime import open_archive_context, open_store
@@ -38,8 +38,10 @@ class RunReport:
         kind: ``archive``, ``nightly``, ``backfill``, ``retry-failed``.
         status: ``succeeded``, ``partial`` (some items failed or missing) or ``failed``.
         counts: Outcome counters.
-        export: The Parquet export that ended the run, if it ran.
+        export: The Parquet export that ended the run, if it ran and succeeded.
         seconds: Wall time.
+        export_error: Why the Parquet export failed (the run's items are done regardless;
+            ``recarchive export`` redoes it), or ``None``.
     """
 
     run_id: int
@@ -48,6 +50,7 @@ class RunReport:
     counts: RunCounts
     export: ExportReport | None
     seconds: float
+    export_error: str | None = None
 
 
 def run_status(counts: RunCounts) -> str:
@@ -236,10 +239,32 @@ async def recorded_run(
         )
         store.finish_run(run_id, status="failed", counts=counts.as_dict(), error=reason)
         raise
-    report = export_parquet(settings, engine) if export else None
-    status = run_status(counts)
-    store.finish_run(run_id, status=status, counts=counts.as_dict())
-    return RunReport(run_id, kind, status, counts, report, time.monotonic() - started)
+    report: ExportReport | None = None
+    export_error: str | None = None
+    if export:
+        try:
+            report = export_parquet(settings, engine)
+        except Exception as exc:
+            export_error = f"Parquet export failed: {type(exc).__name__}: {exc}"
+            logger.error("%s; `recarchive export` redoes it", export_error)
+    status = run_status(counts) if export_error is None else "partial"
+    store.finish_run(run_id, status=status, counts=counts.as_dict(), error=export_error)
+    seconds = time.monotonic() - started
+    return RunReport(run_id, kind, status, counts, report, seconds, export_error)
+
+
+def raise_for_export(report: RunReport) -> None:
+    """Fail the caller (CLI exit 1, a failed flow run) when the run's Parquet export failed.
+
+    Called after the run's summary or artifact is out: the items themselves are archived.
+
+    Raises:
+        StorageUnavailableError: The export failed; its message says how to redo it.
+    """
+    if report.export_error:
+        raise StorageUnavailableError(
+            f"{report.export_error}; the recordings are archived, `recarchive export` redoes it"
+        )
 
 
 def export_parquet(settings: Settings, engine: Engine, *, full: bool = False) -> ExportReport:
