@@ -227,7 +227,13 @@ async def _discover_and_archive(
         id_list = await discover_ids(bird, since=since, until=until, spool_dir=settings.temp_dir)
     with id_list:
         err.print(f"found {len(id_list)} recordings")
-        return await _archive_list(
+        if id_list.invalid:
+            # Not ours to archive, but not to be hidden either: the API listed something that
+            # is not a recording ID. Reported, counted as failed (exit 1), the rest goes on.
+            err.print(f"{id_list.invalid} listed IDs are not valid recording IDs:", markup=False)
+            for problem in id_list.problems:
+                err.print(f"  {problem}", markup=False, highlight=False)
+        counts = await _archive_list(
             settings,
             id_list,
             options,
@@ -238,6 +244,8 @@ async def _discover_and_archive(
                 "skip_media": options.skip_media,
             },
         )
+        counts.failed += id_list.invalid
+        return counts
 
 
 @app.command("retry-failed")
