@@ -257,3 +257,16 @@ def test_concurrent_claimers_never_share_an_id(database_url: str) -> None:
             assert all(entries[rid].lease_owner == owner for rid in got)
     finally:
         check.dispose()
+
+
+def test_renew_extends_only_the_owners_leases(store: ArchiveStore) -> None:
+    first, second = ids(2)
+    store.register([first, second])
+    assert store.claim([first], owner="run-a", lease_seconds=10, states={"pending"}) == [first]
+    assert store.claim([second], owner="run-b", lease_seconds=10, states={"pending"}) == [second]
+    before = store.get_entries([first, second])
+    assert store.renew([first, second], owner="run-a", lease_seconds=3600) == 1
+    after = store.get_entries([first, second])
+    old, new = before[first].lease_expires_at, after[first].lease_expires_at
+    assert old is not None and new is not None and new > old + timedelta(minutes=50)
+    assert after[second].lease_expires_at == before[second].lease_expires_at

@@ -190,16 +190,21 @@ class _Chunk:
                 f"could not take over dead leases: {type(exc).__name__}"
             ) from exc
         states = ALL_STATES if self.options.refresh else WORK_STATES
-        claimed = store.claim(
-            wanted, owner=ctx.owner, lease_seconds=ctx.lease_seconds, states=states
-        )
+        try:
+            claimed = store.claim(
+                wanted, owner=ctx.owner, lease_seconds=ctx.lease_seconds, states=states
+            )
+        except SQLAlchemyError as exc:
+            raise StorageUnavailableError(f"could not claim: {type(exc).__name__}") from exc
         busy = len(wanted) - len(claimed)
         if busy:
             logger.info("%d recordings are leased by another run; left to it", busy)
             self._outcome(busy=busy)
+        renewer = asyncio.create_task(self._renew_leases(claimed))
         try:
             await self._process(claimed, entries)
         finally:
+            renewer.cancel()
             # Items that reached a mark_* no longer hold a lease; this frees the rest (a fatal
             # error or a cancellation) so the next run does not wait for the lease to expire.
             try:
@@ -207,6 +212,19 @@ class _Chunk:
             except Exception:
                 logger.exception("could not release leases; they expire on their own")
         return self.counts
+
+    async def _renew_leases(self, claimed: list[str]) -> None:
+        """Keep this chunk's leases alive while it works (every third of their length)."""
+        ctx = self.ctx
+        while True:
+            await asyncio.sleep(ctx.lease_seconds / 3)
+            try:
+                await asyncio.to_thread(
+                    ctx.store.renew, claimed, owner=ctx.owner, lease_seconds=ctx.lease_seconds
+                )
+            except SQLAlchemyError as exc:
+                # The next renewal may succeed; marks still check the lease either way.
+                logger.warning("could not renew leases: %s", type(exc).__name__)
 
     def _register(self, ids: Sequence[str]) -> dict[str, LedgerEntry]:
         """Return the ledger rows of ``ids``, inserting ``pending`` rows for new IDs.
@@ -252,14 +270,15 @@ class _Chunk:
                     # Media not ready: retry-failed looks again once this is due.
                     reason = f"status {record.status}"
                     recheck_at = datetime.now(UTC) + self.ctx.media_recheck
-                self._mark(
+                marked = self._mark(
                     record.id,
                     entry,
                     self.ctx.store.mark_metadata_only,
                     reason=reason,
                     retry_at=recheck_at,
                 )
-                self._outcome(metadata_only=1)
+                if marked:  # else counted busy: another run took the lease over
+                    self._outcome(metadata_only=1)
             else:
                 media_jobs.append(self._archive_media(record, entry))
         await self._gather(media_jobs)

@@ -624,6 +624,29 @@ class ArchiveStore:
                     .values(lease_owner=None, lease_expires_at=None)
                 )
 
+    def renew(self, ids: Sequence[str], *, owner: str, lease_seconds: int) -> int:
+        """Extend the leases ``owner`` still holds on ``ids``; return how many it holds.
+
+        A long chunk (slow media, a rate limit) renews its leases while it works, so they
+        do not expire under it and let another run transfer the same recordings.
+        """
+        if not ids:
+            return 0
+        expires = _now() + timedelta(seconds=lease_seconds)
+        renewed = 0
+        with self.engine.begin() as connection:
+            for chunk in _chunks(ids):
+                result = connection.execute(
+                    update(archive_ledger)
+                    .where(
+                        archive_ledger.c.recording_id.in_(chunk),
+                        archive_ledger.c.lease_owner == owner,
+                    )
+                    .values(lease_expires_at=expires)
+                )
+                renewed += result.rowcount
+        return renewed
+
     # --- ledger: transitions -----------------------------------------------------------
 
     def mark_metadata_only(
