@@ -394,3 +394,28 @@ def test_failed_export_keeps_the_run_summary_and_says_how_to_redo_it(
     assert states(store_for(env)) == {"metadata_only": 6}
     redo = invoke("export")
     assert redo.exit_code == 0 and "exported 6 rows" in redo.output
+
+
+def test_full_disk_stops_the_run_cleanly(
+    simulator_factory: SimulatorFactory,
+    invoke: Invoke,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A full disk cannot be made safely here: the temp file creation reports ENOSPC instead.
+    import errno
+
+    import recarchive.media
+
+    def no_space(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(recarchive.media.tempfile, "mkstemp", no_space)
+    sim = simulator_factory(recordings=4, seed=73, available_fraction=1.0)
+    result = invoke("archive", *sim.dataset.ids, sim=sim)
+    assert result.exit_code == 1
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+    entries = store_for(env).get_entries(sim.dataset.ids)
+    # Nothing was marked failed for a local problem, and no lease is left behind.
+    assert {e.state for e in entries.values()} <= {"pending"}
+    assert all(e.lease_owner is None for e in entries.values())

@@ -350,6 +350,13 @@ class _Chunk:
         except RecarchiveError as exc:
             self._failed(record.id, entry, exc)
             return
+        except OSError as exc:
+            # Network errors arrive translated; a bare OSError here is the local disk (full,
+            # read-only, temp folder gone): every other item would fail the same way.
+            raise StorageUnavailableError(
+                f"cannot write media temp files in {self.ctx.temp_dir or 'the temp folder'}: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from exc
         marked = self._mark(
             record.id,
             entry,
