@@ -404,13 +404,12 @@ def test_full_disk_stops_the_run_cleanly(
 ) -> None:
     # A full disk cannot be made safely here: the temp file creation reports ENOSPC instead.
     import errno
-
-    import recarchive.media
+    import tempfile
 
     def no_space(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(recarchive.media.tempfile, "mkstemp", no_space)
+    monkeypatch.setattr(tempfile, "mkstemp", no_space)
     sim = simulator_factory(recordings=4, seed=73, available_fraction=1.0)
     result = invoke("archive", *sim.dataset.ids, sim=sim)
     assert result.exit_code == 1
