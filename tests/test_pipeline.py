@@ -17,20 +17,20 @@ from tests.fixtures.simulator import SimulatorFactory
 async def intruder_claims_during_a_slow_chunk(
     simulator_factory: SimulatorFactory, tmp_path: Path
 ) -> list[str]:
-    """Run a chunk that outlives its 1 s lease; return what another run could claim."""
-    sim = simulator_factory(recordings=10, seed=71, rate_limit=4)
+    """Run a chunk that outlives its 2 s lease; return what another run could claim."""
+    sim = simulator_factory(recordings=12, seed=71, rate_limit=3)
     settings = Settings(
         bird_api_url=sim.api_url,
         bird_access_key=sim.config.access_key,
         workspace_id=sim.config.workspace_id,
         database_url=f"sqlite:///{tmp_path / 'archive.db'}",
-        requests_per_second=4,  # 10 recordings take ~2.5 s: longer than the lease
+        requests_per_second=3,  # 12 recordings take ~4 s: twice the lease
     )
     engine, store = open_store(settings)
     stolen: list[str] = []
     try:
         async with open_archive_context(settings, store, skip_media=True) as ctx:
-            ctx = dataclasses.replace(ctx, lease_seconds=1, concurrency=2)
+            ctx = dataclasses.replace(ctx, lease_seconds=2, concurrency=2)
             chunk = asyncio.create_task(
                 archive_chunk(ctx, sim.dataset.ids, ChunkOptions(skip_media=True))
             )
@@ -44,7 +44,7 @@ async def intruder_claims_during_a_slow_chunk(
                     states={"pending"},
                 )
             counts = await chunk
-        assert counts.metadata_only + counts.busy == 10
+        assert counts.metadata_only + counts.busy == 12
     finally:
         engine.dispose()
     return stolen
