@@ -11,9 +11,10 @@ its next attempt (backoff across runs), and the run goes on. Only a :class:`Fata
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,6 +36,7 @@ from recarchive.errors import (
 )
 from recarchive.leases import release_dead_leases
 from recarchive.media import archive_media, remove_orphan_temp_files
+from recarchive.model import FAILED, LEDGER_STATES, METADATA_ONLY, PENDING
 from recarchive.normalize import normalize_recording
 from recarchive.store.keys import media_key
 
@@ -50,10 +52,9 @@ ProgressCallback = Callable[[RunCounts], None]
 T = TypeVar("T")
 
 #: Ledger states worth a request when the caller did not ask for ``--refresh``.
-WORK_STATES = frozenset({"pending", "metadata_only", "failed"})
-ALL_STATES = frozenset({"pending", "metadata_only", "failed", "archived", "missing"})
+WORK_STATES = frozenset({PENDING, METADATA_ONLY, FAILED})
+ALL_STATES = frozenset(LEDGER_STATES)
 AVAILABLE = "available"
-PENDING = "pending"
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,18 @@ class ArchiveContext:
     retry_backoff: timedelta = timedelta(minutes=5)
     media_recheck: timedelta = timedelta(hours=1)
     temp_dir: Path | None = None
+
+
+@contextlib.contextmanager
+def ledger_errors(action: str) -> Iterator[None]:
+    """Translate a database failure into the fatal error that stops the run cleanly.
+
+    Only the error's type is kept: driver messages can quote connection details.
+    """
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise StorageUnavailableError(f"{action}: {type(exc).__name__}") from exc
 
 
 async def archive_chunk(
@@ -160,12 +173,8 @@ class _Chunk:
     async def run(self, ids: Sequence[str]) -> RunCounts:
         self.counts.requested = len(ids)
         store, ctx = self.ctx.store, self.ctx
-        try:
+        with ledger_errors("could not read the ledger"):
             entries = self._register(ids)
-        except SQLAlchemyError as exc:
-            raise StorageUnavailableError(
-                f"could not read the ledger: {type(exc).__name__}"
-            ) from exc
         wanted: list[str] = []
         for recording_id in ids:
             state = entries[recording_id].state
@@ -179,23 +188,17 @@ class _Chunk:
             return self.counts
         if ctx.media is not None and not self.options.skip_media:
             await asyncio.to_thread(remove_orphan_temp_files, ctx.temp_dir)
-        try:
+        with ledger_errors("could not take over dead leases"):
             release_dead_leases(
                 (entries[recording_id] for recording_id in wanted),
                 store.release,
                 own_owner=ctx.owner,
             )
-        except SQLAlchemyError as exc:
-            raise StorageUnavailableError(
-                f"could not take over dead leases: {type(exc).__name__}"
-            ) from exc
         states = ALL_STATES if self.options.refresh else WORK_STATES
-        try:
+        with ledger_errors("could not claim"):
             claimed = store.claim(
                 wanted, owner=ctx.owner, lease_seconds=ctx.lease_seconds, states=states
             )
-        except SQLAlchemyError as exc:
-            raise StorageUnavailableError(f"could not claim: {type(exc).__name__}") from exc
         busy = len(wanted) - len(claimed)
         if busy:
             logger.info("%d recordings are leased by another run; left to it", busy)
@@ -253,10 +256,8 @@ class _Chunk:
         records = [record for record in fetched if record is not None]
         if not records:
             return
-        try:
+        with ledger_errors("could not save metadata"):
             self.ctx.store.save_metadata(records)
-        except SQLAlchemyError as exc:
-            raise StorageUnavailableError(f"could not save metadata: {type(exc).__name__}") from exc
         media_jobs: list[Awaitable[None]] = []
         for record in records:
             entry = entries[record.id]
@@ -387,13 +388,10 @@ class _Chunk:
     ) -> bool:
         """Apply a ledger transition; ``False`` when another run took the lease over."""
         try:
-            mark(recording_id, owner=self.ctx.owner, **kwargs)
+            with ledger_errors("could not update the ledger"):
+                mark(recording_id, owner=self.ctx.owner, **kwargs)
         except LedgerStateError as exc:
             logger.warning("ledger refused %s for %s: %s", mark.__name__, recording_id, exc)
             self._outcome(busy=1)
             return False
-        except SQLAlchemyError as exc:
-            raise StorageUnavailableError(
-                f"could not update the ledger: {type(exc).__name__}"
-            ) from exc
         return True
