@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -43,6 +43,7 @@ from recarchive.errors import (
 )
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Fresh redirects asked for when presigned URLs keep answering 403 (expired).
@@ -250,10 +251,8 @@ class BirdClient:
         params: dict[str, str] | None = None,
     ) -> httpx.Response:
         """Send one API request with pacing and retries; return a 2xx or 3xx response."""
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def attempt() -> httpx.Response:
             await self.pacer.wait()
             self.stats["requests"] += 1
             try:
@@ -264,30 +263,46 @@ class BirdClient:
                     headers=self._auth_headers(),
                     follow_redirects=False,
                 )
-                error = _classify(response, what)
             except httpx.TimeoutException as exc:
-                error = TransportError(f"{what}: timed out ({type(exc).__name__})")
-                error.__cause__ = exc
+                raise TransportError(f"{what}: timed out ({type(exc).__name__})") from exc
             except httpx.HTTPError as exc:
-                error = TransportError(f"{what}: connection failed ({type(exc).__name__})")
-                error.__cause__ = exc
-            if error is None:
-                self.pacer.record_success()
-                return response
-            if not isinstance(error, RetryableError):
+                raise TransportError(f"{what}: connection failed ({type(exc).__name__})") from exc
+            error = _classify(response, what)
+            if error is not None:
                 raise error
-            delay = self.retry.delay(attempt, error.retry_after)
-            if isinstance(error, RateLimitedError):
-                self.stats["rate_limited"] += 1
-                # Everyone waits: the limit is the workspace's, not this request's.
-                self.pacer.pause(delay)
-            if not self.retry.may_retry(attempt, time.monotonic() - started, delay):
-                raise type(error)(
-                    f"{error} (gave up after {attempt} attempts)", retry_after=error.retry_after
-                ) from error.__cause__
-            self.stats["retries"] += 1
-            logger.debug("%s: %s; retry %d in %.2fs", what, error, attempt, delay)
-            await asyncio.sleep(delay)
+            self.pacer.record_success()
+            return response
+
+        return await self._with_retries(attempt, what=what, paced=True)
+
+    async def _with_retries(
+        self, attempt: Callable[[], Awaitable[T]], *, what: str, paced: bool
+    ) -> T:
+        """Run ``attempt`` until it succeeds, fails for good, or the retry policy says stop.
+
+        When the policy stops, the last error is raised saying how many attempts were made.
+        The one retry loop of Bird requests, API and media host alike. ``paced``: a 429 is
+        the workspace's limit, so it pauses every sender of the API (not the media host's).
+        """
+        started = time.monotonic()
+        number = 0
+        while True:
+            number += 1
+            try:
+                return await attempt()
+            except RetryableError as error:
+                delay = self.retry.delay(number, error.retry_after)
+                if paced and isinstance(error, RateLimitedError):
+                    self.stats["rate_limited"] += 1
+                    self.pacer.pause(delay)
+                if not self.retry.may_retry(number, time.monotonic() - started, delay):
+                    raise type(error)(
+                        f"{error} (gave up after {number} attempts)",
+                        retry_after=error.retry_after,
+                    ) from error.__cause__
+                self.stats["retries"] += 1
+                logger.debug("%s: %s; retry %d in %.2fs", what, error, number, delay)
+                await asyncio.sleep(delay)
 
     async def _media_location(self, recording_id: str) -> str:
         response = await self._send(
@@ -314,38 +329,29 @@ class BirdClient:
     async def _open_presigned(self, recording_id: str, location: str) -> httpx.Response | None:
         """GET the presigned URL with retries; ``None`` when it answered 403 (expired)."""
         what = f"media of {recording_id} from {_without_query(location)}"
-        started = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
+
+        async def attempt() -> httpx.Response | None:
             request = self._http.build_request("GET", location)
             # Defence in depth: whatever defaults the injected client has, no credentials
             # travel to the media host.
             request.headers.pop("Authorization", None)
-            error: RecarchiveError | None
             try:
                 response = await self._http.send(request, stream=True)
             except httpx.HTTPError as exc:
-                error = TransportError(f"{what}: connection failed ({type(exc).__name__})")
-                error.__cause__ = exc
-            else:
-                if response.status_code == 200:
-                    return response
-                await response.aclose()
-                # 403 is how S3 says "expired"; 401 from a presigned URL's host cannot be
-                # about our key (it was never sent there): ask the API for a fresh link.
-                if response.status_code in (401, 403):
-                    logger.info("presigned URL of %s refused (expired); asking again", recording_id)
-                    return None
-                error = _classify(response, what)
-                if error is None:
-                    error = InvalidRedirectError(f"{what}: unexpected HTTP {response.status_code}")
-            if not isinstance(error, RetryableError):
-                raise error
-            delay = self.retry.delay(attempt, error.retry_after)
-            if not self.retry.may_retry(attempt, time.monotonic() - started, delay):
-                raise error
-            await asyncio.sleep(delay)
+                raise TransportError(f"{what}: connection failed ({type(exc).__name__})") from exc
+            if response.status_code == 200:
+                return response
+            await response.aclose()
+            # 403 is how S3 says "expired"; 401 from a presigned URL's host cannot be about
+            # our key (it was never sent there): ask the API for a fresh link.
+            if response.status_code in (401, 403):
+                logger.info("presigned URL of %s refused (expired); asking again", recording_id)
+                return None
+            raise _classify(response, what) or InvalidRedirectError(
+                f"{what}: unexpected HTTP {response.status_code}"
+            )
+
+        return await self._with_retries(attempt, what=what, paced=False)
 
 
 def _classify(response: httpx.Response, what: str) -> RecarchiveError | None:
