@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -27,6 +27,9 @@ from recarchive.counts import RunCounts
 from recarchive.errors import AuthError, FatalError, InputError, RecarchiveError, UsageError
 from recarchive.progress import result_table, summary_table
 from recarchive.when import parse_when
+
+if TYPE_CHECKING:
+    from recarchive.runner import RunReport
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,17 +96,28 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def print_run(counts: RunCounts, *, export_partitions: int | None, seconds: float) -> None:
-    """Print the summary table and the first failures of a run."""
+def print_run(report: RunReport) -> None:
+    """Print the summary table and the first failures of a run.
+
+    Raises:
+        StorageUnavailableError: The run's Parquet export failed (after the summary).
+    """
+    from recarchive.runner import raise_for_export
+
+    counts = report.counts
     out.print(summary_table(counts))
     if counts.busy:
         out.print(f"{counts.busy} recordings were leased by another run and left to it.")
-    if export_partitions is not None:
-        out.print(f"Parquet: {export_partitions} partitions rewritten. Took {seconds:.1f}s.")
+    if report.export is not None:
+        out.print(
+            f"Parquet: {len(report.export.partitions)} partitions rewritten. "
+            f"Took {report.seconds:.1f}s."
+        )
     for recording_id, error in counts.failures[:20]:
         out.print(f"  failed {recording_id}: {error}", highlight=False, markup=False)
     if counts.failed > 20:
         out.print(f"  ... and {counts.failed - 20} more (recarchive status --failed)")
+    raise_for_export(report)
 
 
 def exit_code(counts: RunCounts) -> int:
@@ -204,14 +218,7 @@ async def _archive_list(
         report = await archive_ids(
             settings, id_list, options, kind=kind, params=params, on_progress=progress.update
         )
-    print_run(
-        report.counts,
-        export_partitions=len(report.export.partitions) if report.export else None,
-        seconds=report.seconds,
-    )
-    from recarchive.runner import raise_for_export
-
-    raise_for_export(report)
+    print_run(report)
     return report.counts
 
 
@@ -264,14 +271,7 @@ def retry_failed_command(
         report = asyncio.run(
             retry_failed(settings, skip_media=skip_media, on_progress=progress.update)
         )
-    print_run(
-        report.counts,
-        export_partitions=len(report.export.partitions) if report.export else None,
-        seconds=report.seconds,
-    )
-    from recarchive.runner import raise_for_export
-
-    raise_for_export(report)
+    print_run(report)
     raise typer.Exit(exit_code(report.counts))
 
 

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
@@ -545,12 +545,6 @@ def _parse_time(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-@dataclass
-class _Serving:
-    server: SimulatorServer
-    stop: threading.Event = field(default_factory=threading.Event)
-
-
 def serve(config: SimulatorConfig) -> None:
     """Run the simulator in the foreground until interrupted (``recarchive simulate``)."""
     server = SimulatorServer(config)
@@ -567,9 +561,8 @@ def serve(config: SimulatorConfig) -> None:
         f"RECARCHIVE_BIRD_ACCESS_KEY=<the --access-key>",
         flush=True,
     )
-    serving = _Serving(server)
     try:
-        serving.stop.wait()
+        threading.Event().wait()  # until Ctrl-C or a signal ends the process
     except KeyboardInterrupt:
         pass
     finally:
