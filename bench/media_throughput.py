@@ -24,7 +24,6 @@ import base64
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ import httpx
 from botocore.config import Config
 
 # Imported before any timing: the first import of the pipeline's modules takes about a second.
+from bench.sim_process import free_port
 from recarchive.bird.http import build_http_client
 from recarchive.config import Settings
 from recarchive.ids import collect_ids
@@ -92,12 +92,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def simulator(recordings: int, low: int, high: int, big: int = 0) -> Iterator[Sim]:
     process = subprocess.Popen(
@@ -130,7 +124,7 @@ def simulator(recordings: int, low: int, high: int, big: int = 0) -> Iterator[Si
 
 @contextmanager
 def moto_server() -> Iterator[tuple[str, int]]:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, **AWS_ENV}
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],

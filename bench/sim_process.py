@@ -26,7 +26,8 @@ class SimulatorProcess:
     access_key: str
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for servers that need it on the command line)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -37,7 +38,7 @@ def simulator_process(
     *, recordings: int, seed: int = 1, faults: str = "none", rate_limit: float | None = None
 ) -> Iterator[SimulatorProcess]:
     """Start ``recarchive simulate`` and stop it afterwards."""
-    port, media_port = _free_port(), _free_port()
+    port, media_port = free_port(), free_port()
     access_key = SimulatorConfig().access_key
     command = [
         str(Path(sys.executable).parent / "recarchive"),

@@ -85,6 +85,21 @@ def states(store: ArchiveStore) -> dict[str, int]:
     return {state: count for state, count in store.counts().items() if count}
 
 
+def corrupt_behind_metadata(
+    env: dict[str, str], s3_client: S3Client, bucket: str, recording_id: str
+) -> None:
+    """Replace an archived object's bytes (same size, reversed), keeping its metadata."""
+    victim = store_for(env).get_entries([recording_id])[recording_id]
+    assert victim.s3_key is not None
+    original = s3_client.get_object(Bucket=bucket, Key=victim.s3_key)
+    s3_client.put_object(
+        Bucket=bucket,
+        Key=victim.s3_key,
+        Body=original["Body"].read()[::-1],
+        Metadata=original["Metadata"],
+    )
+
+
 def writes(proxy: FaultProxy) -> list[str]:
     return [info.target for info, _ in proxy.log if info.method in ("PUT", "POST", "DELETE")]
 
@@ -236,13 +251,7 @@ def test_status_verify_and_refresh(
     assert deep.exit_code == 0 and "12 ok" in deep.output
 
     # Same size, other bytes, metadata untouched: only --deep can tell.
-    victim = store_for(env).get_entries([ids[0]])[ids[0]]
-    assert victim.s3_key is not None
-    original = s3_client.get_object(Bucket=s3_bucket, Key=victim.s3_key)
-    data = original["Body"].read()
-    s3_client.put_object(
-        Bucket=s3_bucket, Key=victim.s3_key, Body=data[::-1], Metadata=original["Metadata"]
-    )
+    corrupt_behind_metadata(env, s3_client, s3_bucket, ids[0])
     assert invoke("verify").exit_code == 0
     tampered = invoke("verify", "--deep")
     assert tampered.exit_code == 1 and ids[0] in tampered.output
@@ -322,15 +331,7 @@ def test_delete_source_only_after_a_successful_deep_verify(
     ids = sim.dataset.ids
     assert invoke("archive", *ids, sim=sim).exit_code == 0
     # One object silently corrupted behind intact metadata: its source must survive.
-    victim = store_for(env).get_entries([ids[0]])[ids[0]]
-    assert victim.s3_key is not None
-    original = s3_client.get_object(Bucket=s3_bucket, Key=victim.s3_key)
-    s3_client.put_object(
-        Bucket=s3_bucket,
-        Key=victim.s3_key,
-        Body=original["Body"].read()[::-1],
-        Metadata=original["Metadata"],
-    )
+    corrupt_behind_metadata(env, s3_client, s3_bucket, ids[0])
     sim.clear_requests()
     result = invoke("verify", "--delete-source-after-verify", sim=sim)
     assert result.exit_code == 1 and ids[0] in result.output

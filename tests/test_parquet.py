@@ -26,7 +26,7 @@ from recarchive.store.parquet import (
 )
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions
-from tests.test_normalize import make_payload
+from tests.test_normalize import REQUIRED, make_payload
 
 JULY = datetime(2025, 7, 10, 2, 10, 43, 130000, tzinfo=UTC)
 AUGUST = datetime(2025, 8, 3, 23, 59, 59, tzinfo=UTC)
@@ -96,21 +96,7 @@ def test_export_layout_and_schema(engine: Engine, tmp_path: Path) -> None:
 
 def test_all_null_columns_keep_their_types(engine: Engine, tmp_path: Path) -> None:
     store = ArchiveStore(engine)
-    bare = {
-        key: make_payload(0)[key]
-        for key in (
-            "id",
-            "source",
-            "sourceId",
-            "status",
-            "origin",
-            "stereo",
-            "format",
-            "transcription",
-            "createdAt",
-            "updatedAt",
-        )
-    }
+    bare = {key: make_payload(0)[key] for key in REQUIRED}
     store.save_metadata([normalize_recording(bare, workspace_id="ws", fetched_at=JULY)])
     export_changed(engine, str(tmp_path))
     schema = pq.read_schema(part(tmp_path, "recordings", "2025-07"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from recarchive.simulator.dataset import STATUSES, ZERO_DATE, Dataset
 from recarchive.simulator.faults import FaultProfile, UnknownFaultError
 from recarchive.simulator.mp3 import FRAME_HEADER, Mp3Source
+from tests.fixtures.postgres import free_port
 
 #: The example payload of the user's source document ("Get a Recording"), copied verbatim.
 SEED_EXAMPLE = Path(__file__).parent / "data" / "seed_recording.json"
@@ -118,12 +118,6 @@ def test_faults_are_deterministic_and_never_permanent() -> None:
     assert hits == [k for k in keys if FaultProfile.parse("500", 9).hits("500", k, 0)]
     assert 0.05 < len(hits) / len(keys) < 0.15
     assert not any(profile.hits("500", k, 2) for k in keys)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_simulate_command_serves_the_endpoints(tmp_path: Path) -> None:
