@@ -12,7 +12,8 @@ same command runs again to completion, and the trial checks what the issue asks:
   bytes hash to the simulator's bytes;
 * no multipart upload is left open;
 * the ledger agrees with S3 (key, size, SHA-256) and holds no lease;
-* no media temp file is left behind (the next run removes those of dead processes).
+* no temp file is left behind (the next run removes those of dead processes), and the
+  killed run's ``runs`` row is finished as ``interrupted``.
 
 Some recordings are above the (lowered) multipart threshold, so kills also land mid-multipart.
 """
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from recarchive.leases import owner_pid_on_host, pid_alive, release_dead_leases
+from recarchive.leases import local_owner_dead, owner_pid_on_host, pid_alive, release_dead_leases
 from recarchive.model import LedgerEntry
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.keys import media_key, sidecar_key
@@ -157,12 +159,27 @@ def _snapshot(trial: Trial, store: MediaStore, s3_client: S3Client, bucket: str)
         ledger.engine.dispose()
     return (
         f"objects {media}, open uploads {len(store.list_open_multipart_uploads())}, "
-        f"media temp files {len(list(trial.temp_dir.glob('*.mp3.part')))}, ledger {states}"
+        f"temp files {len(list(trial.temp_dir.iterdir()))}, ledger {states}"
     )
 
 
-def assert_archived_exactly_once(trial: Trial, s3_client: S3Client, s3_bucket: str) -> None:
-    """Every available recording archived once, ledger == S3, nothing open or left behind."""
+def run_statuses(trial: Trial) -> dict[int, str]:
+    """Status of every ``runs`` row, by id."""
+    ledger = ArchiveStore(create_engine_for(trial.env["RECARCHIVE_DATABASE_URL"]))
+    try:
+        return {run["id"]: run["status"] for run in ledger.last_runs(limit=100)}
+    finally:
+        ledger.engine.dispose()
+
+
+def assert_archived_exactly_once(
+    trial: Trial, s3_client: S3Client, s3_bucket: str, *, killed_running: Sequence[int]
+) -> None:
+    """Every available recording archived once, ledger == S3, nothing open or left behind.
+
+    ``killed_running``: ``runs`` rows that said ``running`` after the kill; the rerun must have
+    finished them as ``interrupted``.
+    """
     sim = trial.sim
     store = MediaStore(s3_client, bucket=s3_bucket)
     available = set(sim.dataset.available_ids())
@@ -206,8 +223,13 @@ def assert_archived_exactly_once(trial: Trial, s3_client: S3Client, s3_bucket: s
 
     assert len(media_versions) == len(available)
     assert store.list_open_multipart_uploads() == []
-    # Media temp files only: the ID spool of a killed run (ids.py) is not swept (yet).
-    assert list(trial.temp_dir.glob("*.mp3.part")) == []
+    # Neither media temp files nor the killed run's ID spool are left behind.
+    assert list(trial.temp_dir.iterdir()) == []
+    # The killed run's row was finished by the rerun (unless the kill came after the run had
+    # finished it itself); the rerun finished its own.
+    statuses = run_statuses(trial)
+    assert len(statuses) == 2 and "running" not in statuses.values(), statuses
+    assert [statuses[run_id] for run_id in killed_running] == ["interrupted"] * len(killed_running)
     assert sim.leaks == []
 
 
@@ -236,6 +258,8 @@ def test_sigkill_then_rerun_archives_everything_exactly_once(
         f"raise KILL_WINDOW's margin\n{trial.output('first.log')}"
     )
     left = _snapshot(trial, store, s3_client, s3_bucket)
+    statuses = run_statuses(trial)
+    killed_running = [run_id for run_id, status in statuses.items() if status == "running"]
 
     # The rerun, at once: no waiting for leases to expire.
     started = time.monotonic()
@@ -244,7 +268,7 @@ def test_sigkill_then_rerun_archives_everything_exactly_once(
     rerun = time.monotonic() - started
     print(f"trial {number}: killed at {delay:.2f} s ({left}); rerun {rerun:.1f} s")
 
-    assert_archived_exactly_once(trial, s3_client, s3_bucket)
+    assert_archived_exactly_once(trial, s3_client, s3_bucket, killed_running=killed_running)
 
 
 def test_sha256_helper_matches_simulator(simulator_factory: SimulatorFactory) -> None:
@@ -277,10 +301,14 @@ def test_sigkill_mid_multipart_upload_then_rerun(
             first.wait()
     assert first.returncode == -signal.SIGKILL
     assert store.list_open_multipart_uploads() != []  # the killed run left it open
+    statuses = run_statuses(trial)
+    assert list(statuses.values()) == ["running"]  # killed mid-work: nobody finished the row
+    (killed_running,) = statuses
     second = trial.start("second.log")
     assert second.wait(timeout=90) == 0, trial.output("second.log")
     assert "left open by an earlier run" in trial.output("second.log")
-    assert_archived_exactly_once(trial, s3_client, s3_bucket)
+    assert "marked interrupted" in trial.output("second.log")
+    assert_archived_exactly_once(trial, s3_client, s3_bucket, killed_running=[killed_running])
 
 
 # --- taking over the leases of dead runs (unit level) ----------------------------------------
@@ -327,6 +355,16 @@ def test_only_dead_owners_of_this_host_are_taken_over(caplog: pytest.LogCaptureF
     assert taken == {"r1", "r2"}
     assert released == [(["r1", "r2"], "host-a:111:dead")]
     assert "took over 2 lease(s) of run host-a:111:dead" in caplog.text
+
+
+def test_local_owner_dead_needs_a_proven_death_on_this_host() -> None:
+    def alive(pid: int) -> bool:
+        return pid == 20
+
+    assert local_owner_dead("box:10:ab12", hostname="box", alive=alive)
+    assert not local_owner_dead("box:20:ab12", hostname="box", alive=alive)
+    assert not local_owner_dead("other:10:ab12", hostname="box", alive=alive)
+    assert not local_owner_dead("not-an-owner", hostname="box", alive=alive)
 
 
 def test_pid_alive_tells_a_reaped_child_from_a_running_one() -> None:

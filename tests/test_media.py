@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import socket
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -29,12 +28,11 @@ from recarchive.media import (
     MediaResult,
     archive_media,
     check_mpeg_audio,
-    remove_orphan_temp_files,
-    temp_prefix,
 )
 from recarchive.simulator.mp3 import Mp3Source
 from recarchive.store.keys import sidecar_key
 from recarchive.store.s3 import MediaStore
+from recarchive.tempfiles import remove_orphan_temp_files, temp_prefix
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -440,26 +438,6 @@ async def test_failed_read_back_fails_the_archive_even_with_the_sidecar_written(
     with pytest.raises(MediaIntegrityError):
         await archive(FakeBird(good(mp3(30_000))), store, temp_dir)
     assert leftovers(temp_dir) == []
-
-
-def test_temp_files_of_dead_processes_of_this_host_are_removed(temp_dir: Path) -> None:
-    host = socket.gethostname()
-    dead = temp_dir / f"recarchive-{host}-4242-abc123.mp3.part"
-    live = temp_dir / f"recarchive-{host}-4343-def456.mp3.part"
-    own = temp_dir / f"{temp_prefix()}ghi789.mp3.part"
-    elsewhere = temp_dir / "recarchive-other-host-4242-jkl012.mp3.part"
-    unrelated = temp_dir / "recarchive-ids-xyz.txt"
-    for path in (dead, live, own, elsewhere, unrelated):
-        path.write_bytes(b"partial")
-    asked: list[int] = []
-
-    def alive(pid: int) -> bool:
-        asked.append(pid)
-        return pid == 4343
-
-    assert remove_orphan_temp_files(temp_dir, alive=alive) == 1
-    assert sorted(leftovers(temp_dir)) == sorted([live, own, elsewhere, unrelated])
-    assert sorted(asked) == [4242, 4343]  # never this process, never another host's
 
 
 async def test_temp_file_names_carry_host_and_pid(store: MediaStore, temp_dir: Path) -> None:

@@ -14,7 +14,12 @@ from sqlalchemy import Engine, inspect
 
 from recarchive.normalize import normalize_recording
 from recarchive.store.parquet import RECORDINGS_SCHEMA
-from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.sql import (
+    HEAD_REVISION,
+    ArchiveStore,
+    create_engine_for,
+    upgrade_database,
+)
 from recarchive.store.tables import metadata
 from tests.fixtures.postgres import fresh_postgres_database
 from tests.test_normalize import make_payload
@@ -28,7 +33,10 @@ def dialect_of(url: str) -> str:
 
 
 def apply_sql_file(engine: Engine, path: Path) -> None:
-    text = path.read_text()
+    apply_sql_text(engine, path.read_text())
+
+
+def apply_sql_text(engine: Engine, text: str) -> None:
     statements = [
         statement.strip()
         for statement in "\n".join(
@@ -105,7 +113,7 @@ def test_ddl_files_match_the_migrated_schema(database_url: str, second_database_
         upgrade_database(from_ddl)
         with from_ddl.connect() as connection:
             version = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
-            assert version.scalar() == "0001"
+            assert version.scalar() == HEAD_REVISION
         assert describe(from_ddl) == expected
         store = ArchiveStore(from_ddl)
         record = normalize_recording(make_payload(0), workspace_id="ws", fetched_at=FETCHED)
@@ -115,6 +123,31 @@ def test_ddl_files_match_the_migrated_schema(database_url: str, second_database_
     finally:
         migrated.dispose()
         from_ddl.dispose()
+
+
+def test_ddl_of_revision_0001_is_adopted_and_upgraded(
+    database_url: str, second_database_url: str
+) -> None:
+    """A database created by hand from the first DDL (no ``runs.owner``) keeps its rows."""
+    migrated = create_engine_for(database_url)
+    old_ddl = create_engine_for(second_database_url)
+    try:
+        upgrade_database(migrated)
+        text = (SQL_DIR / dialect_of(database_url) / "schema.sql").read_text()
+        assert "    owner VARCHAR(255),\n" in text
+        apply_sql_text(old_ddl, text.replace("    owner VARCHAR(255),\n", ""))
+        with old_ddl.begin() as connection:
+            connection.exec_driver_sql(
+                "INSERT INTO runs (kind, status, started_at, params) "
+                "VALUES ('archive', 'running', '2025-07-11 00:00:00', '{}')"
+            )
+        upgrade_database(old_ddl)
+        assert describe(old_ddl) == describe(migrated)
+        (run,) = ArchiveStore(old_ddl).last_runs(limit=5)
+        assert run["kind"] == "archive" and run["status"] == "running"
+    finally:
+        migrated.dispose()
+        old_ddl.dispose()
 
 
 def test_analyst_views_apply_and_match_the_parquet_columns(database_url: str) -> None:
@@ -157,7 +190,7 @@ def test_analyst_views_apply_and_match_the_parquet_columns(database_url: str) ->
 def test_head_revision_constant_is_alembics_head() -> None:
     from alembic.script import ScriptDirectory
 
-    from recarchive.store.sql import HEAD_REVISION, _alembic_config
+    from recarchive.store.sql import _alembic_config
 
     assert ScriptDirectory.from_config(_alembic_config()).get_current_head() == HEAD_REVISION
 

@@ -12,7 +12,7 @@ from sqlalchemy.exc import ArgumentError
 
 from recarchive.model import NormalizedRecording
 from recarchive.normalize import normalize_recording
-from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.sql import HEAD_REVISION, ArchiveStore, create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions, recording_parties, recordings
 from tests.test_normalize import make_payload
 
@@ -87,7 +87,8 @@ def test_upgrade_is_idempotent_and_keeps_data(engine: Engine, store: ArchiveStor
     assert len(rows(engine, recordings)) == 3
     with engine.connect() as connection:
         assert (
-            connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0001"
+            connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar()
+            == HEAD_REVISION
         )
 
 
@@ -245,6 +246,28 @@ def test_running_run_has_no_finish(store: ArchiveStore) -> None:
     run_id = store.start_run("archive", {})
     (run,) = store.last_runs(limit=5)
     assert run["id"] == run_id and run["status"] == "running" and run["finished_at"] is None
+
+
+def test_rows_of_dead_runs_are_finished_as_interrupted(store: ArchiveStore) -> None:
+    dead = store.start_run("archive", {}, owner="host-a:111:aaaa")
+    alive = store.start_run("archive", {}, owner="host-a:222:bbbb")
+    legacy = store.start_run("archive", {})  # written before runs.owner existed
+    finished = store.start_run("archive", {}, owner="host-a:111:cccc")
+    store.finish_run(finished, status="succeeded", counts={"archived": 2})
+    judged: list[str] = []
+
+    def owner_is_dead(owner: str) -> bool:
+        judged.append(owner)
+        return owner.startswith("host-a:111:")
+
+    assert store.interrupt_dead_runs(owner_is_dead) == [dead]
+    runs = {run["id"]: run for run in store.last_runs(limit=10)}
+    assert runs[dead]["status"] == "interrupted" and runs[dead]["finished_at"] is not None
+    assert "killed" in runs[dead]["error"]
+    assert runs[alive]["status"] == "running" and runs[legacy]["status"] == "running"
+    assert runs[finished]["status"] == "succeeded" and runs[finished]["archived"] == 2
+    assert sorted(judged) == ["host-a:111:aaaa", "host-a:222:bbbb"]  # running rows only
+    assert store.interrupt_dead_runs(owner_is_dead) == []
 
 
 def test_concurrent_saves_of_overlapping_recordings(database_url: str) -> None:

@@ -1,4 +1,4 @@
--- recarchive schema for SQLite (revision 0001; keep in step with
+-- recarchive schema for SQLite (revision 0002; keep in step with
 -- src/recarchive/store/tables.py and src/recarchive/migrations/, tests/test_schema.py checks it).
 --
 -- The application creates and upgrades its schema itself with Alembic
@@ -89,6 +89,7 @@ CREATE TABLE runs (
     busy INTEGER DEFAULT 0 NOT NULL,
     bytes_uploaded BIGINT DEFAULT 0 NOT NULL,
     error TEXT,
+    owner VARCHAR(255),
     PRIMARY KEY (id)
 );
 

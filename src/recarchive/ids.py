@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, TextIO
 
 from recarchive.errors import InputError
+from recarchive.tempfiles import IDS_SUFFIX, temp_prefix
 
 _UUID_RE = re.compile(
     r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
@@ -128,8 +129,9 @@ class IdCollector:
         self._spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 - owned by IdList
             "w",
             encoding="ascii",
-            prefix="recarchive-ids-",
-            suffix=".txt",
+            # Named after this process, so the next run can sweep it if this one is killed.
+            prefix=temp_prefix(),
+            suffix=IDS_SUFFIX,
             dir=spool_dir,
             delete=False,
         )

@@ -53,6 +53,18 @@ def owner_pid_on_host(owner: str, hostname: str) -> int | None:
     return int(parts[1])
 
 
+def local_owner_dead(
+    owner: str, *, hostname: str | None = None, alive: PidCheck = pid_alive
+) -> bool:
+    """Return whether ``owner`` (``host:pid:random``) is a process of this host that is gone.
+
+    ``False`` for owners of other hosts, of live processes and of any other shape: only a
+    proven death counts.
+    """
+    pid = owner_pid_on_host(owner, socket.gethostname() if hostname is None else hostname)
+    return pid is not None and not alive(pid)
+
+
 def dead_local_owners(
     entries: Iterable[LedgerEntry],
     *,

@@ -19,8 +19,6 @@ import functools
 import hashlib
 import logging
 import os
-import re
-import socket
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeVar
 
 from recarchive.errors import MediaConflictError, MediaIntegrityError, RetryableError
-from recarchive.leases import PidCheck, pid_alive
 from recarchive.store.keys import sidecar_key
+from recarchive.tempfiles import MEDIA_SUFFIX, temp_prefix
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -48,11 +46,6 @@ RETRY_BASE_DELAY = 0.25
 RETRY_MAX_DELAY = 5.0
 #: Zero bytes tolerated between an ID3 tag and the first frame (encoders pad tags).
 MAX_ID3_PADDING = 4096
-#: Temp files are ``recarchive-{host}-{pid}-{random}.mp3.part``: the owner is in the name, so
-#: the files of a killed run can be told apart from those of a live one (see
-#: :func:`remove_orphan_temp_files`).
-TEMP_SUFFIX = ".mp3.part"
-_TEMP_NAME = re.compile(r"^recarchive-(?P<host>.+)-(?P<pid>[0-9]+)-[^-]*\.mp3\.part$")
 
 
 class MediaStream(Protocol):
@@ -133,54 +126,6 @@ def check_mpeg_audio(head: bytes, recording_id: str) -> None:
         if head
         else f"media of {recording_id}: empty body"
     )
-
-
-def _host_tag() -> str:
-    return socket.gethostname().replace(os.sep, "_")
-
-
-def temp_prefix() -> str:
-    """Return the name prefix of this process's media temp files (host and pid in it)."""
-    return f"recarchive-{_host_tag()}-{os.getpid()}-"
-
-
-def remove_orphan_temp_files(temp_dir: Path | None, *, alive: PidCheck = pid_alive) -> int:
-    """Delete media temp files left behind by killed processes of this host.
-
-    A run killed mid-download (SIGKILL, OOM) cannot remove its temp file; without this, each
-    crash would leave up to ``concurrency`` partial MP3s in the temp folder for good. Only
-    files named by :func:`temp_prefix` with this host's name and a pid that no longer exists
-    are removed: a live run's files, and those of other hosts sharing the folder, stay.
-
-    Args:
-        temp_dir: The media temp folder (the system default when ``None``).
-        alive: The liveness check (injected by tests).
-
-    Returns:
-        How many files were removed.
-    """
-    folder = Path(temp_dir) if temp_dir is not None else Path(tempfile.gettempdir())
-    host = _host_tag()
-    verdicts: dict[int, bool] = {os.getpid(): True}
-    removed = 0
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0
-    for entry in entries:
-        match = _TEMP_NAME.match(entry.name)
-        if match is None or match["host"] != host:
-            continue
-        pid = int(match["pid"])
-        if pid not in verdicts:
-            verdicts[pid] = alive(pid)
-        if not verdicts[pid]:
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)  # noqa: PTH108
-                removed += 1
-    if removed:
-        logger.warning("removed %d media temp file(s) of killed runs from %s", removed, folder)
-    return removed
 
 
 class _Progress:
@@ -351,7 +296,7 @@ async def _transfer(
     attempts: int,
     worker: _Worker,
 ) -> MediaResult:
-    handle, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=TEMP_SUFFIX, dir=temp_dir)
+    handle, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=MEDIA_SUFFIX, dir=temp_dir)
     os.close(handle)
     path = Path(name)
     try:

@@ -35,7 +35,7 @@ from recarchive.errors import (
     first_error,
 )
 from recarchive.leases import release_dead_leases
-from recarchive.media import archive_media, remove_orphan_temp_files
+from recarchive.media import archive_media
 from recarchive.model import FAILED, LEDGER_STATES, METADATA_ONLY, PENDING
 from recarchive.normalize import normalize_recording
 from recarchive.store.keys import media_key
@@ -186,8 +186,6 @@ class _Chunk:
                 wanted.append(recording_id)
         if not wanted:
             return self.counts
-        if ctx.media is not None and not self.options.skip_media:
-            await asyncio.to_thread(remove_orphan_temp_files, ctx.temp_dir)
         with ledger_errors("could not take over dead leases"):
             release_dead_leases(
                 (entries[recording_id] for recording_id in wanted),

@@ -21,10 +21,12 @@ from recarchive.config import Settings
 from recarchive.counts import RunCounts
 from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
 from recarchive.ids import IdCollector, IdList
+from recarchive.leases import local_owner_dead
 from recarchive.pipeline import ArchiveContext, ChunkOptions, ProgressCallback, archive_chunk
 from recarchive.runtime import open_archive_context, open_store
 from recarchive.store.parquet import ExportReport, export_changed
 from recarchive.store.sql import ArchiveStore
+from recarchive.tempfiles import remove_orphan_temp_files
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ async def archive_ids(
                     runner,
                     max_parallel_chunks=max_parallel_chunks,
                 ),
+                owner=ctx.owner,
             )
     finally:
         engine.dispose()
@@ -183,6 +186,7 @@ async def retry_failed(
                 lambda: run_chunks(
                     ctx, chunks, options, runner, max_parallel_chunks=max_parallel_chunks
                 ),
+                owner=ctx.owner,
             )
     finally:
         engine.dispose()
@@ -220,14 +224,20 @@ async def recorded_run(
     params: dict[str, Any],
     export: bool,
     work: Callable[[], Awaitable[RunCounts]],
+    *,
+    owner: str,
 ) -> RunReport:
     """Run ``work`` between a ``runs`` row's start and finish, then export Parquet.
 
     A failure still finishes the row (``failed`` with the error's type and message) and
-    is re-raised.
+    is re-raised. Before it starts, what killed runs of this host left behind is cleared up:
+    their ``runs`` rows are finished as ``interrupted`` and their temp files removed.
     """
     started = time.monotonic()
-    run_id = store.start_run(kind, params)
+    for interrupted in store.interrupt_dead_runs(local_owner_dead):
+        logger.warning("run %d was killed before it finished: marked interrupted", interrupted)
+    await asyncio.to_thread(remove_orphan_temp_files, settings.temp_dir)
+    run_id = store.start_run(kind, params, owner=owner)
     counts = RunCounts()
     try:
         counts = await work()

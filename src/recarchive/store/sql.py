@@ -79,7 +79,7 @@ BATCH = 500
 #: Longest error text kept in the ledger and the runs table.
 MAX_ERROR_CHARS = 2000
 #: The Alembic revision that the DDL files in ``sql/`` describe.
-DDL_REVISION = "0001"
+DDL_REVISION = "0002"
 #: Key of the PostgreSQL advisory lock that serializes concurrent schema upgrades.
 _MIGRATION_LOCK_KEY = 0x7265636172636869
 
@@ -175,7 +175,7 @@ def _sqlite_engine(url: URL) -> Engine:
 #: The newest Alembic revision in ``recarchive/migrations/versions``; a test keeps it equal to
 #: Alembic's head. A database already there is opened without importing Alembic at all, which
 #: saves about half a second of every command's start-up.
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 
 def _alembic_config() -> Any:
@@ -212,8 +212,10 @@ def upgrade_database(engine: Engine) -> None:
         config.attributes["connection"] = connection
         tables = set(inspect(connection).get_table_names())
         if "alembic_version" not in tables and {t.name for t in metadata.sorted_tables} <= tables:
-            # Created by hand from sql/*/schema.sql, which is revision 0001: adopt it.
-            command.stamp(config, DDL_REVISION)
+            # Created by hand from sql/*/schema.sql: adopt it at the revision of that DDL
+            # (files of revision 0001 have no runs.owner).
+            run_columns = {column["name"] for column in inspect(connection).get_columns("runs")}
+            command.stamp(config, DDL_REVISION if "owner" in run_columns else "0001")
         command.upgrade(config, "head")
 
 
@@ -864,8 +866,14 @@ class ArchiveStore:
 
     # --- runs --------------------------------------------------------------------------
 
-    def start_run(self, kind: str, params: dict[str, Any]) -> int:
-        """Insert a ``running`` runs row and return its id."""
+    def start_run(self, kind: str, params: dict[str, Any], *, owner: str | None = None) -> int:
+        """Insert a ``running`` runs row and return its id.
+
+        Args:
+            kind: Run kind (``archive``, ``retry``, ...).
+            params: Run parameters (never secrets).
+            owner: ``host:pid:random`` of this process (see :meth:`interrupt_dead_runs`).
+        """
         with self.engine.begin() as connection:
             result = connection.execute(
                 runs.insert()
@@ -874,6 +882,7 @@ class ArchiveStore:
                     status="running",
                     started_at=_now(),
                     params=json.dumps(params, sort_keys=True, default=str),
+                    owner=owner,
                 )
                 .returning(runs.c.id)
             )
@@ -890,6 +899,40 @@ class ArchiveStore:
                 .where(runs.c.id == run_id)
                 .values(status=status, finished_at=_now(), error=_clip(error), **values)
             )
+
+    def interrupt_dead_runs(self, owner_is_dead: Callable[[str], bool]) -> list[int]:
+        """Finish the ``running`` rows of processes that are gone as ``interrupted``.
+
+        A run killed without unwinding (SIGKILL, OOM killer) cannot finish its own row; without
+        this it would say ``running`` forever. Rows without an owner (written before revision
+        0002) and owners ``owner_is_dead`` cannot judge (another host) are left alone.
+
+        Args:
+            owner_is_dead: Whether the process named by an owner is known to be gone
+                (:func:`recarchive.leases.local_owner_dead`).
+
+        Returns:
+            The ids of the rows finished.
+        """
+        with self.engine.begin() as connection:
+            rows = connection.execute(
+                select(runs.c.id, runs.c.owner).where(
+                    runs.c.status == "running", runs.c.owner.is_not(None)
+                )
+            ).all()
+            dead = [row.id for row in rows if owner_is_dead(row.owner)]
+            if dead:
+                connection.execute(
+                    update(runs)
+                    .where(runs.c.id.in_(dead), runs.c.status == "running")
+                    .values(
+                        status="interrupted",
+                        finished_at=_now(),
+                        error="its process ended before the run finished (killed?); "
+                        "its counts were never written",
+                    )
+                )
+        return dead
 
     def last_runs(self, limit: int) -> list[dict[str, Any]]:
         """The newest runs as dicts: id, kind, status, started_at, finished_at, counts, error."""

@@ -192,6 +192,9 @@ runs = Table(
         for name in RUN_COUNT_COLUMNS
     ),
     Column("error", Text),
+    # ``host:pid:random`` of the process that runs it (revision 0002): a later run on the
+    # same host finishes the row of a killed one as ``interrupted``.
+    Column("owner", String(255)),
 )
 
 export_partitions = Table(
