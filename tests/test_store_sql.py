@@ -80,6 +80,15 @@ def test_unsupported_backend_raises_value_error() -> None:
         create_engine_for("mysql://u:p@localhost/db")
 
 
+def later_version(index: int, later: datetime) -> NormalizedRecording:
+    """Recording ``index`` updated at ``later``: completed, and without its receiver."""
+    return normalize_recording(
+        make_payload(index, updated=later, status="completed", receiver=None),
+        workspace_id="ws-1",
+        fetched_at=later,
+    )
+
+
 def test_upgrade_is_idempotent_and_keeps_data(engine: Engine, store: ArchiveStore) -> None:
     store.save_metadata(records(3))
     upgrade_database(engine)
@@ -123,11 +132,7 @@ def test_updated_at_change_updates_row_parties_and_mark(
 ) -> None:
     store.save_metadata(records(3))
     later = T0 + timedelta(days=1)
-    changed = normalize_recording(
-        make_payload(1, updated=later, status="completed", receiver=None),
-        workspace_id="ws-1",
-        fetched_at=later,
-    )
+    changed = later_version(1, later)
     store.save_metadata([changed])
     stored = {row["id"]: row for row in rows(engine, recordings)}
     row = stored[changed.id]
@@ -145,6 +150,16 @@ def test_same_updated_at_but_other_content_updates(engine: Engine, store: Archiv
     store.save_metadata(records(1, status="completed"))
     (row,) = rows(engine, recordings)
     assert row["status"] == "completed"
+
+
+def test_an_older_payload_never_replaces_a_newer_one(engine: Engine, store: ArchiveStore) -> None:
+    store.save_metadata([later_version(0, T0 + timedelta(days=1))])
+    before, parties_before = rows(engine, recordings), rows(engine, recording_parties)
+    # A run that fetched the older version earlier and stalled writes it late.
+    store.save_metadata(records(1, status="available"))
+    assert rows(engine, recordings) == before
+    assert rows(engine, recording_parties) == parties_before
+    assert versions(engine) == {"2025-07": 1}
 
 
 def test_created_month_move_marks_both_months(engine: Engine, store: ArchiveStore) -> None:
@@ -287,7 +302,8 @@ def test_concurrent_saves_of_overlapping_recordings(database_url: str) -> None:
             store = ArchiveStore(engine)
             batch = [
                 normalize_recording(
-                    make_payload(i, updated=later, status="completed")
+                    # The later version also lost its receiver: its parties differ.
+                    make_payload(i, updated=later, status="completed", receiver=None)
                     if number % 2
                     else make_payload(i),
                     workspace_id="ws-1",
@@ -316,8 +332,20 @@ def test_concurrent_saves_of_overlapping_recordings(database_url: str) -> None:
         stored = rows(check, recordings)
         assert len(stored) == 450 and len({row["id"] for row in stored}) == 450
         parties = rows(check, recording_parties)
-        assert len(parties) == 900
-        assert len({(p["recording_id"], p["role"]) for p in parties}) == 900
+        roles: dict[str, list[str]] = {}
+        for party in parties:
+            roles.setdefault(party["recording_id"], []).append(party["role"])
+        # Newer wins whatever the order: every ID a "later" writer (1: 50-349, 3: 150-449)
+        # stored ends with that version, and its parties are that version's.
+        for row in stored:
+            index = int(row["id"].replace("-", ""), 16) - 1
+            newest = index >= 50
+            assert row["status"] == ("completed" if newest else "available"), index
+            assert (row["updated_at"] == later) is newest, index
+            assert sorted(roles[row["id"]]) == (
+                ["originator"] if newest else ["originator", "receiver"]
+            ), index
+        assert len(parties) == 400 + 2 * 50
     finally:
         check.dispose()
 

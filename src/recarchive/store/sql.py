@@ -277,7 +277,7 @@ def _executemany(
     pipelined statement per row and multi-row VALUES a huge statement psycopg parses in
     Python. There, ``conflict_update`` / ``conflict_nothing`` give the statement the same
     ``ON CONFLICT`` clause as ``statement``: ``conflict_update`` is the recordings upsert
-    (update those columns where ``updated_at`` or ``raw_json`` differ), ``conflict_nothing``
+    (update those columns where the new version is newer), ``conflict_nothing``
     the ledger registration.
     """
     if not rows:
@@ -339,16 +339,34 @@ def _unnest_insert(
             f"{quote(name)} = EXCLUDED.{quote(name)}" for name in conflict_update
         )
         table_name = quote(table.name)
+        # The condition of ArchiveStore._upsert_statement: newer wins.
         sql += (
             f" ON CONFLICT ({keys}) DO UPDATE SET {assignments} WHERE "
-            f"{table_name}.updated_at IS DISTINCT FROM EXCLUDED.updated_at OR "
-            f"{table_name}.raw_json IS DISTINCT FROM EXCLUDED.raw_json"
+            f"{table_name}.updated_at < EXCLUDED.updated_at OR "
+            f"({table_name}.updated_at = EXCLUDED.updated_at AND "
+            f"{table_name}.raw_json IS DISTINCT FROM EXCLUDED.raw_json)"
         )
     elif conflict_nothing:
         sql += f" ON CONFLICT ({keys}) DO NOTHING"
     # Identifiers come from our own tables; every value travels as a bound array.
     params = {f"p{index}": [row[name] for row in rows] for index, name in enumerate(names)}
     connection.exec_driver_sql(sql, params)
+
+
+def _is_newer(record: NormalizedRecording, stored: tuple[datetime, str, str] | None) -> bool:
+    """Whether ``record`` should replace ``stored`` (``updated_at``, ``raw_json``, month).
+
+    New, a later ``updatedAt``, or the same ``updatedAt`` with other content (Bird changed a
+    field without touching the timestamp, or the redaction changed). An older payload never
+    replaces a newer one.
+    """
+    if stored is None:
+        return True
+    stored_updated, stored_json = stored[0], stored[1]
+    updated = record.recording["updated_at"]
+    if updated != stored_updated:
+        return bool(updated > stored_updated)
+    return bool(stored_json != record.recording["raw_json"])
 
 
 def _retry_conflicts(work: Callable[[], None], attempts: int = 4) -> None:
@@ -409,9 +427,11 @@ class ArchiveStore:
         """Upsert recordings and their parties in one transaction; mark changed partitions.
 
         A recording whose stored ``updated_at`` and ``raw_json`` equal the new ones is left
-        untouched (not even a timestamp changes). A changed or new recording gets its party
-        rows replaced and its ``created_month`` partition (and a previous month, if
-        ``createdAt`` moved) marked for the next export, in the same transaction.
+        untouched (not even a timestamp changes), and so is one whose stored ``updated_at``
+        is later than the new one's: newer wins, whatever order the writes come in. A changed
+        or new recording gets its party rows replaced and its ``created_month`` partition (and
+        a previous month, if ``createdAt`` moved) marked for the next export, in the same
+        transaction.
 
         Args:
             records: Normalized recordings; for a repeated ID the last one wins.
@@ -449,10 +469,14 @@ class ArchiveStore:
         return insert.on_conflict_do_update(
             index_elements=[recordings.c.id],
             set_={name: insert.excluded[name] for name in columns},
-            # An identical payload (same updatedAt, same content) changes nothing at all.
+            # Newer wins: an older payload (a stalled run writing late) changes nothing, and
+            # neither does an identical one (same updatedAt, same content).
             where=or_(
-                recordings.c.updated_at.is_distinct_from(insert.excluded.updated_at),
-                recordings.c.raw_json.is_distinct_from(insert.excluded.raw_json),
+                recordings.c.updated_at < insert.excluded.updated_at,
+                and_(
+                    recordings.c.updated_at == insert.excluded.updated_at,
+                    recordings.c.raw_json.is_distinct_from(insert.excluded.raw_json),
+                ),
             ),
         )
 
@@ -481,16 +505,11 @@ class ArchiveStore:
             ).where(recordings.c.id.in_(chunk))
             for row in connection.execute(query):
                 stored[row.id] = (row.updated_at, row.raw_json, row.created_month)
-        changed: list[str] = []
-        for recording_id in ids:
-            record = latest[recording_id]
-            old = stored.get(recording_id)
-            if (
-                old is None
-                or old[1] != record.recording["raw_json"]
-                or (old[0] != record.recording["updated_at"])
-            ):
-                changed.append(recording_id)
+        changed = [
+            recording_id
+            for recording_id in ids
+            if _is_newer(latest[recording_id], stored.get(recording_id))
+        ]
         if changed:
             _executemany(
                 connection,
@@ -499,7 +518,30 @@ class ArchiveStore:
                 [latest[recording_id].recording for recording_id in changed],
                 conflict_update=[c.name for c in recordings.columns if c.name != "id"],
             )
+            if connection.dialect.name == "postgresql":
+                changed = self._written_by_us(connection, changed, latest)
         return changed, {recording_id: old[2] for recording_id, old in stored.items()}
+
+    @staticmethod
+    def _written_by_us(
+        connection: Connection, candidates: list[str], latest: dict[str, NormalizedRecording]
+    ) -> list[str]:
+        """The candidates whose row now holds our version (PostgreSQL only).
+
+        A concurrent writer may have stored a newer version between the comparison and the
+        upsert, which then changed nothing: its party rows must not be replaced by ours. The
+        upsert locked every row it met, so what this reads stays until the commit.
+        """
+        ours: list[str] = []
+        for chunk in _chunks(candidates):
+            query = select(recordings.c.id, recordings.c.updated_at, recordings.c.raw_json).where(
+                recordings.c.id.in_(chunk)
+            )
+            for row in connection.execute(query):
+                mine = latest[row.id].recording
+                if row.updated_at == mine["updated_at"] and row.raw_json == mine["raw_json"]:
+                    ours.append(row.id)
+        return sorted(ours)
 
     # --- ledger: registration and reads ------------------------------------------------
 
