@@ -1,4 +1,5 @@
-"""The pipeline's chunk: leases stay held while a slow chunk works."""
+"""The pipeline's chunk and the run around it: leases stay held while a slow chunk works; a
+run stopped by a fatal error still records what it did."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from pathlib import Path
 import pytest
 
 from recarchive.config import Settings
-from recarchive.pipeline import ChunkOptions, _Chunk, archive_chunk
+from recarchive.counts import RunCounts
+from recarchive.errors import AuthError
+from recarchive.ids import collect_ids
+from recarchive.pipeline import ArchiveContext, ChunkOptions, _Chunk, archive_chunk
+from recarchive.runner import archive_ids
 from recarchive.runtime import open_archive_context, open_store
 from tests.fixtures.simulator import SimulatorFactory
 
@@ -65,3 +70,42 @@ async def test_without_renewal_the_lease_would_expire_mid_chunk(
 
     monkeypatch.setattr(_Chunk, "_renew_leases", no_renewal)
     assert await intruder_claims_during_a_slow_chunk(simulator_factory, tmp_path) != []
+
+
+async def test_a_run_stopped_by_a_fatal_error_keeps_the_counts_of_finished_chunks(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    sim = simulator_factory(recordings=10, seed=72)
+    settings = Settings(
+        bird_api_url=sim.api_url,
+        bird_access_key=sim.config.access_key,
+        workspace_id=sim.config.workspace_id,
+        database_url=f"sqlite:///{tmp_path / 'archive.db'}",
+        chunk_size=5,
+    )
+    seen: list[list[str]] = []
+
+    async def second_chunk_loses_its_credentials(
+        ctx: ArchiveContext, chunk: list[str], options: ChunkOptions
+    ) -> RunCounts:
+        seen.append(chunk)
+        if len(seen) == 2:
+            raise AuthError("Bird refused the access key (401)")
+        return await archive_chunk(ctx, chunk, options)
+
+    with collect_ids(sim.dataset.ids, spool_dir=str(tmp_path)) as ids, pytest.raises(AuthError):
+        await archive_ids(
+            settings,
+            ids,
+            ChunkOptions(skip_media=True),
+            run_chunk=second_chunk_loses_its_credentials,
+        )
+    engine, store = open_store(settings)
+    try:
+        (run,) = store.last_runs(limit=5)
+    finally:
+        engine.dispose()
+    assert [len(chunk) for chunk in seen] == [5, 5]
+    assert run["status"] == "failed" and run["error"].startswith("AuthError")
+    # The first chunk's five recordings are in the row, not zeros.
+    assert run["metadata_only"] == 5 and run["requested"] == 5

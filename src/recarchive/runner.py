@@ -79,14 +79,27 @@ async def run_chunks(
     run_chunk: ChunkRunner,
     *,
     max_parallel_chunks: int = 1,
+    total: RunCounts | None = None,
 ) -> RunCounts:
     """Run ``run_chunk`` over ``chunks`` with at most ``max_parallel_chunks`` in flight.
 
     Chunks are pulled from the iterator only when a slot frees up, so a backfill of millions
     of IDs holds ``max_parallel_chunks`` chunks in memory, not the whole list. A fatal error
     in one chunk cancels the others (their leases are released by the pipeline).
+
+    Args:
+        ctx: The run's clients and settings.
+        chunks: Lists of IDs.
+        options: ``skip_media`` / ``refresh``.
+        run_chunk: How a chunk runs.
+        max_parallel_chunks: Chunks in flight at once.
+        total: Where finished chunks' counts are added as they finish (a new one when
+            ``None``): after a fatal error it still holds what the finished chunks did.
+
+    Returns:
+        ``total``.
     """
-    total = RunCounts()
+    total = RunCounts() if total is None else total
     slots = asyncio.Semaphore(max_parallel_chunks)
 
     async def one(chunk: list[str]) -> None:
@@ -147,12 +160,13 @@ async def archive_ids(
                 kind,
                 dict(params or {}),
                 export,
-                lambda: run_chunks(
+                lambda counts: run_chunks(
                     ctx,
                     ids.chunks(settings.chunk_size),
                     options,
                     runner,
                     max_parallel_chunks=max_parallel_chunks,
+                    total=counts,
                 ),
                 owner=ctx.owner,
             )
@@ -183,8 +197,13 @@ async def retry_failed(
                 "retry-failed",
                 {"skip_media": skip_media},
                 export,
-                lambda: run_chunks(
-                    ctx, chunks, options, runner, max_parallel_chunks=max_parallel_chunks
+                lambda counts: run_chunks(
+                    ctx,
+                    chunks,
+                    options,
+                    runner,
+                    max_parallel_chunks=max_parallel_chunks,
+                    total=counts,
                 ),
                 owner=ctx.owner,
             )
@@ -223,14 +242,15 @@ async def recorded_run(
     kind: str,
     params: dict[str, Any],
     export: bool,
-    work: Callable[[], Awaitable[RunCounts]],
+    work: Callable[[RunCounts], Awaitable[RunCounts]],
     *,
     owner: str,
 ) -> RunReport:
     """Run ``work`` between a ``runs`` row's start and finish, then export Parquet.
 
-    A failure still finishes the row (``failed`` with the error's type and message) and
-    is re-raised. Before it starts, what killed runs of this host left behind is cleared up:
+    ``work`` adds to the counts it is given as it goes. A failure still finishes the row
+    (``failed`` with the error's type and message, and the counts of the work done before it)
+    and is re-raised. Before it starts, what killed runs of this host left behind is cleared up:
     their ``runs`` rows are finished as ``interrupted`` and their temp files removed.
     """
     started = time.monotonic()
@@ -240,7 +260,7 @@ async def recorded_run(
     run_id = store.start_run(kind, params, owner=owner)
     counts = RunCounts()
     try:
-        counts = await work()
+        await work(counts)
     except BaseException as exc:
         reason = (
             f"{type(exc).__name__}: {exc}"
