@@ -151,7 +151,7 @@ def test_three_stores_then_each_recording_once_with_latest(engine: Engine, tmp_p
     export_changed(engine, root)
     seed(store, 50)
     assert export_changed(engine, root).partitions == []
-    later = JULY + timedelta(days=3)
+    later = AUGUST + timedelta(days=3)  # after every createdAt (= the first updatedAt)
     third = [
         normalized(i, created=JULY if i % 2 else AUGUST, updated=later, status="completed")
         if i % 5 == 0
