@@ -169,7 +169,7 @@ async def bare_loop(
     """Return (seconds, bytes) of GET via redirect + put_object for every ID.
 
     With ``same_requests`` the loop also makes the S3 requests the pipeline's contract needs
-    (HEAD before, checksummed conditional PUT, verifying HEAD, sidecar PUT), so the ratio
+    (checksummed conditional PUT, verifying HEAD, sidecar PUT), so the ratio
     against it isolates the pipeline's own overhead from the S3 server's cost per request.
     """
     _s3(endpoint, 4).create_bucket(Bucket=bucket)

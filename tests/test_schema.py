@@ -195,6 +195,16 @@ def test_head_revision_constant_is_alembics_head() -> None:
     assert ScriptDirectory.from_config(_alembic_config()).get_current_head() == HEAD_REVISION
 
 
+def test_the_newest_revision_marker_is_the_ddl_revision() -> None:
+    # A hand-made database is adopted at the newest revision whose marker column it has: a
+    # new DDL revision needs its marker, or such databases would be stamped wrongly.
+    from recarchive.store.sql import DDL_REVISION, REVISION_MARKERS
+
+    assert REVISION_MARKERS[0][0] == DDL_REVISION == HEAD_REVISION
+    for _revision, table, column in REVISION_MARKERS:
+        assert column in metadata.tables[table].c
+
+
 def test_opening_an_upgraded_database_skips_alembic(tmp_path: Path) -> None:
     import sys
 

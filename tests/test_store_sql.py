@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.exc import ArgumentError
 
+from recarchive.errors import StorageUnavailableError
 from recarchive.model import NormalizedRecording
 from recarchive.normalize import normalize_recording
 from recarchive.store.sql import HEAD_REVISION, ArchiveStore, create_engine_for, upgrade_database
@@ -73,6 +74,13 @@ def test_postgresql_urls_use_psycopg() -> None:
 def test_bad_url_raises_argument_error(url: str) -> None:
     with pytest.raises((ArgumentError, ValueError)):
         create_engine_for(url)
+
+
+def test_a_schema_newer_than_the_code_is_a_clear_error(engine: Engine) -> None:
+    with engine.begin() as connection:
+        connection.exec_driver_sql("UPDATE alembic_version SET version_num = '9999'")
+    with pytest.raises(StorageUnavailableError, match="revision 9999, newer than this"):
+        upgrade_database(engine)
 
 
 def test_unsupported_backend_raises_value_error() -> None:
@@ -160,6 +168,18 @@ def test_an_older_payload_never_replaces_a_newer_one(engine: Engine, store: Arch
     assert rows(engine, recordings) == before
     assert rows(engine, recording_parties) == parties_before
     assert versions(engine) == {"2025-07": 1}
+
+
+def test_same_updated_at_keeps_the_later_fetch(engine: Engine, store: ArchiveStore) -> None:
+    # Bird changed a field without touching updatedAt; a stalled run writes the content it
+    # fetched before that change, late.
+    store.save_metadata(records(1, status="completed", fetched=T0 + timedelta(hours=2)))
+    before = rows(engine, recordings)
+    store.save_metadata(records(1, status="available", fetched=T0 + timedelta(hours=1)))
+    assert rows(engine, recordings) == before
+    store.save_metadata(records(1, status="paused", fetched=T0 + timedelta(hours=3)))
+    (row,) = rows(engine, recordings)
+    assert row["status"] == "paused" and row["fetched_at"] == T0 + timedelta(hours=3)
 
 
 def test_created_month_move_marks_both_months(engine: Engine, store: ArchiveStore) -> None:

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.bird.client import BirdClient
 from recarchive.config import Settings
@@ -242,7 +243,7 @@ async def recorded_run(
     kind: str,
     params: dict[str, Any],
     export: bool,
-    work: Callable[[RunCounts], Awaitable[RunCounts]],
+    work: Callable[[RunCounts], Awaitable[object]],
     *,
     owner: str,
 ) -> RunReport:
@@ -254,8 +255,12 @@ async def recorded_run(
     their ``runs`` rows are finished as ``interrupted`` and their temp files removed.
     """
     started = time.monotonic()
-    for interrupted in store.interrupt_dead_runs(local_owner_dead):
-        logger.warning("run %d was killed before it finished: marked interrupted", interrupted)
+    try:
+        for interrupted in store.interrupt_dead_runs(local_owner_dead):
+            logger.warning("run %d was killed before it finished: marked interrupted", interrupted)
+    except SQLAlchemyError as exc:
+        # Housekeeping only: the run itself may still work (start_run says if it cannot).
+        logger.warning("could not look for killed runs: %s", type(exc).__name__)
     await asyncio.to_thread(remove_orphan_temp_files, settings.temp_dir)
     run_id = store.start_run(kind, params, owner=owner)
     counts = RunCounts()

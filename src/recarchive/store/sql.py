@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     BigInteger,
@@ -44,7 +44,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from recarchive.errors import LedgerStateError
+from recarchive.errors import LedgerStateError, StorageUnavailableError
 from recarchive.model import (
     ARCHIVED,
     FAILED,
@@ -80,8 +80,13 @@ BATCH = 500
 MAX_ERROR_CHARS = 2000
 #: The Alembic revision that the DDL files in ``sql/`` describe.
 DDL_REVISION = "0002"
+#: For each revision after 0001, newest first, a column it added: a database created by hand
+#: from the DDL of some revision is adopted at the newest revision whose column it has. A test
+#: keeps the first entry equal to :data:`DDL_REVISION`.
+REVISION_MARKERS: tuple[tuple[str, str, str], ...] = (("0002", "runs", "owner"),)
 #: Key of the PostgreSQL advisory lock that serializes concurrent schema upgrades.
 _MIGRATION_LOCK_KEY = 0x7265636172636869
+_VERSION_QUERY = "SELECT version_num FROM alembic_version"
 
 _LEDGER_COLUMNS = (
     archive_ledger.c.recording_id,
@@ -198,12 +203,16 @@ def upgrade_database(engine: Engine) -> None:
 
     Raises:
         sqlalchemy.exc.SQLAlchemyError: The database cannot be reached or upgraded.
+        StorageUnavailableError: The database is at a revision newer than this code knows
+            (another machine runs a newer recarchive).
     """
     if _at_head(engine):
         return
     from alembic import command
+    from alembic.script import ScriptDirectory
 
     config = _alembic_config()
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(
@@ -211,12 +220,27 @@ def upgrade_database(engine: Engine) -> None:
             )
         config.attributes["connection"] = connection
         tables = set(inspect(connection).get_table_names())
-        if "alembic_version" not in tables and {t.name for t in metadata.sorted_tables} <= tables:
-            # Created by hand from sql/*/schema.sql: adopt it at the revision of that DDL
-            # (files of revision 0001 have no runs.owner).
-            run_columns = {column["name"] for column in inspect(connection).get_columns("runs")}
-            command.stamp(config, DDL_REVISION if "owner" in run_columns else "0001")
+        if "alembic_version" in tables:
+            current = {row[0] for row in connection.execute(text(_VERSION_QUERY))}
+            if current - known:
+                raise StorageUnavailableError(
+                    f"the database schema is at revision {', '.join(sorted(current - known))}, "
+                    f"newer than this recarchive (head {HEAD_REVISION}): upgrade recarchive "
+                    "on every machine that uses this database"
+                )
+        elif {t.name for t in metadata.sorted_tables} <= tables:
+            # Created by hand from sql/*/schema.sql: adopt it at the revision of that DDL.
+            command.stamp(config, _hand_made_revision(connection))
         command.upgrade(config, "head")
+
+
+def _hand_made_revision(connection: Connection) -> str:
+    """The revision of the ``sql/`` DDL a hand-made database was created from."""
+    inspector = inspect(connection)
+    for revision, table, column in REVISION_MARKERS:
+        if column in {found["name"] for found in inspector.get_columns(table)}:
+            return revision
+    return "0001"
 
 
 def _at_head(engine: Engine) -> bool:
@@ -224,7 +248,7 @@ def _at_head(engine: Engine) -> bool:
     with engine.connect().execution_options(recarchive_read_only=True) as connection:
         if not inspect(connection).has_table("alembic_version"):
             return False
-        versions = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+        versions = connection.execute(text(_VERSION_QUERY)).all()
         return [row[0] for row in versions] == [HEAD_REVISION]
 
 
@@ -344,7 +368,8 @@ def _unnest_insert(
             f" ON CONFLICT ({keys}) DO UPDATE SET {assignments} WHERE "
             f"{table_name}.updated_at < EXCLUDED.updated_at OR "
             f"({table_name}.updated_at = EXCLUDED.updated_at AND "
-            f"{table_name}.raw_json IS DISTINCT FROM EXCLUDED.raw_json)"
+            f"{table_name}.raw_json IS DISTINCT FROM EXCLUDED.raw_json AND "
+            f"{table_name}.fetched_at <= EXCLUDED.fetched_at)"
         )
     elif conflict_nothing:
         sql += f" ON CONFLICT ({keys}) DO NOTHING"
@@ -353,20 +378,29 @@ def _unnest_insert(
     connection.exec_driver_sql(sql, params)
 
 
-def _is_newer(record: NormalizedRecording, stored: tuple[datetime, str, str] | None) -> bool:
-    """Whether ``record`` should replace ``stored`` (``updated_at``, ``raw_json``, month).
+class _StoredVersion(NamedTuple):
+    """What the comparison with a new payload needs of a stored ``recordings`` row."""
 
-    New, a later ``updatedAt``, or the same ``updatedAt`` with other content (Bird changed a
-    field without touching the timestamp, or the redaction changed). An older payload never
-    replaces a newer one.
+    updated_at: datetime
+    raw_json: str
+    fetched_at: datetime
+    created_month: str
+
+
+def _is_newer(record: NormalizedRecording, stored: _StoredVersion | None) -> bool:
+    """Whether ``record`` should replace the ``stored`` version of its row.
+
+    New, a later ``updatedAt``, or the same ``updatedAt`` with other content fetched no
+    earlier (Bird changed a field without touching the timestamp, or the redaction changed).
+    An older payload never replaces a newer one, including the content of an earlier fetch of
+    the same ``updatedAt``. The upsert's ``WHERE`` says the same in SQL.
     """
     if stored is None:
         return True
-    stored_updated, stored_json = stored[0], stored[1]
-    updated = record.recording["updated_at"]
-    if updated != stored_updated:
-        return bool(updated > stored_updated)
-    return bool(stored_json != record.recording["raw_json"])
+    new = record.recording
+    if new["updated_at"] != stored.updated_at:
+        return bool(new["updated_at"] > stored.updated_at)
+    return bool(new["raw_json"] != stored.raw_json and new["fetched_at"] >= stored.fetched_at)
 
 
 def _retry_conflicts(work: Callable[[], None], attempts: int = 4) -> None:
@@ -428,7 +462,8 @@ class ArchiveStore:
 
         A recording whose stored ``updated_at`` and ``raw_json`` equal the new ones is left
         untouched (not even a timestamp changes), and so is one whose stored ``updated_at``
-        is later than the new one's: newer wins, whatever order the writes come in. A changed
+        is later than the new one's, or equal with content fetched later: newer wins, whatever
+        order the writes come in (see :func:`_is_newer`). A changed
         or new recording gets its party rows replaced and its ``created_month`` partition (and
         a previous month, if ``createdAt`` moved) marked for the next export, in the same
         transaction.
@@ -476,6 +511,7 @@ class ArchiveStore:
                 and_(
                     recordings.c.updated_at == insert.excluded.updated_at,
                     recordings.c.raw_json.is_distinct_from(insert.excluded.raw_json),
+                    recordings.c.fetched_at <= insert.excluded.fetched_at,
                 ),
             ),
         )
@@ -495,16 +531,11 @@ class ArchiveStore:
         row lock in the same order.
         """
         ids = sorted(latest)
-        stored: dict[str, tuple[datetime, str, str]] = {}
+        stored: dict[str, _StoredVersion] = {}
         for chunk in _chunks(ids):
-            query = select(
-                recordings.c.id,
-                recordings.c.updated_at,
-                recordings.c.raw_json,
-                recordings.c.created_month,
-            ).where(recordings.c.id.in_(chunk))
-            for row in connection.execute(query):
-                stored[row.id] = (row.updated_at, row.raw_json, row.created_month)
+            query = select(recordings.c.id, *(recordings.c[f] for f in _StoredVersion._fields))
+            for row in connection.execute(query.where(recordings.c.id.in_(chunk))):
+                stored[row.id] = _StoredVersion(*row[1:])
         changed = [
             recording_id
             for recording_id in ids
@@ -518,19 +549,22 @@ class ArchiveStore:
                 [latest[recording_id].recording for recording_id in changed],
                 conflict_update=[c.name for c in recordings.columns if c.name != "id"],
             )
-            if connection.dialect.name == "postgresql":
-                changed = self._written_by_us(connection, changed, latest)
-        return changed, {recording_id: old[2] for recording_id, old in stored.items()}
+            changed = self._written_by_us(connection, changed, latest)
+        return changed, {
+            recording_id: version.created_month for recording_id, version in stored.items()
+        }
 
     @staticmethod
     def _written_by_us(
         connection: Connection, candidates: list[str], latest: dict[str, NormalizedRecording]
     ) -> list[str]:
-        """The candidates whose row now holds our version (PostgreSQL only).
+        """The candidates whose row now holds our version.
 
-        A concurrent writer may have stored a newer version between the comparison and the
-        upsert, which then changed nothing: its party rows must not be replaced by ours. The
-        upsert locked every row it met, so what this reads stays until the commit.
+        The upsert's ``WHERE`` has the last word: on PostgreSQL a concurrent writer may have
+        stored a newer version between the comparison and the upsert, which then changed
+        nothing (the upsert locked every row it met, so what this reads stays until the
+        commit); on SQLite a row written by other tools may hold timestamps in another text
+        form than ours. Either way its party rows must not be replaced by ours.
         """
         ours: list[str] = []
         for chunk in _chunks(candidates):
