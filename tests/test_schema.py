@@ -195,6 +195,32 @@ def test_head_revision_constant_is_alembics_head() -> None:
     assert ScriptDirectory.from_config(_alembic_config()).get_current_head() == HEAD_REVISION
 
 
+def test_a_database_migrated_to_0001_is_upgraded_with_its_rows(tmp_path: Path) -> None:
+    from alembic import command
+
+    from recarchive.store.sql import _alembic_config
+
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'old.db'}")
+    try:
+        config = _alembic_config()
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0001")
+            connection.exec_driver_sql(
+                "INSERT INTO runs (kind, status, started_at, params) "
+                "VALUES ('archive', 'succeeded', '2025-07-11 00:00:00.000000', '{}')"
+            )
+        upgrade_database(engine)
+        with engine.connect() as connection:
+            version = connection.exec_driver_sql("SELECT version_num FROM alembic_version")
+            assert version.scalar() == HEAD_REVISION
+        (run,) = ArchiveStore(engine).last_runs(limit=5)
+        assert run["status"] == "succeeded"
+        assert "owner" in {column["name"] for column in inspect(engine).get_columns("runs")}
+    finally:
+        engine.dispose()
+
+
 def test_the_newest_revision_marker_is_the_ddl_revision() -> None:
     # A hand-made database is adopted at the newest revision whose marker column it has: a
     # new DDL revision needs its marker, or such databases would be stamped wrongly.
