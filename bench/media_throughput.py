@@ -350,41 +350,36 @@ async def throughput(recordings: int, size_mb: float, concurrency: int, rounds: 
         same: list[float] = []
         piped: list[float] = []
         total_mb = 0.0
+
+        def report(
+            label: str, round_: int, seconds: float, megabytes: float, before: dict[str, float]
+        ) -> float:
+            """Print one loop's figures and CPU seconds per process; return its MB/s."""
+            print(
+                f"round {round_ + 1}: {label:<28} {seconds:6.2f} s  {megabytes / seconds:7.1f} "
+                f"MB/s  {recordings / seconds:6.1f} rec/s  CPU s: "
+                + meter.delta(before, meter.snapshot()),
+                flush=True,
+            )
+            return megabytes / seconds
+
         for round_ in range(rounds):
             before = empty_s3(endpoint, meter)
             seconds, size = await bare_loop(sim, endpoint, f"bare-{round_}", concurrency)
             total_mb = size / MB
-            bare.append(total_mb / seconds)
-            print(
-                f"round {round_ + 1}: bare loop {seconds:6.2f} s  {total_mb / seconds:7.1f} MB/s"
-                f"  {recordings / seconds:6.1f} rec/s  CPU s: "
-                + meter.delta(before, meter.snapshot()),
-                flush=True,
-            )
+            bare.append(report("bare loop", round_, seconds, total_mb, before))
             before = empty_s3(endpoint, meter)
             seconds, size = await bare_loop(
                 sim, endpoint, f"same-{round_}", concurrency, same_requests=True
             )
-            same.append(size / MB / seconds)
-            print(
-                f"round {round_ + 1}: bare + contract S3 requests {seconds:6.2f} s  "
-                f"{size / MB / seconds:7.1f} MB/s  {recordings / seconds:6.1f} rec/s  CPU s: "
-                + meter.delta(before, meter.snapshot()),
-                flush=True,
-            )
+            same.append(report("bare + contract S3 requests", round_, seconds, size / MB, before))
             before = empty_s3(endpoint, meter)
             seconds, uploaded, counts = await pipeline_run(
                 sim, endpoint, f"pipe-{round_}", concurrency
             )
             assert counts["archived"] == recordings and counts["failed"] == 0, counts
             assert abs(uploaded / MB - total_mb) < 0.01, (uploaded, total_mb)
-            piped.append(total_mb / seconds)
-            print(
-                f"round {round_ + 1}: pipeline  {seconds:6.2f} s  {total_mb / seconds:7.1f} MB/s"
-                f"  {recordings / seconds:6.1f} rec/s  CPU s: "
-                + meter.delta(before, meter.snapshot()),
-                flush=True,
-            )
+            piped.append(report("pipeline", round_, seconds, total_mb, before))
         bare_mbs, pipe_mbs = statistics.median(bare), statistics.median(piped)
         same_mbs = statistics.median(same)
         print(f"\n{recordings} recordings, {total_mb:.0f} MB, concurrency {concurrency}")
