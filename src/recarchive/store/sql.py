@@ -288,9 +288,6 @@ def _executemany(
     statement: Any,
     table: Table,
     rows: list[dict[str, Any]],
-    *,
-    conflict_update: Sequence[str] = (),
-    conflict_nothing: bool = False,
 ) -> None:
     """Execute an INSERT for many row dicts (all with the same keys), fast on both backends.
 
@@ -299,15 +296,13 @@ def _executemany(
     PostgreSQL: one ``INSERT ... SELECT * FROM unnest(array, ...)`` with one array per
     column: a single round trip and a short statement, where row-wise executemany costs a
     pipelined statement per row and multi-row VALUES a huge statement psycopg parses in
-    Python. There, ``conflict_update`` / ``conflict_nothing`` give the statement the same
-    ``ON CONFLICT`` clause as ``statement``: ``conflict_update`` is the recordings upsert
-    (update those columns where the new version is newer), ``conflict_nothing``
-    the ledger registration.
+    Python. There, ``statement``'s own ``ON CONFLICT`` clause, compiled by SQLAlchemy, ends
+    the statement: one definition of an upsert serves both backends.
     """
     if not rows:
         return
     if connection.dialect.name == "postgresql":
-        _unnest_insert(connection, table, rows, conflict_update, conflict_nothing)
+        _unnest_insert(connection, statement, table, rows)
         return
     compiled = statement.compile(dialect=connection.dialect, column_keys=list(rows[0]))
     names = list(compiled.positiontup or ())
@@ -344,11 +339,7 @@ def _pg_array_type(column: Any) -> str:
 
 
 def _unnest_insert(
-    connection: Connection,
-    table: Table,
-    rows: list[dict[str, Any]],
-    conflict_update: Sequence[str],
-    conflict_nothing: bool,
+    connection: Connection, statement: Any, table: Table, rows: list[dict[str, Any]]
 ) -> None:
     quote = connection.dialect.identifier_preparer.quote
     names = list(rows[0])
@@ -357,22 +348,12 @@ def _unnest_insert(
         f"%(p{index})b::{_pg_array_type(table.c[name])}[]" for index, name in enumerate(names)
     )
     sql = f"INSERT INTO {quote(table.name)} ({target}) SELECT * FROM unnest({arrays})"  # noqa: S608
-    keys = ", ".join(quote(column.name) for column in table.primary_key.columns)
-    if conflict_update:
-        assignments = ", ".join(
-            f"{quote(name)} = EXCLUDED.{quote(name)}" for name in conflict_update
-        )
-        table_name = quote(table.name)
-        # The condition of ArchiveStore._upsert_statement: newer wins.
-        sql += (
-            f" ON CONFLICT ({keys}) DO UPDATE SET {assignments} WHERE "
-            f"{table_name}.updated_at < EXCLUDED.updated_at OR "
-            f"({table_name}.updated_at = EXCLUDED.updated_at AND "
-            f"{table_name}.raw_json IS DISTINCT FROM EXCLUDED.raw_json AND "
-            f"{table_name}.fetched_at <= EXCLUDED.fetched_at)"
-        )
-    elif conflict_nothing:
-        sql += f" ON CONFLICT ({keys}) DO NOTHING"
+    # The VALUES part of the compiled statement is replaced by the arrays; its ON CONFLICT
+    # clause (column names and EXCLUDED references only, no bound values) is kept as it is.
+    compiled = str(statement.compile(dialect=connection.dialect))
+    conflict = compiled.find(" ON CONFLICT ")
+    if conflict >= 0:
+        sql += compiled[conflict:]
     # Identifiers come from our own tables; every value travels as a bound array.
     params = {f"p{index}": [row[name] for row in rows] for index, name in enumerate(names)}
     connection.exec_driver_sql(sql, params)
@@ -547,7 +528,6 @@ class ArchiveStore:
                 self._upsert_statement(connection),
                 recordings,
                 [latest[recording_id].recording for recording_id in changed],
-                conflict_update=[c.name for c in recordings.columns if c.name != "id"],
             )
             changed = self._written_by_us(connection, changed, latest)
         return changed, {
@@ -607,7 +587,6 @@ class ArchiveStore:
                         }
                         for recording_id in chunk
                     ],
-                    conflict_nothing=True,
                 )
 
     def get_entries(self, ids: Sequence[str]) -> dict[str, LedgerEntry]:
