@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -268,21 +269,31 @@ def test_failed_multipart_is_aborted(s3_client: S3Client, s3_bucket: str, tmp_pa
     assert store.head("m.mp3") is None
 
 
+class PutRewritingClient:
+    """The real client, except that ``rewrite`` changes the arguments of each ``put_object``."""
+
+    def __init__(self, real: S3Client, rewrite: Callable[[dict[str, Any]], None]) -> None:
+        self.real = real
+        self.rewrite = rewrite
+
+    def put_object(self, **kwargs: Any) -> Any:
+        self.rewrite(kwargs)
+        return self.real.put_object(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
 def test_post_upload_verification_catches_a_wrong_object(
     s3_client: S3Client, s3_bucket: str, tmp_path: Path
 ) -> None:
-    class LyingClient:
-        """Stores other bytes than it was given (what a silent corruption would look like)."""
+    def store_garbage(kwargs: dict[str, Any]) -> None:
+        # Other bytes than it was given: what a silent corruption would look like.
+        kwargs["Body"] = b"garbage"
+        kwargs.pop("ChecksumSHA256")
 
-        def put_object(self, **kwargs: Any) -> Any:
-            kwargs["Body"] = b"garbage"
-            kwargs.pop("ChecksumSHA256")
-            return s3_client.put_object(**kwargs)
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(s3_client, name)
-
-    store = MediaStore(LyingClient(), bucket=s3_bucket)  # type: ignore[arg-type]
+    client = PutRewritingClient(s3_client, store_garbage)
+    store = MediaStore(client, bucket=s3_bucket)  # type: ignore[arg-type]
     data = mp3_bytes(5000)
     path, digest = write(tmp_path, data)
     with pytest.raises(MediaIntegrityError, match="stored size 7 != uploaded 5000"):
@@ -292,15 +303,11 @@ def test_post_upload_verification_catches_a_wrong_object(
 def test_post_upload_verification_checks_sha256_metadata(
     s3_client: S3Client, s3_bucket: str, tmp_path: Path
 ) -> None:
-    class NoMetadataClient:
-        def put_object(self, **kwargs: Any) -> Any:
-            kwargs["Metadata"] = {"sha256": "0" * 64}
-            return s3_client.put_object(**kwargs)
+    def store_wrong_metadata(kwargs: dict[str, Any]) -> None:
+        kwargs["Metadata"] = {"sha256": "0" * 64}
 
-        def __getattr__(self, name: str) -> Any:
-            return getattr(s3_client, name)
-
-    store = MediaStore(NoMetadataClient(), bucket=s3_bucket)  # type: ignore[arg-type]
+    client = PutRewritingClient(s3_client, store_wrong_metadata)
+    store = MediaStore(client, bucket=s3_bucket)  # type: ignore[arg-type]
     data = mp3_bytes(5000)
     path, digest = write(tmp_path, data)
     with pytest.raises(MediaIntegrityError, match="sha256 metadata"):
