@@ -29,7 +29,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -138,6 +139,22 @@ def trial(
     return Trial(sim, env, ids_file, temp_dir, tmp_path)
 
 
+@contextmanager
+def killed_at_the_end(
+    process: subprocess.Popen[bytes],
+) -> Iterator[subprocess.Popen[bytes]]:
+    """SIGKILL ``process`` when the block ends (nothing of it unwinds) and reap it.
+
+    When the block fails, the process is killed all the same, so no run outlives the test.
+    """
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 def _wait_for_first_request(sim: SimulatorServer, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while not sim.api_requests():
@@ -242,17 +259,10 @@ def test_sigkill_then_rerun_archives_everything_exactly_once(
     store = MediaStore(s3_client, bucket=s3_bucket)
 
     # Killed somewhere in the run's work.
-    first = trial.start("first.log")
-    try:
+    with killed_at_the_end(trial.start("first.log")) as first:
         _wait_for_first_request(sim, first)
         delay = (number + rng.random()) * KILL_WINDOW / TRIALS
         time.sleep(delay)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert first.returncode == -signal.SIGKILL, (
         f"the run ended by itself (exit {first.returncode}) before the kill at {delay:.2f} s: "
         f"raise KILL_WINDOW's margin\n{trial.output('first.log')}"
@@ -286,19 +296,12 @@ def test_sigkill_mid_multipart_upload_then_rerun(
 ) -> None:
     """Not left to chance: the kill comes while a multipart upload is open."""
     store = MediaStore(s3_client, bucket=s3_bucket)
-    first = trial.start("first.log")
-    try:
+    with killed_at_the_end(trial.start("first.log")) as first:
         deadline = time.monotonic() + 60
         while not store.list_open_multipart_uploads():
             assert first.poll() is None, trial.output("first.log")
             assert time.monotonic() < deadline, "no multipart upload was started"
             time.sleep(0.01)
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=30)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     assert first.returncode == -signal.SIGKILL
     assert store.list_open_multipart_uploads() != []  # the killed run left it open
     statuses = run_statuses(trial)
