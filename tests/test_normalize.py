@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from recarchive.errors import PayloadError
 from recarchive.model import PARTY_FIELDS
-from recarchive.normalize import normalize_recording, redact_payload, strip_url
+from recarchive.normalize import normalize_recording, redact_payload
+from recarchive.redaction import strip_url
 
 FETCHED = datetime(2025, 7, 11, 8, 0, tzinfo=UTC)
 

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recarchive.errors import ConfigError
+from recarchive.redaction import install_log_redaction, register_secret
 
 ENV_PREFIX = "RECARCHIVE_"
 
@@ -49,6 +50,12 @@ class Settings(BaseSettings):
     s3_prefix: str = "recordings"
     s3_endpoint_url: str | None = None
     s3_sse: ServerSideEncryption | None = None
+    media_max_bytes: int = Field(default=4 * 1024**3, ge=1)
+    metadata_max_bytes: int = Field(default=4 * 1024**2, ge=1024)
+    media_low_speed_bytes: int = Field(default=1024, ge=0)
+    media_low_speed_seconds: float = Field(default=60.0, gt=0)
+    #: Comma-separated host names or addresses (see :attr:`media_allowed_host_set`).
+    media_allowed_hosts: str | None = None
 
     # --- tuning --------------------------------------------------------------------------
     s3_sse_kms_key_id: str | None = None
@@ -88,6 +95,7 @@ class Settings(BaseSettings):
         "s3_sse",
         "s3_sse_kms_key_id",
         "temp_dir",
+        "media_allowed_hosts",
         mode="before",
     )
     @classmethod
@@ -100,6 +108,12 @@ class Settings(BaseSettings):
         if value is not None and not Path(value).is_dir():
             raise ValueError(f"{value!r} is not an existing folder")
         return value
+
+    @property
+    def media_allowed_host_set(self) -> frozenset[str]:
+        """``RECARCHIVE_MEDIA_ALLOWED_HOSTS`` as a set of lower-case hosts."""
+        raw = self.media_allowed_hosts or ""
+        return frozenset(host.strip().lower() for host in raw.split(",") if host.strip())
 
     def require_bird(self) -> tuple[str, SecretStr]:
         """Return ``(workspace_id, access_key)`` or fail naming the missing variable.
@@ -155,12 +169,37 @@ def load_settings(**overrides: Any) -> Settings:
         ConfigError: One line per invalid setting, naming its environment variable; the
             offending value is not echoed (it may be a secret).
     """
+    install_log_redaction()
     given = {key: value for key, value in overrides.items() if value is not None}
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
             field = ".".join(str(part) for part in error["loc"]) or "?"
             lines.append(f"{env_name(field)}: {error['msg']}")
         raise ConfigError("invalid settings: " + "; ".join(lines)) from exc
+    register_settings_secrets(settings)
+    return settings
+
+
+def register_settings_secrets(settings: Settings) -> None:
+    """Tell :mod:`recarchive.redaction` the secrets of ``settings``, so no sink shows them.
+
+    The access key, and the password of the database URL (in its user info or its query).
+    """
+    # SQLAlchemy's URL parser, imported here: ``recarchive query`` never needs SQLAlchemy.
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if settings.bird_access_key is not None:
+        register_secret(settings.bird_access_key.get_secret_value())
+    try:
+        url = make_url(settings.database_url)
+    except ArgumentError:
+        return
+    register_secret(url.password if isinstance(url.password, str) else None)
+    for name, value in url.query.items():
+        if "pass" in name.lower() or "secret" in name.lower():
+            for item in (value,) if isinstance(value, str) else value:
+                register_secret(item)

@@ -53,6 +53,8 @@ class MediaStream(Protocol):
 
     recording_id: str
     content_length: int | None
+    #: Set once the body was read whole: what confirmed its end (``"content-length"``, ...).
+    confirmed_by: str | None
 
     def iter_bytes(self) -> AsyncIterator[bytes]:
         """Yield the body; raises RetryableError subclasses when it breaks off."""
@@ -90,6 +92,7 @@ class MediaResult:
 class _Downloaded:
     size: int
     sha256: str
+    confirmed_by: str | None
 
 
 def check_mpeg_audio(head: bytes, recording_id: str) -> None:
@@ -194,12 +197,13 @@ async def _download(
             # cancelled mid-write); everything later on this worker runs after the close.
             worker.submit(handle.close)
         expected = download.content_length
+        confirmed_by = download.confirmed_by
     if expected is not None and size != expected:
         raise MediaIntegrityError(
             f"media of {recording_id}: got {size} bytes, Content-Length said {expected}"
         )
     check_mpeg_audio(bytes(head), recording_id)
-    return _Downloaded(size=size, sha256=digest.hexdigest())
+    return _Downloaded(size=size, sha256=digest.hexdigest(), confirmed_by=confirmed_by)
 
 
 async def archive_media(
@@ -211,6 +215,7 @@ async def archive_media(
     sidecar: bytes,
     temp_dir: Path | None = None,
     attempts: int = 3,
+    retry_delay: float = RETRY_BASE_DELAY,
     check_existing: bool = False,
 ) -> MediaResult:
     """Download a recording's MP3, verify it, store it at ``key`` with its sidecar.
@@ -223,6 +228,8 @@ async def archive_media(
         sidecar: The redacted metadata JSON, stored beside the MP3.
         temp_dir: Folder of the temp file (system default when ``None``).
         attempts: Whole downloads tried when a body breaks off or fails verification.
+        retry_delay: First delay between those downloads (doubles, capped at
+            :data:`RETRY_MAX_DELAY`).
         check_existing: HEAD ``key`` first, and when an earlier (crashed) run stored the
             object already, only write the sidecar: no download. For recordings an earlier
             run may have been transferring; without it, an existing object costs a download
@@ -245,7 +252,9 @@ async def archive_media(
             stored = await _stored_copy(media, key, sidecar, worker)
             if stored is not None:
                 return stored
-        return await _transfer(bird, media, recording_id, key, sidecar, temp_dir, attempts, worker)
+        return await _transfer(
+            bird, media, recording_id, key, sidecar, temp_dir, attempts, retry_delay, worker
+        )
     finally:
         worker.close()
 
@@ -294,15 +303,23 @@ async def _transfer(
     sidecar: bytes,
     temp_dir: Path | None,
     attempts: int,
+    retry_delay: float,
     worker: _Worker,
 ) -> MediaResult:
     handle, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=MEDIA_SUFFIX, dir=temp_dir)
     os.close(handle)
     path = Path(name)
     try:
-        downloaded = await _download_with_retries(bird, recording_id, path, attempts, worker)
+        downloaded = await _download_with_retries(
+            bird, recording_id, path, attempts, retry_delay, worker
+        )
         outcome = await worker.run(
-            media.store_file, key, path, size=downloaded.size, sha256_hex=downloaded.sha256
+            media.store_file,
+            key,
+            path,
+            size=downloaded.size,
+            sha256_hex=downloaded.sha256,
+            confirmed_by=downloaded.confirmed_by,
         )
         if outcome == "uploaded":
             await _verify_and_write_sidecar(media, key, sidecar, downloaded, worker)
@@ -352,7 +369,12 @@ async def _verify_and_write_sidecar(
 
 
 async def _download_with_retries(
-    bird: MediaSource, recording_id: str, path: Path, attempts: int, worker: _Worker
+    bird: MediaSource,
+    recording_id: str,
+    path: Path,
+    attempts: int,
+    retry_delay: float,
+    worker: _Worker,
 ) -> _Downloaded:
     attempt = 0
     while True:
@@ -365,7 +387,7 @@ async def _download_with_retries(
             # request: retrying them here would stack a second retry layer on top.
             if attempt >= attempts or not progress.opened:
                 raise
-            delay = min(RETRY_BASE_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY)
+            delay = min(retry_delay * 2 ** (attempt - 1), RETRY_MAX_DELAY)
             if exc.retry_after is not None:
                 delay = max(delay, min(exc.retry_after, RETRY_MAX_DELAY))
             logger.info(

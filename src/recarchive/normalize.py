@@ -14,10 +14,10 @@ import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from recarchive.errors import PayloadError
 from recarchive.model import PARTY_ROLES, NormalizedRecording
+from recarchive.redaction import redact, strip_url
 
 T = TypeVar("T")
 
@@ -308,37 +308,13 @@ _PARTY_GROUPS: tuple[tuple[str, tuple[tuple[str, str, Reader, bool], ...]], ...]
 # --- redaction -----------------------------------------------------------------------------
 
 
-def strip_url(url: str) -> str:
-    """Return ``url`` without query string, fragment and user info.
-
-    The query string of a presigned URL is a credential; only scheme, host and path are kept.
-    """
-    cut = url.split("?", 1)[0].split("#", 1)[0]
-    if "@" not in cut:
-        return cut
-    try:
-        parts = urlsplit(cut)
-        netloc = parts.netloc.rsplit("@", 1)[-1]
-        return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    except ValueError:
-        # Unparseable (e.g. a broken IPv6 host): the query is cut already; drop user info.
-        scheme, sep, rest = cut.partition("://")
-        return scheme + sep + rest.rsplit("@", 1)[-1] if sep else cut
-
-
-def _looks_like_credentialed_url(text: str) -> bool:
-    """An absolute http(s) URL carrying a query, fragment or user info (any field name)."""
-    head = text[:8].lower()
-    return (head.startswith(("http://", "https://"))) and any(c in text for c in "?#@")
-
-
 def _redact(value: Any, url_field: bool = False) -> Any:
     # Hot path (every payload): exact type checks first, the ABC checks only as a fallback.
-    # Fields named *url* are always stripped; any other string is stripped when it is an
-    # absolute URL with a query (Bird may add e.g. ``links.download`` with a signature).
+    # Fields named *url* are always stripped to scheme, host and path; any other string goes
+    # through the one redaction function (a signed URL inside a longer text, a password).
     kind = type(value)
     if kind is str:
-        return strip_url(value) if url_field or _looks_like_credentialed_url(value) else value
+        return strip_url(value) if url_field else redact(value)
     if kind is dict or (kind is not list and isinstance(value, Mapping)):
         copied: dict[Any, Any] = {}
         for key, item in value.items():

@@ -5,13 +5,20 @@ holds at most one chunk of payloads in memory, and runs its items concurrently w
 bounded by the context's ``concurrency``. Retries of single HTTP requests happen in the Bird
 client only; here an item that still fails is marked ``failed`` in the ledger with the time of
 its next attempt (backoff across runs), and the run goes on. Only a :class:`FatalError`
-(bad credentials, unreachable store) stops the chunk, after releasing its leases.
+(bad credentials, unreachable ledger database, a full disk) stops the chunk, after releasing
+its leases.
+
+One bad recording never stops the others: every exception raised while processing one item —
+parsing, redirect, transport, its storage, a bug in a library — ends that item ``failed``
+with a redacted ``last_error``. The places that do so are :meth:`_Chunk._fetch_metadata`,
+:meth:`_Chunk._save_metadata` and :meth:`_Chunk._archive_media`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -20,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from recarchive.counts import RunCounts
 from recarchive.errors import (
@@ -38,6 +45,7 @@ from recarchive.leases import release_dead_leases
 from recarchive.media import archive_media
 from recarchive.model import FAILED, LEDGER_STATES, METADATA_ONLY, PENDING
 from recarchive.normalize import normalize_recording
+from recarchive.redaction import describe
 from recarchive.store.keys import media_key
 
 if TYPE_CHECKING:
@@ -89,6 +97,9 @@ class ArchiveContext:
         media_recheck: Delay before ``retry-failed`` looks again at a recording whose media
             was not available yet.
         temp_dir: Folder for media temp files (system default when ``None``).
+        media_attempts: Whole downloads tried per recording when a body breaks off or
+            fails verification.
+        media_retry_delay: First delay between those downloads (doubles, capped).
     """
 
     bird: BirdClient
@@ -103,6 +114,28 @@ class ArchiveContext:
     retry_backoff: timedelta = timedelta(minutes=5)
     media_recheck: timedelta = timedelta(hours=1)
     temp_dir: Path | None = None
+    media_attempts: int = 3
+    media_retry_delay: float = 0.25
+
+
+#: errno values of the local disk that every other item would meet as well: stop the run.
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+def _database_is_down(exc: SQLAlchemyError) -> bool:
+    """True when a failed write says the database itself is the problem (stop the run).
+
+    Operational and interface errors, and any error that invalidated the connection, are the
+    database's; other DBAPI errors (a value a column cannot hold, a constraint) and errors
+    raised while binding parameters are about the rows written.
+    """
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+class _RowsRefused(Exception):
+    """The database (or its driver) refused rows for their content; ``__cause__`` says how."""
 
 
 @contextlib.contextmanager
@@ -155,6 +188,7 @@ class _Chunk:
         self.limit = asyncio.Semaphore(ctx.concurrency)
         # IDs whose ledger row this chunk created (see _register).
         self.fresh: set[str] = set()
+        self.entries: dict[str, LedgerEntry] = {}
 
     def _outcome(self, **delta: int) -> None:
         step = RunCounts()
@@ -250,12 +284,11 @@ class _Chunk:
         return entries
 
     async def _process(self, claimed: list[str], entries: dict[str, LedgerEntry]) -> None:
+        self.entries = entries
         fetched = await self._gather(self._fetch_metadata(rid, entries[rid]) for rid in claimed)
-        records = [record for record in fetched if record is not None]
+        records = self._save_metadata([record for record in fetched if record is not None])
         if not records:
             return
-        with ledger_errors("could not save metadata"):
-            self.ctx.store.save_metadata(records)
         media_jobs: list[Awaitable[None]] = []
         for record in records:
             entry = entries[record.id]
@@ -281,6 +314,51 @@ class _Chunk:
             else:
                 media_jobs.append(self._archive_media(record, entry))
         await self._gather(media_jobs)
+
+    def _save_metadata(self, records: list[NormalizedRecording]) -> list[NormalizedRecording]:
+        """Save the chunk's metadata in one transaction; return the records saved.
+
+        When the rows are refused for their content (not because the database is down),
+        each record is saved alone and those still refused end ``failed``: one recording the
+        database cannot hold never keeps the others of its chunk ``pending``.
+        """
+        if not records:
+            return records
+        try:
+            self._write_metadata(records)
+            return records
+        except _RowsRefused as refused:
+            logger.warning(
+                "a batch of %d recordings was refused (%s); saving them one by one",
+                len(records),
+                type(refused.__cause__).__name__,
+            )
+        saved: list[NormalizedRecording] = []
+        for record in records:
+            try:
+                self._write_metadata([record])
+            except _RowsRefused as refused:
+                cause = refused.__cause__
+                self._failed(
+                    record.id,
+                    self.entries[record.id],
+                    cause if isinstance(cause, Exception) else refused,
+                )
+                continue
+            saved.append(record)
+        return saved
+
+    def _write_metadata(self, records: list[NormalizedRecording]) -> None:
+        try:
+            self.ctx.store.save_metadata(records)
+        except SQLAlchemyError as exc:
+            if _database_is_down(exc):
+                raise StorageUnavailableError(
+                    f"could not save metadata: {type(exc).__name__}"
+                ) from exc
+            raise _RowsRefused from exc
+        except Exception as exc:  # a driver's ValueError, a bug: about these rows only
+            raise _RowsRefused from exc
 
     async def _gather(self, jobs: Iterable[Awaitable[T]]) -> list[T]:
         """Run awaitables with at most ``concurrency`` in flight; a fatal error cancels all."""
@@ -319,10 +397,10 @@ class _Chunk:
                 self._outcome(missing=1)
         except FatalError:
             raise
-        except RecarchiveError as exc:
+        except Exception as exc:  # one recording's failure, whatever raised it
             if entry.state == "archived":
                 # A failed refresh does not undo an archived recording; report it only.
-                self._fail(recording_id, f"refresh failed: {type(exc).__name__}: {exc}")
+                self._fail(recording_id, f"refresh failed: {describe(exc)}")
             else:
                 self._failed(recording_id, entry, exc)
         return None
@@ -330,9 +408,9 @@ class _Chunk:
     async def _archive_media(self, record: NormalizedRecording, entry: LedgerEntry) -> None:
         media = self.ctx.media
         assert media is not None
-        key = media_key(self.ctx.s3_prefix, self.ctx.workspace_id, record.id, record.created_at)
-        sidecar = json.dumps(record.redacted_payload, sort_keys=True).encode()
         try:
+            key = media_key(self.ctx.s3_prefix, self.ctx.workspace_id, record.id, record.created_at)
+            sidecar = json.dumps(record.redacted_payload, sort_keys=True).encode()
             result = await archive_media(
                 self.ctx.bird,
                 media,
@@ -340,22 +418,27 @@ class _Chunk:
                 key=key,
                 sidecar=sidecar,
                 temp_dir=self.ctx.temp_dir,
+                attempts=self.ctx.media_attempts,
+                retry_delay=self.ctx.media_retry_delay,
                 # A row this run created cannot have an object of a crashed run behind it.
                 check_existing=record.id not in self.fresh,
             )
             uploaded = result.outcome == "uploaded"
         except FatalError:
             raise
-        except RecarchiveError as exc:
-            self._failed(record.id, entry, exc)
-            return
         except OSError as exc:
-            # Network errors arrive translated; a bare OSError here is the local disk (full,
-            # read-only, temp folder gone): every other item would fail the same way.
+            if exc.errno not in _DISK_ERRNOS:
+                self._failed(record.id, entry, exc)
+                return
+            # The local disk (full, over quota, read-only): every other item would fail the
+            # same way, so the run stops instead of failing items one by one.
             raise StorageUnavailableError(
                 f"cannot write media temp files in {self.ctx.temp_dir or 'the temp folder'}: "
                 f"{exc.strerror or type(exc).__name__}"
             ) from exc
+        except Exception as exc:  # one recording's failure, whatever raised it
+            self._failed(record.id, entry, exc)
+            return
         marked = self._mark(
             record.id,
             entry,
@@ -368,11 +451,20 @@ class _Chunk:
         if marked:
             self._outcome(archived=1, bytes_uploaded=result.size_bytes if uploaded else 0)
 
-    def _failed(self, recording_id: str, entry: LedgerEntry, exc: RecarchiveError) -> None:
-        error = f"{type(exc).__name__}: {exc}"
+    def _failed(self, recording_id: str, entry: LedgerEntry, exc: Exception) -> None:
+        """Mark one recording ``failed`` with a redacted reason and, unless final, a retry time.
+
+        Our terminal errors are final; retryable ones and anything unexpected (a library's
+        own exception: it may be transient, and retrying is bounded by the attempt count) get
+        a backoff.
+        """
+        error = describe(exc)
         attempts = entry.attempts + 1
         retry_at: datetime | None = None
-        if isinstance(exc, RetryableError) and not isinstance(exc, MediaConflictError):
+        if not isinstance(exc, RecarchiveError):
+            logger.debug("recording %s: unexpected error", recording_id, exc_info=exc)
+        retryable = isinstance(exc, RetryableError) or not isinstance(exc, RecarchiveError)
+        if retryable and not isinstance(exc, MediaConflictError):
             delay = self.ctx.retry_backoff * (2 ** min(attempts - 1, 10))
             retry_at = datetime.now(UTC) + min(delay, timedelta(days=1))
         logger.warning("recording %s failed (attempt %d): %s", recording_id, attempts, error)

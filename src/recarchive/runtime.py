@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from recarchive.bird.client import BirdClient
 from recarchive.bird.http import build_http_client
+from recarchive.bird.limits import AnswerLimits
 from recarchive.bird.ratelimit import RequestPacer
 from recarchive.bird.retry import RetryPolicy
 from recarchive.config import Settings
@@ -134,6 +135,13 @@ def build_bird_client(settings: Settings, http: httpx.AsyncClient) -> BirdClient
         retry=RetryPolicy(
             max_attempts=settings.http_max_attempts,
             max_total_seconds=settings.http_max_retry_seconds,
+        ),
+        limits=AnswerLimits(
+            metadata_max_bytes=settings.metadata_max_bytes,
+            media_max_bytes=settings.media_max_bytes,
+            low_speed_bytes=settings.media_low_speed_bytes,
+            low_speed_seconds=settings.media_low_speed_seconds,
+            allowed_hosts=settings.media_allowed_host_set,
         ),
     )
 

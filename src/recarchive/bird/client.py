@@ -18,14 +18,18 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 from pydantic import SecretStr
 
+from recarchive.bird.integrity import BodyCheck
+from recarchive.bird.limits import AnswerLimits, LowSpeedWatch, parse_json_object
 from recarchive.bird.ratelimit import RequestPacer
+from recarchive.bird.redirect import RedirectPolicy
 from recarchive.bird.retry import RetryPolicy, parse_retry_after
 from recarchive.errors import (
     AuthError,
@@ -41,6 +45,7 @@ from recarchive.errors import (
     ServerError,
     TransportError,
 )
+from recarchive.redaction import strip_url
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,37 +60,76 @@ MEDIA_CHUNK_BYTES = 1024 * 1024
 class MediaDownload:
     """An open media response from the presigned URL, streamed by the caller.
 
+    Built inside the client's retry loop, so a malformed ``Content-Length`` or checksum
+    header, or a ``Content-Length`` above the size limit, is retried like any failed request
+    and never reaches the caller.
+
     Attributes:
         recording_id: The recording.
         content_length: ``Content-Length`` of the media host's answer, if it sent one.
         content_type: ``Content-Type`` of the answer.
         bytes_read: Bytes streamed so far.
+        confirmed_by: After the body was read whole: what confirmed its end
+            (``"content-length"``, ``"chunked"``, ``"etag-md5"``, ``"content-md5"``, ...).
+
+    Raises:
+        MediaIntegrityError: Malformed framing or checksum headers, or a body larger than
+            the limit (announced or found while streaming).
     """
 
-    def __init__(self, recording_id: str, response: httpx.Response) -> None:
+    def __init__(
+        self,
+        recording_id: str,
+        response: httpx.Response,
+        *,
+        limits: AnswerLimits,
+        what: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.recording_id = recording_id
         self._response = response
-        length = response.headers.get("Content-Length")
-        self.content_length = int(length) if length and length.isdigit() else None
+        self._what = what
+        self._limits = limits
+        self._check = BodyCheck(response.headers, what)
+        self.content_length = self._check.content_length
+        if self.content_length is not None and self.content_length > limits.media_max_bytes:
+            raise MediaIntegrityError(
+                f"{what}: {self.content_length} bytes announced, more than the limit of "
+                f"{limits.media_max_bytes} (RECARCHIVE_MEDIA_MAX_BYTES)"
+            )
         self.content_type = response.headers.get("Content-Type")
         self.bytes_read = 0
+        self.confirmed_by: str | None = None
+        self._clock = clock
 
     async def iter_bytes(self, chunk_size: int = MEDIA_CHUNK_BYTES) -> AsyncIterator[bytes]:
-        """Yield the body in chunks.
+        """Yield the body in chunks; after the last one, the body is confirmed whole.
 
         Raises:
-            TransportError: The connection broke or timed out mid-body.
-            MediaIntegrityError: The body is shorter or longer than ``Content-Length``.
+            TransportError: The connection broke, timed out, or ran below the speed limit.
+            MediaIntegrityError: The body is longer than the limit, does not match its length
+                or checksum, or nothing independent of the connection confirms its end.
         """
         # Pieces arrive as the transport reads them (16 KiB from aiohttp); they are joined
         # here into blocks of about ``chunk_size``, one copy per byte. httpx's own
         # ``aiter_bytes(chunk_size)`` re-chunks through a BytesIO: three copies and slicing,
         # 8 % of the client's CPU in bench/media_throughput.py (sampled with py-spy).
+        limits, check = self._limits, self._check
+        watch = LowSpeedWatch(
+            limits.low_speed_bytes, limits.low_speed_seconds, self._what, clock=self._clock
+        )
         pieces: list[bytes] = []
         pending = 0
         try:
             async for piece in self._response.aiter_bytes():
                 self.bytes_read += len(piece)
+                if self.bytes_read > limits.media_max_bytes:
+                    raise MediaIntegrityError(
+                        f"{self._what}: more than {limits.media_max_bytes} bytes "
+                        "(RECARCHIVE_MEDIA_MAX_BYTES); aborted"
+                    )
+                watch.add(len(piece))
+                check.update(piece)
                 pieces.append(piece)
                 pending += len(piece)
                 if pending >= chunk_size:
@@ -94,16 +138,35 @@ class MediaDownload:
                     pending = 0
             if pieces:
                 yield b"".join(pieces)
-        except httpx.HTTPError as exc:
+        except RecarchiveError:
+            raise
+        except Exception as exc:  # httpx.HTTPError, or a transport's own untranslated error
             raise TransportError(
-                f"media of {self.recording_id}: download broke after {self.bytes_read} bytes "
-                f"({type(exc).__name__})"
+                f"{self._what}: download broke after {self.bytes_read} bytes ({type(exc).__name__})"
             ) from exc
-        if self.content_length is not None and self.bytes_read != self.content_length:
-            raise MediaIntegrityError(
-                f"media of {self.recording_id}: got {self.bytes_read} bytes, "
-                f"Content-Length said {self.content_length}"
-            )
+        self.confirmed_by = check.finish(self.bytes_read)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A finished API answer: status, headers and the body (read within the size limit)."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+
+@dataclass(frozen=True)
+class SourceSize:
+    """What the media host reports about a recording's MP3 when asked for its first byte.
+
+    Attributes:
+        total_bytes: The total size from ``Content-Range``.
+        md5: The ETag when it is a plain MD5 (lower-case hex), else ``None``.
+    """
+
+    total_bytes: int
+    md5: str | None
 
 
 class BirdClient:
@@ -117,6 +180,9 @@ class BirdClient:
         auth_scheme: ``AccessKey`` or ``Bearer``.
         pacer: Request pacing shared by every request of the process.
         retry: Retry policy of every request.
+        limits: Size, depth and speed limits of answers.
+        redirects: Where media redirects may go (by default: the rules of
+            :mod:`recarchive.bird.redirect` for ``api_url`` and ``limits.allowed_hosts``).
     """
 
     def __init__(
@@ -129,6 +195,8 @@ class BirdClient:
         auth_scheme: str = "AccessKey",
         pacer: RequestPacer | None = None,
         retry: RetryPolicy | None = None,
+        limits: AnswerLimits | None = None,
+        redirects: RedirectPolicy | None = None,
     ) -> None:
         self._http = http
         self.api_url = api_url.rstrip("/")
@@ -137,6 +205,10 @@ class BirdClient:
         self.auth_scheme = auth_scheme
         self.pacer = pacer or RequestPacer(50)
         self.retry = retry or RetryPolicy()
+        self.limits = limits or AnswerLimits()
+        self.redirects = redirects or RedirectPolicy(
+            self.api_url, allowed_hosts=self.limits.allowed_hosts
+        )
         self._base = f"{self.api_url}/workspaces/{quote(workspace_id, safe='')}/recordings"
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "rate_limited": 0}
 
@@ -155,8 +227,8 @@ class BirdClient:
             RetryableError: Still failing after the retries.
             AuthError: The key was refused (stops the run).
         """
-        response = await self._send("GET", self._url(recording_id), what=recording_id)
-        return _json_object(response, f"recording {recording_id}")
+        answer = await self._send("GET", self._url(recording_id), what=recording_id)
+        return self._json_object(answer, f"recording {recording_id}")
 
     async def list_recordings(
         self,
@@ -187,10 +259,10 @@ class BirdClient:
             page_params = dict(params)
             if token:
                 page_params["pageToken"] = token
-            response = await self._send(
+            answer = await self._send(
                 "GET", self._base, params=page_params, what=f"list page {pages + 1}"
             )
-            body = _json_object(response, f"list page {pages + 1}")
+            body = self._json_object(answer, f"list page {pages + 1}")
             results = body.get("results")
             if not isinstance(results, list):
                 raise PayloadError(
@@ -209,8 +281,8 @@ class BirdClient:
     async def open_media(self, recording_id: str) -> AsyncIterator[MediaDownload]:
         """Open a recording's MP3 through the API's 307 redirect.
 
-        The redirect is requested without following it; its ``Location`` must be an absolute
-        http(s) URL and must not downgrade https to http. The presigned URL is fetched with no
+        The redirect is requested without following it; its ``Location`` must pass the
+        :class:`~recarchive.bird.redirect.RedirectPolicy`. The presigned URL is fetched with no
         ``Authorization`` header; when it answers 403 (expired), a fresh redirect is asked for.
 
         Yields:
@@ -224,13 +296,13 @@ class BirdClient:
         """
         for _refresh in range(MAX_LINK_REFRESHES):
             location = await self._media_location(recording_id)
-            response = await self._open_presigned(recording_id, location)
-            if response is None:
+            download = await self._open_presigned(recording_id, location)
+            if download is None:
                 continue  # expired: ask the API for a fresh redirect
             try:
-                yield MediaDownload(recording_id, response)
+                yield download
             finally:
-                await response.aclose()
+                await download._response.aclose()
             return
         raise MediaLinkExpiredError(
             f"media of {recording_id}: presigned URL refused {MAX_LINK_REFRESHES} times"
@@ -242,7 +314,41 @@ class BirdClient:
         Raises:
             NotFoundError: Already gone.
         """
-        await self._send("DELETE", self._url(recording_id), what=f"delete {recording_id}")
+        await self._send(
+            "DELETE", self._url(recording_id), what=f"delete {recording_id}", read_body=False
+        )
+
+    async def source_size(self, recording_id: str) -> SourceSize:
+        """Ask the media host, through a fresh redirect, for the MP3's total size.
+
+        A ``Range: bytes=0-0`` GET, because real S3 refuses a HEAD on a URL presigned for GET;
+        the answer must be ``206`` with a ``Content-Range`` that names the total.
+
+        Raises:
+            InvalidRedirectError: No usable redirect, or the host did not answer the range.
+            RetryableError: The media host kept failing.
+        """
+        location = await self._media_location(recording_id)
+        what = f"size of the media of {recording_id} at {strip_url(location)}"
+
+        async def attempt() -> SourceSize:
+            request = self._http.build_request("GET", location, headers={"Range": "bytes=0-0"})
+            request.headers.pop("Authorization", None)
+            response = await self._transport(request, what)
+            try:
+                if response.status_code != 206:
+                    raise _classify(response, what) or InvalidRedirectError(
+                        f"{what}: expected 206 to a range request, got {response.status_code}"
+                    )
+                total = _content_range_total(response.headers.get("Content-Range"))
+                if total is None:
+                    raise InvalidRedirectError(f"{what}: no total size in Content-Range")
+                check = BodyCheck(httpx.Headers({"etag": response.headers.get("etag", "")}), what)
+                return SourceSize(total_bytes=total, md5=check.etag_md5)
+            finally:
+                await response.aclose()
+
+        return await self._with_retries(attempt, what=what, paced=False)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -262,31 +368,79 @@ class BirdClient:
         *,
         what: str,
         params: dict[str, str] | None = None,
-    ) -> httpx.Response:
-        """Send one API request with pacing and retries; return a 2xx or 3xx response."""
+        read_body: bool = True,
+    ) -> _Answer:
+        """Send one API request with pacing and retries; return a 2xx or 3xx answer.
 
-        async def attempt() -> httpx.Response:
+        The body is read inside the attempt (a connection that breaks mid-body is retried)
+        and refused past ``limits.metadata_max_bytes`` before anything parses it.
+        """
+
+        async def attempt() -> _Answer:
             await self.pacer.wait()
             self.stats["requests"] += 1
+            request = self._http.build_request(
+                method, url, params=params, headers=self._auth_headers()
+            )
+            response = await self._transport(request, what)
             try:
-                response = await self._http.request(
-                    method,
-                    url,
-                    params=params,
-                    headers=self._auth_headers(),
-                    follow_redirects=False,
-                )
-            except httpx.TimeoutException as exc:
-                raise TransportError(f"{what}: timed out ({type(exc).__name__})") from exc
-            except httpx.HTTPError as exc:
-                raise TransportError(f"{what}: connection failed ({type(exc).__name__})") from exc
-            error = _classify(response, what)
-            if error is not None:
-                raise error
+                error = _classify(response, what)
+                if error is not None:
+                    raise error
+                content = b""
+                if read_body and response.status_code not in REDIRECT_STATUSES:
+                    content = await self._read_limited(response, what)
+            finally:
+                await response.aclose()
             self.pacer.record_success()
-            return response
+            return _Answer(response.status_code, response.headers, content)
 
         return await self._with_retries(attempt, what=what, paced=True)
+
+    async def _transport(self, request: httpx.Request, what: str) -> httpx.Response:
+        """Send ``request`` streaming; every transport failure becomes a :class:`TransportError`.
+
+        The boundary to httpx and its transport: a malformed status line or header raises the
+        transport's own exception types (aiohttp's ``ClientResponseError`` is not mapped by
+        httpx-aiohttp), whose messages quote the URL; only the type name is kept here.
+        """
+        try:
+            return await self._http.send(request, stream=True, follow_redirects=False)
+        except httpx.TimeoutException as exc:
+            raise TransportError(f"{what}: timed out ({type(exc).__name__})") from exc
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{what}: connection failed ({type(exc).__name__})") from exc
+        except Exception as exc:
+            raise TransportError(f"{what}: malformed answer ({type(exc).__name__})") from exc
+
+    async def _read_limited(self, response: httpx.Response, what: str) -> bytes:
+        limit = self.limits.metadata_max_bytes
+        refused = PayloadError(
+            f"{what}: answer larger than {limit} bytes (RECARCHIVE_METADATA_MAX_BYTES); "
+            "refused unparsed",
+            field="<body>",
+        )
+        announced = response.headers.get("Content-Length", "")
+        if announced.isdigit() and int(announced) > limit:
+            raise refused
+        pieces: list[bytes] = []
+        size = 0
+        try:
+            async for piece in response.aiter_bytes():
+                size += len(piece)
+                if size > limit:
+                    raise refused
+                pieces.append(piece)
+        except RecarchiveError:
+            raise
+        except httpx.TimeoutException as exc:
+            raise TransportError(f"{what}: timed out mid-answer ({type(exc).__name__})") from exc
+        except Exception as exc:
+            raise TransportError(f"{what}: answer broke off ({type(exc).__name__})") from exc
+        return b"".join(pieces)
+
+    def _json_object(self, answer: _Answer, what: str) -> dict[str, Any]:
+        return parse_json_object(answer.content, what, max_depth=self.limits.json_max_depth)
 
     async def _with_retries(
         self, attempt: Callable[[], Awaitable[T]], *, what: str, paced: bool
@@ -318,42 +472,33 @@ class BirdClient:
                 await asyncio.sleep(delay)
 
     async def _media_location(self, recording_id: str) -> str:
-        response = await self._send(
-            "GET", self._url(recording_id, ".mp3"), what=f"media link of {recording_id}"
-        )
-        if response.status_code not in REDIRECT_STATUSES:
+        what = f"media link of {recording_id}"
+        answer = await self._send("GET", self._url(recording_id, ".mp3"), what=what)
+        if answer.status_code not in REDIRECT_STATUSES:
             raise InvalidRedirectError(
-                f"media of {recording_id}: expected a redirect, got HTTP {response.status_code}"
+                f"media of {recording_id}: expected a redirect, got HTTP {answer.status_code}"
             )
-        location = str(response.headers.get("Location", ""))
-        parts = urlsplit(location)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise InvalidRedirectError(
-                f"media of {recording_id}: redirect to a non-absolute URL "
-                f"({_without_query(location)!r})"
-            )
-        if urlsplit(self.api_url).scheme == "https" and parts.scheme != "https":
-            raise InvalidRedirectError(
-                f"media of {recording_id}: redirect downgrades https to http "
-                f"({_without_query(location)!r})"
-            )
+        location = str(answer.headers.get("Location", ""))
+        parts = self.redirects.parse(location, f"media of {recording_id}")
+        await self.redirects.check_target(parts, f"media of {recording_id}")
         return location
 
-    async def _open_presigned(self, recording_id: str, location: str) -> httpx.Response | None:
+    async def _open_presigned(self, recording_id: str, location: str) -> MediaDownload | None:
         """GET the presigned URL with retries; ``None`` when it answered 403 (expired)."""
-        what = f"media of {recording_id} from {_without_query(location)}"
+        what = f"media of {recording_id} from {strip_url(location)}"
 
-        async def attempt() -> httpx.Response | None:
+        async def attempt() -> MediaDownload | None:
             request = self._http.build_request("GET", location)
             # Defence in depth: whatever defaults the injected client has, no credentials
             # travel to the media host.
             request.headers.pop("Authorization", None)
-            try:
-                response = await self._http.send(request, stream=True)
-            except httpx.HTTPError as exc:
-                raise TransportError(f"{what}: connection failed ({type(exc).__name__})") from exc
+            response = await self._transport(request, what)
             if response.status_code == 200:
-                return response
+                try:
+                    return MediaDownload(recording_id, response, limits=self.limits, what=what)
+                except BaseException:
+                    await response.aclose()
+                    raise
             await response.aclose()
             # 403 is how S3 says "expired"; 401 from a presigned URL's host cannot be about
             # our key (it was never sent there): ask the API for a fresh link.
@@ -392,20 +537,15 @@ def _classify(response: httpx.Response, what: str) -> RecarchiveError | None:
     return ClientRequestError(f"{what}: HTTP {status}", status_code=status)
 
 
-def _json_object(response: httpx.Response, what: str) -> dict[str, Any]:
-    try:
-        body = response.json()
-    except ValueError as exc:
-        raise PayloadError(f"{what}: answer is not JSON", field="<body>") from exc
-    if not isinstance(body, dict):
-        raise PayloadError(f"{what}: answer is not a JSON object", field="<body>")
-    return body
-
-
-def _without_query(url: str) -> str:
-    """Scheme, host and path only: a presigned URL's query string is a credential."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+def _content_range_total(value: str | None) -> int | None:
+    """The total of ``Content-Range: bytes 0-0/TOTAL``; ``None`` when absent or ``*``."""
+    if not value:
+        return None
+    unit, _, rest = value.strip().partition(" ")
+    total = rest.rpartition("/")[2]
+    if unit.lower() != "bytes" or not total.isdigit() or len(total) > 19:
+        return None
+    return int(total)
 
 
 def _api_time(moment: datetime) -> str:

@@ -53,6 +53,8 @@ READ_BLOCK = 1 * MiB
 S3_MAX_ATTEMPTS = 6
 
 UploadOutcome = Literal["uploaded", "already_present"]
+#: User metadata naming what confirmed the downloaded body's end (see bird.integrity).
+CONFIRMED_BY = "confirmed-by"
 ChecksumMode = Literal["when_supported", "when_required"]
 _CHECKSUM_MODES = frozenset({"when_supported", "when_required"})
 
@@ -128,10 +130,14 @@ class ObjectInfo:
     Attributes:
         size: Content length in bytes.
         sha256: Hex SHA-256 from the ``sha256`` user metadata, ``None`` if absent.
+        confirmed_by: The ``confirmed-by`` user metadata: what confirmed the download's end
+            (``content-length``, ``chunked``, a checksum); ``None`` for objects stored before
+            recarchive recorded it.
     """
 
     size: int
     sha256: str | None
+    confirmed_by: str | None = None
 
 
 def _error_code(exc: ClientError) -> str:
@@ -171,6 +177,13 @@ def translate_error(exc: Exception, action: str) -> RecarchiveError:
         # e.g. NoCredentialsError, ParamValidationError: configuration, not transient.
         return StorageUnavailableError(f"{action}: {type(exc).__name__}")
     return RetryableError(f"{action}: {type(exc).__name__}")
+
+
+def _metadata(sha256_hex: str, confirmed_by: str | None) -> dict[str, str]:
+    metadata = {"sha256": sha256_hex}
+    if confirmed_by:
+        metadata[CONFIRMED_BY] = confirmed_by
+    return metadata
 
 
 class _FileSlice(io.RawIOBase):
@@ -298,7 +311,11 @@ class MediaStore:
         except BotoCoreError as exc:
             raise translate_error(exc, f"head {self._uri(key)}") from exc
         metadata = response.get("Metadata") or {}
-        return ObjectInfo(size=int(response["ContentLength"]), sha256=metadata.get("sha256"))
+        return ObjectInfo(
+            size=int(response["ContentLength"]),
+            sha256=metadata.get("sha256"),
+            confirmed_by=metadata.get(CONFIRMED_BY),
+        )
 
     def hash_object(self, key: str) -> tuple[int, str]:
         """Download ``key`` as a stream and return ``(size, hex SHA-256)`` of its bytes.
@@ -360,7 +377,9 @@ class MediaStore:
         except (ClientError, BotoCoreError) as exc:
             raise translate_error(exc, f"put {self._uri(key)}") from exc
 
-    def upload_file(self, key: str, path: Path, *, size: int, sha256_hex: str) -> UploadOutcome:
+    def upload_file(
+        self, key: str, path: Path, *, size: int, sha256_hex: str, confirmed_by: str | None = None
+    ) -> UploadOutcome:
         """Store the file ``path`` at ``key`` unless the key exists; verify it afterwards.
 
         :meth:`store_file` then, for a fresh upload, :meth:`verify_stored`.
@@ -370,6 +389,7 @@ class MediaStore:
             path: The verified temp file.
             size: Its size in bytes.
             sha256_hex: Hex SHA-256 of its bytes (computed while downloading).
+            confirmed_by: What confirmed the download's end; stored as user metadata.
 
         Returns:
             ``"uploaded"``, or ``"already_present"`` when the key already held these bytes.
@@ -380,12 +400,16 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
-        outcome = self.store_file(key, path, size=size, sha256_hex=sha256_hex)
+        outcome = self.store_file(
+            key, path, size=size, sha256_hex=sha256_hex, confirmed_by=confirmed_by
+        )
         if outcome == "uploaded":
             self.verify_stored(key, size=size, sha256_hex=sha256_hex)
         return outcome
 
-    def store_file(self, key: str, path: Path, *, size: int, sha256_hex: str) -> UploadOutcome:
+    def store_file(
+        self, key: str, path: Path, *, size: int, sha256_hex: str, confirmed_by: str | None = None
+    ) -> UploadOutcome:
         """Write ``path`` to ``key`` unless the key exists; no read-back (see :meth:`upload_file`).
 
         Below ``multipart_threshold`` one ``put_object``, else a multipart upload whose parts
@@ -406,9 +430,11 @@ class MediaStore:
         try:
             if size >= self.multipart_threshold:
                 self.abort_open_uploads(key)
-                self._multipart_upload(key, path, size=size, sha256_hex=sha256_hex)
+                self._multipart_upload(
+                    key, path, size=size, metadata=_metadata(sha256_hex, confirmed_by)
+                )
             else:
-                self._single_put(key, path, sha256_hex=sha256_hex)
+                self._single_put(key, path, metadata=_metadata(sha256_hex, confirmed_by))
         except ClientError as exc:
             if _error_code(exc) != "PreconditionFailed" and _status(exc) != 412:
                 raise translate_error(exc, f"upload {self._uri(key)}") from exc
@@ -446,8 +472,8 @@ class MediaStore:
             self._abort(key, upload_id)
         return len(stale)
 
-    def _single_put(self, key: str, path: Path, *, sha256_hex: str) -> None:
-        checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+    def _single_put(self, key: str, path: Path, *, metadata: dict[str, str]) -> None:
+        checksum = base64.b64encode(bytes.fromhex(metadata["sha256"])).decode()
         # A file object, not bytes: botocore streams it and seeks back to retry.
         with path.open("rb") as body:
             self.s3.put_object(
@@ -457,17 +483,20 @@ class MediaStore:
                 ContentType=MEDIA_CONTENT_TYPE,
                 ChecksumSHA256=checksum,
                 IfNoneMatch="*",
-                Metadata={"sha256": sha256_hex},
+                Metadata=metadata,
                 **self._sse_args(),
             )
 
-    def _multipart_upload(self, key: str, path: Path, *, size: int, sha256_hex: str) -> None:
+    def _multipart_upload(
+        self, key: str, path: Path, *, size: int, metadata: dict[str, str]
+    ) -> None:
+        sha256_hex = metadata["sha256"]
         created = self.s3.create_multipart_upload(
             Bucket=self.bucket,
             Key=key,
             ContentType=MEDIA_CONTENT_TYPE,
             ChecksumAlgorithm="SHA256",
-            Metadata={"sha256": sha256_hex},
+            Metadata=metadata,
             **self._sse_args(),
         )
         upload_id = created["UploadId"]
