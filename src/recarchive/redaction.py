@@ -39,8 +39,8 @@ _secrets_lock = threading.Lock()
 _URL_RE = re.compile(r"""[A-Za-z][A-Za-z0-9+.\-]{0,15}://[^\s'"<>`\\]+""")
 # Credential parameters without their URL (a message that quotes only the query).
 _PARAM_RE = re.compile(
-    r"(?i)\b(x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)"
-    r"|signature|sig|awsaccesskeyid|access_?key|token|password|passwd|secret)=[^&\s'\"<>]+"
+    r"(?i)\b([\w.\-]*(?:signature|credential|security-token|sig|awsaccesskeyid|access_?key"
+    r"|token|password|passwd|secret))=[^&\s'\"<>]+"
 )
 _AUTH_RE = re.compile(r"(?i)\b(authorization['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n,}]+")
 
