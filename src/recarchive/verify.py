@@ -52,6 +52,21 @@ class VerifyReport:
     checked: int
     ok: int
     problems: list[VerifyProblem] = field(default_factory=list)
+    verified: dict[str, VerifiedObject] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VerifiedObject:
+    """What a deep verification learnt about an object that passed it.
+
+    Attributes:
+        md5: Hex MD5 of its bytes (to compare with a plain-MD5 ETag at the source).
+        confirmed_by: What confirmed the end of the download that stored it (object
+            metadata ``confirmed-by``); ``None`` for objects stored before it was recorded.
+    """
+
+    md5: str
+    confirmed_by: str | None
 
 
 def _short(digest: str | None) -> str:
@@ -74,18 +89,21 @@ class _Verifier:
             self._stores[bucket] = store
         return store
 
-    def check(self, entry: LedgerEntry) -> list[str]:
-        """Return the problems of one archived row (empty when it is fine)."""
+    def check(self, entry: LedgerEntry) -> tuple[list[str], VerifiedObject | None]:
+        """Return the problems of one archived row (empty when it is fine).
+
+        With ``deep``, also what was learnt of the object when it passed.
+        """
         key, bucket = entry.s3_key, entry.s3_bucket
         if not key or not bucket or entry.size_bytes is None or not entry.sha256:
-            return ["ledger row lacks bucket, key, size or sha256"]
+            return ["ledger row lacks bucket, key, size or sha256"], None
         store = self.store_for(bucket)
         try:
             info = store.head(key)
         except RetryableError as exc:
-            return [f"could not check: {type(exc).__name__}: {exc}"]
+            return [f"could not check: {type(exc).__name__}: {exc}"], None
         if info is None:
-            return ["missing object"]
+            return ["missing object"], None
         problems: list[str] = []
         if info.size != entry.size_bytes:
             problems.append(f"size {info.size} != ledger {entry.size_bytes}")
@@ -93,20 +111,21 @@ class _Verifier:
             problems.append(
                 f"sha256 metadata {_short(info.sha256)} != ledger {_short(entry.sha256)}"
             )
-        if self.deep:
-            try:
-                size, digest = store.hash_object(key)
-            except MediaIntegrityError as exc:
-                problems.append(f"could not read object: {exc}")
-                return problems
-            except RetryableError as exc:
-                problems.append(f"could not download: {type(exc).__name__}: {exc}")
-                return problems
-            if size != entry.size_bytes and info.size == entry.size_bytes:
-                problems.append(f"downloaded size {size} != ledger {entry.size_bytes}")
-            if digest != entry.sha256:
-                problems.append(f"content hash {_short(digest)} != ledger {_short(entry.sha256)}")
-        return problems
+        if not self.deep:
+            return problems, None
+        try:
+            size, digest, md5 = store.digest_object(key)
+        except MediaIntegrityError as exc:
+            return [*problems, f"could not read object: {exc}"], None
+        except RetryableError as exc:
+            return [*problems, f"could not download: {type(exc).__name__}: {exc}"], None
+        if size != entry.size_bytes and info.size == entry.size_bytes:
+            problems.append(f"downloaded size {size} != ledger {entry.size_bytes}")
+        if digest != entry.sha256:
+            problems.append(f"content hash {_short(digest)} != ledger {_short(entry.sha256)}")
+        if problems:
+            return problems, None
+        return problems, VerifiedObject(md5=md5, confirmed_by=info.confirmed_by)
 
 
 def verify_archive(
@@ -142,9 +161,11 @@ def verify_archive(
         return report
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         results = list(pool.map(verifier.check, archived))
-    for entry, problems in zip(archived, results, strict=True):
+    for entry, (problems, found) in zip(archived, results, strict=True):
         if not problems:
             report.ok += 1
+            if found is not None:
+                report.verified[entry.recording_id] = found
             continue
         for problem in problems:
             logger.warning(

@@ -6,14 +6,18 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from recarchive.config import Settings
-from recarchive.errors import NotFoundError
+from recarchive.errors import NotFoundError, RetryableError, TerminalError
 from recarchive.model import LedgerEntry
 from recarchive.runtime import build_bird_client, build_bird_http, build_media_store, open_store
-from recarchive.verify import VerifyReport, verify_archive
+from recarchive.verify import VerifiedObject, VerifyReport, verify_archive
+
+if TYPE_CHECKING:
+    from recarchive.bird.client import BirdClient
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +31,82 @@ def _batches(entries: Iterable[LedgerEntry], size: int) -> Iterator[list[LedgerE
         yield batch
 
 
+#: What may have confirmed the download of an object whose source may be deleted: only an
+#: independent length. ``None`` is an object stored before recarchive recorded it; its
+#: length is then confirmed by the source's ``Content-Range`` alone.
+DELETABLE_CONFIRMATIONS = frozenset({"content-length", None})
+
+
+async def delete_source_if_same(
+    bird: BirdClient, entry: LedgerEntry, verified: VerifiedObject
+) -> bool:
+    """Delete a recording at Bird when the source still matches the deep-verified archive.
+
+    Conditions, all of them: the archived download's end was confirmed by an independent
+    length (``Content-Length``, recorded on the object), the source — through a fresh
+    redirect and a ``Range: bytes=0-0`` GET — reports the ledger's size in
+    ``Content-Range``, and, when its ETag is a plain MD5, the MD5 of the archived bytes.
+    Anything else keeps the source and logs why.
+
+    Returns:
+        True when the source was deleted (or was gone already).
+    """
+    recording_id = entry.recording_id
+    if verified.confirmed_by not in DELETABLE_CONFIRMATIONS:
+        logger.warning(
+            "kept the source of %s: its download had no independent length (confirmed by %s)",
+            recording_id,
+            verified.confirmed_by,
+        )
+        return False
+    try:
+        source = await bird.source_size(recording_id)
+    except NotFoundError:
+        logger.info("source of %s was already deleted", recording_id)
+        return True
+    except (RetryableError, TerminalError) as exc:
+        logger.warning("kept the source of %s: could not ask its size (%s)", recording_id, exc)
+        return False
+    if source.total_bytes != entry.size_bytes:
+        logger.warning(
+            "kept the source of %s: it has %d bytes, the archive %s",
+            recording_id,
+            source.total_bytes,
+            entry.size_bytes,
+        )
+        return False
+    if source.md5 is not None and source.md5 != verified.md5:
+        logger.warning(
+            "kept the source of %s: its ETag MD5 %s differs from the archive's %s",
+            recording_id,
+            source.md5,
+            verified.md5,
+        )
+        return False
+    try:
+        await bird.delete_recording(recording_id)
+    except NotFoundError:
+        logger.info("source of %s was already deleted", recording_id)
+        return True
+    logger.warning(
+        "deleted source media at Bird for %s (verified s3://%s/%s sha256 %s, %d bytes)",
+        recording_id,
+        entry.s3_bucket,
+        entry.s3_key,
+        entry.sha256,
+        source.total_bytes,
+    )
+    return True
+
+
 async def run_verify(
     settings: Settings, *, deep: bool, delete_source: bool, console: Console
 ) -> VerifyReport:
     """Verify every archived recording; with ``delete_source``, delete verified media at Bird.
 
     A recording's media is deleted at Bird only after *its own* deep verification succeeded
-    in this run (``delete_source`` implies ``deep``); each deletion is logged.
+    in this run (``delete_source`` implies ``deep``) and the source, asked again, reports the
+    same size and content (:func:`delete_source_if_same`); each deletion is logged.
 
     Args:
         settings: Settings (database, bucket, and the Bird API when deleting).
@@ -64,22 +137,10 @@ async def run_verify(
                 f"verified {total.checked} ({len(total.problems)} problems)", highlight=False
             )
             if bird is not None:
-                bad = {problem.recording_id for problem in report.problems}
                 for entry in batch:
-                    if entry.recording_id in bad:
-                        continue
-                    try:
-                        await bird.delete_recording(entry.recording_id)
-                    except NotFoundError:
-                        logger.info("source of %s was already deleted", entry.recording_id)
-                        continue
-                    logger.warning(
-                        "deleted source media at Bird for %s (verified s3://%s/%s sha256 %s)",
-                        entry.recording_id,
-                        entry.s3_bucket,
-                        entry.s3_key,
-                        entry.sha256,
-                    )
+                    verified = report.verified.get(entry.recording_id)
+                    if verified is not None:
+                        await delete_source_if_same(bird, entry, verified)
     finally:
         if http is not None:
             await http.aclose()

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from recarchive.simulator.dataset import Dataset
 from recarchive.simulator.faults import FaultProfile
+from recarchive.simulator.mp3 import Mp3Source
 
 logger = logging.getLogger(__name__)
 
@@ -443,6 +444,23 @@ class SimulatorServer:
             f"?X-Amz-Expires={expires}&X-Amz-Signature={signature}"
         )
 
+    async def _media_range(
+        self, request: web.Request, source: Mp3Source, byte_range: tuple[int, int]
+    ) -> web.StreamResponse:
+        """S3's answer to a range GET: 206 with ``Content-Range`` naming the total size."""
+        start, end = byte_range
+        self._log("media", request, 206)
+        request[_LOGGED] = True
+        body = bytearray()
+        for chunk in source.iter_chunks(limit=end + 1):
+            body += chunk
+        return web.Response(
+            status=206,
+            body=bytes(body[start : end + 1]),
+            content_type="audio/mpeg",
+            headers={"Content-Range": f"bytes {start}-{end}/{source.size}"},
+        )
+
     async def _media(self, request: web.Request) -> web.StreamResponse:
         recording_id = request.match_info["recording"]
         try:
@@ -465,6 +483,9 @@ class SimulatorServer:
         if self.faults.hits("500", key, attempt):
             return _s3_error(503, "SlowDown", "Please reduce your request rate.")
         source = self.dataset.media(recording_id)
+        byte_range = _byte_range(request.headers.get("Range"), source.size)
+        if byte_range is not None:
+            return await self._media_range(request, source, byte_range)
         truncate = self.faults.hits("truncate", key, attempt)
         # Logged before the body goes out: the client may have read it all before this handler
         # returns, and a test must then find the request in the log. A planned truncation is
@@ -482,6 +503,17 @@ class SimulatorServer:
             _drop(request)
         await response.write_eof()
         return response
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(first, last)`` of a single ``Range: bytes=first-last`` within ``size``, else ``None``."""
+    if not header or not header.startswith("bytes="):
+        return None
+    first, sep, last = header.removeprefix("bytes=").partition("-")
+    if not sep or not first.isdigit() or (last and not last.isdigit()):
+        return None
+    start, end = int(first), min(int(last) if last else size - 1, size - 1)
+    return (start, end) if start <= end else None
 
 
 def _drop(request: web.Request) -> None:
