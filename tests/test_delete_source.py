@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -54,7 +54,7 @@ def ranged(total: int, etag: str | None = None, status: int = 206) -> bytes:
 
 MD5 = "md5-of-the-archive"
 
-CASES = {
+CASES: dict[str, tuple[Callable[[str], bytes], str | None, bool]] = {
     # id: (source answer, confirmed_by of the archived download, deleted?)
     "same-size-no-etag": (lambda rid: ranged(MEDIA_SIZE), "content-length", True),
     "same-size-same-md5": (
