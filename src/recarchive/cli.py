@@ -26,6 +26,7 @@ from recarchive.config import Settings, load_settings
 from recarchive.counts import RunCounts
 from recarchive.errors import AuthError, FatalError, InputError, RecarchiveError, UsageError
 from recarchive.progress import result_table, summary_table
+from recarchive.redaction import redact
 from recarchive.when import parse_when
 
 if TYPE_CHECKING:
@@ -79,15 +80,15 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
         try:
             return command(*args, **kwargs)
         except InputError as exc:
-            err.print(f"error: {exc}", highlight=False, markup=False)
+            err.print(f"error: {redact(str(exc))}", highlight=False, markup=False)
             for line in exc.problems:
-                err.print(f"  {line}", highlight=False, markup=False)
+                err.print(f"  {redact(line)}", highlight=False, markup=False)
             raise typer.Exit(EXIT_USAGE) from exc
         except (UsageError, AuthError) as exc:
-            err.print(f"error: {exc}", highlight=False, markup=False)
+            err.print(f"error: {redact(str(exc))}", highlight=False, markup=False)
             raise typer.Exit(EXIT_USAGE) from exc
         except (FatalError, RecarchiveError) as exc:
-            err.print(f"error: run stopped: {exc}", highlight=False, markup=False)
+            err.print(f"error: run stopped: {redact(str(exc))}", highlight=False, markup=False)
             raise typer.Exit(EXIT_ITEMS_FAILED) from exc
         except KeyboardInterrupt as exc:
             err.print("interrupted; leases are released, the next run resumes", markup=False)
