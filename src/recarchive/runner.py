@@ -24,6 +24,7 @@ from recarchive.errors import RecarchiveError, StorageUnavailableError, first_er
 from recarchive.ids import IdCollector, IdList
 from recarchive.leases import local_owner_dead
 from recarchive.pipeline import ArchiveContext, ChunkOptions, ProgressCallback, archive_chunk
+from recarchive.redaction import describe
 from recarchive.runtime import open_archive_context, open_store
 from recarchive.store.parquet import ExportReport, export_changed
 from recarchive.store.sql import ArchiveStore
@@ -267,11 +268,9 @@ async def recorded_run(
     try:
         await work(counts)
     except BaseException as exc:
-        reason = (
-            f"{type(exc).__name__}: {exc}"
-            if isinstance(exc, RecarchiveError)
-            else (type(exc).__name__)
-        )
+        # Our errors' messages are written for users (and redacted); another exception's
+        # message may quote anything, so only its type is kept.
+        reason = describe(exc) if isinstance(exc, RecarchiveError) else type(exc).__name__
         store.finish_run(run_id, status="failed", counts=counts.as_dict(), error=reason)
         raise
     report: ExportReport | None = None
