@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -125,6 +126,15 @@ def test_ddl_files_match_the_migrated_schema(database_url: str, second_database_
         from_ddl.dispose()
 
 
+def ddl_of_0001(text: str) -> str:
+    """The first DDL: today's without what revisions 0002 and 0003 added."""
+    text = text.replace("    owner VARCHAR(255),\n", "")
+    text = re.sub(r"    (heartbeat_at|registered_run) [A-Z ]+,\n", "", text)
+    head, marker, _ = text.partition("\n-- List windows")
+    assert marker, "the listed_windows table is the DDL's last"
+    return head + "\n"
+
+
 def test_ddl_of_revision_0001_is_adopted_and_upgraded(
     database_url: str, second_database_url: str
 ) -> None:
@@ -135,7 +145,7 @@ def test_ddl_of_revision_0001_is_adopted_and_upgraded(
         upgrade_database(migrated)
         text = (SQL_DIR / dialect_of(database_url) / "schema.sql").read_text()
         assert "    owner VARCHAR(255),\n" in text
-        apply_sql_text(old_ddl, text.replace("    owner VARCHAR(255),\n", ""))
+        apply_sql_text(old_ddl, ddl_of_0001(text))
         with old_ddl.begin() as connection:
             connection.exec_driver_sql(
                 "INSERT INTO runs (kind, status, started_at, params) "

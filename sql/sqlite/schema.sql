@@ -68,6 +68,7 @@ CREATE TABLE archive_ledger (
     lease_expires_at DATETIME,
     created_at DATETIME NOT NULL,
     updated_at DATETIME NOT NULL,
+    registered_run INTEGER,
     PRIMARY KEY (recording_id)
 );
 CREATE INDEX ix_archive_ledger_state_next_attempt ON archive_ledger (state, next_attempt_at);
@@ -90,6 +91,7 @@ CREATE TABLE runs (
     bytes_uploaded BIGINT DEFAULT 0 NOT NULL,
     error TEXT,
     owner VARCHAR(255),
+    heartbeat_at DATETIME,
     PRIMARY KEY (id)
 );
 
@@ -101,4 +103,14 @@ CREATE TABLE export_partitions (
     changed_at DATETIME NOT NULL,
     exported_at DATETIME,
     PRIMARY KEY (created_month)
+);
+
+-- List windows [window_start, window_end) of createdAt listed to the last page.
+CREATE TABLE listed_windows (
+    window_start DATETIME NOT NULL,
+    window_end DATETIME NOT NULL,
+    listed_at DATETIME NOT NULL,
+    run_id INTEGER,
+    recordings INTEGER DEFAULT 0 NOT NULL,
+    PRIMARY KEY (window_start, window_end)
 );

@@ -79,11 +79,14 @@ BATCH = 500
 #: Longest error text kept in the ledger and the runs table.
 MAX_ERROR_CHARS = 2000
 #: The Alembic revision that the DDL files in ``sql/`` describe.
-DDL_REVISION = "0002"
+DDL_REVISION = "0003"
 #: For each revision after 0001, newest first, a column it added: a database created by hand
 #: from the DDL of some revision is adopted at the newest revision whose column it has. A test
 #: keeps the first entry equal to :data:`DDL_REVISION`.
-REVISION_MARKERS: tuple[tuple[str, str, str], ...] = (("0002", "runs", "owner"),)
+REVISION_MARKERS: tuple[tuple[str, str, str], ...] = (
+    ("0003", "runs", "heartbeat_at"),
+    ("0002", "runs", "owner"),
+)
 #: Key of the PostgreSQL advisory lock that serializes concurrent schema upgrades.
 _MIGRATION_LOCK_KEY = 0x7265636172636869
 _VERSION_QUERY = "SELECT version_num FROM alembic_version"
@@ -180,7 +183,7 @@ def _sqlite_engine(url: URL) -> Engine:
 #: The newest Alembic revision in ``recarchive/migrations/versions``; a test keeps it equal to
 #: Alembic's head. A database already there is opened without importing Alembic at all, which
 #: saves about half a second of every command's start-up.
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 
 
 def _alembic_config() -> Any:
@@ -228,7 +231,7 @@ def upgrade_database(engine: Engine) -> None:
                     f"newer than this recarchive (head {HEAD_REVISION}): upgrade recarchive "
                     "on every machine that uses this database"
                 )
-        elif {t.name for t in metadata.sorted_tables} <= tables:
+        elif {"recordings", "archive_ledger", "runs"} <= tables:
             # Created by hand from sql/*/schema.sql: adopt it at the revision of that DDL.
             command.stamp(config, _hand_made_revision(connection))
         command.upgrade(config, "head")

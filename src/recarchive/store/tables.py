@@ -158,6 +158,9 @@ archive_ledger = Table(
     Column("lease_expires_at", UTCDateTime),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The run that registered the row last (revision 0003): a ``pending`` row is left to it
+    # while that run is alive, and taken by ``retry-failed`` once it is not.
+    Column("registered_run", Integer),
     # due_retries and the per-state counts.
     Index("ix_archive_ledger_state_next_attempt", "state", "next_attempt_at"),
 )
@@ -195,6 +198,9 @@ runs = Table(
     # ``host:pid:random`` of the process that runs it (revision 0002): a later run on the
     # same host finishes the row of a killed one as ``interrupted``.
     Column("owner", String(255)),
+    # Database time of the run's last sign of life (revision 0003); a running run whose
+    # heartbeat is older than its lease has died somewhere.
+    Column("heartbeat_at", UTCDateTime),
 )
 
 export_partitions = Table(
@@ -210,5 +216,17 @@ export_partitions = Table(
     Column("exported_at", UTCDateTime),
 )
 
+listed_windows = Table(
+    "listed_windows",
+    metadata,
+    # A half-open window [window_start, window_end) of createdAt that a run listed to the
+    # last page (revision 0003): the nightly run lists from the end of the newest one.
+    Column("window_start", UTCDateTime, primary_key=True),
+    Column("window_end", UTCDateTime, primary_key=True),
+    Column("listed_at", UTCDateTime, nullable=False),
+    Column("run_id", Integer),
+    Column("recordings", Integer, nullable=False, server_default="0"),
+)
+
 #: Tables in creation order (children after parents).
-TABLES = (recordings, recording_parties, archive_ledger, runs, export_partitions)
+TABLES = (recordings, recording_parties, archive_ledger, runs, export_partitions, listed_windows)
