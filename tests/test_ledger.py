@@ -14,7 +14,8 @@ from recarchive.errors import LedgerStateError
 from recarchive.model import LEDGER_STATES
 from recarchive.normalize import normalize_recording
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
-from recarchive.store.tables import archive_ledger, export_partitions
+from recarchive.store.tables import archive_ledger, export_partitions, runs
+from tests.fixtures.postgres import fresh_postgres_database
 from tests.test_normalize import make_payload
 
 WORK = {"pending", "metadata_only", "failed"}
@@ -270,3 +271,105 @@ def test_renew_extends_only_the_owners_leases(store: ArchiveStore) -> None:
     old, new = before[first].lease_expires_at, after[first].lease_expires_at
     assert old is not None and new is not None and new > old + timedelta(minutes=50)
     assert after[second].lease_expires_at == before[second].lease_expires_at
+
+
+# --- stranded rows: pending rows that no live run holds ----------------------------------
+
+
+def test_pending_rows_of_a_live_run_are_left_to_it(engine: Engine, store: ArchiveStore) -> None:
+    batch = ids(4)
+    run_id = store.start_run("archive", {}, owner="host:1:a")
+    store.register(iter(batch), run_id=run_id)  # streamed: any iterable
+    # Registered, never claimed (chunks the run has not reached yet): not due.
+    assert store.due_retries(limit=10, max_attempts=8) == []
+    store.finish_run(run_id, status="partial", counts={})
+    assert store.due_retries(limit=10, max_attempts=8) == batch
+
+
+def test_pending_rows_of_a_run_that_stopped_beating_are_due(
+    engine: Engine, store: ArchiveStore
+) -> None:
+    batch = ids(3)
+    run_id = store.start_run("archive", {}, owner="otherhost:1:a")  # killed on another host
+    store.register(batch, run_id=run_id)
+    assert store.due_retries(limit=10, max_attempts=8, stale_after=timedelta(minutes=15)) == []
+    with engine.begin() as connection:
+        connection.execute(
+            update(runs).values(heartbeat_at=datetime.now(UTC) - timedelta(minutes=16))
+        )
+    assert store.due_retries(limit=10, max_attempts=8, stale_after=timedelta(minutes=15)) == batch
+    store.beat(run_id)  # alive after all: left to it again
+    assert store.due_retries(limit=10, max_attempts=8, stale_after=timedelta(minutes=15)) == []
+
+
+def test_pending_rows_without_a_run_and_expired_leases_are_due(
+    engine: Engine, store: ArchiveStore
+) -> None:
+    batch = ids(3)
+    store.register(batch)  # no run: registered before revision 0003, or by a bare chunk
+    store.claim(batch[:1], owner="a", lease_seconds=60, states=WORK)
+    store.claim(batch[1:2], owner="b", lease_seconds=60, states=WORK)
+    with engine.begin() as connection:
+        connection.execute(
+            update(archive_ledger)
+            .where(archive_ledger.c.recording_id == batch[1])
+            .values(lease_expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    # batch[0] holds a live lease; batch[1]'s lease expired; batch[2] was never claimed.
+    assert store.due_retries(limit=10, max_attempts=8) == [batch[1], batch[2]]
+
+
+def test_a_new_run_takes_over_the_registration_of_free_pending_rows(
+    store: ArchiveStore,
+) -> None:
+    batch = ids(3)
+    dead = store.start_run("archive", {}, owner="h:1:a")
+    store.register(batch, run_id=dead)
+    store.claim(batch[:1], owner="a", lease_seconds=60, states=WORK)
+    store.mark_failed(batch[0], owner="a", error="e", retry_at=None)
+    store.finish_run(dead, status="interrupted", counts={})
+    live = store.start_run("archive", {}, owner="h:2:b")
+    store.register(batch, run_id=live)
+    # The two pending rows are the live run's now; the failed row is not pending (and
+    # terminal), so nothing is due.
+    assert store.due_retries(limit=10, max_attempts=8) == []
+
+
+def test_a_million_ids_register_in_bounded_memory(store: ArchiveStore) -> None:
+    import tracemalloc
+
+    count = 200_000
+    generated = (str(uuid.UUID(int=index + 1)) for index in range(count))
+    tracemalloc.start()
+    try:
+        assert store.register(generated, run_id=None) == count
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.counts()["pending"] == count
+    # One batch of 5,000 rows at a time, not 200,000 (which takes well over 100 MB as dicts).
+    assert peak < 40 * 1024 * 1024, peak
+
+
+@pytest.mark.postgres
+def test_leases_follow_the_database_clock_not_the_host_clock(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose clock runs an hour ahead neither takes a live lease nor sets skewed ones."""
+    with fresh_postgres_database(postgres_url) as url:
+        engine = create_engine_for(url)
+        try:
+            upgrade_database(engine)
+            store = ArchiveStore(engine)
+            batch = ids(2)
+            store.register(batch)
+            assert store.claim(batch[:1], owner="a", lease_seconds=600, states=WORK) == batch[:1]
+            skewed = datetime.now(UTC) + timedelta(hours=1)
+            monkeypatch.setattr("recarchive.store.sql._now", lambda: skewed)
+            assert store.claim(batch, owner="b", lease_seconds=600, states=WORK) == batch[1:]
+            assert store.due_retries(limit=10, max_attempts=8) == []
+            expires = store.get_entries(batch[1:])[batch[1]].lease_expires_at
+            assert expires is not None
+            assert abs((expires - datetime.now(UTC)).total_seconds() - 600) < 60
+        finally:
+            engine.dispose()

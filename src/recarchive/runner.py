@@ -7,11 +7,12 @@ second or two); the Prefect flows in ``flows/`` wrap the same pieces with one ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine
@@ -23,9 +24,15 @@ from recarchive.counts import RunCounts
 from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
 from recarchive.ids import IdCollector, IdList
 from recarchive.leases import local_owner_dead
-from recarchive.pipeline import ArchiveContext, ChunkOptions, ProgressCallback, archive_chunk
+from recarchive.pipeline import (
+    ArchiveContext,
+    ChunkOptions,
+    ProgressCallback,
+    archive_chunk,
+    ledger_errors,
+)
 from recarchive.redaction import describe
-from recarchive.runtime import open_archive_context, open_store
+from recarchive.runtime import open_archive_context, open_store, run_owner
 from recarchive.store.parquet import ExportReport, export_changed
 from recarchive.store.sql import ArchiveStore
 from recarchive.tempfiles import remove_orphan_temp_files
@@ -171,6 +178,7 @@ async def archive_ids(
                     total=counts,
                 ),
                 owner=ctx.owner,
+                register=ids,
             )
     finally:
         engine.dispose()
@@ -191,7 +199,12 @@ async def retry_failed(
     engine, store = open_store(settings)
     try:
         async with open_archive_context(settings, store, skip_media=skip_media) as ctx:
-            chunks = due_retry_chunks(store, settings.chunk_size, settings.item_max_attempts)
+            chunks = due_retry_chunks(
+                store,
+                settings.chunk_size,
+                settings.item_max_attempts,
+                stale_after=timedelta(seconds=settings.lease_seconds),
+            )
             return await recorded_run(
                 store,
                 engine,
@@ -214,7 +227,11 @@ async def retry_failed(
 
 
 def due_retry_chunks(
-    store: ArchiveStore, chunk_size: int, max_attempts: int
+    store: ArchiveStore,
+    chunk_size: int,
+    max_attempts: int,
+    *,
+    stale_after: timedelta = timedelta(minutes=15),
 ) -> Iterable[list[str]]:
     """Yield chunks of due failed IDs, each ID at most once per run.
 
@@ -227,7 +244,7 @@ def due_retry_chunks(
         due = [
             recording_id
             for recording_id in store.due_retries(
-                limit=chunk_size + len(seen), max_attempts=max_attempts
+                limit=chunk_size + len(seen), max_attempts=max_attempts, stale_after=stale_after
             )
             if recording_id not in seen
         ][:chunk_size]
@@ -247,6 +264,7 @@ async def recorded_run(
     work: Callable[[RunCounts], Awaitable[object]],
     *,
     owner: str,
+    register: Iterable[str] | None = None,
 ) -> RunReport:
     """Run ``work`` between a ``runs`` row's start and finish, then export Parquet.
 
@@ -254,6 +272,11 @@ async def recorded_run(
     (``failed`` with the error's type and message, and the counts of the work done before it)
     and is re-raised. Before it starts, what killed runs of this host left behind is cleared up:
     their ``runs`` rows are finished as ``interrupted`` and their temp files removed.
+
+    With ``register``, every one of those IDs is in the ledger, registered to this run, before
+    ``work`` sends its first request: a run killed at any point leaves ``pending`` rows that
+    ``retry-failed`` takes once this run is no longer alive (its heartbeat, renewed while the
+    run works, stops).
     """
     started = time.monotonic()
     try:
@@ -265,7 +288,11 @@ async def recorded_run(
     await asyncio.to_thread(remove_orphan_temp_files, settings.temp_dir)
     run_id = store.start_run(kind, params, owner=owner)
     counts = RunCounts()
+    heart = asyncio.create_task(_heartbeat(store, run_id, settings.lease_seconds / 3))
     try:
+        if register is not None:
+            with ledger_errors("could not register the run's IDs"):
+                await asyncio.to_thread(store.register, register, run_id=run_id)
         await work(counts)
     except BaseException as exc:
         # Our errors' messages are written for users (and redacted); another exception's
@@ -273,6 +300,8 @@ async def recorded_run(
         reason = describe(exc) if isinstance(exc, RecarchiveError) else type(exc).__name__
         store.finish_run(run_id, status="failed", counts=counts.as_dict(), error=reason)
         raise
+    finally:
+        heart.cancel()
     report: ExportReport | None = None
     export_error: str | None = None
     if export:
@@ -285,6 +314,55 @@ async def recorded_run(
     store.finish_run(run_id, status=status, counts=counts.as_dict(), error=export_error)
     seconds = time.monotonic() - started
     return RunReport(run_id, kind, status, counts, report, seconds, export_error)
+
+
+async def _heartbeat(store: ArchiveStore, run_id: int, every: float) -> None:
+    """Keep the run's heartbeat fresh while it works (see ``ArchiveStore.due_retries``)."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(store.beat, run_id)
+        except SQLAlchemyError as exc:
+            # The next beat may succeed; a run that cannot reach its ledger stops anyway.
+            logger.warning("could not renew the run's heartbeat: %s", type(exc).__name__)
+
+
+@contextlib.asynccontextmanager
+async def registered_input(
+    settings: Settings, ids: Iterable[str], *, kind: str, params: Mapping[str, Any]
+) -> AsyncIterator[int]:
+    """Register ``ids`` to a ``runs`` row that stays alive for the body (a fan-out parent).
+
+    The parent of a fan-out backfill hands its IDs to child runs that start later; without
+    this, its IDs would not be in the ledger until each child starts, and a killed parent
+    would strand them. Registered here, they are left to the parent while it waits for its
+    children (each child re-registers its own share), and taken by ``retry-failed`` once the
+    parent is gone.
+
+    Yields:
+        The parent's run id.
+    """
+    engine, store = open_store(settings)
+    try:
+        run_id = store.start_run(kind, dict(params), owner=run_owner())
+        heart = asyncio.create_task(_heartbeat(store, run_id, settings.lease_seconds / 3))
+        try:
+            with ledger_errors("could not register the run's IDs"):
+                requested = await asyncio.to_thread(store.register, ids, run_id=run_id)
+            yield run_id
+        except BaseException as exc:
+            store.finish_run(
+                run_id,
+                status="failed",
+                counts={},
+                error=describe(exc) if isinstance(exc, RecarchiveError) else type(exc).__name__,
+            )
+            raise
+        finally:
+            heart.cancel()
+        store.finish_run(run_id, status="succeeded", counts={"requested": requested})
+    finally:
+        engine.dispose()
 
 
 def raise_for_export(report: RunReport) -> None:

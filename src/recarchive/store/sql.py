@@ -11,6 +11,7 @@ transaction starts with ``BEGIN IMMEDIATE`` (one writer at a time), with a singl
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -109,6 +110,29 @@ _LEDGER_COLUMNS = (
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def db_now(connection: Connection) -> datetime:
+    """The database's clock: every lease and heartbeat time is read and compared on it.
+
+    Hosts sharing a PostgreSQL ledger may disagree about the time; the database is the one
+    clock they share. SQLite is embedded, so its clock is this host's.
+    """
+    if connection.dialect.name == "postgresql":
+        moment = connection.execute(select(func.now())).scalar_one()
+        assert isinstance(moment, datetime)
+        return moment.astimezone(UTC)
+    return _now()
+
+
+def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+#: IDs per insert batch when a run registers its whole input (one transaction).
+REGISTER_BATCH = 5000
 
 
 def _chunks(items: Sequence[str], size: int = BATCH) -> Iterator[Sequence[str]]:
@@ -562,20 +586,30 @@ class ArchiveStore:
 
     # --- ledger: registration and reads ------------------------------------------------
 
-    def register(self, ids: Sequence[str]) -> None:
-        """Insert a ``pending`` ledger row for every ID that has none.
+    def register(self, ids: Iterable[str], *, run_id: int | None = None) -> int:
+        """Insert a ``pending`` ledger row for every ID that has none, in one transaction.
+
+        ``ids`` is consumed as a stream in batches, so a million IDs cost one batch of memory.
+        With ``run_id``, new rows and ``pending`` rows that nobody holds a lease on are
+        registered to that run: ``retry-failed`` leaves them to it while it is alive
+        (:meth:`due_retries`).
 
         Args:
-            ids: Canonical recording IDs.
+            ids: Canonical recording IDs (an iterable; read once).
+            run_id: The registering run's ``runs.id``.
+
+        Returns:
+            How many IDs were seen.
         """
-        if not ids:
-            return
+        seen = 0
         now = _now()
         with self.engine.begin() as connection:
             insert = _insert(connection, archive_ledger).on_conflict_do_nothing(
                 index_elements=[archive_ledger.c.recording_id]
             )
-            for chunk in _chunks(ids):
+            lease_now = db_now(connection)
+            for batch in _batches(ids, REGISTER_BATCH):
+                seen += len(batch)
                 _executemany(
                     connection,
                     insert,
@@ -587,10 +621,31 @@ class ArchiveStore:
                             "attempts": 0,
                             "created_at": now,
                             "updated_at": now,
+                            "registered_run": run_id,
                         }
-                        for recording_id in chunk
+                        for recording_id in batch
                     ],
                 )
+                if run_id is None:
+                    continue
+                for chunk in _chunks(batch):
+                    connection.execute(
+                        update(archive_ledger)
+                        .where(
+                            archive_ledger.c.recording_id.in_(chunk),
+                            archive_ledger.c.state == PENDING,
+                            or_(
+                                archive_ledger.c.registered_run.is_(None),
+                                archive_ledger.c.registered_run != run_id,
+                            ),
+                            or_(
+                                archive_ledger.c.lease_owner.is_(None),
+                                archive_ledger.c.lease_expires_at <= lease_now,
+                            ),
+                        )
+                        .values(registered_run=run_id)
+                    )
+        return seen
 
     def get_entries(self, ids: Sequence[str]) -> dict[str, LedgerEntry]:
         """Return the ledger rows of ``ids`` that exist, by ID."""
@@ -622,10 +677,13 @@ class ArchiveStore:
         """
         if not ids or not states:
             return []
-        now = _now()
-        values = {"lease_owner": owner, "lease_expires_at": now + timedelta(seconds=lease_seconds)}
         claimed: list[str] = []
         with self.engine.begin() as connection:
+            now = db_now(connection)
+            values = {
+                "lease_owner": owner,
+                "lease_expires_at": now + timedelta(seconds=lease_seconds),
+            }
             postgres = connection.dialect.name == "postgresql"
             for chunk in _chunks(ids):
                 where = (
@@ -692,9 +750,9 @@ class ArchiveStore:
         """
         if not ids:
             return 0
-        expires = _now() + timedelta(seconds=lease_seconds)
         renewed = 0
         with self.engine.begin() as connection:
+            expires = db_now(connection) + timedelta(seconds=lease_seconds)
             for chunk in _chunks(ids):
                 result = connection.execute(
                     update(archive_ledger)
@@ -845,42 +903,65 @@ class ArchiveStore:
 
     # --- ledger: queries ---------------------------------------------------------------
 
-    def due_retries(self, *, limit: int, max_attempts: int) -> list[str]:
-        """Recordings whose next attempt is due, oldest due first.
+    def due_retries(
+        self, *, limit: int, max_attempts: int, stale_after: timedelta = timedelta(minutes=15)
+    ) -> list[str]:
+        """Recordings ``retry-failed`` should take now, oldest due first.
 
-        These are ``failed`` recordings due for a retry, and ``metadata_only`` recordings due
-        for a look whether their media became available (without this, a recording whose
-        media was not ready during its nightly window would never be fetched again).
+        These are ``failed`` recordings due for a retry, ``metadata_only`` recordings due for
+        a look whether their media became available (without this, a recording whose media
+        was not ready during its nightly window would never be fetched again), and
+        ``pending`` recordings that no live run holds: the run that registered them has
+        ended, or it stopped beating (a heartbeat older than ``stale_after``: killed on some
+        host), or it is unknown — a killed run's rows, including those of chunks it never
+        reached. A live run's pending rows are never taken, even those it has not reached.
 
         Args:
             limit: Most IDs to return.
             max_attempts: Failed recordings with this many attempts are not retried.
+            stale_after: How old a running run's heartbeat may be before it counts as dead.
 
         Returns:
-            IDs with ``next_attempt_at <= now`` and no live lease (failed ones also with
-            ``attempts < max_attempts``).
+            IDs without a live lease (database clock), due as described.
         """
-        now = _now()
-        query = (
-            select(archive_ledger.c.recording_id)
-            .where(
-                or_(
-                    and_(
-                        archive_ledger.c.state == FAILED,
-                        archive_ledger.c.attempts < max_attempts,
-                    ),
-                    archive_ledger.c.state == METADATA_ONLY,
-                ),
-                archive_ledger.c.next_attempt_at <= now,
-                or_(
-                    archive_ledger.c.lease_owner.is_(None),
-                    archive_ledger.c.lease_expires_at <= now,
-                ),
-            )
-            .order_by(archive_ledger.c.next_attempt_at, archive_ledger.c.recording_id)
-            .limit(limit)
-        )
         with self.engine.connect() as connection:
+            now = db_now(connection)
+            live_run = (
+                select(runs.c.id)
+                .where(
+                    runs.c.id == archive_ledger.c.registered_run,
+                    runs.c.status == "running",
+                    runs.c.heartbeat_at > now - stale_after,
+                )
+                .exists()
+            )
+            query = (
+                select(archive_ledger.c.recording_id)
+                .where(
+                    or_(
+                        and_(
+                            archive_ledger.c.state == FAILED,
+                            archive_ledger.c.attempts < max_attempts,
+                            archive_ledger.c.next_attempt_at <= now,
+                        ),
+                        and_(
+                            archive_ledger.c.state == METADATA_ONLY,
+                            archive_ledger.c.next_attempt_at <= now,
+                        ),
+                        and_(archive_ledger.c.state == PENDING, ~live_run),
+                    ),
+                    or_(
+                        archive_ledger.c.lease_owner.is_(None),
+                        archive_ledger.c.lease_expires_at <= now,
+                    ),
+                )
+                .order_by(
+                    archive_ledger.c.next_attempt_at.is_(None),
+                    archive_ledger.c.next_attempt_at,
+                    archive_ledger.c.recording_id,
+                )
+                .limit(limit)
+            )
             return list(connection.execute(query).scalars())
 
     def counts(self) -> dict[str, int]:
@@ -941,10 +1022,20 @@ class ArchiveStore:
                     started_at=_now(),
                     params=json.dumps(params, sort_keys=True, default=str),
                     owner=owner,
+                    heartbeat_at=db_now(connection),
                 )
                 .returning(runs.c.id)
             )
             return int(result.scalar_one())
+
+    def beat(self, run_id: int) -> None:
+        """Record that run ``run_id`` is alive now (database clock); see :meth:`due_retries`."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(runs)
+                .where(runs.c.id == run_id, runs.c.status == "running")
+                .values(heartbeat_at=db_now(connection))
+            )
 
     def finish_run(
         self, run_id: int, *, status: str, counts: dict[str, int], error: str | None = None
