@@ -409,7 +409,26 @@ class _Chunk:
         media = self.ctx.media
         assert media is not None
         try:
-            key = media_key(self.ctx.s3_prefix, self.ctx.workspace_id, record.id, record.created_at)
+            wanted = media_key(
+                self.ctx.s3_prefix, self.ctx.workspace_id, record.id, record.created_at
+            )
+            with ledger_errors("could not pin the S3 key"):
+                bucket, key = await asyncio.to_thread(
+                    self.ctx.store.pin_key,
+                    record.id,
+                    owner=self.ctx.owner,
+                    bucket=media.bucket,
+                    key=wanted,
+                )
+            if key != wanted or bucket != media.bucket:
+                logger.info(
+                    "media of %s stays at its pinned key s3://%s/%s (now it would be %s)",
+                    record.id,
+                    bucket,
+                    key,
+                    wanted,
+                )
+                media = media.for_bucket(bucket)
             sidecar = json.dumps(record.redacted_payload, sort_keys=True).encode()
             result = await archive_media(
                 self.ctx.bird,
@@ -424,8 +443,17 @@ class _Chunk:
                 check_existing=record.id not in self.fresh,
             )
             uploaded = result.outcome == "uploaded"
+        except LedgerStateError as exc:
+            logger.warning("ledger refused the key of %s: %s", record.id, exc)
+            self._outcome(busy=1)
+            return
         except FatalError:
             raise
+        except NotFoundError as exc:
+            # The metadata said ``available`` a moment ago: a 404 for its media is Bird's
+            # media store lagging behind, not a missing recording. Retried with backoff.
+            self._failed(record.id, entry, exc, retryable=True)
+            return
         except OSError as exc:
             if exc.errno not in _DISK_ERRNOS:
                 self._failed(record.id, entry, exc)
@@ -451,7 +479,9 @@ class _Chunk:
         if marked:
             self._outcome(archived=1, bytes_uploaded=result.size_bytes if uploaded else 0)
 
-    def _failed(self, recording_id: str, entry: LedgerEntry, exc: Exception) -> None:
+    def _failed(
+        self, recording_id: str, entry: LedgerEntry, exc: Exception, *, retryable: bool = False
+    ) -> None:
         """Mark one recording ``failed`` with a redacted reason and, unless final, a retry time.
 
         Our terminal errors are final; retryable ones and anything unexpected (a library's
@@ -463,7 +493,9 @@ class _Chunk:
         retry_at: datetime | None = None
         if not isinstance(exc, RecarchiveError):
             logger.debug("recording %s: unexpected error", recording_id, exc_info=exc)
-        retryable = isinstance(exc, RetryableError) or not isinstance(exc, RecarchiveError)
+        retryable = (
+            retryable or isinstance(exc, RetryableError) or not isinstance(exc, RecarchiveError)
+        )
         if retryable and not isinstance(exc, MediaConflictError):
             delay = self.ctx.retry_backoff * (2 ** min(attempts - 1, 10))
             retry_at = datetime.now(UTC) + min(delay, timedelta(days=1))

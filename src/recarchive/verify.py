@@ -85,7 +85,7 @@ class _Verifier:
         # Rows archived before the bucket setting changed still name their own bucket.
         store = self._stores.get(bucket)
         if store is None:
-            store = MediaStore(self.media.s3, bucket=bucket)
+            store = self.media.for_bucket(bucket)
             self._stores[bucket] = store
         return store
 

@@ -282,6 +282,22 @@ class MediaStore:
         self.multipart_threshold = multipart_threshold
         self.multipart_chunk_size = multipart_chunk_size
 
+    def for_bucket(self, bucket: str) -> MediaStore:
+        """This store's client and settings on another bucket (``self`` for the same one).
+
+        A recording pinned to a bucket before the bucket setting changed keeps its bucket.
+        """
+        if bucket == self.bucket:
+            return self
+        return MediaStore(
+            self.s3,
+            bucket=bucket,
+            sse=self.sse,
+            kms_key_id=self.kms_key_id,
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunk_size=self.multipart_chunk_size,
+        )
+
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 

@@ -765,6 +765,46 @@ class ArchiveStore:
                 renewed += result.rowcount
         return renewed
 
+    def pin_key(self, recording_id: str, *, owner: str, bucket: str, key: str) -> tuple[str, str]:
+        """Pin the S3 location of a recording before its first upload; return the pinned one.
+
+        The first pin wins and never moves: a retry, a ``--refresh`` or a recovery that sees
+        another ``createdAt`` day still uploads to the key pinned first, so a recording is
+        never stored twice under two dates.
+
+        Args:
+            recording_id: The recording (this run holds its lease).
+            owner: Lease holder.
+            bucket: Bucket to pin if none is pinned yet.
+            key: Key to pin if none is pinned yet.
+
+        Returns:
+            ``(bucket, key)`` as pinned (an earlier pin, or these).
+
+        Raises:
+            LedgerStateError: ``owner`` holds no lease on the recording.
+        """
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(archive_ledger)
+                .where(
+                    archive_ledger.c.recording_id == recording_id,
+                    archive_ledger.c.lease_owner == owner,
+                    archive_ledger.c.s3_key.is_(None),
+                )
+                .values(s3_bucket=bucket, s3_key=key)
+            )
+            row = connection.execute(
+                select(
+                    archive_ledger.c.s3_bucket,
+                    archive_ledger.c.s3_key,
+                    archive_ledger.c.lease_owner,
+                ).where(archive_ledger.c.recording_id == recording_id)
+            ).first()
+        if row is None or row.lease_owner != owner or row.s3_key is None:
+            raise LedgerStateError(f"cannot pin the key of {recording_id}: not leased by this run")
+        return str(row.s3_bucket or bucket), str(row.s3_key)
+
     # --- ledger: transitions -----------------------------------------------------------
 
     def mark_metadata_only(
@@ -838,7 +878,7 @@ class ArchiveStore:
         """The media is in S3 and verified.
 
         Raises:
-            LedgerStateError: Unknown, or ``owner`` holds no lease.
+            LedgerStateError: Unknown, ``owner`` holds no lease, or another key is pinned.
         """
         self._transition(
             recording_id,
@@ -865,6 +905,11 @@ class ArchiveStore:
         if target != ARCHIVED:
             # Archived media is final: no later outcome may hide it.
             conditions.append(archive_ledger.c.state != ARCHIVED)
+        elif "s3_key" in values:
+            # The key pinned before the upload is the only one an archived row may name.
+            conditions.append(
+                or_(archive_ledger.c.s3_key.is_(None), archive_ledger.c.s3_key == values["s3_key"])
+            )
         with self.engine.begin() as connection:
             result = connection.execute(
                 update(archive_ledger)
@@ -887,6 +932,8 @@ class ArchiveStore:
                     reason = "it is not in the ledger"
                 elif row.state == ARCHIVED and target != ARCHIVED:
                     reason = "it is archived already"
+                elif row.lease_owner == owner:
+                    reason = "another S3 key is pinned for it"
                 else:
                     reason = "this run does not hold its lease"
                 raise LedgerStateError(f"cannot mark {recording_id} {target}: {reason}")
