@@ -16,7 +16,7 @@ from recarchive.errors import InputError
 from recarchive.ids import IdList
 from recarchive.orchestration import Window, discover_window, open_manifest, write_manifests
 from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids, raise_for_export
+from recarchive.runner import archive_ids, raise_for_export, registered_input
 from recarchive.when import parse_when
 
 ARCHIVE_IDS_DEPLOYMENT = "archive-recordings/archive-ids"
@@ -80,17 +80,24 @@ async def backfill(
             raise_for_export(report)
             return report.counts.as_dict()
         run_key = str(flow_run.get_id() or "local")
-        manifests = write_manifests(
+        # Registered here, before any child starts: a parent killed before its children
+        # began leaves pending rows that retry-failed takes, never IDs lost outside the ledger.
+        async with registered_input(
             settings,
             id_list,
-            ids_per_manifest=settings.chunk_size * chunks_per_child,
-            run_key=run_key,
-        )
-    return {
-        "children": await _fan_out(
-            manifests, run_key, settings.chunk_size, skip_media, max_parallel_chunks
-        )
-    }
+            kind="backfill-parent",
+            params={"ids_file": ids_file, "since": since, "until": until, "ids": len(id_list)},
+        ):
+            manifests = write_manifests(
+                settings,
+                id_list,
+                ids_per_manifest=settings.chunk_size * chunks_per_child,
+                run_key=run_key,
+            )
+            children = await _fan_out(
+                manifests, run_key, settings.chunk_size, skip_media, max_parallel_chunks
+            )
+    return {"children": children}
 
 
 async def _fan_out(

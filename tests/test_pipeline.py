@@ -109,3 +109,28 @@ async def test_a_run_stopped_by_a_fatal_error_keeps_the_counts_of_finished_chunk
     assert run["status"] == "failed" and run["error"].startswith("AuthError")
     # The first chunk's five recordings are in the row, not zeros.
     assert run["metadata_only"] == 5 and run["requested"] == 5
+
+
+async def test_a_fan_out_parent_registers_every_id_before_its_children_start(
+    tmp_path: Path,
+) -> None:
+    from recarchive.runner import registered_input
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'archive.db'}")
+    batch = [f"00000000-0000-4000-8000-{index:012d}" for index in range(1, 1201)]
+    async with registered_input(settings, iter(batch), kind="backfill-parent", params={}):
+        engine, store = open_store(settings)
+        try:
+            assert store.counts()["pending"] == 1200
+            # Left to the live parent: retry-failed does not take them while it waits.
+            assert store.due_retries(limit=10, max_attempts=8) == []
+        finally:
+            engine.dispose()
+    engine, store = open_store(settings)
+    try:
+        (run,) = store.last_runs(limit=5)
+        assert run["kind"] == "backfill-parent" and run["requested"] == 1200
+        # The parent ended with rows no child reached: now retry-failed takes them.
+        assert len(store.due_retries(limit=2000, max_attempts=8)) == 1200
+    finally:
+        engine.dispose()
