@@ -134,3 +134,31 @@ async def test_a_fan_out_parent_registers_every_id_before_its_children_start(
         assert len(store.due_retries(limit=2000, max_attempts=8)) == 1200
     finally:
         engine.dispose()
+
+
+async def test_every_id_of_a_run_is_in_the_ledger_before_its_first_request(
+    simulator_factory: SimulatorFactory, tmp_path: Path
+) -> None:
+    sim = simulator_factory(recordings=12, seed=73)
+    settings = Settings(
+        bird_api_url=sim.api_url,
+        bird_access_key=sim.config.access_key,
+        workspace_id=sim.config.workspace_id,
+        database_url=f"sqlite:///{tmp_path / 'archive.db'}",
+        chunk_size=3,
+    )
+    seen: list[int] = []
+
+    async def first_chunk_looks_at_the_ledger(
+        ctx: ArchiveContext, chunk: list[str], options: ChunkOptions
+    ) -> RunCounts:
+        if not seen:
+            assert sim.api_requests() == []
+            seen.append(len(ctx.store.get_entries(sim.dataset.ids)))
+        return await archive_chunk(ctx, chunk, options)
+
+    with collect_ids(sim.dataset.ids, spool_dir=str(tmp_path)) as ids:
+        await archive_ids(
+            settings, ids, ChunkOptions(skip_media=True), run_chunk=first_chunk_looks_at_the_ledger
+        )
+    assert seen == [12]
