@@ -373,3 +373,19 @@ def test_leases_follow_the_database_clock_not_the_host_clock(
             assert abs((expires - datetime.now(UTC)).total_seconds() - 600) < 60
         finally:
             engine.dispose()
+
+
+def test_leases_of_a_dead_run_are_free_at_once(engine: Engine, store: ArchiveStore) -> None:
+    batch = ids(2)
+    dead = store.start_run("archive", {}, owner="otherhost:7:dead")
+    store.register(batch, run_id=dead)
+    assert store.claim(batch, owner="otherhost:7:dead", lease_seconds=900, states=WORK) == batch
+    # Alive: its leases hold, for claims and for retry-failed alike.
+    assert store.claim(batch, owner="me", lease_seconds=60, states=WORK) == []
+    assert store.due_retries(limit=10, max_attempts=8) == []
+    with engine.begin() as connection:  # it stops beating (killed on its host)
+        connection.execute(
+            update(runs).values(heartbeat_at=datetime.now(UTC) - timedelta(minutes=20))
+        )
+    assert store.due_retries(limit=10, max_attempts=8) == batch
+    assert store.claim(batch, owner="me", lease_seconds=60, states=WORK) == batch

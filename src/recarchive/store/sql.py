@@ -452,6 +452,34 @@ def _entry(row: Any) -> LedgerEntry:
 # --- the store -----------------------------------------------------------------------------
 
 
+#: How old a running run's heartbeat may be before the run counts as dead (its leases free).
+DEFAULT_STALE_AFTER = timedelta(minutes=15)
+
+
+def _live_run(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
+    """``runs`` rows of runs alive now: running, with a heartbeat newer than ``stale_after``."""
+    return and_(runs.c.status == "running", runs.c.heartbeat_at > now - stale_after)
+
+
+def _lease_unheld(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
+    """No live run holds the row's lease: none, expired, or its owner's run is over or dead.
+
+    An owner without a ``runs`` row (a bare chunk, a test) is trusted until its lease
+    expires: only a run that is known to have ended, or that stopped beating, gives up its
+    leases early.
+    """
+    owner_run_gone = (
+        select(runs.c.id)
+        .where(runs.c.owner == archive_ledger.c.lease_owner, ~_live_run(now, stale_after))
+        .exists()
+    )
+    return or_(
+        archive_ledger.c.lease_owner.is_(None),
+        archive_ledger.c.lease_expires_at <= now,
+        owner_run_gone,
+    )
+
+
 class ArchiveStore:
     """Recordings, ledger and runs in one SQL database.
 
@@ -664,7 +692,8 @@ class ArchiveStore:
     ) -> list[str]:
         """Lease the rows of ``ids`` whose state is in ``states`` and whose lease is free.
 
-        A lease is free when nobody holds it, it expired, or ``owner`` holds it already.
+        A lease is free when nobody holds it, it expired, ``owner`` holds it already, or the
+        run that holds it has ended or stopped beating (a run killed on any host).
 
         Args:
             ids: Canonical recording IDs (registered).
@@ -720,11 +749,12 @@ class ArchiveStore:
         return sorted(claimed, key=order.__getitem__)
 
     @staticmethod
-    def _lease_free(owner: str, now: datetime) -> ColumnElement[bool]:
+    def _lease_free(
+        owner: str, now: datetime, stale_after: timedelta = DEFAULT_STALE_AFTER
+    ) -> ColumnElement[bool]:
         return or_(
-            archive_ledger.c.lease_owner.is_(None),
             archive_ledger.c.lease_owner == owner,
-            archive_ledger.c.lease_expires_at <= now,
+            _lease_unheld(now, stale_after),
         )
 
     def release(self, ids: Sequence[str], *, owner: str) -> None:
@@ -951,7 +981,7 @@ class ArchiveStore:
     # --- ledger: queries ---------------------------------------------------------------
 
     def due_retries(
-        self, *, limit: int, max_attempts: int, stale_after: timedelta = timedelta(minutes=15)
+        self, *, limit: int, max_attempts: int, stale_after: timedelta = DEFAULT_STALE_AFTER
     ) -> list[str]:
         """Recordings ``retry-failed`` should take now, oldest due first.
 
@@ -962,6 +992,7 @@ class ArchiveStore:
         ended, or it stopped beating (a heartbeat older than ``stale_after``: killed on some
         host), or it is unknown — a killed run's rows, including those of chunks it never
         reached. A live run's pending rows are never taken, even those it has not reached.
+        A lease counts only while its owner's run is alive (see :func:`_lease_unheld`).
 
         Args:
             limit: Most IDs to return.
@@ -973,13 +1004,9 @@ class ArchiveStore:
         """
         with self.engine.connect() as connection:
             now = db_now(connection)
-            live_run = (
+            registered_run_alive = (
                 select(runs.c.id)
-                .where(
-                    runs.c.id == archive_ledger.c.registered_run,
-                    runs.c.status == "running",
-                    runs.c.heartbeat_at > now - stale_after,
-                )
+                .where(runs.c.id == archive_ledger.c.registered_run, _live_run(now, stale_after))
                 .exists()
             )
             query = (
@@ -995,12 +1022,9 @@ class ArchiveStore:
                             archive_ledger.c.state == METADATA_ONLY,
                             archive_ledger.c.next_attempt_at <= now,
                         ),
-                        and_(archive_ledger.c.state == PENDING, ~live_run),
+                        and_(archive_ledger.c.state == PENDING, ~registered_run_alive),
                     ),
-                    or_(
-                        archive_ledger.c.lease_owner.is_(None),
-                        archive_ledger.c.lease_expires_at <= now,
-                    ),
+                    _lease_unheld(now, stale_after),
                 )
                 .order_by(
                     archive_ledger.c.next_attempt_at.is_(None),
