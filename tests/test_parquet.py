@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,7 +17,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 
 from recarchive.errors import InputError, StorageUnavailableError
 from recarchive.normalize import normalize_recording
@@ -26,6 +31,7 @@ from recarchive.store.parquet import (
 )
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions
+from tests.fixtures.postgres import fresh_postgres_database
 from tests.test_normalize import REQUIRED, make_payload
 
 JULY = datetime(2025, 7, 10, 2, 10, 43, 130000, tzinfo=UTC)
@@ -360,3 +366,298 @@ def test_export_to_s3_root(
     assert pq.read_table(pa.BufferReader(body)).num_rows == 2
     # Nothing is left in the local temp folder.
     assert not list(Path(tempfile.gettempdir()).glob(".part-0.parquet.*.tmp"))
+
+
+# --- concurrent exports -----------------------------------------------------------------------
+
+#: Seconds a test waits for a thread before it fails (never a hang).
+WAIT = 60.0
+#: The July recording the racing tests change: ``normalized(1)``.
+CHANGED_ID = "00000000-0000-0000-0000-000000000002"
+
+
+class ExportThread(threading.Thread):
+    """``export_changed`` in a thread, keeping its report or its error for the test."""
+
+    def __init__(self, name: str, engine: Engine, root: Path, **kwargs: Any) -> None:
+        super().__init__(name=name, daemon=True)
+        self.engine, self.root, self.kwargs = engine, root, kwargs
+        self.report: ExportReport | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self.report = export_changed(self.engine, str(self.root), **self.kwargs)
+        except BaseException as exc:  # handed to the test thread, which re-raises it
+            self.error = exc
+        finally:
+            self.seconds = time.monotonic() - started
+
+    def result(self) -> ExportReport:
+        self.join(WAIT)
+        assert not self.is_alive(), f"{self.name} did not finish within {WAIT} s"
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None
+        return self.report
+
+
+class PausedExport(ExportThread):
+    """Export "A": pauses after it read its snapshot of July's recordings, before the replace.
+
+    The seam is :meth:`parquet._Target.write`: the wrapper drains the batch iterator (the SQL
+    rows of A's snapshot), signals ``snapshot_read``, waits for ``release``, then writes those
+    rows. Only this thread pauses, and only once.
+    """
+
+    def __init__(
+        self, engine: Engine, root: Path, monkeypatch: pytest.MonkeyPatch, **kwargs: Any
+    ) -> None:
+        super().__init__("export-A", engine, root, **kwargs)
+        self.snapshot_read = threading.Event()
+        self.release = threading.Event()
+        original = parquet._Target.write
+
+        def write(target: Any, table: str, month: str, batches: Iterator[pa.RecordBatch]) -> int:
+            pause = (
+                threading.current_thread() is self
+                and (table, month) == ("recordings", "2025-07")
+                and not self.snapshot_read.is_set()
+            )
+            if not pause:
+                return original(target, table, month, batches)
+            rows = list(batches)
+            self.snapshot_read.set()
+            if not self.release.wait(WAIT):
+                raise AssertionError("export A was never released")
+            return original(target, table, month, iter(rows))
+
+        monkeypatch.setattr(parquet._Target, "write", write)
+
+    def start_paused(self) -> None:
+        """Start A and return once it holds its July snapshot."""
+        self.start()
+        assert self.snapshot_read.wait(WAIT), "export A never reached its July write"
+
+
+def waiting_logged(caplog: pytest.LogCaptureFixture) -> bool:
+    return any(
+        record.levelno == logging.INFO and "waiting for another Parquet export" in record.message
+        for record in caplog.records
+    )
+
+
+def wait_until_waiting_or_done(export: ExportThread, caplog: pytest.LogCaptureFixture) -> None:
+    """Block until ``export`` logs that it waits for another export, or finishes."""
+    deadline = time.monotonic() + WAIT
+    while export.is_alive() and not waiting_logged(caplog):
+        assert time.monotonic() < deadline, f"{export.name} neither waited nor finished"
+        time.sleep(0.01)
+
+
+def newer_july() -> Any:
+    return normalized(1, created=JULY, status="completed", updated=JULY + timedelta(hours=2))
+
+
+def marks(engine: Engine) -> dict[str, tuple[int, int]]:
+    with engine.connect() as connection:
+        return {
+            row.created_month: (row.version, row.exported_version)
+            for row in connection.execute(select(export_partitions))
+        }
+
+
+def status_of(root: Path, recording_id: str) -> list[tuple[Any, ...]]:
+    table = pq.read_table(part(root, "recordings", "2025-07"), columns=["id", "status"])
+    return [(row["status"],) for row in table.to_pylist() if row["id"] == recording_id]
+
+
+def test_a_slower_export_never_puts_an_older_snapshot_back(
+    engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="recarchive.store.parquet")
+    store = ArchiveStore(engine)
+    seed(store, 4)
+    root = tmp_path / "dataset"
+    export_a = PausedExport(engine, root, monkeypatch)
+    export_a.start_paused()
+    # While A holds its old snapshot, the pipeline stores a newer July, and export B runs.
+    store.save_metadata([newer_july()])
+    export_b = ExportThread("export-B", engine, root)
+    export_b.start()
+    wait_until_waiting_or_done(export_b, caplog)
+    export_a.release.set()
+    export_a.result()
+    report_b = export_b.result()
+    # The partition ends at the newest version: file and mark agree.
+    assert status_of(root, CHANGED_ID) == [("completed",)]
+    assert all(version == exported for version, exported in marks(engine).values())
+    assert export_changed(engine, str(root)).partitions == []
+    # B read what was due after A had finished, so it rewrote July only.
+    assert waiting_logged(caplog)
+    assert report_b.partitions == ["2025-07"]
+
+
+def test_exports_started_together_all_finish_once(engine: Engine, tmp_path: Path) -> None:
+    seed(ArchiveStore(engine), 10)
+    root = tmp_path / "dataset"
+    start = threading.Barrier(4)
+
+    class Together(ExportThread):
+        def run(self) -> None:
+            start.wait(WAIT)
+            super().run()
+
+    exports = [Together(f"export-{n}", engine, root) for n in range(4)]
+    for export in exports:
+        export.start()
+    reports = [export.result() for export in exports]
+    # One export wrote both partitions; the others found nothing due once they had the lock.
+    assert sorted(report.partitions for report in reports) == [
+        [],
+        [],
+        [],
+        ["2025-07", "2025-08"],
+    ]
+    assert due(engine) == {"2025-07": False, "2025-08": False}
+    _, rows = run_query(str(root), "SELECT created_month, count(*) FROM recordings GROUP BY 1")
+    assert sorted(rows) == [("2025-07", 5), ("2025-08", 5)]
+    leftovers = [p.name for p in root.rglob("*") if p.is_file() and p.suffix != ".parquet"]
+    assert leftovers == []
+
+
+def test_a_paused_export_never_blocks_a_pipeline_write(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ArchiveStore(engine)
+    seed(store, 4)
+    root = tmp_path / "dataset"
+    export_a = PausedExport(engine, root, monkeypatch)
+    export_a.start_paused()
+    # A holds the export lock and an open read snapshot; the pipeline writes meanwhile.
+    started = time.monotonic()
+    store.save_metadata([newer_july()])
+    store.register([CHANGED_ID])
+    assert time.monotonic() - started < 2.0
+    export_a.release.set()
+    assert export_a.result().partitions == ["2025-07", "2025-08"]
+    assert due(engine) == {"2025-07": True, "2025-08": False}
+    assert export_changed(engine, str(root)).partitions == ["2025-07"]
+    assert status_of(root, CHANGED_ID) == [("completed",)]
+
+
+def test_a_waiting_export_gives_up_with_a_clear_error(
+    engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="recarchive.store.parquet")
+    seed(ArchiveStore(engine), 4)
+    root = tmp_path / "dataset"
+    export_a = PausedExport(engine, root, monkeypatch)
+    export_a.start_paused()
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailableError, match="another Parquet export") as info:
+        export_changed(engine, str(root), lock_timeout=0.5)
+    waited = time.monotonic() - started
+    assert "0.5 s" in str(info.value)
+    assert 0.5 <= waited < 5.0
+    assert waiting_logged(caplog)
+    export_a.release.set()
+    assert export_a.result().partitions == ["2025-07", "2025-08"]
+    assert due(engine) == {"2025-07": False, "2025-08": False}
+
+
+def test_in_memory_sqlite_exports_are_serialized_in_the_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An in-memory database lives in one process only: its exports share a process lock.
+    engine = create_engine_for("sqlite://")
+    try:
+        upgrade_database(engine)
+        seed(ArchiveStore(engine), 4)
+        original = parquet._Target.write
+        outcome: dict[str, BaseException | None] = {}
+
+        def write(target: Any, table: str, month: str, batches: Iterator[pa.RecordBatch]) -> int:
+            if not outcome:
+                other = ExportThread("export-B", engine, tmp_path / "other", lock_timeout=0.3)
+                other.start()
+                other.join(WAIT)
+                outcome["error"] = other.error
+            return original(target, table, month, batches)
+
+        monkeypatch.setattr(parquet._Target, "write", write)
+        report = export_changed(engine, str(tmp_path / "dataset"))
+        assert report.partitions == ["2025-07", "2025-08"] and report.rows == 4
+        assert isinstance(outcome["error"], StorageUnavailableError)
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_lock_is_a_file_lock_other_processes_see(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    seed(ArchiveStore(sqlite_engine), 2)
+    lock_file = tmp_path / f"db.sqlite{parquet.LOCK_FILE_SUFFIX}"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(60)\n",
+            str(lock_file),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(StorageUnavailableError, match=str(lock_file)):
+            export_changed(sqlite_engine, str(tmp_path / "dataset"), lock_timeout=0.3)
+    finally:
+        holder.kill()
+        holder.wait(WAIT)
+    # The holder is gone, and so is its lock (the file stays).
+    assert export_changed(sqlite_engine, str(tmp_path / "dataset")).rows == 2
+    assert lock_file.exists()
+
+
+@pytest.mark.postgres
+def test_a_lost_postgresql_lock_stops_the_export(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with fresh_postgres_database(postgres_url) as url:
+        engine = create_engine_for(url)
+        try:
+            upgrade_database(engine)
+            seed(ArchiveStore(engine), 4)
+            export_a = PausedExport(engine, tmp_path / "dataset", monkeypatch)
+            export_a.start_paused()
+            # The session holding the advisory lock ends (an operator, a restart, a timeout).
+            with engine.begin() as connection:
+                ended = connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks "
+                        "WHERE locktype = 'advisory' AND granted AND database = "
+                        "(SELECT oid FROM pg_database WHERE datname = current_database())"
+                    )
+                ).scalars()
+                assert list(ended) == [True]
+            export_a.release.set()
+            with pytest.raises(StorageUnavailableError, match="lost the Parquet export lock"):
+                export_a.result()
+            # Nothing is left locked or half done: the next export finishes the work.
+            assert export_changed(engine, str(tmp_path / "dataset")).partitions == ["2025-08"]
+            assert due(engine) == {"2025-07": False, "2025-08": False}
+        finally:
+            engine.dispose()

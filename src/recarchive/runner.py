@@ -286,7 +286,8 @@ async def recorded_run(
         # Housekeeping only: the run itself may still work (start_run says if it cannot).
         logger.warning("could not look for killed runs: %s", type(exc).__name__)
     await asyncio.to_thread(remove_orphan_temp_files, settings.temp_dir)
-    run_id = store.start_run(kind, params, owner=owner)
+    with ledger_errors("could not start the run"):
+        run_id = store.start_run(kind, params, owner=owner)
     counts = RunCounts()
     heart = asyncio.create_task(_heartbeat(store, run_id, settings.lease_seconds / 3))
     try:
@@ -298,7 +299,7 @@ async def recorded_run(
         # Our errors' messages are written for users (and redacted); another exception's
         # message may quote anything, so only its type is kept.
         reason = describe(exc) if isinstance(exc, RecarchiveError) else type(exc).__name__
-        store.finish_run(run_id, status="failed", counts=counts.as_dict(), error=reason)
+        _finish_quietly(store, run_id, status="failed", counts=counts.as_dict(), error=reason)
         raise
     finally:
         heart.cancel()
@@ -311,9 +312,22 @@ async def recorded_run(
             export_error = f"Parquet export failed: {type(exc).__name__}: {exc}"
             logger.error("%s; `recarchive export` redoes it", export_error)
     status = run_status(counts) if export_error is None else "partial"
-    store.finish_run(run_id, status=status, counts=counts.as_dict(), error=export_error)
+    with ledger_errors("could not finish the run"):
+        store.finish_run(run_id, status=status, counts=counts.as_dict(), error=export_error)
     seconds = time.monotonic() - started
     return RunReport(run_id, kind, status, counts, report, seconds, export_error)
+
+
+def _finish_quietly(store: ArchiveStore, run_id: int, **values: Any) -> None:
+    """Finish a failed run's row if the database lets us; never hide the run's own error.
+
+    When the error is the database itself going away, the row stays ``running``; its
+    heartbeat stops, so ``retry-failed`` treats the run as dead anyway.
+    """
+    try:
+        store.finish_run(run_id, **values)
+    except SQLAlchemyError as exc:
+        logger.warning("could not record the run's end: %s", type(exc).__name__)
 
 
 async def _heartbeat(store: ArchiveStore, run_id: int, every: float) -> None:
@@ -344,14 +358,16 @@ async def registered_input(
     """
     engine, store = open_store(settings)
     try:
-        run_id = store.start_run(kind, dict(params), owner=run_owner())
+        with ledger_errors("could not start the run"):
+            run_id = store.start_run(kind, dict(params), owner=run_owner())
         heart = asyncio.create_task(_heartbeat(store, run_id, settings.lease_seconds / 3))
         try:
             with ledger_errors("could not register the run's IDs"):
                 requested = await asyncio.to_thread(store.register, ids, run_id=run_id)
             yield run_id
         except BaseException as exc:
-            store.finish_run(
+            _finish_quietly(
+                store,
                 run_id,
                 status="failed",
                 counts={},
@@ -360,7 +376,8 @@ async def registered_input(
             raise
         finally:
             heart.cancel()
-        store.finish_run(run_id, status="succeeded", counts={"requested": requested})
+        with ledger_errors("could not finish the run"):
+            store.finish_run(run_id, status="succeeded", counts={"requested": requested})
     finally:
         engine.dispose()
 
