@@ -195,7 +195,7 @@ def plan_nightly(
     Without ``day``, :func:`catch_up_window` of the scheduled day. With ``day`` (re-running
     a given night), exactly that night's usual window, as :func:`nightly_window` gives it.
 
-    A window is recorded only when it ended before ``now`` (a window still open would miss
+    A window is recorded only when it ended by ``now`` (a window still open would miss
     recordings created after the listing) and when it starts at or before ``last_end``, so
     the recorded windows stay one unbroken span and their newest end says where listing
     must resume. A scheduled run's window always starts there; a re-run of a ``day`` beyond a
@@ -214,17 +214,16 @@ def plan_nightly(
         now: The wall clock (for the "ended" check); now by default.
 
     Raises:
-        InputError: ``days`` or ``max_catch_up_days`` below 1 or below each other, or a
-            negative ``overlap_hours``.
+        InputError: ``days`` below 1, ``max_catch_up_days`` below ``days``, or a negative
+            ``overlap_hours``.
     """
     if days < 1:
         raise InputError(f"days must be at least 1, not {days}")
     if overlap_hours < 0:
         raise InputError(f"overlap_hours must not be negative, not {overlap_hours:g}")
-    if max_catch_up_days < max(days, 1):
+    if max_catch_up_days < days:
         raise InputError(
-            f"max_catch_up_days must be at least 1 and at least days ({days}), "
-            f"not {max_catch_up_days}"
+            f"max_catch_up_days must be at least days ({days}), not {max_catch_up_days}"
         )
     now = now or datetime.now(UTC)
     overlap = timedelta(hours=overlap_hours)
@@ -236,8 +235,13 @@ def plan_nightly(
         if not joins:
             # Not an error: the listing and archive run as asked; only the record waits for
             # the scheduled runs, which list from the last listed end and cover this day too.
-            listed = f"{last_end:%Y-%m-%d %H:%M} UTC" if last_end else "nothing yet"
-            reason += f"; not recorded: listed completely up to {listed}, before this window"
+            if last_end is None:
+                reason += "; not recorded: no window is recorded yet (scheduled runs start it)"
+            else:
+                reason += (
+                    f"; not recorded: listed completely up to {last_end:%Y-%m-%d %H:%M} UTC, "
+                    "before this window starts"
+                )
     else:
         target = utc_midnight(scheduled)
         window = catch_up_window(
