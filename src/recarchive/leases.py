@@ -7,15 +7,23 @@ would find its recordings busy. Lease owners are ``host:pid:random``
 the owner is gone, and its leases can be released at once. Owners on other hosts, owners whose
 process still runs (or whose pid was reused by another process) and names of any other shape
 are left alone: their leases expire on their own.
+
+Within this process, an owner is alive exactly while the run that uses it is open
+(:func:`active_owner`): a run of this process that ended — even one stopped by a database
+outage that kept it from releasing its leases or finishing its ``runs`` row — no longer holds
+anything, so the next run in the same process (a Prefect worker serving flows in-process, a
+test) takes its leases over at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,6 +33,27 @@ logger = logging.getLogger(__name__)
 
 #: Checks whether a process id is alive on this host.
 PidCheck = Callable[[int], bool]
+
+#: Owner names of the runs open in this process (see :func:`active_owner`).
+_active_owners: set[str] = set()
+_active_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def active_owner(owner: str) -> Iterator[str]:
+    """Mark ``owner`` as a live run of this process for the duration of the block."""
+    with _active_lock:
+        _active_owners.add(owner)
+    try:
+        yield owner
+    finally:
+        with _active_lock:
+            _active_owners.discard(owner)
+
+
+def _owner_of_this_process_gone(owner: str) -> bool:
+    with _active_lock:
+        return owner not in _active_owners
 
 
 def pid_alive(pid: int) -> bool:
@@ -62,7 +91,11 @@ def local_owner_dead(
     proven death counts.
     """
     pid = owner_pid_on_host(owner, socket.gethostname() if hostname is None else hostname)
-    return pid is not None and not alive(pid)
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return _owner_of_this_process_gone(owner)
+    return not alive(pid)
 
 
 def dead_local_owners(
@@ -92,9 +125,7 @@ def dead_local_owners(
         if not owner or owner == own_owner:
             continue
         if owner not in verdicts:
-            pid = owner_pid_on_host(owner, host)
-            # This very process may run several archive runs (flows in one worker): never dead.
-            verdicts[owner] = pid is not None and pid != os.getpid() and not alive(pid)
+            verdicts[owner] = local_owner_dead(owner, hostname=host, alive=alive)
         if verdicts[owner]:
             dead.setdefault(owner, []).append(entry.recording_id)
     return dead

@@ -23,7 +23,7 @@ from recarchive.config import Settings
 from recarchive.counts import RunCounts
 from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
 from recarchive.ids import IdCollector, IdList
-from recarchive.leases import local_owner_dead
+from recarchive.leases import active_owner, local_owner_dead
 from recarchive.pipeline import (
     ArchiveContext,
     ChunkOptions,
@@ -357,9 +357,11 @@ async def registered_input(
         The parent's run id.
     """
     engine, store = open_store(settings)
+    stack = contextlib.ExitStack()
     try:
+        owner = stack.enter_context(active_owner(run_owner()))
         with ledger_errors("could not start the run"):
-            run_id = store.start_run(kind, dict(params), owner=run_owner())
+            run_id = store.start_run(kind, dict(params), owner=owner)
         heart = asyncio.create_task(_heartbeat(store, run_id, settings.lease_seconds / 3))
         try:
             with ledger_errors("could not register the run's IDs"):
@@ -379,6 +381,7 @@ async def registered_input(
         with ledger_errors("could not finish the run"):
             store.finish_run(run_id, status="succeeded", counts={"requested": requested})
     finally:
+        stack.close()
         engine.dispose()
 
 

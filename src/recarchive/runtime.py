@@ -26,6 +26,7 @@ from recarchive.bird.ratelimit import RequestPacer
 from recarchive.bird.retry import RetryPolicy
 from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
+from recarchive.leases import active_owner
 from recarchive.pipeline import ArchiveContext
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 
@@ -164,17 +165,18 @@ async def open_archive_context(
     media = None if skip_media else build_media_store(settings)
     http = build_bird_http(settings)
     try:
-        yield ArchiveContext(
-            bird=build_bird_client(settings, http),
-            store=store,
-            media=media,
-            workspace_id=workspace_id,
-            s3_prefix=settings.s3_prefix,
-            owner=run_owner(),
-            concurrency=settings.concurrency,
-            lease_seconds=settings.lease_seconds,
-            item_max_attempts=settings.item_max_attempts,
-            temp_dir=Path(settings.temp_dir) if settings.temp_dir else None,
-        )
+        with active_owner(run_owner()) as owner:
+            yield ArchiveContext(
+                bird=build_bird_client(settings, http),
+                store=store,
+                media=media,
+                workspace_id=workspace_id,
+                s3_prefix=settings.s3_prefix,
+                owner=owner,
+                concurrency=settings.concurrency,
+                lease_seconds=settings.lease_seconds,
+                item_max_attempts=settings.item_max_attempts,
+                temp_dir=Path(settings.temp_dir) if settings.temp_dir else None,
+            )
     finally:
         await http.aclose()
