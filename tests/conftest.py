@@ -1,6 +1,7 @@
 """Shared pytest configuration: the real servers the suite starts on loopback.
 
-Each fixture module owns one server: the Bird simulator, moto's S3 server, PostgreSQL.
+Each fixture module owns one server: the Bird simulator, moto's S3 server, SeaweedFS's S3
+gateway, PostgreSQL.
 In CI (``CI=true``) a fixture whose server cannot start fails the test; it never skips.
 """
 
@@ -8,4 +9,7 @@ pytest_plugins = [
     "tests.fixtures.simulator",
     "tests.fixtures.s3",
     "tests.fixtures.postgres",
+    # After postgres: it imports that module's free-port helper, which must be loaded (and
+    # assertion-rewritten) as a plugin first.
+    "tests.fixtures.seaweedfs",
 ]

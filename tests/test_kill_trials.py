@@ -2,8 +2,10 @@
 
 Each trial runs the real console script as a child process, configured only by the contract's
 environment variables, against an in-process Bird simulator (slow responses and 500s, so the
-run lasts long enough to be cut anywhere) and moto's S3 server with a *versioned* bucket: a
-second write of a media key would leave a second version behind. The child is killed with
+run lasts long enough to be cut anywhere) and an S3 server with a *versioned* bucket: a
+second write of a media key would leave a second version behind. Every trial runs on moto and
+on SeaweedFS, which, unlike moto, checks each body's SHA-256 as S3 does (both count versions
+alike: ``tests/test_s3_integrity.py``). The child is killed with
 SIGKILL after a seeded random delay spread over the run's work, so nothing of it unwinds: no
 lease released, no multipart upload aborted, no temp file removed, no ``finally`` run. Then the
 same command runs again to completion, and the trial checks what the issue asks:
@@ -94,6 +96,12 @@ class Trial:
 
 
 @pytest.fixture
+def s3_endpoint(any_s3_endpoint: str) -> str:
+    """The trials run on each S3 server (``[moto-...]``, ``[seaweedfs-...]``)."""
+    return any_s3_endpoint
+
+
+@pytest.fixture
 def trial(
     simulator_factory: SimulatorFactory,
     s3_endpoint: str,
@@ -103,7 +111,7 @@ def trial(
     request: pytest.FixtureRequest,
 ) -> Trial:
     callspec = getattr(request.node, "callspec", None)
-    number = int(callspec.params["number"]) if callspec else TRIALS
+    number = int(callspec.params.get("number", TRIALS)) if callspec else TRIALS
     s3_client.put_bucket_versioning(Bucket=s3_bucket, VersioningConfiguration={"Status": "Enabled"})
     sim = simulator_factory(
         recordings=RECORDINGS,

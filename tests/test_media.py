@@ -1,4 +1,8 @@
-"""media.archive_media: download → verify → upload → sidecar, against moto over HTTP.
+"""media.archive_media: download → verify → upload → sidecar, against real S3 servers over HTTP.
+
+Every test that stores something runs twice: on moto and on SeaweedFS, whose S3 gateway
+checks the ``x-amz-checksum-sha256`` of each body (moto does not), so what passes here was
+accepted by a server that would have refused a corrupted upload.
 
 Fake downloads cover each failure precisely; the last tests go through the real simulator
 (redirect, media host, fault profiles) and the real Bird client.
@@ -60,6 +64,8 @@ class FakeDownload:
         self.recording_id = "rec-1"
         self.content_length = content_length
         self.content_type = "audio/mpeg"
+        # As MediaDownload: set once the body was read whole, to what framed its end.
+        self.confirmed_by: str | None = None
         self._chunks = chunks
         self._fail = fail
 
@@ -68,6 +74,7 @@ class FakeDownload:
             yield chunk
         if self._fail is not None:
             raise self._fail
+        self.confirmed_by = "content-length" if self.content_length is not None else "chunked"
 
 
 class FakeBird:
@@ -88,6 +95,12 @@ class FakeBird:
 
 def good(data: bytes, chunk: int = 64 * 1024) -> FakeDownload:
     return FakeDownload([data[i : i + chunk] for i in range(0, len(data), chunk)], len(data))
+
+
+@pytest.fixture
+def s3_endpoint(any_s3_endpoint: str) -> str:
+    """This module's S3 tests run on each server (``[moto]``, ``[seaweedfs]``)."""
+    return any_s3_endpoint
 
 
 @pytest.fixture
@@ -314,7 +327,9 @@ class HashingStore:
     def __init__(self) -> None:
         self.uploaded: tuple[int, str] | None = None
 
-    def upload_file(self, key: str, path: Path, *, size: int, sha256_hex: str) -> str:
+    def upload_file(
+        self, key: str, path: Path, *, size: int, sha256_hex: str, confirmed_by: str | None = None
+    ) -> str:
         digest = hashlib.sha256()
         with path.open("rb") as handle:
             while block := handle.read(1 * MiB):
@@ -322,7 +337,9 @@ class HashingStore:
         self.uploaded = (path.stat().st_size, digest.hexdigest())
         return "uploaded"
 
-    def store_file(self, key: str, path: Path, *, size: int, sha256_hex: str) -> str:
+    def store_file(
+        self, key: str, path: Path, *, size: int, sha256_hex: str, confirmed_by: str | None = None
+    ) -> str:
         return self.upload_file(key, path, size=size, sha256_hex=sha256_hex)
 
     def verify_stored(self, key: str, *, size: int, sha256_hex: str) -> None:
@@ -444,9 +461,9 @@ async def test_temp_file_names_carry_host_and_pid(store: MediaStore, temp_dir: P
     seen: list[str] = []
     real = store.store_file
 
-    def spy(key: str, path: Path, *, size: int, sha256_hex: str) -> str:
+    def spy(key: str, path: Path, *, size: int, sha256_hex: str, confirmed_by: str | None) -> str:
         seen.append(path.name)
-        return real(key, path, size=size, sha256_hex=sha256_hex)
+        return real(key, path, size=size, sha256_hex=sha256_hex, confirmed_by=confirmed_by)
 
     store.store_file = spy  # type: ignore[method-assign,assignment]
     await archive(FakeBird(good(mp3(20_000))), store, temp_dir)
