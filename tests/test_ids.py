@@ -477,3 +477,8 @@ def test_cli_process_reads_ids_from_a_stdin_pipe(tmp_path: Path, cli_env: dict[s
     assert result.returncode == 2, result.stderr
     assert "<stdin>:2: 'not-an-id' is not a UUID" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_path_with_a_nul_byte_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="not a valid path"):
+        collect_ids(files=["ids\x00.txt"])

@@ -275,6 +275,8 @@ def _open_regular(file: str | Path, name: str) -> TextIO:
             os.close(fd)
         if isinstance(exc, OSError):
             raise InputError(f"{name}: cannot open ({_reason(exc)})") from exc
+        if isinstance(exc, ValueError):  # a NUL byte in the path
+            raise InputError(f"{name}: cannot open (not a valid path)") from exc
         raise
 
 

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from recarchive.errors import PayloadError
 from recarchive.model import PARTY_ROLES, NormalizedRecording
-from recarchive.redaction import redact, strip_url
+from recarchive.redaction import needs_redaction, redact, strip_url
 
 T = TypeVar("T")
 
@@ -131,7 +131,7 @@ def _read_fields(
             continue
         kind = type(value)
         # Hot path: a clean ASCII string or a bool needs no conversion.
-        if (kind is str and reader is _str and value.isascii() and "\x00" not in value) or (
+        if (kind is str and reader is _str and _clean_text(value)) or (
             kind is bool and reader is _bool
         ):
             row[column] = value
@@ -173,8 +173,13 @@ def _plain(value: Any, convert: Callable[[Any, str], Any]) -> bool:
     """Fast path for the common case: a clean ASCII string or a bool, needing no conversion."""
     kind = type(value)
     if convert is _str:
-        return kind is str and value.isascii() and "\x00" not in value
+        return kind is str and _clean_text(value)
     return convert is _bool and kind is bool
+
+
+def _clean_text(value: str) -> bool:
+    """ASCII, no NUL, nothing to redact: the string is stored exactly as it came."""
+    return value.isascii() and "\x00" not in value and not needs_redaction(value)
 
 
 def _str(value: Any, field: str) -> str:
@@ -189,7 +194,9 @@ def _str(value: Any, field: str) -> str:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise PayloadError(f"{field} is not valid Unicode text", field=field) from exc
-    return value
+    # Every column goes to SQL and Parquet: a signed URL or a password inside any text field
+    # is cut there exactly as in raw_json.
+    return redact(value)
 
 
 def _url(value: Any, field: str) -> str:

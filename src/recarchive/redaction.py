@@ -38,9 +38,22 @@ _secrets_lock = threading.Lock()
 # An absolute URL inside any text: scheme, "://", then anything up to whitespace or a quote.
 _URL_RE = re.compile(r"""[A-Za-z][A-Za-z0-9+.\-]{0,15}://[^\s'"<>`\\]+""")
 # Credential parameters without their URL (a message that quotes only the query).
-_PARAM_RE = re.compile(
-    r"(?i)\b([\w.\-]*(?:signature|credential|security-token|sig|awsaccesskeyid|access_?key"
-    r"|token|password|passwd|secret))=[^&\s'\"<>]+"
+# ``name=value`` pairs; a pair is masked when its name ends in a credential word. The name
+# starts where no name character precedes it, so each start is tried once: linear in the
+# text's length (a suffix match inside the pattern backtracked quadratically).
+_PAIR_RE = re.compile(r"""(?<![\w.\-])([\w.\-]+)=([^&\s'"<>]+)""")
+_CREDENTIAL_NAMES = (
+    "signature",
+    "credential",
+    "security-token",
+    "sig",
+    "awsaccesskeyid",
+    "accesskey",
+    "access_key",
+    "token",
+    "password",
+    "passwd",
+    "secret",
 )
 _AUTH_RE = re.compile(r"(?i)\b(authorization['\"]?\s*[:=]\s*['\"]?)[^'\"\r\n,}]+")
 
@@ -78,6 +91,20 @@ def _strip_match(match: re.Match[str]) -> str:
     return strip_url(match.group(0))
 
 
+def _mask_credential_pair(match: re.Match[str]) -> str:
+    name = match.group(1)
+    if name.lower().endswith(_CREDENTIAL_NAMES):
+        return f"{name}={MASK}"
+    return match.group(0)
+
+
+def needs_redaction(text: str) -> bool:
+    """Whether :func:`redact` could change ``text`` (a few substring tests: a fast path)."""
+    if "://" in text or "=" in text or "uthorization" in text or "UTHORIZATION" in text:
+        return True
+    return any(secret in text for secret in _secrets)
+
+
 def redact(text: str) -> str:
     """Return ``text`` with every credential in it masked or cut (see the module docstring).
 
@@ -91,7 +118,7 @@ def redact(text: str) -> str:
     if "://" in text:
         text = _URL_RE.sub(_strip_match, text)
     if "=" in text:
-        text = _PARAM_RE.sub(lambda match: f"{match.group(1)}={MASK}", text)
+        text = _PAIR_RE.sub(_mask_credential_pair, text)
     if "uthorization" in text or "UTHORIZATION" in text:
         text = _AUTH_RE.sub(lambda match: f"{match.group(1)}{MASK}", text)
     for secret in _secrets:

@@ -23,6 +23,7 @@ from recarchive.bird.client import BirdClient
 from recarchive.bird.http import build_http_client
 from recarchive.bird.limits import AnswerLimits
 from recarchive.bird.ratelimit import RequestPacer
+from recarchive.bird.redirect import RedirectPolicy
 from recarchive.bird.retry import RetryPolicy
 from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
@@ -111,11 +112,21 @@ def build_media_store(settings: Settings) -> MediaStore:
     )
 
 
+def redirect_policy(settings: Settings) -> RedirectPolicy:
+    """Where the API's media redirects may go (``RECARCHIVE_MEDIA_ALLOWED_HOSTS``)."""
+    return RedirectPolicy(settings.bird_api_url, allowed_hosts=settings.media_allowed_host_set)
+
+
 def build_bird_http(settings: Settings) -> httpx.AsyncClient:
-    """Build the HTTP client for the Bird API; the caller closes it."""
+    """Build the HTTP client for the Bird API; the caller closes it.
+
+    Its connector checks every resolved address against :func:`redirect_policy` before it
+    connects, so a name that resolves to a private address only at download time is refused.
+    """
     return build_http_client(
         timeout_seconds=settings.http_timeout_seconds,
         max_connections=max(settings.concurrency * 2, 8),
+        connect_check=redirect_policy(settings).check_connect,
     )
 
 
@@ -137,6 +148,7 @@ def build_bird_client(settings: Settings, http: httpx.AsyncClient) -> BirdClient
             max_attempts=settings.http_max_attempts,
             max_total_seconds=settings.http_max_retry_seconds,
         ),
+        redirects=redirect_policy(settings),
         limits=AnswerLimits(
             metadata_max_bytes=settings.metadata_max_bytes,
             media_max_bytes=settings.media_max_bytes,

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 
 from recarchive.config import Settings
-from recarchive.errors import NotFoundError, RetryableError, TerminalError
+from recarchive.errors import FatalError, NotFoundError
 from recarchive.model import LedgerEntry
+from recarchive.redaction import describe
 from recarchive.runtime import build_bird_client, build_bird_http, build_media_store, open_store
 from recarchive.verify import VerifiedObject, VerifyReport, verify_archive
 
@@ -64,8 +65,12 @@ async def delete_source_if_same(
     except NotFoundError:
         logger.info("source of %s was already deleted", recording_id)
         return True
-    except (RetryableError, TerminalError) as exc:
-        logger.warning("kept the source of %s: could not ask its size (%s)", recording_id, exc)
+    except FatalError:
+        raise
+    except Exception as exc:  # whatever the source answered, it proved nothing: keep it
+        logger.warning(
+            "kept the source of %s: could not ask its size (%s)", recording_id, describe(exc)
+        )
         return False
     if source.total_bytes != entry.size_bytes:
         logger.warning(
@@ -88,6 +93,11 @@ async def delete_source_if_same(
     except NotFoundError:
         logger.info("source of %s was already deleted", recording_id)
         return True
+    except FatalError:
+        raise
+    except Exception as exc:  # one deletion failed; the others go on, this source stays
+        logger.warning("could not delete the source of %s: %s", recording_id, describe(exc))
+        return False
     logger.warning(
         "deleted source media at Bird for %s (verified s3://%s/%s sha256 %s, %d bytes)",
         recording_id,
@@ -128,7 +138,12 @@ async def run_verify(
         bird = build_bird_client(settings, http) if http is not None else None
         for batch in _batches(store.iter_archived(batch_size=BATCH_SIZE), BATCH_SIZE):
             report = await asyncio.to_thread(
-                verify_archive, batch, media, deep=deep, concurrency=settings.concurrency
+                verify_archive,
+                batch,
+                media,
+                deep=deep,
+                concurrency=settings.concurrency,
+                want_md5=delete_source,
             )
             total.checked += report.checked
             total.ok += report.ok

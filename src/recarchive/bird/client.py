@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -27,7 +28,7 @@ import httpx
 from pydantic import SecretStr
 
 from recarchive.bird.integrity import BodyCheck
-from recarchive.bird.limits import AnswerLimits, LowSpeedWatch, parse_json_object
+from recarchive.bird.limits import AnswerLimits, LowSpeedWatch, decode_body, parse_json_object
 from recarchive.bird.ratelimit import RequestPacer
 from recarchive.bird.redirect import RedirectPolicy
 from recarchive.bird.retry import RetryPolicy, parse_retry_after
@@ -55,6 +56,8 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 MAX_LINK_REFRESHES = 3
 PAGE_SIZE = 99
 MEDIA_CHUNK_BYTES = 1024 * 1024
+#: Asked of every host: lengths, checksums and limits then apply to the bytes we keep.
+IDENTITY = "identity"
 
 
 class MediaDownload:
@@ -90,6 +93,11 @@ class MediaDownload:
         self._response = response
         self._what = what
         self._limits = limits
+        coding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):
+            # Asked for identity: a compressed body's length, checksums and end cannot be
+            # checked as the bytes we store (and httpx would inflate it unbounded).
+            raise MediaIntegrityError(f"{what}: compressed media ({coding[:40]!r}) refused")
         self._check = BodyCheck(response.headers, what)
         self.content_length = self._check.content_length
         if self.content_length is not None and self.content_length > limits.media_max_bytes:
@@ -121,7 +129,7 @@ class MediaDownload:
         pieces: list[bytes] = []
         pending = 0
         try:
-            async for piece in self._response.aiter_bytes():
+            async for piece in _raw_pieces(self._response):
                 self.bytes_read += len(piece)
                 if self.bytes_read > limits.media_max_bytes:
                     raise MediaIntegrityError(
@@ -332,10 +340,19 @@ class BirdClient:
         what = f"size of the media of {recording_id} at {strip_url(location)}"
 
         async def attempt() -> SourceSize:
-            request = self._http.build_request("GET", location, headers={"Range": "bytes=0-0"})
+            request = self._http.build_request(
+                "GET", location, headers={"Range": "bytes=0-0", "Accept-Encoding": IDENTITY}
+            )
             request.headers.pop("Authorization", None)
-            response = await self._transport(request, what)
+            response = await self._headers_within_deadline(request, what)
             try:
+                if response.status_code in (401, 403):
+                    # Never about our key (not sent there): an expired link, or S3's answer
+                    # for a key that is gone. Either way nothing proves the source's size.
+                    raise InvalidRedirectError(
+                        f"{what}: the media host refused the range request "
+                        f"(HTTP {response.status_code})"
+                    )
                 if response.status_code != 206:
                     raise _classify(response, what) or InvalidRedirectError(
                         f"{what}: expected 206 to a range request, got {response.status_code}"
@@ -359,6 +376,7 @@ class BirdClient:
         return {
             "Authorization": f"{self.auth_scheme} {self._access_key.get_secret_value()}",
             "Accept": "application/json",
+            "Accept-Encoding": IDENTITY,
         }
 
     async def _send(
@@ -382,16 +400,22 @@ class BirdClient:
             request = self._http.build_request(
                 method, url, params=params, headers=self._auth_headers()
             )
-            response = await self._transport(request, what)
             try:
-                error = _classify(response, what)
-                if error is not None:
-                    raise error
-                content = b""
-                if read_body and response.status_code not in REDIRECT_STATUSES:
-                    content = await self._read_limited(response, what)
-            finally:
-                await response.aclose()
+                async with asyncio.timeout(self.limits.answer_seconds):
+                    response = await self._transport(request, what)
+                    try:
+                        error = _classify(response, what)
+                        if error is not None:
+                            raise error
+                        content = b""
+                        if read_body and response.status_code not in REDIRECT_STATUSES:
+                            content = await self._read_limited(response, what)
+                    finally:
+                        await response.aclose()
+            except TimeoutError as exc:
+                raise TransportError(
+                    f"{what}: no whole answer within {self.limits.answer_seconds:.0f}s"
+                ) from exc
             self.pacer.record_success()
             return _Answer(response.status_code, response.headers, content)
 
@@ -413,7 +437,26 @@ class BirdClient:
         except Exception as exc:
             raise TransportError(f"{what}: malformed answer ({type(exc).__name__})") from exc
 
+    async def _headers_within_deadline(self, request: httpx.Request, what: str) -> httpx.Response:
+        """:meth:`_transport` for the media host: its headers within ``answer_seconds``.
+
+        The body that follows is bounded by the size and low-speed limits instead.
+        """
+        try:
+            async with asyncio.timeout(self.limits.answer_seconds):
+                return await self._transport(request, what)
+        except TimeoutError as exc:
+            raise TransportError(
+                f"{what}: no answer headers within {self.limits.answer_seconds:.0f}s"
+            ) from exc
+
     async def _read_limited(self, response: httpx.Response, what: str) -> bytes:
+        """The answer's body: at most ``metadata_max_bytes`` on the wire and once decoded.
+
+        Read raw (httpx's decoding inflates before any limit applies) and decoded here by
+        :func:`~recarchive.bird.limits.decode_body`; a body slower than the low-speed limit is
+        aborted like a media download.
+        """
         limit = self.limits.metadata_max_bytes
         refused = PayloadError(
             f"{what}: answer larger than {limit} bytes (RECARCHIVE_METADATA_MAX_BYTES); "
@@ -423,13 +466,15 @@ class BirdClient:
         announced = response.headers.get("Content-Length", "")
         if announced.isdigit() and int(announced) > limit:
             raise refused
+        watch = LowSpeedWatch(self.limits.low_speed_bytes, self.limits.low_speed_seconds, what)
         pieces: list[bytes] = []
         size = 0
         try:
-            async for piece in response.aiter_bytes():
+            async for piece in _raw_pieces(response):
                 size += len(piece)
                 if size > limit:
                     raise refused
+                watch.add(len(piece))
                 pieces.append(piece)
         except RecarchiveError:
             raise
@@ -437,7 +482,9 @@ class BirdClient:
             raise TransportError(f"{what}: timed out mid-answer ({type(exc).__name__})") from exc
         except Exception as exc:
             raise TransportError(f"{what}: answer broke off ({type(exc).__name__})") from exc
-        return b"".join(pieces)
+        return decode_body(
+            b"".join(pieces), response.headers.get("Content-Encoding"), limit=limit, what=what
+        )
 
     def _json_object(self, answer: _Answer, what: str) -> dict[str, Any]:
         return parse_json_object(answer.content, what, max_depth=self.limits.json_max_depth)
@@ -479,8 +526,12 @@ class BirdClient:
                 f"media of {recording_id}: expected a redirect, got HTTP {answer.status_code}"
             )
         location = str(answer.headers.get("Location", ""))
-        parts = self.redirects.parse(location, f"media of {recording_id}")
-        await self.redirects.check_target(parts, f"media of {recording_id}")
+        what = f"media of {recording_id}"
+        parts = self.redirects.parse(location, what)
+        # A failed lookup is transient: retried like a failed request.
+        await self._with_retries(
+            lambda: self.redirects.check_target(parts, what), what=what, paced=False
+        )
         return location
 
     async def _open_presigned(self, recording_id: str, location: str) -> MediaDownload | None:
@@ -488,11 +539,13 @@ class BirdClient:
         what = f"media of {recording_id} from {strip_url(location)}"
 
         async def attempt() -> MediaDownload | None:
-            request = self._http.build_request("GET", location)
+            request = self._http.build_request(
+                "GET", location, headers={"Accept-Encoding": IDENTITY}
+            )
             # Defence in depth: whatever defaults the injected client has, no credentials
             # travel to the media host.
             request.headers.pop("Authorization", None)
-            response = await self._transport(request, what)
+            response = await self._headers_within_deadline(request, what)
             if response.status_code == 200:
                 try:
                     return MediaDownload(recording_id, response, limits=self.limits, what=what)
@@ -510,6 +563,15 @@ class BirdClient:
             )
 
         return await self._with_retries(attempt, what=what, paced=False)
+
+
+async def _raw_pieces(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as sent (no decoding); a response a transport pre-read is yielded whole."""
+    if response.is_stream_consumed:  # e.g. httpx.MockTransport with content=...
+        yield response.content
+        return
+    async for piece in response.aiter_raw():
+        yield piece
 
 
 def _classify(response: httpx.Response, what: str) -> RecarchiveError | None:
@@ -537,15 +599,15 @@ def _classify(response: httpx.Response, what: str) -> RecarchiveError | None:
     return ClientRequestError(f"{what}: HTTP {status}", status_code=status)
 
 
+_CONTENT_RANGE = re.compile(r"^bytes [0-9]{1,19}-[0-9]{1,19}/([0-9]{1,19})$", re.ASCII | re.I)
+
+
 def _content_range_total(value: str | None) -> int | None:
     """The total of ``Content-Range: bytes 0-0/TOTAL``; ``None`` when absent or ``*``."""
     if not value:
         return None
-    unit, _, rest = value.strip().partition(" ")
-    total = rest.rpartition("/")[2]
-    if unit.lower() != "bytes" or not total.isdigit() or len(total) > 19:
-        return None
-    return int(total)
+    match = _CONTENT_RANGE.match(value.strip())
+    return int(match.group(1)) if match else None
 
 
 def _api_time(moment: datetime) -> str:

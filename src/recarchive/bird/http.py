@@ -9,9 +9,13 @@ handling work the same on both (the transport never follows redirects itself).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
+
+from recarchive.bird.redirect import GuardedResolver
 
 
 class RedactQueryStrings(logging.Filter):
@@ -35,8 +39,33 @@ class RedactQueryStrings(logging.Filter):
 _REDACTION = RedactQueryStrings()
 
 
+def _aiohttp_transport(
+    limits: httpx.Limits, connect_check: Callable[[str, list[str]], None] | None
+) -> AiohttpTransport:
+    transport = AiohttpTransport(limits=limits)
+    if connect_check is None:
+        return transport
+
+    def session() -> aiohttp.ClientSession:
+        # What AiohttpTransport builds itself (same TLS context and pool), plus the resolver.
+        connector = aiohttp.TCPConnector(
+            limit=limits.max_connections or 0,
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=transport.ssl_context,
+            resolver=GuardedResolver(connect_check),
+        )
+        return aiohttp.ClientSession(connector=connector)
+
+    transport.client = session
+    return transport
+
+
 def build_http_client(
-    *, timeout_seconds: float = 30.0, max_connections: int = 32, aiohttp: bool = True
+    *,
+    timeout_seconds: float = 30.0,
+    max_connections: int = 32,
+    aiohttp: bool = True,
+    connect_check: Callable[[str, list[str]], None] | None = None,
 ) -> httpx.AsyncClient:
     """Build the :class:`httpx.AsyncClient` for the Bird API and its media host.
 
@@ -47,6 +76,8 @@ def build_http_client(
         timeout_seconds: Connect, read and pool timeout of each request.
         max_connections: Connection pool size; keep it above the pipeline's concurrency.
         aiohttp: Use the aiohttp transport (default); ``False`` uses httpx's own.
+        connect_check: Applied to every resolved name before connecting (aiohttp transport
+            only): :meth:`recarchive.bird.redirect.RedirectPolicy.check_connect`.
 
     Returns:
         A client the caller must close (``await client.aclose()``). It must be used from the
@@ -59,9 +90,11 @@ def build_http_client(
         max_connections=max_connections, max_keepalive_connections=max_connections
     )
     timeout = httpx.Timeout(timeout_seconds)
-    transport = (
-        AiohttpTransport(limits=limits) if aiohttp else httpx.AsyncHTTPTransport(limits=limits)
-    )
+    transport: httpx.AsyncBaseTransport
+    if aiohttp:
+        transport = _aiohttp_transport(limits, connect_check)
+    else:
+        transport = httpx.AsyncHTTPTransport(limits=limits)
     return httpx.AsyncClient(
         transport=transport, timeout=timeout, follow_redirects=False, trust_env=False
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,8 @@ class AnswerLimits:
         low_speed_seconds: ... over any window this long; slower downloads are aborted.
         json_max_depth: Deepest nesting of arrays and objects accepted in a JSON answer.
         allowed_hosts: Media hosts allowed on private, loopback or link-local addresses.
+        answer_seconds: Longest an API answer may take, headers and body, and the media
+            host's headers (a read timeout restarts with every byte; this does not).
     """
 
     metadata_max_bytes: int = 4 * MiB
@@ -46,6 +49,45 @@ class AnswerLimits:
     low_speed_seconds: float = 60.0
     json_max_depth: int = DEFAULT_JSON_MAX_DEPTH
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    answer_seconds: float = 300.0
+
+
+#: zlib ``wbits`` per ``Content-Encoding`` we decode ourselves (a bounded decompression).
+_DECODERS = {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}
+
+
+def decode_body(raw: bytes, encoding: str | None, *, limit: int, what: str) -> bytes:
+    """Undo one ``Content-Encoding`` of a metadata answer, never past ``limit`` bytes.
+
+    httpx's own decoding inflates each piece whole before any size check (a 3 KB answer
+    compressed twice costs gigabytes), and never checks that the stream ended. Here the
+    compressed bytes were already counted against the limit, one encoding at most is
+    undone, the output is capped at ``limit``, and a stream that does not end is refused.
+
+    Raises:
+        PayloadError: Unknown or stacked encodings, a bomb, a cut or corrupt stream.
+    """
+    coding = (encoding or "identity").strip().lower()
+    if coding in ("", "identity"):
+        return raw
+    if coding not in _DECODERS:
+        raise PayloadError(f"{what}: unsupported Content-Encoding {coding[:40]!r}", field="<body>")
+    for wbits in _DECODERS[coding]:
+        decoder = zlib.decompressobj(wbits)
+        try:
+            out = decoder.decompress(raw, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or decoder.unconsumed_tail:
+            raise PayloadError(
+                f"{what}: answer inflates beyond {limit} bytes (RECARCHIVE_METADATA_MAX_BYTES); "
+                "refused",
+                field="<body>",
+            )
+        if not decoder.eof:
+            raise PayloadError(f"{what}: compressed answer ends early", field="<body>")
+        return out
+    raise PayloadError(f"{what}: corrupt {coding} answer", field="<body>")
 
 
 def _reject_constant(name: str) -> Any:
@@ -63,7 +105,9 @@ def parse_json_object(data: bytes, what: str, *, max_depth: int) -> dict[str, An
         PayloadError: With ``field="<body>"`` and the reason.
     """
     try:
-        body = json.loads(data, parse_constant=_reject_constant)
+        # Strict UTF-8 first: json.loads(bytes) decodes with "surrogatepass", letting an
+        # encoded lone surrogate through into text no database or encoder accepts.
+        body = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
     except RecursionError as exc:
         raise PayloadError(f"{what}: answer nests deeper than {max_depth}", field="<body>") from exc
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, int digit limit

@@ -12,17 +12,23 @@ database on the private network, or carry credentials in its user info. Rules:
   unspecified addresses are refused unless listed.
 
 The check resolves the name itself before the download connects, so a public name that
-resolves to a private address is refused too (a resolver that answers differently to the
-download's own lookup a moment later is outside what this check can see).
+resolves to a private address is refused with a clear reason. A resolver that answers
+differently to the download's own lookup a moment later (DNS rebinding) is caught by
+:class:`GuardedResolver`, which the HTTP client's connector uses for every connection: it
+applies :meth:`RedirectPolicy.check_connect` to the addresses actually connected to.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import SplitResult, urlsplit
+
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from recarchive.errors import InvalidRedirectError, TransportError
 from recarchive.redaction import strip_url
@@ -33,8 +39,11 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 
 def address_kind(address: IPAddress) -> str:
     """``"public"``, ``"loopback"``, ``"link-local"``, ``"private"`` or ``"reserved"``."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # IPv4 carried inside IPv6 (mapped, 6to4, Teredo's client) reaches that IPv4 host.
+        inner = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if inner is not None:
+            address = inner
     if address.is_loopback:
         return "loopback"
     if address.is_link_local:
@@ -44,6 +53,41 @@ def address_kind(address: IPAddress) -> str:
     if address.is_global:
         return "public"
     return "private"
+
+
+def _kind_of_text(address: str) -> str:
+    try:
+        return address_kind(ipaddress.ip_address(address.split("%", 1)[0]))
+    except ValueError:
+        return "reserved"
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, with every answer checked before a connection is made.
+
+    Args:
+        check: Raises ``OSError`` for ``(host, addresses)`` it refuses
+            (:meth:`RedirectPolicy.check_connect`).
+        inner: The resolver that does the lookups (aiohttp's default when ``None``).
+    """
+
+    def __init__(
+        self, check: Callable[[str, list[str]], None], inner: AbstractResolver | None = None
+    ) -> None:
+        self._check = check
+        self._inner = inner or DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        """Resolve ``host`` and refuse the answer when the check does."""
+        results = await self._inner.resolve(host, port, family)
+        self._check(host, [str(result["host"]) for result in results])
+        return results
+
+    async def close(self) -> None:
+        """Close the inner resolver."""
+        await self._inner.close()
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
@@ -76,6 +120,32 @@ class RedirectPolicy:
         self.allowed_hosts = frozenset(host.strip().lower().strip("[]") for host in allowed_hosts)
         self._resolve = resolve
         self._api_kinds: frozenset[str] | None = None
+        with contextlib.suppress(ValueError):  # an API on an address literal: kind known
+            self._api_kinds = frozenset({address_kind(ipaddress.ip_address(self.api_host))})
+
+    def check_connect(self, host: str, addresses: list[str]) -> None:
+        """Refuse a connection to ``host`` at ``addresses`` that the rules do not allow.
+
+        Called by :class:`GuardedResolver` for every name the HTTP client resolves. The API
+        host is always allowed (and teaches the policy the API's address kinds); any other
+        host needs public addresses, ones of the API's kinds, or a listing.
+
+        Raises:
+            OSError: The connection is refused (the transport reports a connect error).
+        """
+        host = host.lower().rstrip(".")
+        kinds = {_kind_of_text(address) for address in addresses} or {"reserved"}
+        if host == self.api_host:
+            if self._api_kinds is None:
+                self._api_kinds = frozenset(kinds)
+            return
+        if host in self.allowed_hosts:
+            return
+        allowed = {"public"} | set(self._api_kinds or ())
+        allowed.discard("reserved")
+        refused = sorted(kinds - allowed)
+        if refused:
+            raise OSError(f"connection to {host} refused: it resolved to a {refused[0]} address")
 
     def parse(self, location: str, what: str) -> SplitResult:
         """Check the ``Location`` text; return it split.
@@ -129,13 +199,7 @@ class RedirectPolicy:
             addresses = await self._resolve(host, port)
         except OSError as exc:
             raise TransportError(f"{what}: cannot resolve {host} ({type(exc).__name__})") from exc
-        kinds = set()
-        for address in addresses:
-            try:
-                kinds.add(address_kind(ipaddress.ip_address(address.split("%", 1)[0])))
-            except ValueError:
-                kinds.add("reserved")
-        return kinds or {"reserved"}
+        return {_kind_of_text(address) for address in addresses} or {"reserved"}
 
     async def _api_address_kinds(self) -> frozenset[str]:
         if self._api_kinds is None:
