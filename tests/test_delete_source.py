@@ -52,8 +52,6 @@ def ranged(total: int, etag: str | None = None, status: int = 206) -> bytes:
     return response(status, headers, b"\xff")
 
 
-MD5 = "md5-of-the-archive"
-
 CASES: dict[str, tuple[Callable[[str], bytes], str | None, bool]] = {
     # id: (source answer, confirmed_by of the archived download, deleted?)
     "same-size-no-etag": (lambda rid: ranged(MEDIA_SIZE), "content-length", True),
@@ -76,6 +74,18 @@ CASES: dict[str, tuple[Callable[[str], bytes], str | None, bool]] = {
     "archived-by-etag-only": (lambda rid: ranged(MEDIA_SIZE), "etag-md5", False),
     "archived-chunked": (lambda rid: ranged(MEDIA_SIZE), "chunked", False),
     "source-errors": (lambda rid: response(500), "content-length", False),
+    "source-refuses-403": (lambda rid: response(403), "content-length", False),
+    "source-refuses-401": (lambda rid: response(401), "content-length", False),
+    "total-not-ascii-digits": (
+        lambda rid: response(206, [("Content-Range", "bytes 0-0/\u00b2")], b"\xff"),
+        "content-length",
+        False,
+    ),
+    "total-too-long": (
+        lambda rid: response(206, [("Content-Range", "bytes 0-0/" + "9" * 30)], b"\xff"),
+        "content-length",
+        False,
+    ),
 }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import json
 import logging
@@ -138,6 +139,13 @@ def bodies(stage: str, recording_id: str) -> st.SearchStrategy[bytes]:
 def answers(draw: st.DrawFn, server: HostileServer, recording_id: str) -> Answer:
     stage = draw(st.sampled_from(STAGES))
     body = draw(bodies(stage, recording_id))
+    # Sometimes the body goes out gzip-compressed (honestly, or cut): every length and
+    # checksum below then describes the compressed bytes, as HTTP has it.
+    compressed = draw(st.sampled_from([None, None, None, None, "whole", "cut"]))
+    if compressed is not None:
+        body = gzip.compress(body, mtime=0)
+        if compressed == "cut":
+            body = body[: len(body) // 2]
     status: int | None = draw(st.sampled_from(STATUSES))
     if draw(st.booleans()) and draw(st.integers(0, 9)) == 0:
         status_line = draw(st.binary(max_size=40))
@@ -194,6 +202,9 @@ def answers(draw: st.DrawFn, server: HostileServer, recording_id: str) -> Answer
         name = draw(st.sampled_from(HEADER_NAMES)).encode()
         value = draw(st.one_of(st.binary(max_size=30), st.sampled_from([b"0", b"120", b"gzip"])))
         headers.append((name, value))
+    if compressed is not None:
+        headers.append((b"Content-Encoding", b"gzip"))
+        vouched = None  # compressed media is refused; metadata is decoded, never archived
     if status is None:
         vouched = None
     wire = status_line + b"\r\n"

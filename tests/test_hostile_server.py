@@ -14,6 +14,7 @@ a chunk with two good recordings. Every case asserts:
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import logging
@@ -58,8 +59,10 @@ LIMITS = AnswerLimits(
     media_max_bytes=1024 * 1024,
     low_speed_bytes=1024,
     low_speed_seconds=0.5,
+    answer_seconds=2.5,
 )
 AUDIO = [("Content-Type", "audio/mpeg")]
+GZIP = [("Content-Encoding", "gzip")]
 
 
 def b64(digest: bytes) -> str:
@@ -87,6 +90,10 @@ class Case:
     state: str
     reason: str = ""
     limits: AnswerLimits = LIMITS
+
+
+def gzipped(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
 
 
 def half(recording_id: str) -> bytes:
@@ -195,7 +202,7 @@ CASES: dict[str, Case] = {
             )
         ),
         "failed",
-        "",
+        "download broke",
     ),
     "media-content-length-garbage": Case(
         lambda rid, _: Script(
@@ -209,7 +216,7 @@ CASES: dict[str, Case] = {
             )
         ),
         "failed",
-        "",
+        "malformed answer",
     ),
     # --- size and speed limits ----------------------------------------------------------------
     "media-endless-without-length": Case(
@@ -387,6 +394,76 @@ CASES: dict[str, Case] = {
         "failed",
         "lone surrogate",
     ),
+    # --- compressed answers: decoded by us, bounded, checked to the end ---------------------
+    "metadata-gzip-honest": Case(
+        lambda rid, _: Script(metadata=metadata(gzipped(payload_bytes(rid)), headers=GZIP)),
+        "archived",
+    ),
+    "metadata-gzip-bomb": Case(
+        lambda rid, _: Script(
+            metadata=metadata(gzipped(payload_bytes(rid, x="0" * 3_000_000)), headers=GZIP)
+        ),
+        "failed",
+        "inflates beyond",
+    ),
+    "metadata-gzip-twice": Case(
+        lambda rid, _: Script(
+            metadata=metadata(
+                gzipped(gzipped(payload_bytes(rid))),
+                headers=[("Content-Encoding", "gzip, gzip")],
+            )
+        ),
+        "failed",
+        "unsupported Content-Encoding",
+    ),
+    "metadata-gzip-cut-off": Case(
+        lambda rid, _: Script(
+            metadata=metadata(gzipped(payload_bytes(rid) * 50)[:300], headers=GZIP)
+        ),
+        "failed",
+        "ends early",
+    ),
+    "media-gzip": Case(
+        lambda rid, _: Script(media=raw(response(200, [*AUDIO, *GZIP], gzipped(good_media(rid))))),
+        "failed",
+        "compressed media",
+    ),
+    # --- slow answers ---------------------------------------------------------------------
+    "metadata-trickles": Case(
+        lambda rid, _: Script(
+            metadata=trickle(
+                response(200, [("Content-Length", "400000")], content_length=False),
+                b" " * 400_000,
+                every=0.1,
+                size=40,
+            )
+        ),
+        "failed",
+        "slower than 1024 bytes/s",
+    ),
+    "redirect-headers-trickle": Case(
+        lambda rid, server: Script(
+            redirect=trickle(
+                b"", response(307, [("Location", server.media_url(rid))]), every=0.4, size=20
+            )
+        ),
+        "failed",
+        "no whole answer within",
+    ),
+    "metadata-status-with-signed-url": Case(
+        lambda rid, _: Script(
+            metadata=metadata(
+                payload_bytes(
+                    rid,
+                    status=f"processing https://b.s3/x?X-Amz-Signature={SIGNATURE}",
+                    originator={
+                        "number": {"callerIdName": f"https://admin:hunter2@h/?sig={SIGNATURE}"}
+                    },
+                )
+            )
+        ),
+        "metadata_only",
+    ),
     "metadata-signed-url-inside-text": Case(
         lambda rid, _: Script(
             metadata=metadata(
@@ -469,6 +546,7 @@ async def test_one_hostile_answer_fails_one_recording(
         caplog.text,
         *(str(e.last_error) for e in outcome.entries.values()),
         *outcome.raw_json.values(),
+        *outcome.columns,
         *(body.decode("latin-1") for body in outcome.objects.values()),
         repr(counts.failures),
     ]
