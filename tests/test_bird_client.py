@@ -21,6 +21,7 @@ from recarchive.errors import (
     InvalidRedirectError,
     MediaIntegrityError,
     NotFoundError,
+    PayloadError,
     RetryableError,
     ServerError,
     TransportError,
@@ -364,3 +365,24 @@ async def test_httpx_request_logs_carry_no_presigned_signature(
     lines = [r.getMessage() for r in caplog.records if r.name == "httpx"]
     assert any(f"{recording_id}.mp3" in line and "/media/" in line for line in lines)
     assert not any("X-Amz-Signature" in line for line in lines)
+
+
+async def test_a_repeated_page_token_is_an_error_not_the_last_page() -> None:
+    # A listing that stopped there would be taken as complete (and the nightly window recorded).
+    def handler(request: httpx.Request) -> httpx.Response:
+        item = {"id": "00000000-0000-4000-8000-000000000001", "createdAt": "2026-11-30T01:00:00Z"}
+        return httpx.Response(200, json={"results": [item], "nextPageToken": "same"})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as http:
+        client = BirdClient(
+            http,
+            api_url="https://api.bird.test",
+            workspace_id="ws",
+            access_key=SecretStr("k"),
+            pacer=RequestPacer(1000),
+        )
+        listed: list[str] = []
+        with pytest.raises(PayloadError, match="repeated its page token"):
+            async for payload in client.list_recordings():
+                listed.append(payload["id"])
+    assert len(listed) == 2  # both pages' items were yielded before the repeat was seen

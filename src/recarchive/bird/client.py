@@ -252,7 +252,8 @@ class BirdClient:
         also applied here, so an API that treats ``endAt`` as inclusive cannot widen it.
 
         Raises:
-            PayloadError: A page is not of the documented shape.
+            PayloadError: A page is not of the documented shape, or repeats the page token
+                it was asked with (the listing would end short).
         """
         params: dict[str, str] = {"limit": str(page_size)}
         if since is not None:
@@ -281,8 +282,19 @@ class BirdClient:
                     yield item
             pages += 1
             next_token = body.get("nextPageToken")
-            if not next_token or not isinstance(next_token, str) or next_token == token:
+            if not next_token:
                 return
+            if not isinstance(next_token, str):
+                raise PayloadError(
+                    f"list page {pages}: 'nextPageToken' is not a string", field="nextPageToken"
+                )
+            if next_token == token:
+                # Not a last page (that has no token): the listing would stop short and the
+                # window be taken as listed completely.
+                raise PayloadError(
+                    f"list page {pages}: the API repeated its page token; listing stopped",
+                    field="nextPageToken",
+                )
             token = next_token
 
     @asynccontextmanager

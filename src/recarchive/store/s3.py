@@ -2,9 +2,12 @@
 
 Every write is *create-only* (``IfNoneMatch="*"``), carries the SHA-256 of the bytes twice —
 as ``ChecksumSHA256`` (so real S3 rejects corrupted bodies) and as the ``sha256`` user
-metadata (so a HEAD can later prove what the object holds) — and is read back with a HEAD
-before it counts as stored: moto accepts wrong checksums silently (DESIGN §5), so the HEAD is
-what the tests can check.
+metadata (so a HEAD can later tell what the object should hold) — and is read back with a
+HEAD before it counts as stored. The HEAD proves the object exists with the size and metadata
+we sent; it cannot prove the bytes: S3 itself refuses a body that does not match its
+``ChecksumSHA256`` (SeaweedFS does too, tests/test_s3_integrity.py), but moto accepts wrong
+checksums silently (DESIGN §5), and there only a full read (``verify --deep``, or the
+recovery path's re-hash) sees a corrupted body.
 
 Retries of single S3 requests (5xx, ``SlowDown``, dropped connections) belong to botocore's
 ``standard`` retry mode configured in :func:`build_s3_client`; this module never retries a
