@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from recarchive.errors import PayloadError
 from recarchive.model import PARTY_ROLES, NormalizedRecording
-from recarchive.redaction import needs_redaction, redact, strip_url
+from recarchive.redaction import redact, strip_url
 
 T = TypeVar("T")
 
@@ -65,6 +65,10 @@ def normalize_recording(
 def _normalize(
     payload: Mapping[str, Any], workspace_id: str, fetched_at: datetime
 ) -> NormalizedRecording:
+    # Rows are read from the redacted payload: every column (SQL, Parquet) holds exactly the
+    # text raw_json and the sidecar hold, with signed URLs and passwords already cut.
+    redacted = redact_payload(payload)
+    payload = redacted
     recording_id = _uuid(payload, "id")
     created_at = _required_time(payload, "createdAt")
     updated_at = _required_time(payload, "updatedAt")
@@ -76,7 +80,6 @@ def _normalize(
     recording["started_at"] = _opt(payload, "startedAt", _time)
     recording["created_month"] = f"{created_at.year:04d}-{created_at.month:02d}"
     recording["fetched_at"] = fetched_at.astimezone(UTC)
-    redacted = redact_payload(payload)
     # Sorted keys: the same payload always gives the same text, so "unchanged" is exact.
     # NaN/Infinity are allowed: an unknown field holding one (json.loads accepts them) must
     # not fail the recording; known numeric fields are checked to be finite.
@@ -178,8 +181,8 @@ def _plain(value: Any, convert: Callable[[Any, str], Any]) -> bool:
 
 
 def _clean_text(value: str) -> bool:
-    """ASCII, no NUL, nothing to redact: the string is stored exactly as it came."""
-    return value.isascii() and "\x00" not in value and not needs_redaction(value)
+    """ASCII and no NUL: the (already redacted) string is stored exactly as it is."""
+    return value.isascii() and "\x00" not in value
 
 
 def _str(value: Any, field: str) -> str:
@@ -194,9 +197,7 @@ def _str(value: Any, field: str) -> str:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise PayloadError(f"{field} is not valid Unicode text", field=field) from exc
-    # Every column goes to SQL and Parquet: a signed URL or a password inside any text field
-    # is cut there exactly as in raw_json.
-    return redact(value)
+    return value
 
 
 def _url(value: Any, field: str) -> str:

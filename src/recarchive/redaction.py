@@ -98,13 +98,6 @@ def _mask_credential_pair(match: re.Match[str]) -> str:
     return match.group(0)
 
 
-def needs_redaction(text: str) -> bool:
-    """Whether :func:`redact` could change ``text`` (a few substring tests: a fast path)."""
-    if "://" in text or "=" in text or "uthorization" in text or "UTHORIZATION" in text:
-        return True
-    return any(secret in text for secret in _secrets)
-
-
 def redact(text: str) -> str:
     """Return ``text`` with every credential in it masked or cut (see the module docstring).
 
