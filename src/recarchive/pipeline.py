@@ -289,7 +289,9 @@ class _Chunk:
         records = self._save_metadata([record for record in fetched if record is not None])
         if not records:
             return
-        media_jobs: list[Awaitable[None]] = []
+        # Records, not coroutines: a fatal error in this loop must not leave coroutines that
+        # were created and never awaited.
+        to_archive: list[tuple[NormalizedRecording, LedgerEntry]] = []
         for record in records:
             entry = entries[record.id]
             if entry.state == "archived":
@@ -312,8 +314,8 @@ class _Chunk:
                 if marked:  # else counted busy: another run took the lease over
                     self._outcome(metadata_only=1)
             else:
-                media_jobs.append(self._archive_media(record, entry))
-        await self._gather(media_jobs)
+                to_archive.append((record, entry))
+        await self._gather(self._archive_media(record, entry) for record, entry in to_archive)
 
     def _save_metadata(self, records: list[NormalizedRecording]) -> list[NormalizedRecording]:
         """Save the chunk's metadata in one transaction; return the records saved.
