@@ -94,6 +94,7 @@ CREATE TABLE runs (
     heartbeat_at DATETIME,
     PRIMARY KEY (id)
 );
+CREATE INDEX ix_runs_owner ON runs (owner);
 
 -- Parquet partitions (created_month) to export: due while version > exported_version.
 CREATE TABLE export_partitions (

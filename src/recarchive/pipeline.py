@@ -264,23 +264,27 @@ class _Chunk:
     def _register(self, ids: Sequence[str]) -> dict[str, LedgerEntry]:
         """Return the ledger rows of ``ids``, inserting ``pending`` rows for new IDs.
 
-        IDs whose row this run inserted, and that nobody had leased when it was read back, are
-        remembered in ``fresh``: no earlier run can have stored their media, so the S3 check
-        for a crashed run's object is skipped for them (a create-only upload that meets an
-        object anyway compares hashes, so a wrong guess costs a download, never a duplicate).
+        Rows that cannot have an object of an earlier run behind them are remembered in
+        ``fresh``: ``pending``, never attempted, unleased, and without a pinned S3 key (every
+        upload pins its key first, so no upload of this release ever started for them; a
+        killed run of an older release leaves its lease behind). For those the S3 check for
+        a crashed run's object is skipped (a create-only upload that meets an object anyway
+        compares hashes, so a wrong guess costs a download, never a duplicate).
         """
         store = self.ctx.store
         entries = store.get_entries(ids)
         new = [recording_id for recording_id in ids if recording_id not in entries]
         if new:
             store.register(new)
-            added = store.get_entries(new)
-            entries.update(added)
-            self.fresh = {
-                recording_id
-                for recording_id, entry in added.items()
-                if entry.state == PENDING and entry.attempts == 0 and entry.lease_owner is None
-            }
+            entries.update(store.get_entries(new))
+        self.fresh = {
+            recording_id
+            for recording_id, entry in entries.items()
+            if entry.state == PENDING
+            and entry.attempts == 0
+            and entry.lease_owner is None
+            and entry.s3_key is None
+        }
         return entries
 
     async def _process(self, claimed: list[str], entries: dict[str, LedgerEntry]) -> None:

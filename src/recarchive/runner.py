@@ -34,7 +34,7 @@ from recarchive.pipeline import (
 from recarchive.redaction import describe
 from recarchive.runtime import open_archive_context, open_store, run_owner
 from recarchive.store.parquet import ExportReport, export_changed
-from recarchive.store.sql import ArchiveStore
+from recarchive.store.sql import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS, ArchiveStore
 from recarchive.tempfiles import remove_orphan_temp_files
 
 logger = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ async def retry_failed(
                 store,
                 settings.chunk_size,
                 settings.item_max_attempts,
-                stale_after=timedelta(seconds=settings.lease_seconds),
+                stale_after=DEFAULT_STALE_AFTER,
             )
             return await recorded_run(
                 store,
@@ -289,7 +289,7 @@ async def recorded_run(
     with ledger_errors("could not start the run"):
         run_id = store.start_run(kind, params, owner=owner)
     counts = RunCounts()
-    heart = asyncio.create_task(_heartbeat(store, run_id, settings.lease_seconds / 3))
+    heart = asyncio.create_task(_heartbeat(store, run_id, HEARTBEAT_SECONDS))
     try:
         if register is not None:
             with ledger_errors("could not register the run's IDs"):
@@ -362,7 +362,7 @@ async def registered_input(
         owner = stack.enter_context(active_owner(run_owner()))
         with ledger_errors("could not start the run"):
             run_id = store.start_run(kind, dict(params), owner=owner)
-        heart = asyncio.create_task(_heartbeat(store, run_id, settings.lease_seconds / 3))
+        heart = asyncio.create_task(_heartbeat(store, run_id, HEARTBEAT_SECONDS))
         try:
             with ledger_errors("could not register the run's IDs"):
                 requested = await asyncio.to_thread(store.register, ids, run_id=run_id)

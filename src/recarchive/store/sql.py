@@ -35,6 +35,7 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    literal_column,
     or_,
     select,
     text,
@@ -123,6 +124,16 @@ def db_now(connection: Connection) -> datetime:
         assert isinstance(moment, datetime)
         return moment.astimezone(UTC)
     return _now()
+
+
+def _no_jit(connection: Connection) -> None:
+    """PostgreSQL: no JIT for this transaction's ledger queries.
+
+    Their correlated ``EXISTS`` on ``runs`` push the planner's cost estimate past
+    ``jit_above_cost``; compiling then costs ~0.5 s a query against ~20 ms to run it.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL jit = off")
 
 
 def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -452,8 +463,12 @@ def _entry(row: Any) -> LedgerEntry:
 # --- the store -----------------------------------------------------------------------------
 
 
-#: How old a running run's heartbeat may be before the run counts as dead (its leases free).
-DEFAULT_STALE_AFTER = timedelta(minutes=15)
+#: How often a running run renews ``runs.heartbeat_at``, whatever its lease length.
+HEARTBEAT_SECONDS = 60.0
+#: How old a running run's heartbeat may be before the run counts as dead (its leases free):
+#: five missed beats. Fixed, not derived from ``RECARCHIVE_LEASE_SECONDS``, so hosts with other
+#: lease settings still agree on who is alive.
+DEFAULT_STALE_AFTER = timedelta(seconds=5 * HEARTBEAT_SECONDS)
 
 
 def _live_run(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
@@ -620,27 +635,60 @@ class ArchiveStore:
         ``ids`` is consumed as a stream in batches, so a million IDs cost one batch of memory.
         With ``run_id``, new rows and ``pending`` rows that nobody holds a lease on are
         registered to that run: ``retry-failed`` leaves them to it while it is alive
-        (:meth:`due_retries`).
+        (:meth:`due_retries`). The re-registration is the insert's own ``ON CONFLICT DO
+        UPDATE`` (driven by the primary key: a separate ``UPDATE`` filtered on ``state`` made
+        the database scan every pending row per batch). On PostgreSQL a deadlock with another
+        run registering overlapping IDs in another order is retried, reading ``ids`` again
+        (pass a re-iterable such as an :class:`~recarchive.ids.IdList`).
 
         Args:
-            ids: Canonical recording IDs (an iterable; read once).
+            ids: Canonical recording IDs.
             run_id: The registering run's ``runs.id``.
 
         Returns:
             How many IDs were seen.
         """
+        seen = [0]
+
+        def work() -> None:
+            seen[0] = self._register(ids, run_id)
+
+        _retry_conflicts(work)
+        return seen[0]
+
+    def _register(self, ids: Iterable[str], run_id: int | None) -> int:
         seen = 0
         now = _now()
         with self.engine.begin() as connection:
-            insert = _insert(connection, archive_ledger).on_conflict_do_nothing(
-                index_elements=[archive_ledger.c.recording_id]
-            )
-            lease_now = db_now(connection)
+            insert = _insert(connection, archive_ledger)
+            if run_id is None:
+                statement = insert.on_conflict_do_nothing(
+                    index_elements=[archive_ledger.c.recording_id]
+                )
+            else:
+                # No bound parameters in the conflict clause (the bulk paths bind row values
+                # only): the state as a literal, the time as the database's own clock.
+                statement = insert.on_conflict_do_update(
+                    index_elements=[archive_ledger.c.recording_id],
+                    set_={"registered_run": insert.excluded.registered_run},
+                    where=and_(
+                        archive_ledger.c.state == literal_column(f"'{PENDING}'"),
+                        archive_ledger.c.registered_run.is_distinct_from(
+                            insert.excluded.registered_run
+                        ),
+                        or_(
+                            archive_ledger.c.lease_owner.is_(None),
+                            archive_ledger.c.lease_expires_at <= func.current_timestamp(),
+                        ),
+                    ),
+                )
             for batch in _batches(ids, REGISTER_BATCH):
                 seen += len(batch)
+                # Sorted: overlapping registrations lock rows in one order (fewer deadlocks).
+                batch.sort()
                 _executemany(
                     connection,
-                    insert,
+                    statement,
                     archive_ledger,
                     [
                         {
@@ -654,25 +702,6 @@ class ArchiveStore:
                         for recording_id in batch
                     ],
                 )
-                if run_id is None:
-                    continue
-                for chunk in _chunks(batch):
-                    connection.execute(
-                        update(archive_ledger)
-                        .where(
-                            archive_ledger.c.recording_id.in_(chunk),
-                            archive_ledger.c.state == PENDING,
-                            or_(
-                                archive_ledger.c.registered_run.is_(None),
-                                archive_ledger.c.registered_run != run_id,
-                            ),
-                            or_(
-                                archive_ledger.c.lease_owner.is_(None),
-                                archive_ledger.c.lease_expires_at <= lease_now,
-                            ),
-                        )
-                        .values(registered_run=run_id)
-                    )
         return seen
 
     def get_entries(self, ids: Sequence[str]) -> dict[str, LedgerEntry]:
@@ -708,6 +737,7 @@ class ArchiveStore:
             return []
         claimed: list[str] = []
         with self.engine.begin() as connection:
+            _no_jit(connection)
             now = db_now(connection)
             values = {
                 "lease_owner": owner,
@@ -1002,7 +1032,8 @@ class ArchiveStore:
         Returns:
             IDs without a live lease (database clock), due as described.
         """
-        with self.engine.connect() as connection:
+        with self.engine.connect().execution_options(recarchive_read_only=True) as connection:
+            _no_jit(connection)
             now = db_now(connection)
             registered_run_alive = (
                 select(runs.c.id)

@@ -201,6 +201,8 @@ runs = Table(
     # Database time of the run's last sign of life (revision 0003); a running run whose
     # heartbeat is older than its lease has died somewhere.
     Column("heartbeat_at", UTCDateTime),
+    # A lease counts only while its owner's run is alive: looked up per leased row.
+    Index("ix_runs_owner", "owner"),
 )
 
 export_partitions = Table(
