@@ -240,8 +240,8 @@ def test_mark_survives_a_change_during_export(
     original = parquet._Target.write
     changed = {"done": False}
 
-    def write_and_change(self: Any, table: str, month: str, batches: Any) -> int:
-        rows = original(self, table, month, batches)
+    def write_and_change(self: Any, table: str, month: str, batches: Any, *hook: Any) -> int:
+        rows = original(self, table, month, batches, *hook)
         if table == "recording_parties" and month == "2025-07" and not changed["done"]:
             changed["done"] = True
             # Another run stores a newer version while this export is still running.
@@ -420,19 +420,21 @@ class PausedExport(ExportThread):
         self.release = threading.Event()
         original = parquet._Target.write
 
-        def write(target: Any, table: str, month: str, batches: Iterator[pa.RecordBatch]) -> int:
+        def write(
+            target: Any, table: str, month: str, batches: Iterator[pa.RecordBatch], *hook: Any
+        ) -> int:
             pause = (
                 threading.current_thread() is self
                 and (table, month) == ("recordings", "2025-07")
                 and not self.snapshot_read.is_set()
             )
             if not pause:
-                return original(target, table, month, batches)
+                return original(target, table, month, batches, *hook)
             rows = list(batches)
             self.snapshot_read.set()
             if not self.release.wait(WAIT):
                 raise AssertionError("export A was never released")
-            return original(target, table, month, iter(rows))
+            return original(target, table, month, iter(rows), *hook)
 
         monkeypatch.setattr(parquet._Target, "write", write)
 
@@ -585,13 +587,15 @@ def test_in_memory_sqlite_exports_are_serialized_in_the_process(
         original = parquet._Target.write
         outcome: dict[str, BaseException | None] = {}
 
-        def write(target: Any, table: str, month: str, batches: Iterator[pa.RecordBatch]) -> int:
+        def write(
+            target: Any, table: str, month: str, batches: Iterator[pa.RecordBatch], *hook: Any
+        ) -> int:
             if not outcome:
                 other = ExportThread("export-B", engine, tmp_path / "other", lock_timeout=0.3)
                 other.start()
                 other.join(WAIT)
                 outcome["error"] = other.error
-            return original(target, table, month, batches)
+            return original(target, table, month, batches, *hook)
 
         monkeypatch.setattr(parquet._Target, "write", write)
         report = export_changed(engine, str(tmp_path / "dataset"))
@@ -656,8 +660,12 @@ def test_a_lost_postgresql_lock_stops_the_export(
             export_a.release.set()
             with pytest.raises(StorageUnavailableError, match="lost the Parquet export lock"):
                 export_a.result()
-            # Nothing is left locked or half done: the next export finishes the work.
-            assert export_changed(engine, str(tmp_path / "dataset")).partitions == ["2025-08"]
+            # A never replaced July after losing the lock, and marked it due again: nothing is
+            # left locked or half done, and the next export writes July and August.
+            assert export_changed(engine, str(tmp_path / "dataset")).partitions == [
+                "2025-07",
+                "2025-08",
+            ]
             assert due(engine) == {"2025-07": False, "2025-08": False}
         finally:
             engine.dispose()

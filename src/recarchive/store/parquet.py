@@ -274,6 +274,17 @@ def _due_partitions(connection: Connection, full: bool) -> dict[str, int | None]
     return dict(sorted(due.items()))
 
 
+def _mark_again(engine: Engine, month: str) -> None:
+    """Make ``month`` due again (its file may be older than its marks say)."""
+    from recarchive.store.sql import mark_partitions  # sql imports this module's neighbours
+
+    try:
+        with engine.begin() as connection:
+            mark_partitions(connection, [month])
+    except SQLAlchemyError as exc:
+        logger.warning("could not mark partition %s for the next export: %s", month, exc)
+
+
 def _record_exported(engine: Engine, month: str, version: int) -> bool:
     """Mark ``month`` exported at ``version`` unless it changed again meanwhile."""
     with engine.begin() as connection:
@@ -477,8 +488,18 @@ class _Target:
     def folder(self, table: str, month: str) -> str:
         return f"{self.base}/{table}/created_month={month}"
 
-    def write(self, table: str, month: str, batches: Iterator[pa.RecordBatch]) -> int:
-        """Write one partition file whole; with no rows, remove the partition instead."""
+    def write(
+        self,
+        table: str,
+        month: str,
+        batches: Iterator[pa.RecordBatch],
+        before_replace: Callable[[], None] = lambda: None,
+    ) -> int:
+        """Write one partition file whole; with no rows, remove the partition instead.
+
+        ``before_replace`` runs just before the visible file changes (the export lock's
+        check: an export that lost its lock must not replace a newer export's file).
+        """
         folder = self.folder(table, month)
         if self.s3 is None:
             Path(folder).mkdir(parents=True, exist_ok=True)
@@ -489,6 +510,7 @@ class _Target:
         temp = Path(temp_dir) / f".{FILE_NAME}.{uuid.uuid4().hex}.tmp"
         try:
             rows = _write_file(temp, TABLE_SCHEMAS[table], batches)
+            before_replace()
             if rows == 0:
                 self._remove_partition(folder)
                 return 0
@@ -605,9 +627,23 @@ def export_changed(
             still_locked()
             try:
                 with engine.connect().execution_options(recarchive_read_only=True) as connection:
-                    rows = target.write("recordings", month, _recording_batches(connection, month))
-                    target.write("recording_parties", month, _party_batches(connection, month))
+                    rows = target.write(
+                        "recordings", month, _recording_batches(connection, month), still_locked
+                    )
+                    target.write(
+                        "recording_parties",
+                        month,
+                        _party_batches(connection, month),
+                        still_locked,
+                    )
                     connection.rollback()
+                # The lock may have been lost between the check and the replace: then this
+                # (perhaps older) file may have replaced a newer export's, so the month is
+                # marked changed again and the next export rewrites it.
+                still_locked()
+            except StorageUnavailableError:
+                _mark_again(engine, month)
+                raise
             except OSError as exc:
                 raise StorageUnavailableError(
                     f"could not write Parquet partition {month} under {root}: {exc}"
