@@ -389,3 +389,18 @@ def test_leases_of_a_dead_run_are_free_at_once(engine: Engine, store: ArchiveSto
         )
     assert store.due_retries(limit=10, max_attempts=8) == batch
     assert store.claim(batch, owner="me", lease_seconds=60, states=WORK) == batch
+
+
+def test_a_long_lease_holds_while_its_run_beats(engine: Engine, store: ArchiveStore) -> None:
+    """Staleness is one fixed limit: a run with an hour's lease, beating every minute, keeps it."""
+    from recarchive.store.sql import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS
+
+    assert DEFAULT_STALE_AFTER.total_seconds() >= 3 * HEARTBEAT_SECONDS
+    batch = ids(2)
+    run = store.start_run("archive", {}, owner="otherhost:9:long")
+    store.register(batch, run_id=run)
+    assert store.claim(batch, owner="otherhost:9:long", lease_seconds=3600, states=WORK) == batch
+    late_beat = DEFAULT_STALE_AFTER - timedelta(seconds=HEARTBEAT_SECONDS)
+    with engine.begin() as connection:
+        connection.execute(update(runs).values(heartbeat_at=datetime.now(UTC) - late_beat))
+    assert store.claim(batch, owner="me", lease_seconds=60, states=WORK) == []
