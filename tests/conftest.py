@@ -1,7 +1,7 @@
 """Shared pytest configuration: the real servers the suite starts on loopback.
 
-Each fixture module owns one server: the Bird simulator, moto's S3 server, SeaweedFS's S3
-gateway, PostgreSQL.
+Each fixture module owns one server: the Bird simulator, the hostile HTTP server, moto's S3
+server, SeaweedFS's S3 gateway, PostgreSQL.
 In CI (``CI=true``) a fixture whose server cannot start fails the test; it never skips.
 """
 
@@ -12,4 +12,5 @@ pytest_plugins = [
     # After postgres: it imports that module's free-port helper, which must be loaded (and
     # assertion-rewritten) as a plugin first.
     "tests.fixtures.seaweedfs",
+    "tests.fixtures.hostile",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -34,15 +34,6 @@ from tests.fixtures.hostile import (
     raw,
     response,
 )
-
-
-@pytest.fixture(scope="module")
-def hostile() -> Iterator[HostileServer]:
-    server = HostileServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def ranged(total: int, etag: str | None = None, status: int = 206) -> bytes:

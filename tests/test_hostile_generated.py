@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -211,15 +210,6 @@ def answers(draw: st.DrawFn, server: HostileServer, recording_id: str) -> Answer
     wire += b"".join(name + b": " + value + b"\r\n" for name, value in headers)
     wire += b"Connection: close\r\n\r\n" + wire_body
     return Answer(stage=stage, status=status, wire=wire, body=body, vouched=vouched)
-
-
-@pytest.fixture(scope="module")
-def hostile() -> Iterator[HostileServer]:
-    server = HostileServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_no_generated_answer_crashes_a_chunk_or_leaks(

@@ -479,15 +479,6 @@ CASES: dict[str, Case] = {
 }
 
 
-@pytest.fixture(scope="module")
-def hostile() -> Iterator[HostileServer]:
-    server = HostileServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @dataclass
 class Harness:
     store: ArchiveStore

@@ -26,15 +26,6 @@ if TYPE_CHECKING:
     from recarchive.store.sql import ArchiveStore
 
 
-@pytest.fixture(scope="module")
-def hostile() -> Iterator[HostileServer]:
-    server = HostileServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ArchiveStore]:
     engine, store = open_store(Settings(database_url=f"sqlite:///{tmp_path / 'archive.db'}"))

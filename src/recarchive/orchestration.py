@@ -23,6 +23,7 @@ from recarchive.errors import AuthError, InputError, UsageError
 from recarchive.ids import IdList, collect_ids, raise_for_problems
 from recarchive.runner import RunReport, discover_ids
 from recarchive.runtime import build_bird_client, build_bird_http
+from recarchive.when import plain_utc
 
 
 def should_retry_chunk(exc: BaseException | None) -> bool:
@@ -88,17 +89,7 @@ def scheduled_time(
     Returns:
         A plain ``datetime`` in UTC (Prefect's own datetime subclass is converted).
     """
-    moment = (scheduled or started or now or datetime.now(UTC)).astimezone(UTC)
-    return datetime(
-        moment.year,
-        moment.month,
-        moment.day,
-        moment.hour,
-        moment.minute,
-        moment.second,
-        moment.microsecond,
-        tzinfo=UTC,
-    )
+    return plain_utc(scheduled or started or now or datetime.now(UTC))
 
 
 def catch_up_window(

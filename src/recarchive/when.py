@@ -30,3 +30,22 @@ def parse_when(value: str, option: str) -> datetime:
             f"{option}: {value!r} is not a date (YYYY-MM-DD) or ISO timestamp"
         ) from exc
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+
+
+def plain_utc(moment: datetime) -> datetime:
+    """``moment`` (aware) as a plain :class:`datetime` in UTC.
+
+    Not a subclass such as Prefect's, so values compare and store alike whatever type or
+    zone came in; built field by field, as a float timestamp could round microseconds.
+    """
+    moment = moment.astimezone(UTC)
+    return datetime(
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+        moment.microsecond,
+        tzinfo=UTC,
+    )

@@ -23,6 +23,7 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from recarchive.store.tables import listed_windows
+from recarchive.when import plain_utc
 
 
 class TimeWindow(Protocol):
@@ -150,19 +151,7 @@ def recorded_windows(engine: Engine, *, limit: int | None = None) -> list[Listed
 def _utc(value: datetime, name: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name}: {value.isoformat()} has no time zone (give UTC)")
-    # A plain datetime in UTC (not a subclass such as Prefect's): rows compare equal whatever
-    # type or zone came in. Built field by field, as a float timestamp could round microseconds.
-    moment = value.astimezone(UTC)
-    return datetime(
-        moment.year,
-        moment.month,
-        moment.day,
-        moment.hour,
-        moment.minute,
-        moment.second,
-        moment.microsecond,
-        tzinfo=UTC,
-    )
+    return plain_utc(value)
 
 
 def _insert(connection: Connection) -> Any:
