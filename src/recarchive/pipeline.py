@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -289,12 +290,12 @@ class _Chunk:
 
     async def _process(self, claimed: list[str], entries: dict[str, LedgerEntry]) -> None:
         self.entries = entries
-        fetched = await self._gather(self._fetch_metadata(rid, entries[rid]) for rid in claimed)
+        fetched = await self._gather(
+            functools.partial(self._fetch_metadata, rid, entries[rid]) for rid in claimed
+        )
         records = self._save_metadata([record for record in fetched if record is not None])
         if not records:
             return
-        # Records, not coroutines: a fatal error in this loop must not leave coroutines that
-        # were created and never awaited.
         to_archive: list[tuple[NormalizedRecording, LedgerEntry]] = []
         for record in records:
             entry = entries[record.id]
@@ -319,7 +320,9 @@ class _Chunk:
                     self._outcome(metadata_only=1)
             else:
                 to_archive.append((record, entry))
-        await self._gather(self._archive_media(record, entry) for record, entry in to_archive)
+        await self._gather(
+            functools.partial(self._archive_media, record, entry) for record, entry in to_archive
+        )
 
     def _save_metadata(self, records: list[NormalizedRecording]) -> list[NormalizedRecording]:
         """Save the chunk's metadata in one transaction; return the records saved.
@@ -366,12 +369,16 @@ class _Chunk:
         except Exception as exc:  # a driver's ValueError, a bug: about these rows only
             raise _RowsRefused from exc
 
-    async def _gather(self, jobs: Iterable[Awaitable[T]]) -> list[T]:
-        """Run awaitables with at most ``concurrency`` in flight; a fatal error cancels all."""
+    async def _gather(self, jobs: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:
+        """Run jobs with at most ``concurrency`` in flight; a fatal error cancels all.
 
-        async def bounded(job: Awaitable[T]) -> T:
+        Each job is a factory called when its turn comes: a job cancelled before it started
+        (a sibling's fatal error) then leaves no coroutine that was never awaited.
+        """
+
+        async def bounded(job: Callable[[], Awaitable[T]]) -> T:
             async with self.limit:
-                return await job
+                return await job()
 
         try:
             async with asyncio.TaskGroup() as group:
