@@ -14,22 +14,17 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
-from recarchive.bird.client import BirdClient
 from recarchive.bird.http import build_http_client
-from recarchive.bird.ratelimit import RequestPacer
-from recarchive.bird.retry import RetryPolicy
 from recarchive.model import LedgerEntry
 from recarchive.verify import VerifiedObject
 from recarchive.verify_command import delete_source_if_same
 from tests.fixtures.hostile import (
-    ACCESS_KEY,
     MEDIA_SIZE,
-    WORKSPACE,
     HostileServer,
     Script,
     good_media,
+    hostile_bird,
     md5_hex,
     raw,
     response,
@@ -102,14 +97,7 @@ async def test_delete_source_only_when_it_matches(name: str, hostile: HostileSer
     verified = VerifiedObject(md5=md5_hex(good_media(rid)), confirmed_by=confirmed_by)
     http: httpx.AsyncClient = build_http_client(timeout_seconds=2)
     try:
-        bird = BirdClient(
-            http,
-            api_url=hostile.api_url,
-            workspace_id=WORKSPACE,
-            access_key=SecretStr(ACCESS_KEY),
-            pacer=RequestPacer(1000),
-            retry=RetryPolicy(max_attempts=2, base_delay=0.001, max_delay=0.01),
-        )
+        bird = hostile_bird(hostile, http)
         assert await delete_source_if_same(bird, entry, verified) is deleted
     finally:
         await http.aclose()
