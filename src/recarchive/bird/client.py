@@ -27,7 +27,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr
 
-from recarchive.bird.integrity import BodyCheck
+from recarchive.bird.integrity import BodyCheck, plain_md5_etag
 from recarchive.bird.limits import AnswerLimits, LowSpeedWatch, decode_body, parse_json_object
 from recarchive.bird.ratelimit import RequestPacer
 from recarchive.bird.redirect import RedirectPolicy
@@ -372,8 +372,8 @@ class BirdClient:
                 total = _content_range_total(response.headers.get("Content-Range"))
                 if total is None:
                     raise InvalidRedirectError(f"{what}: no total size in Content-Range")
-                check = BodyCheck(httpx.Headers({"etag": response.headers.get("etag", "")}), what)
-                return SourceSize(total_bytes=total, md5=check.etag_md5)
+                md5 = plain_md5_etag(response.headers.get("etag"))
+                return SourceSize(total_bytes=total, md5=md5)
             finally:
                 await response.aclose()
 

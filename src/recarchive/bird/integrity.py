@@ -60,6 +60,15 @@ _CHECKSUM_HEADERS: dict[str, tuple[str, Callable[[], Any]]] = {
 }
 
 
+def plain_md5_etag(value: str | None) -> str | None:
+    """The lower-case hex MD5 an ``ETag`` holds when it is a plain one, else ``None``.
+
+    Plain: a single-part S3 object without SSE-KMS; ``"…-N"`` (multipart) and weak tags are not.
+    """
+    match = _PLAIN_MD5_ETAG.match((value or "").strip())
+    return match.group(1).lower() if match else None
+
+
 def parse_content_length(headers: Mapping[str, str], what: str) -> int | None:
     """Return ``Content-Length`` as a number, ``None`` when absent.
 
@@ -112,10 +121,7 @@ class BodyCheck:
             except (binascii.Error, ValueError) as exc:
                 raise MediaIntegrityError(f"{what}: malformed {name} header") from exc
             self._expected.append(_Expected(name, factory(), want))
-        self.etag_md5: str | None = None
-        etag = _PLAIN_MD5_ETAG.match(headers.get("etag", "").strip())
-        if etag:
-            self.etag_md5 = etag.group(1).lower()
+        self.etag_md5 = plain_md5_etag(headers.get("etag"))
         self._etag_digest: Any = None
         if self.content_length is None and not self.chunked and self.etag_md5:
             self._etag_digest = hashlib.md5()  # noqa: S324 - an integrity check, not security
