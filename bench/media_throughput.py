@@ -8,7 +8,7 @@ cores; the client process takes the rest). Figures:
 
 1. MB/s and recordings/s of a bare loop — httpx GET of ``.mp3`` (307), GET of the presigned
    URL into memory, boto3 ``put_object`` in a thread — against the pipeline
-   (:func:`recarchive.runner.archive_ids`: metadata GET, normalize, SQL upsert and ledger,
+   (:func:`recarchive.run.runs.archive_ids`: metadata GET, normalize, SQL upsert and ledger,
    temp file + SHA-256 + MPEG check, checksummed conditional PUT, verifying HEAD beside the
    sidecar PUT, ledger mark), same concurrency, same endpoints. Rounds alternate; the ratio
    uses the median of each (target >= 0.85).
@@ -43,10 +43,10 @@ from botocore.config import Config
 from bench.sim_process import free_port
 from recarchive.bird.http import build_http_client
 from recarchive.config import Settings
-from recarchive.ids import collect_ids
-from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids
-from recarchive.runtime import open_store
+from recarchive.ids.read import collect_ids
+from recarchive.run.chunk import ChunkOptions
+from recarchive.run.clients import open_store
+from recarchive.run.runs import archive_ids
 
 MB = 1_000_000
 MiB = 1024 * 1024

@@ -1,1 +1,1 @@
-"""Prefect flows of recarchive: thin wrappers over :mod:`recarchive.runner` and the pipeline."""
+"""Prefect flows of recarchive: thin wrappers over :mod:`recarchive.run.runs` and the pipeline."""

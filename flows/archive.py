@@ -8,9 +8,9 @@ from prefect import flow
 
 from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
-from recarchive.orchestration import open_id_input
-from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids, raise_for_export
+from recarchive.run.chunk import ChunkOptions
+from recarchive.run.inputs import open_id_input
+from recarchive.run.runs import archive_ids, raise_for_export
 
 
 @flow(name="archive-recordings", log_prints=False)

@@ -13,11 +13,11 @@ from prefect.runtime import flow_run
 from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
 from recarchive.errors import InputError
-from recarchive.ids import IdList
-from recarchive.orchestration import Window, discover_window, open_manifest, write_manifests
-from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids, raise_for_export, registered_input
-from recarchive.when import parse_when
+from recarchive.ids.read import IdList
+from recarchive.ids.window import Window, parse_when
+from recarchive.run.chunk import ChunkOptions
+from recarchive.run.inputs import discover_window, open_manifest, write_manifests
+from recarchive.run.runs import archive_ids, raise_for_export, registered_input
 
 ARCHIVE_IDS_DEPLOYMENT = "archive-recordings/archive-ids"
 

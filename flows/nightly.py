@@ -9,17 +9,17 @@ from prefect import flow, get_run_logger
 
 from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
-from recarchive.orchestration import (
+from recarchive.ids.window import (
     DEFAULT_MAX_CATCH_UP_DAYS,
-    discover_window,
+    parse_when,
     plan_nightly,
     scheduled_time,
 )
-from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids, raise_for_export, retry_failed
-from recarchive.runtime import open_store
+from recarchive.run.chunk import ChunkOptions
+from recarchive.run.clients import open_store
+from recarchive.run.inputs import discover_window
+from recarchive.run.runs import archive_ids, raise_for_export, retry_failed
 from recarchive.store.windows import last_listed_end, record_listed_window
-from recarchive.when import parse_when
 
 
 @flow(name="nightly-archive", log_prints=False)

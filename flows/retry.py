@@ -8,7 +8,7 @@ from prefect import flow
 
 from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
-from recarchive.runner import raise_for_export, retry_failed
+from recarchive.run.runs import raise_for_export, retry_failed
 
 
 @flow(name="retry-failed", log_prints=False)

@@ -7,10 +7,10 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from recarchive.counts import RunCounts
-from recarchive.orchestration import report_table, should_retry_chunk
-from recarchive.pipeline import ArchiveContext, ChunkOptions, archive_chunk
-from recarchive.runner import RunReport
+from recarchive.model import RunCounts
+from recarchive.run.chunk import ArchiveContext, ChunkOptions, archive_chunk
+from recarchive.run.inputs import report_table, should_retry_chunk
+from recarchive.run.runs import RunReport
 
 
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:

@@ -19,14 +19,14 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
-from recarchive.cli import app
+from recarchive.cli.app import app
 from recarchive.config import Settings
-from recarchive.ids import spool_ids
-from recarchive.pipeline import ChunkOptions
-from recarchive.runner import archive_ids
-from recarchive.runtime import open_store
+from recarchive.ids.read import spool_ids
+from recarchive.media.keys import media_key, sidecar_key
+from recarchive.run.chunk import ChunkOptions
+from recarchive.run.clients import open_store
+from recarchive.run.runs import archive_ids
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.keys import media_key, sidecar_key
 from recarchive.store.sql import ArchiveStore, create_engine_for
 from tests.fixtures.postgres import fresh_postgres_database
 from tests.fixtures.s3_proxy import FaultProxy

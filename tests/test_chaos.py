@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-import recarchive.media
+import recarchive.media.transfer
 from recarchive.config import Settings
-from recarchive.counts import RunCounts
 from recarchive.errors import StorageUnavailableError
-from recarchive.ids import collect_ids
-from recarchive.pipeline import ArchiveContext, ChunkOptions, archive_chunk
-from recarchive.runner import archive_ids, retry_failed
+from recarchive.ids.read import collect_ids
+from recarchive.media.keys import media_key
+from recarchive.media.s3 import MediaStore
+from recarchive.model import RunCounts
+from recarchive.run.chunk import ArchiveContext, ChunkOptions, archive_chunk
+from recarchive.run.runs import archive_ids, retry_failed
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.keys import media_key
-from recarchive.store.s3 import MediaStore
 from recarchive.store.sql import ArchiveStore, create_engine_for
 from tests.fixtures.postgres import PostgresServer, find_pg_bin
 from tests.fixtures.s3_proxy import Action, FaultProxy, RequestInfo
@@ -129,7 +129,7 @@ async def test_disk_full_while_downloading_stops_clearly_and_loses_nothing(
     settings = settings_for(
         sim, f"sqlite:///{tmp_path / 'archive.db'}", s3_endpoint, versioned_bucket, tmp_path
     )
-    real = recarchive.media._write_and_hash
+    real = recarchive.media.transfer._write_and_hash
     writes = Counter[str]()
 
     def filling_disk(handle: Any, digest: Any, chunk: bytes) -> None:
@@ -138,10 +138,10 @@ async def test_disk_full_while_downloading_stops_clearly_and_loses_nothing(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(handle, digest, chunk)
 
-    monkeypatch.setattr(recarchive.media, "_write_and_hash", filling_disk)
+    monkeypatch.setattr(recarchive.media.transfer, "_write_and_hash", filling_disk)
     with pytest.raises(StorageUnavailableError, match="No space left on device"):
         await archive(settings, sim, tmp_path)
-    monkeypatch.setattr(recarchive.media, "_write_and_hash", real)  # space freed
+    monkeypatch.setattr(recarchive.media.transfer, "_write_and_hash", real)  # space freed
     report = await retry_failed(settings)
     assert report.counts.failed == 0, report.counts.failures
     assert_all_archived_once(settings, sim, s3_client, versioned_bucket)

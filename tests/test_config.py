@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from recarchive.cli import app
+from recarchive.cli.app import app
 from recarchive.config import Settings, load_settings
 from recarchive.errors import ConfigError
 
@@ -175,7 +175,7 @@ def test_every_command_has_help() -> None:
     ],
 )
 def test_database_urls_are_shown_without_credentials(url: str, shown: str) -> None:
-    from recarchive.runtime import safe_database_url
+    from recarchive.run.clients import safe_database_url
 
     assert safe_database_url(url) == shown
     assert "pw1" not in safe_database_url(url)

@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from recarchive.bird.http import build_http_client
+from recarchive.media.verify import VerifiedObject
 from recarchive.model import LedgerEntry
-from recarchive.verify import VerifiedObject
-from recarchive.verify_command import delete_source_if_same
+from recarchive.run.verify import delete_source_if_same
 from tests.fixtures.hostile import (
     MEDIA_SIZE,
     HostileServer,

@@ -37,9 +37,9 @@ from hypothesis import strategies as st
 from recarchive.bird.limits import AnswerLimits
 from recarchive.config import Settings
 from recarchive.errors import AuthError
+from recarchive.media.s3 import MediaStore
 from recarchive.redaction import install_log_redaction
-from recarchive.runtime import open_store
-from recarchive.store.s3 import MediaStore
+from recarchive.run.clients import open_store
 from tests.fixtures.hostile import (
     FAKE_DNS,
     MEDIA_SIZE,

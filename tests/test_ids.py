@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import recarchive.ids as ids_module
-from recarchive.cli import app
+import recarchive.ids.read as ids_module
+from recarchive.cli.app import app
 from recarchive.errors import InputError
-from recarchive.ids import canonical_id, collect_ids, raise_for_problems
+from recarchive.ids.read import canonical_id, collect_ids, raise_for_problems
 
 A = "123e4567-e89b-12d3-a456-426614174000"
 B = "00000000-0000-4000-8000-000000000001"

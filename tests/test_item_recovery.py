@@ -16,8 +16,8 @@ import pytest
 from recarchive.bird.limits import AnswerLimits
 from recarchive.config import Settings
 from recarchive.errors import MediaIntegrityError
-from recarchive.runtime import open_store
-from recarchive.store.s3 import MediaStore
+from recarchive.media.s3 import MediaStore
+from recarchive.run.clients import open_store
 from tests.fixtures.hostile import HostileServer, Script, good_payload, raw, response, run_chunk
 
 if TYPE_CHECKING:

@@ -50,10 +50,10 @@ from recarchive.leases import (
     pid_alive,
     release_dead_leases,
 )
+from recarchive.media.keys import media_key, sidecar_key
+from recarchive.media.s3 import MediaStore
 from recarchive.model import LedgerEntry
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.keys import media_key, sidecar_key
-from recarchive.store.s3 import MediaStore
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 from tests.fixtures.s3 import AWS_ENV
 from tests.fixtures.simulator import SimulatorFactory

@@ -28,14 +28,14 @@ from recarchive.errors import (
     StorageUnavailableError,
     TransportError,
 )
-from recarchive.media import (
+from recarchive.media.keys import sidecar_key
+from recarchive.media.s3 import MediaStore
+from recarchive.media.transfer import (
     MediaResult,
     archive_media,
     check_mpeg_audio,
 )
 from recarchive.simulator.mp3 import Mp3Source
-from recarchive.store.keys import sidecar_key
-from recarchive.store.s3 import MediaStore
 from recarchive.tempfiles import remove_orphan_temp_files, temp_prefix
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def temp_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("recarchive.media.RETRY_BASE_DELAY", 0.001)
+    monkeypatch.setattr("recarchive.media.transfer.RETRY_BASE_DELAY", 0.001)
 
 
 async def archive(bird: Any, store: MediaStore, temp_dir: Path, **kwargs: Any) -> MediaResult:

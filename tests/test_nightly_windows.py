@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, func, select
 
 from recarchive.errors import InputError
-from recarchive.orchestration import (
+from recarchive.ids.window import (
     DEFAULT_MAX_CATCH_UP_DAYS,
     NightlyPlan,
     Window,

@@ -20,15 +20,15 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from recarchive.errors import InputError, StorageUnavailableError
-from recarchive.normalize import normalize_recording
-from recarchive.query import run_query
-from recarchive.store import parquet
-from recarchive.store.parquet import (
+from recarchive.export import parquet
+from recarchive.export.parquet import (
     PARTIES_SCHEMA,
     RECORDINGS_SCHEMA,
     ExportReport,
     export_changed,
 )
+from recarchive.export.query import run_query
+from recarchive.normalize import normalize_recording
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions
 from tests.fixtures.postgres import fresh_postgres_database
@@ -482,7 +482,7 @@ def test_a_slower_export_never_puts_an_older_snapshot_back(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="recarchive.store.parquet")
+    caplog.set_level(logging.INFO, logger="recarchive.export.parquet")
     store = ArchiveStore(engine)
     seed(store, 4)
     root = tmp_path / "dataset"
@@ -559,7 +559,7 @@ def test_a_waiting_export_gives_up_with_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="recarchive.store.parquet")
+    caplog.set_level(logging.INFO, logger="recarchive.export.parquet")
     seed(ArchiveStore(engine), 4)
     root = tmp_path / "dataset"
     export_a = PausedExport(engine, root, monkeypatch)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from recarchive.config import Settings
-from recarchive.counts import RunCounts
 from recarchive.errors import AuthError
-from recarchive.ids import collect_ids
-from recarchive.pipeline import ArchiveContext, ChunkOptions, _Chunk, archive_chunk
-from recarchive.runner import archive_ids
-from recarchive.runtime import open_archive_context, open_store
+from recarchive.ids.read import collect_ids
+from recarchive.model import RunCounts
+from recarchive.run.chunk import ArchiveContext, ChunkOptions, _Chunk, archive_chunk
+from recarchive.run.clients import open_archive_context, open_store
+from recarchive.run.runs import archive_ids
 from tests.fixtures.simulator import SimulatorFactory
 
 
@@ -114,7 +114,7 @@ async def test_a_run_stopped_by_a_fatal_error_keeps_the_counts_of_finished_chunk
 async def test_a_fan_out_parent_registers_every_id_before_its_children_start(
     tmp_path: Path,
 ) -> None:
-    from recarchive.runner import registered_input
+    from recarchive.run.runs import registered_input
 
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'archive.db'}")
     batch = [f"00000000-0000-4000-8000-{index:012d}" for index in range(1, 1201)]

@@ -5,7 +5,7 @@ not cover the body (``UNSIGNED-PAYLOAD``), so only the server can notice bytes c
 way. A :class:`CorruptingProxy` (the suite's fault proxy, extended) flips one byte of a PUT
 body after the client computed the checksum:
 
-* SeaweedFS answers ``BadDigest``; :mod:`recarchive.store.s3` raises ``MediaIntegrityError``
+* SeaweedFS answers ``BadDigest``; :mod:`recarchive.media.s3` raises ``MediaIntegrityError``
   and nothing is stored. recarchive never reached its own read-back HEAD: the server refused.
 * moto, the control, stores the corrupted bytes and answers 200. recarchive's read-back HEAD
   passes too, as it compares the size and the ``sha256`` metadata, both sent by the client; only
@@ -31,7 +31,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from recarchive.errors import MediaConflictError, MediaIntegrityError
-from recarchive.store.s3 import MediaStore, build_s3_client
+from recarchive.media.s3 import MediaStore, build_s3_client
 from tests.fixtures.s3_proxy import FaultProxy, _Handler
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from recarchive.errors import (
     StorageUnavailableError,
     TransportError,
 )
-from recarchive.store.keys import media_key, sidecar_key
-from recarchive.store.s3 import (
+from recarchive.media.keys import media_key, sidecar_key
+from recarchive.media.s3 import (
     MediaStore,
     ObjectInfo,
     build_s3_client,

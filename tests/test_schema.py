@@ -13,8 +13,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
+from recarchive.export.parquet import RECORDINGS_SCHEMA
 from recarchive.normalize import normalize_recording
-from recarchive.store.parquet import RECORDINGS_SCHEMA
 from recarchive.store.sql import (
     HEAD_REVISION,
     ArchiveStore,

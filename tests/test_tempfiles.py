@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from recarchive.ids import collect_ids
+from recarchive.ids.read import collect_ids
 from recarchive.tempfiles import IDS_SUFFIX, remove_orphan_temp_files, temp_prefix
 
 

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from recarchive.media.s3 import MediaStore
+from recarchive.media.verify import VerifyProblem, verify_archive
 from recarchive.model import LedgerEntry
 from recarchive.simulator.mp3 import Mp3Source
-from recarchive.store.s3 import MediaStore
-from recarchive.verify import VerifyProblem, verify_archive
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

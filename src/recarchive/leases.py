@@ -3,7 +3,7 @@
 A run that dies without unwinding (SIGKILL, OOM killer, power loss of a container) keeps its
 leases until they expire (``lease_seconds``, 15 minutes by default), so an immediate rerun
 would find its recordings busy. Lease owners are ``host:pid:random``
-(:func:`recarchive.runtime.run_owner`): on the same host, a pid that no longer exists proves
+(:func:`recarchive.run.clients.run_owner`): on the same host, a pid that no longer exists proves
 the owner is gone, and its leases can be released at once. Owners on other hosts, owners whose
 process still runs (or whose pid was reused by another process) and names of any other shape
 are left alone: their leases expire on their own.
@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -165,3 +166,8 @@ def release_dead_leases(
         )
         taken.update(ids)
     return taken
+
+
+def run_owner() -> str:
+    """Return a lease owner name unique to this run: host, process and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

@@ -1,7 +1,7 @@
 """SQL store: engine setup, schema upgrades, recording upserts, the archive ledger and runs.
 
 SQLAlchemy 2 Core on SQLite (embedded default) and PostgreSQL (psycopg 3). SQL is the source
-of truth; the Parquet dataset is exported from it (:mod:`recarchive.store.parquet`).
+of truth; the Parquet dataset is exported from it (:mod:`recarchive.export.parquet`).
 
 Ledger rows are claimed with leases so that two runs never work on the same recording: on
 PostgreSQL with ``SELECT ... FOR UPDATE SKIP LOCKED``; on SQLite, where every write
@@ -215,7 +215,7 @@ def _sqlite_engine(url: URL) -> Engine:
     return engine
 
 
-#: The newest Alembic revision in ``recarchive/migrations/versions``; a test keeps it equal to
+#: The newest Alembic revision in ``recarchive/store/migrations/versions``; a test keeps it equal to
 #: Alembic's head. A database already there is opened without importing Alembic at all, which
 #: saves about half a second of every command's start-up.
 HEAD_REVISION = "0003"
@@ -225,7 +225,7 @@ def _alembic_config() -> Any:
     from alembic.config import Config
 
     config = Config()
-    config.set_main_option("script_location", "recarchive:migrations")
+    config.set_main_option("script_location", "recarchive.store:migrations")
     return config
 
 
@@ -639,7 +639,7 @@ class ArchiveStore:
         UPDATE`` (driven by the primary key: a separate ``UPDATE`` filtered on ``state`` made
         the database scan every pending row per batch). On PostgreSQL a deadlock with another
         run registering overlapping IDs in another order is retried, reading ``ids`` again
-        (pass a re-iterable such as an :class:`~recarchive.ids.IdList`).
+        (pass a re-iterable such as an :class:`~recarchive.ids.read.IdList`).
 
         Args:
             ids: Canonical recording IDs.

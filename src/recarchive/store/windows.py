@@ -7,7 +7,7 @@ that was missed or failed is listed by the next run that works.
 
 That newest end is the end of an unbroken coverage only because the nightly run records a
 window just when it starts at or before the newest end so far (or when there is none):
-see :func:`recarchive.orchestration.plan_nightly`. Rows written by hand should keep to it.
+see :func:`recarchive.run.inputs.plan_nightly`. Rows written by hand should keep to it.
 
 All datetimes are timezone-aware UTC; :class:`~recarchive.store.tables.UTCDateTime` stores
 them (``timestamptz`` on PostgreSQL, canonical naive UTC text on SQLite).
@@ -22,15 +22,15 @@ from typing import Any, Protocol
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from recarchive.model import plain_utc
 from recarchive.store.tables import listed_windows
-from recarchive.when import plain_utc
 
 
 class TimeWindow(Protocol):
-    """A half-open window ``[since, until)``, such as :class:`recarchive.orchestration.Window`.
+    """A half-open window ``[since, until)``, such as :class:`recarchive.ids.window.Window`.
 
-    A protocol rather than that class, so the store does not import the orchestration
-    layer (which imports the store).
+    A protocol rather than that class, so the store does not import ``ids`` (a higher
+    layer; see ARCHITECTURE.md).
     """
 
     @property

@@ -20,12 +20,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from recarchive.cli.progress import ProgressReporter, result_table, summary_table
 from recarchive.config import Settings
-from recarchive.counts import RunCounts
 from recarchive.errors import UsageError
-from recarchive.ids import spool_ids
-from recarchive.pipeline import ChunkOptions
-from recarchive.progress import ProgressReporter, result_table, summary_table
+from recarchive.ids.read import spool_ids
+from recarchive.model import RunCounts
+from recarchive.run.chunk import ChunkOptions
 
 DEMO_MARKER = ".recarchive-demo"
 DEMO_BUCKET = "recarchive-demo"
@@ -64,8 +64,8 @@ def run_demo(console: Console, *, recordings: int, data_dir: Path) -> RunCounts:
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from recarchive.query import run_query
-    from recarchive.runner import archive_ids
+    from recarchive.export.query import run_query
+    from recarchive.run.runs import archive_ids
     from recarchive.simulator.server import SimulatorConfig, SimulatorServer
 
     started = time.monotonic()

@@ -8,7 +8,7 @@ sync), so an HTML error page or a truncated body is never stored.
 Retry layers: the Bird client retries each HTTP request (the redirect and the media GET);
 this module retries only what the client cannot see — a body that broke off or failed
 verification — by downloading the whole recording again, at most ``attempts`` times. S3
-requests are retried by botocore (see :mod:`recarchive.store.s3`).
+requests are retried by botocore (see :mod:`recarchive.media.s3`).
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeVar
 
 from recarchive.errors import MediaConflictError, MediaIntegrityError, RetryableError
-from recarchive.store.keys import sidecar_key
+from recarchive.media.keys import sidecar_key
 from recarchive.tempfiles import MEDIA_SUFFIX, temp_prefix
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from contextlib import AbstractAsyncContextManager
 
-    from recarchive.store.s3 import MediaStore
+    from recarchive.media.s3 import MediaStore
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -224,7 +224,7 @@ async def archive_media(
         bird: The Bird client (``open_media``).
         media: The S3 media store.
         recording_id: The recording.
-        key: Destination key of the MP3 (see :func:`recarchive.store.s3.media_key`).
+        key: Destination key of the MP3 (see :func:`recarchive.media.s3.media_key`).
         sidecar: The redacted metadata JSON, stored beside the MP3.
         temp_dir: Folder of the temp file (system default when ``None``).
         attempts: Whole downloads tried when a body breaks off or fails verification.

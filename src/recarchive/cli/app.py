@@ -22,15 +22,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from recarchive.cli.progress import result_table, summary_table
 from recarchive.config import Settings, load_settings
-from recarchive.counts import RunCounts
 from recarchive.errors import AuthError, FatalError, InputError, RecarchiveError, UsageError
-from recarchive.progress import result_table, summary_table
+from recarchive.ids.window import parse_when
+from recarchive.model import RunCounts
 from recarchive.redaction import redact
-from recarchive.when import parse_when
 
 if TYPE_CHECKING:
-    from recarchive.runner import RunReport
+    from recarchive.run.runs import RunReport
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -103,7 +103,7 @@ def print_run(report: RunReport) -> None:
     Raises:
         StorageUnavailableError: The run's Parquet export failed (after the summary).
     """
-    from recarchive.runner import raise_for_export
+    from recarchive.run.runs import raise_for_export
 
     counts = report.counts
     out.print(summary_table(counts))
@@ -162,14 +162,14 @@ def archive(
     verbose: VerboseOption = False,
 ) -> None:
     """Archive the given recordings (metadata to SQL/Parquet, media to S3)."""
-    from recarchive.ids import collect_ids, raise_for_problems
+    from recarchive.ids.read import collect_ids, raise_for_problems
 
     _configure_logging(verbose)
     settings = _settings(chunk_size=chunk_size, concurrency=concurrency)
     settings.require_bird()
     if not skip_media:
         settings.require_bucket()
-    from recarchive.pipeline import ChunkOptions
+    from recarchive.run.chunk import ChunkOptions
 
     options = ChunkOptions(skip_media=skip_media, refresh=refresh)
     if since is not None or until is not None:
@@ -212,8 +212,8 @@ def archive(
 async def _archive_list(
     settings: Settings, id_list: Any, options: Any, params: dict[str, Any], kind: str = "archive"
 ) -> RunCounts:
-    from recarchive.progress import ProgressReporter
-    from recarchive.runner import archive_ids
+    from recarchive.cli.progress import ProgressReporter
+    from recarchive.run.runs import archive_ids
 
     with ProgressReporter(err, len(id_list)) as progress:
         report = await archive_ids(
@@ -226,8 +226,8 @@ async def _archive_list(
 async def _discover_and_archive(
     settings: Settings, since: datetime, until: datetime, options: Any
 ) -> RunCounts:
-    from recarchive.runner import discover_ids
-    from recarchive.runtime import build_bird_client, build_bird_http
+    from recarchive.ids.discover import discover_ids
+    from recarchive.run.clients import build_bird_client, build_bird_http
 
     async with build_bird_http(settings) as http:
         bird = build_bird_client(settings, http)
@@ -263,8 +263,8 @@ def retry_failed_command(
     verbose: VerboseOption = False,
 ) -> None:
     """Retry due failures, and look again at recordings whose media was not ready."""
-    from recarchive.progress import ProgressReporter
-    from recarchive.runner import retry_failed
+    from recarchive.cli.progress import ProgressReporter
+    from recarchive.run.runs import retry_failed
 
     _configure_logging(verbose)
     settings = _settings()
@@ -284,7 +284,7 @@ def status(
     limit: Annotated[int, typer.Option(help="Rows of --failed and of recent runs.")] = 50,
 ) -> None:
     """Show ledger counts per state, recent runs, and (--failed) failed recordings."""
-    from recarchive.runtime import open_store
+    from recarchive.run.clients import open_store
 
     _configure_logging(False)
     engine, store = open_store(_settings())
@@ -363,7 +363,7 @@ def verify(
     verbose: VerboseOption = False,
 ) -> None:
     """Check every archived recording against S3: exists, size, SHA-256."""
-    from recarchive.verify_command import run_verify
+    from recarchive.run.verify import run_verify
 
     _configure_logging(verbose)
     settings = _settings()
@@ -394,8 +394,8 @@ def export(
     full: Annotated[bool, typer.Option("--full", help="Rewrite every partition.")] = False,
 ) -> None:
     """Rewrite the Parquet partitions changed since the last export."""
-    from recarchive.runner import export_parquet
-    from recarchive.runtime import open_store
+    from recarchive.run.clients import open_store
+    from recarchive.run.runs import export_parquet
 
     _configure_logging(False)
     settings = _settings()
@@ -419,7 +419,7 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="Rows as JSON.")] = False,
 ) -> None:
     """Query the Parquet dataset with DuckDB."""
-    from recarchive.query import run_query
+    from recarchive.export.query import run_query
 
     settings = _settings()
     columns, rows = run_query(settings.parquet_root, sql, s3_endpoint_url=settings.s3_endpoint_url)
@@ -475,7 +475,7 @@ def demo(
     ] = Path("recarchive-data/demo"),
 ) -> None:
     """Run the whole pipeline locally: simulator, local S3 endpoint, SQLite, Parquet."""
-    from recarchive.demo import run_demo
+    from recarchive.cli.demo import run_demo
 
     _configure_logging(False)
     counts = run_demo(out, recordings=recordings, data_dir=data_dir)
@@ -486,7 +486,7 @@ def demo(
 @handle_errors
 def db_upgrade() -> None:
     """Create or upgrade the database schema in place."""
-    from recarchive.runtime import open_store, safe_database_url
+    from recarchive.run.clients import open_store, safe_database_url
 
     settings = _settings()
     engine, _ = open_store(settings)

@@ -19,7 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from recarchive.counts import RunCounts
+from recarchive.model import RunCounts
 
 
 def human_bytes(count: float) -> str:

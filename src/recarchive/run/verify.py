@@ -12,10 +12,10 @@ from rich.console import Console
 
 from recarchive.config import Settings
 from recarchive.errors import FatalError, NotFoundError
+from recarchive.media.verify import VerifiedObject, VerifyReport, verify_archive
 from recarchive.model import LedgerEntry
 from recarchive.redaction import describe
-from recarchive.runtime import build_bird_client, build_bird_http, build_media_store, open_store
-from recarchive.verify import VerifiedObject, VerifyReport, verify_archive
+from recarchive.run.clients import build_bird_client, build_bird_http, build_media_store, open_store
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient

@@ -12,28 +12,27 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from recarchive.bird.client import BirdClient
 from recarchive.config import Settings
-from recarchive.counts import RunCounts
 from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
-from recarchive.ids import IdCollector, IdList
-from recarchive.leases import active_owner, local_owner_dead
-from recarchive.pipeline import (
+from recarchive.export.parquet import ExportReport, export_changed
+from recarchive.ids.read import IdList
+from recarchive.leases import active_owner, local_owner_dead, run_owner
+from recarchive.model import RunCounts
+from recarchive.redaction import describe
+from recarchive.run.chunk import (
     ArchiveContext,
     ChunkOptions,
     ProgressCallback,
     archive_chunk,
     ledger_errors,
 )
-from recarchive.redaction import describe
-from recarchive.runtime import open_archive_context, open_store, run_owner
-from recarchive.store.parquet import ExportReport, export_changed
+from recarchive.run.clients import open_archive_context, open_store
 from recarchive.store.sql import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS, ArchiveStore
 from recarchive.tempfiles import remove_orphan_temp_files
 
@@ -404,30 +403,3 @@ def export_parquet(settings: Settings, engine: Engine, *, full: bool = False) ->
     return export_changed(
         engine, settings.parquet_root, s3_endpoint_url=settings.s3_endpoint_url, full=full
     )
-
-
-async def discover_ids(
-    bird: BirdClient, *, since: datetime, until: datetime, spool_dir: str | None = None
-) -> IdList:
-    """List the IDs of recordings created in ``[since, until)`` into an :class:`IdList`.
-
-    Args:
-        bird: The API client.
-        since: Inclusive lower bound of ``createdAt`` (UTC).
-        until: Exclusive upper bound of ``createdAt`` (UTC).
-        spool_dir: Folder of the spool file.
-
-    Returns:
-        The IDs, de-duplicated, in listing order; a malformed ID from the API is recorded as a
-        problem (``list endpoint:N``), never archived.
-    """
-    collector = IdCollector(spool_dir)
-    position = 0
-    try:
-        async for payload in bird.list_recordings(since=since, until=until):
-            position += 1
-            collector.add(str(payload.get("id", "")), "list endpoint", position)
-    except BaseException:
-        collector.discard()
-        raise
-    return collector.finish()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from recarchive.errors import MediaIntegrityError, RetryableError
-from recarchive.store.s3 import MediaStore
+from recarchive.media.s3 import MediaStore
 
 if TYPE_CHECKING:
     from recarchive.model import LedgerEntry

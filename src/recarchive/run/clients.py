@@ -6,9 +6,6 @@ receives them. Each builder is called by the CLI or a flow at run time, never at
 
 from __future__ import annotations
 
-import os
-import socket
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,19 +24,14 @@ from recarchive.bird.redirect import RedirectPolicy
 from recarchive.bird.retry import RetryPolicy
 from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
-from recarchive.leases import active_owner
-from recarchive.pipeline import ArchiveContext
+from recarchive.leases import active_owner, run_owner
+from recarchive.run.chunk import ArchiveContext
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from recarchive.store.s3 import MediaStore
-
-
-def run_owner() -> str:
-    """Return a lease owner name unique to this run: host, process and a random suffix."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    from recarchive.media.s3 import MediaStore
 
 
 def safe_database_url(url: str) -> str:
@@ -83,7 +75,7 @@ def open_store(settings: Settings) -> tuple[Engine, ArchiveStore]:
 def build_s3(settings: Settings, *, max_pool_connections: int = 10) -> S3Client:
     """Build the boto3 S3 client for ``settings`` (endpoint, checksum mode)."""
     # Imported here: boto3 costs about half a second, and --skip-media runs never need it.
-    from recarchive.store.s3 import build_s3_client
+    from recarchive.media.s3 import build_s3_client
 
     return build_s3_client(
         endpoint_url=settings.s3_endpoint_url,
@@ -98,7 +90,7 @@ def build_media_store(settings: Settings) -> MediaStore:
     Raises:
         ConfigError: The bucket is not set.
     """
-    from recarchive.store.s3 import MediaStore
+    from recarchive.media.s3 import MediaStore
 
     bucket = settings.require_bucket()
     s3 = build_s3(settings, max_pool_connections=max(settings.concurrency * 2, 10))
@@ -171,7 +163,7 @@ async def open_archive_context(
         skip_media: When true, no S3 client is built and the bucket is not required.
 
     Yields:
-        The context for :func:`recarchive.pipeline.archive_chunk`.
+        The context for :func:`recarchive.run.chunk.archive_chunk`.
     """
     workspace_id, _ = settings.require_bird()
     media = None if skip_media else build_media_store(settings)

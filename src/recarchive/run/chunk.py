@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
-from recarchive.counts import RunCounts
 from recarchive.errors import (
     FatalError,
     LedgerStateError,
@@ -43,16 +42,16 @@ from recarchive.errors import (
     first_error,
 )
 from recarchive.leases import release_dead_leases
-from recarchive.media import archive_media
-from recarchive.model import FAILED, LEDGER_STATES, METADATA_ONLY, PENDING
+from recarchive.media.keys import media_key
+from recarchive.media.transfer import archive_media
+from recarchive.model import FAILED, LEDGER_STATES, METADATA_ONLY, PENDING, RunCounts
 from recarchive.normalize import normalize_recording
 from recarchive.redaction import describe
-from recarchive.store.keys import media_key
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
+    from recarchive.media.s3 import MediaStore
     from recarchive.model import LedgerEntry, NormalizedRecording
-    from recarchive.store.s3 import MediaStore
     from recarchive.store.sql import ArchiveStore
 
 logger = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ class ChunkOptions:
 
 @dataclass
 class ArchiveContext:
-    """The clients and knobs one process uses for every chunk; built by :mod:`recarchive.runtime`.
+    """The clients and knobs one process uses for every chunk (built by ``run.clients``).
 
     Attributes:
         bird: Bird API client (owns retries and request pacing).

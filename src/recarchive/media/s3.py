@@ -351,7 +351,7 @@ class MediaStore:
         """Like :meth:`hash_object`, with the hex MD5 too: ``(size, sha256, md5)``.
 
         The MD5 is what a single-part object's ETag at the source holds, so a deletion at
-        Bird can compare it (see :mod:`recarchive.verify_command`). With ``md5=False`` it is
+        Bird can compare it (see :mod:`recarchive.run.verify`). With ``md5=False`` it is
         not computed (``""``): it costs about three times SHA-256's CPU.
         """
         action = f"get {self._uri(key)}"

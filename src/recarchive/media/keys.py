@@ -1,6 +1,6 @@
 """Where a recording's media and sidecar live in the bucket (DESIGN §2).
 
-Pure functions, kept apart from :mod:`recarchive.store.s3` so that callers that only need a
+Pure functions, kept apart from :mod:`recarchive.media.s3` so that callers that only need a
 key (the pipeline, ``--skip-media`` runs) do not pay for importing boto3.
 """
 

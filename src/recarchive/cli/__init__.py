@@ -1,0 +1,1 @@
+"""The command line: the typer app, its progress display and the demo (see ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""Which recordings a run is about: ID lists read from files, windows, discovery."""

@@ -1,0 +1,145 @@
+"""The logic behind the Prefect flows in ``flows/``: chunked runs, windows, manifests.
+
+Flows stay thin wrappers: they pass their chunk task in as ``run_chunk`` and turn the
+:class:`~recarchive.run.runs.RunReport` into an artifact. Prefect orchestrates chunks (hundreds
+of IDs), never single recordings, so its per-task cost does not grow with the number of
+recordings; within a chunk, concurrency is asyncio. Chunks run concurrently in the flow's own
+event loop (:func:`recarchive.run.runs.run_chunks`), so they share one HTTP connection pool and
+one request pacer (the API's rate limit is per process, not per chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from recarchive.config import Settings
+from recarchive.errors import AuthError, InputError, UsageError
+from recarchive.ids.discover import discover_ids
+from recarchive.ids.read import IdList, collect_ids, raise_for_problems
+from recarchive.ids.window import Window
+from recarchive.run.clients import build_bird_client, build_bird_http
+from recarchive.run.runs import RunReport
+
+
+def should_retry_chunk(exc: BaseException | None) -> bool:
+    """Whether a failed chunk task is worth a Prefect retry.
+
+    Bad credentials or bad input fail every retry the same way; anything else that escaped
+    the chunk (a store hiccup, a lost connection to the database) is chunk-level and
+    transient. Single requests were already retried by the Bird client.
+    """
+    return isinstance(exc, Exception) and not isinstance(exc, AuthError | UsageError)
+
+
+async def discover_window(settings: Settings, window: Window) -> IdList:
+    """List the IDs created in ``window`` (one spooled, de-duplicated list)."""
+    async with build_bird_http(settings) as http:
+        bird = build_bird_client(settings, http)
+        return await discover_ids(
+            bird, since=window.since, until=window.until, spool_dir=settings.temp_dir
+        )
+
+
+@contextlib.contextmanager
+def open_manifest(settings: Settings, manifest: str) -> Iterator[IdList]:
+    """Read a manifest of IDs (local path or ``s3://bucket/key``) as a validated ID list.
+
+    Raises:
+        InputError: Unreadable manifest or invalid IDs in it (with their line numbers).
+    """
+    with contextlib.ExitStack() as stack:
+        path = manifest
+        if manifest.startswith("s3://"):
+            path = stack.enter_context(_downloaded(settings, manifest))
+        id_list = stack.enter_context(collect_ids(files=[path], spool_dir=settings.temp_dir))
+        raise_for_problems(id_list)
+        yield id_list
+
+
+@contextlib.contextmanager
+def _downloaded(settings: Settings, uri: str) -> Iterator[str]:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from recarchive.run.clients import build_s3
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    s3 = build_s3(settings)
+    with tempfile.TemporaryDirectory(prefix="recarchive-manifest-") as folder:
+        target = Path(folder) / "manifest.txt"
+        try:
+            s3.download_file(bucket, key, str(target))
+        except (BotoCoreError, ClientError) as exc:
+            raise InputError(f"cannot read manifest {uri}: {type(exc).__name__}") from exc
+        yield str(target)
+
+
+def write_manifests(
+    settings: Settings, id_list: IdList, *, ids_per_manifest: int, run_key: str
+) -> list[str]:
+    """Split ``id_list`` into manifests for child runs; return their locations.
+
+    Manifests go to S3 (``{prefix}/manifests/{run_key}/part-NNNNN.txt``) when a bucket is
+    configured, so workers on other machines can read them, else to a local folder beside
+    the database. Only the manifest location travels as a flow-run parameter: Prefect stores
+    parameters in its database, and 100k IDs do not belong there.
+    """
+    locations: list[str] = []
+    local_root = Path(settings.temp_dir or "recarchive-data") / "manifests" / run_key
+    s3 = None
+    bucket = settings.s3_bucket
+    if bucket:
+        from recarchive.run.clients import build_s3
+
+        s3 = build_s3(settings)
+    else:
+        local_root.mkdir(parents=True, exist_ok=True)
+    for index, group in enumerate(id_list.chunks(ids_per_manifest)):
+        body = "\n".join(group) + "\n"
+        name = f"part-{index:05d}.txt"
+        if s3 is not None and bucket:
+            key = f"{settings.s3_prefix}/manifests/{run_key}/{name}"
+            s3.put_object(Bucket=bucket, Key=key, Body=body.encode())
+            locations.append(f"s3://{bucket}/{key}")
+        else:
+            path = local_root / name
+            path.write_text(body)
+            locations.append(str(path.resolve()))
+    return locations
+
+
+def report_table(report: RunReport) -> list[dict[str, Any]]:
+    """Rows of the Prefect table artifact: the counts, then the first failures."""
+    rows: list[dict[str, Any]] = [
+        {"item": name, "value": value} for name, value in report.counts.as_dict().items()
+    ]
+    rows.append({"item": "status", "value": report.status})
+    rows.append({"item": "run_id", "value": report.run_id})
+    rows.extend(
+        {"item": f"failed {recording_id}", "value": error}
+        for recording_id, error in report.counts.failures[:50]
+    )
+    return rows
+
+
+@contextlib.contextmanager
+def open_id_input(
+    settings: Settings, ids: list[str] | None, ids_file: str | None
+) -> Iterator[IdList]:
+    """The IDs a flow was given: a list parameter or a manifest (path or ``s3://`` key).
+
+    Raises:
+        InputError: Neither or both given, or invalid IDs (with their places).
+    """
+    if bool(ids) == bool(ids_file):
+        raise InputError("give exactly one of ids or ids_file")
+    if ids_file:
+        with open_manifest(settings, ids_file) as id_list:
+            yield id_list
+        return
+    with collect_ids(ids or [], spool_dir=settings.temp_dir) as id_list:
+        raise_for_problems(id_list)
+        yield id_list
