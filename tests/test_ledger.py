@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, update
 
 from recarchive.errors import LedgerStateError
-from recarchive.model import LEDGER_STATES
+from recarchive.model import LEDGER_STATES, RunStatus
 from recarchive.normalize import normalize_recording
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 from recarchive.store.tables import archive_ledger, export_partitions, runs
@@ -282,7 +282,7 @@ def test_pending_rows_of_a_live_run_are_left_to_it(engine: Engine, store: Archiv
     store.register(iter(batch), run_id=run_id)  # streamed: any iterable
     # Registered, never claimed (chunks the run has not reached yet): not due.
     assert store.due_retries(limit=10, max_attempts=8) == []
-    store.finish_run(run_id, status="partial", counts={})
+    store.finish_run(run_id, status=RunStatus.PARTIAL, counts={})
     assert store.due_retries(limit=10, max_attempts=8) == batch
 
 
@@ -327,7 +327,7 @@ def test_a_new_run_takes_over_the_registration_of_free_pending_rows(
     store.register(batch, run_id=dead)
     store.claim(batch[:1], owner="a", lease_seconds=60, states=WORK)
     store.mark_failed(batch[0], owner="a", error="e", retry_at=None)
-    store.finish_run(dead, status="interrupted", counts={})
+    store.finish_run(dead, status=RunStatus.INTERRUPTED, counts={})
     live = store.start_run("archive", {}, owner="h:2:b")
     store.register(batch, run_id=live)
     # The two pending rows are the live run's now; the failed row is not pending (and

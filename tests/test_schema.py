@@ -255,3 +255,39 @@ def test_opening_an_upgraded_database_skips_alembic(tmp_path: Path) -> None:
     upgrade_database(engine)  # at head: returns before importing Alembic's commands
     assert "alembic.command" not in sys.modules
     engine.dispose()
+
+
+def test_every_run_counter_has_a_runs_column(tmp_path: Path) -> None:
+    # The count columns are derived from RunCounts; the migrated table must carry every one of
+    # them, so a counter added to RunCounts without a migration fails here (and in the Alembic
+    # comparison above) instead of being dropped when the run finishes.
+    from dataclasses import fields
+
+    from recarchive.model import RunCounts
+
+    counters = {item.name for item in fields(RunCounts)} - {"failures"}
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'runs.db'}")
+    try:
+        upgrade_database(engine)
+        columns = {column["name"] for column in inspect(engine).get_columns("runs")}
+    finally:
+        engine.dispose()
+    assert counters <= columns
+    assert counters == set(metadata.tables["runs"].c.keys()) & counters
+
+
+def test_finish_run_refuses_a_counter_without_a_column(tmp_path: Path) -> None:
+    from recarchive.model import RunCounts, RunStatus
+
+    engine = create_engine_for(f"sqlite:///{tmp_path / 'runs.db'}")
+    try:
+        upgrade_database(engine)
+        store = ArchiveStore(engine)
+        run_id = store.start_run("archive", {})
+        with pytest.raises(ValueError, match="no runs column for counters skipped"):
+            store.finish_run(run_id, status=RunStatus.SUCCEEDED, counts={"skipped": 1})
+        store.finish_run(run_id, status=RunStatus.SUCCEEDED, counts=RunCounts(archived=2).as_dict())
+        (row,) = store.last_runs(1)
+        assert row["archived"] == 2 and row["status"] == "succeeded"
+    finally:
+        engine.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import ArgumentError
 
 from recarchive.errors import StorageUnavailableError
-from recarchive.model import NormalizedRecording
+from recarchive.model import NormalizedRecording, RunStatus
 from recarchive.normalize import normalize_recording
 from recarchive.store.sql import HEAD_REVISION, ArchiveStore, create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions, recording_parties, recordings
@@ -240,17 +240,16 @@ def test_runs_rows(store: ArchiveStore) -> None:
     assert second > first
     store.finish_run(
         first,
-        status="partial",
+        status=RunStatus.PARTIAL,
         counts={
             "requested": 3,
             "archived": 1,
             "failed": 1,
             "missing": 1,
             "bytes_uploaded": 5_000_000_000,
-            "unknown_key": 9,
         },
     )
-    store.finish_run(second, status="failed", counts={}, error="AuthError: refused")
+    store.finish_run(second, status=RunStatus.FAILED, counts={}, error="AuthError: refused")
     newest, oldest = store.last_runs(limit=10)
     assert newest["id"] == second and newest["status"] == "failed"
     assert newest["error"] == "AuthError: refused" and newest["requested"] == 0
@@ -288,7 +287,7 @@ def test_rows_of_dead_runs_are_finished_as_interrupted(store: ArchiveStore) -> N
     alive = store.start_run("archive", {}, owner="host-a:222:bbbb")
     legacy = store.start_run("archive", {})  # written before runs.owner existed
     finished = store.start_run("archive", {}, owner="host-a:111:cccc")
-    store.finish_run(finished, status="succeeded", counts={"archived": 2})
+    store.finish_run(finished, status=RunStatus.SUCCEEDED, counts={"archived": 2})
     judged: list[str] = []
 
     def owner_is_dead(owner: str) -> bool:

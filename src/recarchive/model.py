@@ -8,17 +8,39 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Final
 
-#: Ledger states (DESIGN §2).
-PENDING: Final = "pending"
-METADATA_ONLY: Final = "metadata_only"
-ARCHIVED: Final = "archived"
-MISSING: Final = "missing"
-FAILED: Final = "failed"
+
+class LedgerState(StrEnum):
+    """The state of one recording in ``archive_ledger`` (its machine: ARCHITECTURE.md).
+
+    Members are strings, so they compare equal to the column's values and serialize as them;
+    the order of the members is the order reports list them.
+    """
+
+    PENDING = "pending"
+    METADATA_ONLY = "metadata_only"
+    ARCHIVED = "archived"
+    MISSING = "missing"
+    FAILED = "failed"
+
 
 #: Every ledger state, in the order reports list them.
-LEDGER_STATES: Final[tuple[str, ...]] = (PENDING, METADATA_ONLY, ARCHIVED, MISSING, FAILED)
+LEDGER_STATES: Final[tuple[LedgerState, ...]] = tuple(LedgerState)
+#: States a run works on: not done yet, or worth another attempt.
+WORK_STATES: Final = frozenset({LedgerState.PENDING, LedgerState.METADATA_ONLY, LedgerState.FAILED})
+
+
+class RunStatus(StrEnum):
+    """The ``status`` of one ``runs`` row."""
+
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+
 
 #: Party roles: one ``recording_parties`` row per present role.
 PARTY_ROLES: Final[tuple[str, ...]] = ("originator", "receiver")
@@ -187,6 +209,13 @@ class RunCounts:
         return {
             item.name: getattr(self, item.name) for item in fields(self) if item.name != "failures"
         }
+
+
+#: The ``runs`` count columns: every counter of :class:`RunCounts`, so a new counter cannot be
+#: left out of the table (a test checks the table has them all).
+RUN_COUNT_COLUMNS: Final[tuple[str, ...]] = tuple(
+    item.name for item in fields(RunCounts) if item.name != "failures"
+)
 
 
 def plain_utc(moment: datetime) -> datetime:

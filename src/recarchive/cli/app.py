@@ -26,7 +26,7 @@ from recarchive.cli.progress import result_table, summary_table
 from recarchive.config import Settings, load_settings
 from recarchive.errors import AuthError, FatalError, InputError, RecarchiveError, UsageError
 from recarchive.ids.window import parse_when
-from recarchive.model import RunCounts
+from recarchive.model import LEDGER_STATES, RunCounts
 from recarchive.redaction import redact
 
 if TYPE_CHECKING:
@@ -311,7 +311,7 @@ def status(
     table = Table(title="Ledger")
     table.add_column("state")
     table.add_column("recordings", justify="right")
-    for state in ("pending", "metadata_only", "archived", "missing", "failed"):
+    for state in LEDGER_STATES:
         table.add_row(state, str(counts.get(state, 0)))
     out.print(table)
     if runs:

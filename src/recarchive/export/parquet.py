@@ -43,7 +43,7 @@ from sqlalchemy import Connection, Engine, Select, and_, select, text, union, up
 from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.errors import ConfigError, StorageUnavailableError
-from recarchive.model import ARCHIVED, PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS
+from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
 from recarchive.store.tables import (
     archive_ledger,
     export_partitions,
@@ -213,7 +213,7 @@ def _recording_batches(connection: Connection, month: str) -> Iterator[pa.Record
     for rows in _raw_partitions(connection, _recordings_query(month)):
         columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
         bucket, key, sha256, size, archived_at, state = columns[plain:]
-        archived = [value == ARCHIVED for value in state]
+        archived = [value == LedgerState.ARCHIVED for value in state]
         media_uri = [
             f"s3://{b}/{k}" if ok and b and k else None
             for ok, b, k in zip(archived, bucket, key, strict=True)

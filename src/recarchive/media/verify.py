@@ -11,17 +11,12 @@ import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from recarchive.errors import MediaIntegrityError, RetryableError
 from recarchive.media.s3 import MediaStore
-
-if TYPE_CHECKING:
-    from recarchive.model import LedgerEntry
+from recarchive.model import LedgerEntry, LedgerState
 
 logger = logging.getLogger(__name__)
-
-ARCHIVED = "archived"
 
 
 @dataclass
@@ -159,7 +154,7 @@ def verify_archive(
     Raises:
         FatalError: S3 refused access or the bucket is missing (every check would fail).
     """
-    archived = [entry for entry in entries if entry.state == ARCHIVED]
+    archived = [entry for entry in entries if entry.state == LedgerState.ARCHIVED]
     verifier = _Verifier(media, deep=deep, want_md5=want_md5)
     report = VerifyReport(checked=len(archived), ok=0, problems=[])
     if not archived:

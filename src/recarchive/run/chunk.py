@@ -44,7 +44,7 @@ from recarchive.errors import (
 from recarchive.leases import release_dead_leases
 from recarchive.media.keys import media_key
 from recarchive.media.transfer import archive_media
-from recarchive.model import FAILED, LEDGER_STATES, METADATA_ONLY, PENDING, RunCounts
+from recarchive.model import LEDGER_STATES, WORK_STATES, LedgerState, RunCounts
 from recarchive.normalize import normalize_recording
 from recarchive.redaction import describe
 
@@ -59,8 +59,6 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[RunCounts], None]
 T = TypeVar("T")
 
-#: Ledger states worth a request when the caller did not ask for ``--refresh``.
-WORK_STATES = frozenset({PENDING, METADATA_ONLY, FAILED})
 ALL_STATES = frozenset(LEDGER_STATES)
 AVAILABLE = "available"
 
@@ -212,9 +210,9 @@ class _Chunk:
         wanted: list[str] = []
         for recording_id in ids:
             state = entries[recording_id].state
-            if state == "archived" and not self.options.refresh:
+            if state == LedgerState.ARCHIVED and not self.options.refresh:
                 self._outcome(already_archived=1)
-            elif state == "missing" and not self.options.refresh:
+            elif state == LedgerState.MISSING and not self.options.refresh:
                 self._outcome(missing=1)
             else:
                 wanted.append(recording_id)
@@ -280,7 +278,7 @@ class _Chunk:
         self.fresh = {
             recording_id
             for recording_id, entry in entries.items()
-            if entry.state == PENDING
+            if entry.state == LedgerState.PENDING
             and entry.attempts == 0
             and entry.lease_owner is None
             and entry.s3_key is None
@@ -298,7 +296,7 @@ class _Chunk:
         to_archive: list[tuple[NormalizedRecording, LedgerEntry]] = []
         for record in records:
             entry = entries[record.id]
-            if entry.state == "archived":
+            if entry.state == LedgerState.ARCHIVED:
                 # --refresh of an archived recording: metadata updated above, media untouched.
                 self._outcome(already_archived=1)
             elif self.options.skip_media or record.status != AVAILABLE or self.ctx.media is None:
@@ -402,7 +400,7 @@ class _Chunk:
                 )
             return record
         except NotFoundError as exc:
-            if entry.state == "archived":
+            if entry.state == LedgerState.ARCHIVED:
                 # --refresh after Bird deleted its copy: ours is the archive; keep it as it is.
                 self._outcome(already_archived=1)
             elif self._mark(recording_id, entry, store.mark_missing, error=str(exc)):
@@ -410,7 +408,7 @@ class _Chunk:
         except FatalError:
             raise
         except Exception as exc:  # one recording's failure, whatever raised it
-            if entry.state == "archived":
+            if entry.state == LedgerState.ARCHIVED:
                 # A failed refresh does not undo an archived recording; report it only.
                 self._fail(recording_id, f"refresh failed: {describe(exc)}")
             else:

@@ -23,7 +23,7 @@ from recarchive.errors import RecarchiveError, StorageUnavailableError, first_er
 from recarchive.export.parquet import ExportReport, export_changed
 from recarchive.ids.read import IdList
 from recarchive.leases import active_owner, local_owner_dead, run_owner
-from recarchive.model import RunCounts
+from recarchive.model import RunCounts, RunStatus
 from recarchive.redaction import describe
 from recarchive.run.chunk import (
     ArchiveContext,
@@ -56,16 +56,16 @@ class RunReport:
 
     run_id: int
     kind: str
-    status: str
+    status: RunStatus
     counts: RunCounts
     export: ExportReport | None
     seconds: float
     export_error: str | None = None
 
 
-def run_status(counts: RunCounts) -> str:
+def run_status(counts: RunCounts) -> RunStatus:
     """Return ``succeeded`` or ``partial`` for finished counts."""
-    return "succeeded" if counts.all_ok else "partial"
+    return RunStatus.SUCCEEDED if counts.all_ok else RunStatus.PARTIAL
 
 
 ChunkRunner = Callable[[ArchiveContext, list[str], ChunkOptions], Awaitable[RunCounts]]
@@ -298,7 +298,9 @@ async def recorded_run(
         # Our errors' messages are written for users (and redacted); another exception's
         # message may quote anything, so only its type is kept.
         reason = describe(exc) if isinstance(exc, RecarchiveError) else type(exc).__name__
-        _finish_quietly(store, run_id, status="failed", counts=counts.as_dict(), error=reason)
+        _finish_quietly(
+            store, run_id, status=RunStatus.FAILED, counts=counts.as_dict(), error=reason
+        )
         raise
     finally:
         heart.cancel()
@@ -310,7 +312,7 @@ async def recorded_run(
         except Exception as exc:
             export_error = f"Parquet export failed: {type(exc).__name__}: {exc}"
             logger.error("%s; `recarchive export` redoes it", export_error)
-    status = run_status(counts) if export_error is None else "partial"
+    status = run_status(counts) if export_error is None else RunStatus.PARTIAL
     with ledger_errors("could not finish the run"):
         store.finish_run(run_id, status=status, counts=counts.as_dict(), error=export_error)
     seconds = time.monotonic() - started
@@ -370,7 +372,7 @@ async def registered_input(
             _finish_quietly(
                 store,
                 run_id,
-                status="failed",
+                status=RunStatus.FAILED,
                 counts={},
                 error=describe(exc) if isinstance(exc, RecarchiveError) else type(exc).__name__,
             )
@@ -378,7 +380,7 @@ async def registered_input(
         finally:
             heart.cancel()
         with ledger_errors("could not finish the run"):
-            store.finish_run(run_id, status="succeeded", counts={"requested": requested})
+            store.finish_run(run_id, status=RunStatus.SUCCEEDED, counts={"requested": requested})
     finally:
         stack.close()
         engine.dispose()

@@ -48,17 +48,14 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from recarchive.errors import LedgerStateError, StorageUnavailableError
 from recarchive.model import (
-    ARCHIVED,
-    FAILED,
     LEDGER_STATES,
-    METADATA_ONLY,
-    MISSING,
-    PENDING,
+    RUN_COUNT_COLUMNS,
     LedgerEntry,
+    LedgerState,
     NormalizedRecording,
+    RunStatus,
 )
 from recarchive.store.tables import (
-    RUN_COUNT_COLUMNS,
     UTCDateTime,
     archive_ledger,
     export_partitions,
@@ -473,7 +470,7 @@ DEFAULT_STALE_AFTER = timedelta(seconds=5 * HEARTBEAT_SECONDS)
 
 def _live_run(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
     """``runs`` rows of runs alive now: running, with a heartbeat newer than ``stale_after``."""
-    return and_(runs.c.status == "running", runs.c.heartbeat_at > now - stale_after)
+    return and_(runs.c.status == RunStatus.RUNNING, runs.c.heartbeat_at > now - stale_after)
 
 
 def _lease_unheld(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
@@ -672,7 +669,7 @@ class ArchiveStore:
                     index_elements=[archive_ledger.c.recording_id],
                     set_={"registered_run": insert.excluded.registered_run},
                     where=and_(
-                        archive_ledger.c.state == literal_column(f"'{PENDING}'"),
+                        archive_ledger.c.state == literal_column(f"'{LedgerState.PENDING}'"),
                         archive_ledger.c.registered_run.is_distinct_from(
                             insert.excluded.registered_run
                         ),
@@ -693,7 +690,7 @@ class ArchiveStore:
                     [
                         {
                             "recording_id": recording_id,
-                            "state": PENDING,
+                            "state": LedgerState.PENDING,
                             "attempts": 0,
                             "created_at": now,
                             "updated_at": now,
@@ -885,7 +882,7 @@ class ArchiveStore:
         self._transition(
             recording_id,
             owner,
-            METADATA_ONLY,
+            LedgerState.METADATA_ONLY,
             {"last_error": _clip(reason), "next_attempt_at": retry_at},
         )
 
@@ -896,7 +893,10 @@ class ArchiveStore:
             LedgerStateError: Already ``archived``, unknown, or ``owner`` holds no lease.
         """
         self._transition(
-            recording_id, owner, MISSING, {"last_error": _clip(error), "next_attempt_at": None}
+            recording_id,
+            owner,
+            LedgerState.MISSING,
+            {"last_error": _clip(error), "next_attempt_at": None},
         )
 
     def mark_failed(
@@ -917,7 +917,7 @@ class ArchiveStore:
         self._transition(
             recording_id,
             owner,
-            FAILED,
+            LedgerState.FAILED,
             {
                 "last_error": _clip(error),
                 "next_attempt_at": retry_at,
@@ -943,7 +943,7 @@ class ArchiveStore:
         self._transition(
             recording_id,
             owner,
-            ARCHIVED,
+            LedgerState.ARCHIVED,
             {
                 "s3_bucket": bucket,
                 "s3_key": key,
@@ -956,15 +956,15 @@ class ArchiveStore:
         )
 
     def _transition(
-        self, recording_id: str, owner: str, target: str, values: dict[str, Any]
+        self, recording_id: str, owner: str, target: LedgerState, values: dict[str, Any]
     ) -> None:
         conditions = [
             archive_ledger.c.recording_id == recording_id,
             archive_ledger.c.lease_owner == owner,
         ]
-        if target != ARCHIVED:
+        if target != LedgerState.ARCHIVED:
             # Archived media is final: no later outcome may hide it.
-            conditions.append(archive_ledger.c.state != ARCHIVED)
+            conditions.append(archive_ledger.c.state != LedgerState.ARCHIVED)
         elif "s3_key" in values:
             # The key pinned before the upload is the only one an archived row may name.
             conditions.append(
@@ -990,7 +990,7 @@ class ArchiveStore:
                 ).first()
                 if row is None:
                     reason = "it is not in the ledger"
-                elif row.state == ARCHIVED and target != ARCHIVED:
+                elif row.state == LedgerState.ARCHIVED and target != LedgerState.ARCHIVED:
                     reason = "it is archived already"
                 elif row.lease_owner == owner:
                     reason = "another S3 key is pinned for it"
@@ -1045,15 +1045,15 @@ class ArchiveStore:
                 .where(
                     or_(
                         and_(
-                            archive_ledger.c.state == FAILED,
+                            archive_ledger.c.state == LedgerState.FAILED,
                             archive_ledger.c.attempts < max_attempts,
                             archive_ledger.c.next_attempt_at <= now,
                         ),
                         and_(
-                            archive_ledger.c.state == METADATA_ONLY,
+                            archive_ledger.c.state == LedgerState.METADATA_ONLY,
                             archive_ledger.c.next_attempt_at <= now,
                         ),
-                        and_(archive_ledger.c.state == PENDING, ~registered_run_alive),
+                        and_(archive_ledger.c.state == LedgerState.PENDING, ~registered_run_alive),
                     ),
                     _lease_unheld(now, stale_after),
                 )
@@ -1077,7 +1077,7 @@ class ArchiveStore:
         """The ``failed`` rows, most recently updated first."""
         query = (
             select(*_LEDGER_COLUMNS)
-            .where(archive_ledger.c.state == FAILED)
+            .where(archive_ledger.c.state == LedgerState.FAILED)
             .order_by(archive_ledger.c.updated_at.desc(), archive_ledger.c.recording_id)
             .limit(limit)
         )
@@ -1094,7 +1094,10 @@ class ArchiveStore:
         while True:
             query = (
                 select(*_LEDGER_COLUMNS)
-                .where(archive_ledger.c.state == ARCHIVED, archive_ledger.c.recording_id > after)
+                .where(
+                    archive_ledger.c.state == LedgerState.ARCHIVED,
+                    archive_ledger.c.recording_id > after,
+                )
                 .order_by(archive_ledger.c.recording_id)
                 .limit(batch_size)
             )
@@ -1120,7 +1123,7 @@ class ArchiveStore:
                 runs.insert()
                 .values(
                     kind=kind,
-                    status="running",
+                    status=RunStatus.RUNNING,
                     started_at=_now(),
                     params=json.dumps(params, sort_keys=True, default=str),
                     owner=owner,
@@ -1135,14 +1138,21 @@ class ArchiveStore:
         with self.engine.begin() as connection:
             connection.execute(
                 update(runs)
-                .where(runs.c.id == run_id, runs.c.status == "running")
+                .where(runs.c.id == run_id, runs.c.status == RunStatus.RUNNING)
                 .values(heartbeat_at=db_now(connection))
             )
 
     def finish_run(
-        self, run_id: int, *, status: str, counts: dict[str, int], error: str | None = None
+        self, run_id: int, *, status: RunStatus, counts: dict[str, int], error: str | None = None
     ) -> None:
-        """Record a run's end: status, counts (unknown keys ignored) and error."""
+        """Record a run's end: status, counts and error.
+
+        Raises:
+            ValueError: A counter with no ``runs`` column: it would be lost silently.
+        """
+        unknown = sorted(set(counts) - set(RUN_COUNT_COLUMNS))
+        if unknown:
+            raise ValueError(f"no runs column for counters {', '.join(unknown)}")
         values: dict[str, Any] = {name: int(counts.get(name, 0)) for name in RUN_COUNT_COLUMNS}
         with self.engine.begin() as connection:
             connection.execute(
@@ -1168,16 +1178,16 @@ class ArchiveStore:
         with self.engine.begin() as connection:
             rows = connection.execute(
                 select(runs.c.id, runs.c.owner).where(
-                    runs.c.status == "running", runs.c.owner.is_not(None)
+                    runs.c.status == RunStatus.RUNNING, runs.c.owner.is_not(None)
                 )
             ).all()
             dead = [row.id for row in rows if owner_is_dead(row.owner)]
             if dead:
                 connection.execute(
                     update(runs)
-                    .where(runs.c.id.in_(dead), runs.c.status == "running")
+                    .where(runs.c.id.in_(dead), runs.c.status == RunStatus.RUNNING)
                     .values(
-                        status="interrupted",
+                        status=RunStatus.INTERRUPTED,
                         finished_at=_now(),
                         error="its process ended before the run finished (killed?); "
                         "its counts were never written",

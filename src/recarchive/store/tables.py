@@ -28,6 +28,8 @@ from sqlalchemy import (
     TypeDecorator,
 )
 
+from recarchive.model import RUN_COUNT_COLUMNS
+
 
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC that always comes back timezone-aware (UTC)."""
@@ -165,16 +167,6 @@ archive_ledger = Table(
     Index("ix_archive_ledger_state_next_attempt", "state", "next_attempt_at"),
 )
 
-RUN_COUNT_COLUMNS: tuple[str, ...] = (
-    "requested",
-    "archived",
-    "already_archived",
-    "metadata_only",
-    "missing",
-    "failed",
-    "busy",
-    "bytes_uploaded",
-)
 
 runs = Table(
     "runs",
