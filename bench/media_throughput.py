@@ -44,8 +44,8 @@ from bench.sim_process import free_port
 from recarchive.bird.http import build_http_client
 from recarchive.config import Settings
 from recarchive.ids.read import collect_ids
-from recarchive.run.chunk import ChunkOptions
 from recarchive.run.clients import open_store
+from recarchive.run.context import ChunkOptions
 from recarchive.run.runs import archive_ids
 
 MB = 1_000_000

@@ -8,7 +8,7 @@ from prefect import flow
 
 from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
-from recarchive.run.chunk import ChunkOptions
+from recarchive.run.context import ChunkOptions
 from recarchive.run.inputs import open_id_input
 from recarchive.run.runs import archive_ids, raise_for_export
 

@@ -15,7 +15,7 @@ from recarchive.config import load_settings
 from recarchive.errors import InputError
 from recarchive.ids.read import IdList
 from recarchive.ids.window import Window, parse_when
-from recarchive.run.chunk import ChunkOptions
+from recarchive.run.context import ChunkOptions
 from recarchive.run.inputs import discover_window, open_manifest, write_manifests
 from recarchive.run.runs import archive_ids, raise_for_export, registered_input
 

@@ -8,8 +8,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from recarchive.model import RunCounts
-from recarchive.run.chunk import ArchiveContext, ChunkOptions, archive_chunk
-from recarchive.run.inputs import report_table, should_retry_chunk
+from recarchive.run.chunk import archive_chunk
+from recarchive.run.context import ArchiveContext, ChunkOptions
+from recarchive.run.failures import should_retry_chunk
+from recarchive.run.inputs import report_table
 from recarchive.run.runs import RunReport
 
 

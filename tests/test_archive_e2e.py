@@ -23,8 +23,8 @@ from recarchive.cli.app import app
 from recarchive.config import Settings
 from recarchive.ids.read import spool_ids
 from recarchive.media.keys import media_key, sidecar_key
-from recarchive.run.chunk import ChunkOptions
 from recarchive.run.clients import open_store
+from recarchive.run.context import ChunkOptions
 from recarchive.run.runs import archive_ids
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.sql import ArchiveStore, create_engine_for

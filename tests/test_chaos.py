@@ -32,7 +32,8 @@ from recarchive.ids.read import collect_ids
 from recarchive.media.keys import media_key
 from recarchive.media.s3 import MediaStore
 from recarchive.model import RunCounts
-from recarchive.run.chunk import ArchiveContext, ChunkOptions, archive_chunk
+from recarchive.run.chunk import archive_chunk
+from recarchive.run.context import ArchiveContext, ChunkOptions
 from recarchive.run.runs import archive_ids, retry_failed
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.sql import ArchiveStore, create_engine_for

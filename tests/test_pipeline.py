@@ -13,8 +13,9 @@ from recarchive.config import Settings
 from recarchive.errors import AuthError
 from recarchive.ids.read import collect_ids
 from recarchive.model import RunCounts
-from recarchive.run.chunk import ArchiveContext, ChunkOptions, _Chunk, archive_chunk
+from recarchive.run.chunk import _Chunk, archive_chunk
 from recarchive.run.clients import open_archive_context, open_store
+from recarchive.run.context import ArchiveContext, ChunkOptions
 from recarchive.run.runs import archive_ids
 from tests.fixtures.simulator import SimulatorFactory
 

@@ -1,39 +1,41 @@
-"""The ``recarchive`` command line (typer + rich).
+"""The ``recarchive`` command line (typer + rich): its commands and options.
 
-Exit codes (DESIGN §2): 0 all requested work done; 1 some items ended ``failed`` or
-``missing`` (or a store failed mid-run); 2 bad usage, input or configuration, nothing
-processed. Heavy imports (Prefect, pyarrow, DuckDB, boto3) happen inside the commands that
-need them, so ``recarchive archive`` sends its first request within a second or two.
+Exit codes and messages: :mod:`recarchive.cli.output`. Heavy imports (Prefect, pyarrow,
+DuckDB, boto3) happen inside the commands that need them, so ``recarchive archive`` sends
+its first request within a second or two.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import logging
-import sys
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from recarchive.cli.progress import result_table, summary_table
+from recarchive.cli.output import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    configure_logging,
+    err,
+    exit_code,
+    handle_errors,
+    out,
+    print_run,
+)
+from recarchive.cli.progress import result_table
 from recarchive.config import Settings, load_settings
-from recarchive.errors import AuthError, FatalError, InputError, RecarchiveError, UsageError
+from recarchive.errors import InputError
 from recarchive.ids.window import parse_when
 from recarchive.model import LEDGER_STATES, RunCounts
-from recarchive.redaction import redact
 
 if TYPE_CHECKING:
-    from recarchive.run.runs import RunReport
+    from recarchive.ids.read import IdList
+    from recarchive.run.context import ChunkOptions
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 app = typer.Typer(
     name="recarchive",
@@ -45,85 +47,6 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
-
-out = Console()
-# Messages are never wrapped: a user greps them, and an ID or a path must stay on one line.
-err = Console(stderr=True, soft_wrap=True)
-
-EXIT_OK, EXIT_ITEMS_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _configure_logging(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(
-        level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    # httpx logs full request URLs at INFO: a presigned media URL's query is a credential.
-    for noisy in (
-        "httpx",
-        "httpcore",
-        "botocore",
-        "boto3",
-        "s3transfer",
-        "urllib3",
-        "aiohttp",
-        "werkzeug",
-    ):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn recarchive errors into a one-line message and the contract's exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return command(*args, **kwargs)
-        except InputError as exc:
-            err.print(f"error: {redact(str(exc))}", highlight=False, markup=False)
-            for line in exc.problems:
-                err.print(f"  {redact(line)}", highlight=False, markup=False)
-            raise typer.Exit(EXIT_USAGE) from exc
-        except (UsageError, AuthError) as exc:
-            err.print(f"error: {redact(str(exc))}", highlight=False, markup=False)
-            raise typer.Exit(EXIT_USAGE) from exc
-        except (FatalError, RecarchiveError) as exc:
-            err.print(f"error: run stopped: {redact(str(exc))}", highlight=False, markup=False)
-            raise typer.Exit(EXIT_ITEMS_FAILED) from exc
-        except KeyboardInterrupt as exc:
-            err.print("interrupted; leases are released, the next run resumes", markup=False)
-            raise typer.Exit(130) from exc
-
-    return wrapper
-
-
-def print_run(report: RunReport) -> None:
-    """Print the summary table and the first failures of a run.
-
-    Raises:
-        StorageUnavailableError: The run's Parquet export failed (after the summary).
-    """
-    from recarchive.run.runs import raise_for_export
-
-    counts = report.counts
-    out.print(summary_table(counts))
-    if counts.busy:
-        out.print(f"{counts.busy} recordings were leased by another run and left to it.")
-    if report.export is not None:
-        out.print(
-            f"Parquet: {len(report.export.partitions)} partitions rewritten. "
-            f"Took {report.seconds:.1f}s."
-        )
-    for recording_id, error in counts.failures[:20]:
-        out.print(f"  failed {recording_id}: {error}", highlight=False, markup=False)
-    if counts.failed > 20:
-        out.print(f"  ... and {counts.failed - 20} more (recarchive status --failed)")
-    raise_for_export(report)
-
-
-def exit_code(counts: RunCounts) -> int:
-    """Exit code of a finished run."""
-    return EXIT_OK if counts.all_ok else EXIT_ITEMS_FAILED
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -164,12 +87,12 @@ def archive(
     """Archive the given recordings (metadata to SQL/Parquet, media to S3)."""
     from recarchive.ids.read import collect_ids, raise_for_problems
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     settings = _settings(chunk_size=chunk_size, concurrency=concurrency)
     settings.require_bird()
     if not skip_media:
         settings.require_bucket()
-    from recarchive.run.chunk import ChunkOptions
+    from recarchive.run.context import ChunkOptions
 
     options = ChunkOptions(skip_media=skip_media, refresh=refresh)
     if since is not None or until is not None:
@@ -210,7 +133,11 @@ def archive(
 
 
 async def _archive_list(
-    settings: Settings, id_list: Any, options: Any, params: dict[str, Any], kind: str = "archive"
+    settings: Settings,
+    id_list: IdList,
+    options: ChunkOptions,
+    params: dict[str, Any],
+    kind: str = "archive",
 ) -> RunCounts:
     from recarchive.cli.progress import ProgressReporter
     from recarchive.run.runs import archive_ids
@@ -224,15 +151,13 @@ async def _archive_list(
 
 
 async def _discover_and_archive(
-    settings: Settings, since: datetime, until: datetime, options: Any
+    settings: Settings, since: datetime, until: datetime, options: ChunkOptions
 ) -> RunCounts:
-    from recarchive.ids.discover import discover_ids
-    from recarchive.run.clients import build_bird_client, build_bird_http
+    from recarchive.ids.window import Window
+    from recarchive.run.inputs import discover_window
 
-    async with build_bird_http(settings) as http:
-        bird = build_bird_client(settings, http)
-        err.print(f"listing recordings created in [{since.isoformat()}, {until.isoformat()}) ...")
-        id_list = await discover_ids(bird, since=since, until=until, spool_dir=settings.temp_dir)
+    err.print(f"listing recordings created in [{since.isoformat()}, {until.isoformat()}) ...")
+    id_list = await discover_window(settings, Window(since, until))
     with id_list:
         err.print(f"found {len(id_list)} recordings")
         if id_list.invalid:
@@ -266,7 +191,7 @@ def retry_failed_command(
     from recarchive.cli.progress import ProgressReporter
     from recarchive.run.runs import retry_failed
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     settings = _settings()
     with ProgressReporter(err, None) as progress:
         report = asyncio.run(
@@ -286,7 +211,7 @@ def status(
     """Show ledger counts per state, recent runs, and (--failed) failed recordings."""
     from recarchive.run.clients import open_store
 
-    _configure_logging(False)
+    configure_logging(False)
     engine, store = open_store(_settings())
     try:
         counts = store.counts()
@@ -365,7 +290,7 @@ def verify(
     """Check every archived recording against S3: exists, size, SHA-256."""
     from recarchive.run.verify import run_verify
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     settings = _settings()
     report = asyncio.run(
         run_verify(
@@ -397,7 +322,7 @@ def export(
     from recarchive.run.clients import open_store
     from recarchive.run.runs import export_parquet
 
-    _configure_logging(False)
+    configure_logging(False)
     settings = _settings()
     engine, _ = open_store(settings)
     try:
@@ -477,7 +402,7 @@ def demo(
     """Run the whole pipeline locally: simulator, local S3 endpoint, SQLite, Parquet."""
     from recarchive.cli.demo import run_demo
 
-    _configure_logging(False)
+    configure_logging(False)
     counts = run_demo(out, recordings=recordings, data_dir=data_dir)
     raise typer.Exit(exit_code(counts))
 

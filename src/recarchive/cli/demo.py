@@ -25,7 +25,7 @@ from recarchive.config import Settings
 from recarchive.errors import UsageError
 from recarchive.ids.read import spool_ids
 from recarchive.model import RunCounts
-from recarchive.run.chunk import ChunkOptions
+from recarchive.run.context import ChunkOptions
 
 DEMO_MARKER = ".recarchive-demo"
 DEMO_BUCKET = "recarchive-demo"

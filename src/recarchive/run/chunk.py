@@ -17,18 +17,14 @@ with a redacted ``last_error``. The places that do so are :meth:`_Chunk._fetch_m
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import functools
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.errors import (
     FatalError,
@@ -47,105 +43,23 @@ from recarchive.media.transfer import archive_media
 from recarchive.model import LEDGER_STATES, WORK_STATES, LedgerState, RunCounts
 from recarchive.normalize import normalize_recording
 from recarchive.redaction import describe
+from recarchive.run.context import ArchiveContext, ChunkOptions, ProgressCallback
+from recarchive.run.failures import (
+    DISK_ERRNOS,
+    RowsRefused,
+    database_is_down,
+    ledger_errors,
+)
 
 if TYPE_CHECKING:
-    from recarchive.bird.client import BirdClient
-    from recarchive.media.s3 import MediaStore
     from recarchive.model import LedgerEntry, NormalizedRecording
-    from recarchive.store.sql import ArchiveStore
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[RunCounts], None]
 T = TypeVar("T")
 
 ALL_STATES = frozenset(LEDGER_STATES)
 AVAILABLE = "available"
-
-
-@dataclass(frozen=True)
-class ChunkOptions:
-    """What the caller asked for.
-
-    Attributes:
-        skip_media: Fetch and store metadata only; the ledger says ``metadata_only``.
-        refresh: Re-fetch metadata even of ``archived`` and ``missing`` recordings (their
-            stored media is never transferred again).
-    """
-
-    skip_media: bool = False
-    refresh: bool = False
-
-
-@dataclass
-class ArchiveContext:
-    """The clients and knobs one process uses for every chunk (built by ``run.clients``).
-
-    Attributes:
-        bird: Bird API client (owns retries and request pacing).
-        store: SQL store and ledger.
-        media: S3 media store, or ``None`` when the run skips media.
-        workspace_id: Bird workspace of every ID.
-        s3_prefix: Key prefix of media objects.
-        owner: This run's lease owner name (unique per run).
-        concurrency: Items in flight at once within a chunk.
-        lease_seconds: Lease length of claimed ledger rows.
-        item_max_attempts: Attempts (across runs) after which a failure is no longer retried.
-        retry_backoff: Base delay before a failed item's next attempt (doubles per attempt).
-        media_recheck: Delay before ``retry-failed`` looks again at a recording whose media
-            was not available yet.
-        temp_dir: Folder for media temp files (system default when ``None``).
-        media_attempts: Whole downloads tried per recording when a body breaks off or
-            fails verification.
-        media_retry_delay: First delay between those downloads (doubles, capped).
-    """
-
-    bird: BirdClient
-    store: ArchiveStore
-    media: MediaStore | None
-    workspace_id: str
-    s3_prefix: str
-    owner: str
-    concurrency: int = 16
-    lease_seconds: int = 900
-    item_max_attempts: int = 8
-    retry_backoff: timedelta = timedelta(minutes=5)
-    media_recheck: timedelta = timedelta(hours=1)
-    temp_dir: Path | None = None
-    media_attempts: int = 3
-    media_retry_delay: float = 0.25
-
-
-#: errno values of the local disk that every other item would meet as well: stop the run.
-_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
-
-
-def _database_is_down(exc: SQLAlchemyError) -> bool:
-    """True when a failed write says the database itself is the problem (stop the run).
-
-    Operational and interface errors, and any error that invalidated the connection, are the
-    database's; other DBAPI errors (a value a column cannot hold, a constraint) and errors
-    raised while binding parameters are about the rows written.
-    """
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
-class _RowsRefused(Exception):
-    """The database (or its driver) refused rows for their content; ``__cause__`` says how."""
-
-
-@contextlib.contextmanager
-def ledger_errors(action: str) -> Iterator[None]:
-    """Translate a database failure into the fatal error that stops the run cleanly.
-
-    Only the error's type is kept: driver messages can quote connection details.
-    """
-    try:
-        yield
-    except SQLAlchemyError as exc:
-        raise StorageUnavailableError(f"{action}: {type(exc).__name__}") from exc
 
 
 async def archive_chunk(
@@ -333,7 +247,7 @@ class _Chunk:
         try:
             self._write_metadata(records)
             return records
-        except _RowsRefused as refused:
+        except RowsRefused as refused:
             logger.warning(
                 "a batch of %d recordings was refused (%s); saving them one by one",
                 len(records),
@@ -343,7 +257,7 @@ class _Chunk:
         for record in records:
             try:
                 self._write_metadata([record])
-            except _RowsRefused as refused:
+            except RowsRefused as refused:
                 cause = refused.__cause__
                 self._failed(
                     record.id,
@@ -358,13 +272,13 @@ class _Chunk:
         try:
             self.ctx.store.save_metadata(records)
         except SQLAlchemyError as exc:
-            if _database_is_down(exc):
+            if database_is_down(exc):
                 raise StorageUnavailableError(
                     f"could not save metadata: {type(exc).__name__}"
                 ) from exc
-            raise _RowsRefused from exc
+            raise RowsRefused from exc
         except Exception as exc:  # a driver's ValueError, a bug: about these rows only
-            raise _RowsRefused from exc
+            raise RowsRefused from exc
 
     async def _gather(self, jobs: Iterable[Callable[[], Awaitable[T]]]) -> list[T]:
         """Run jobs with at most ``concurrency`` in flight; a fatal error cancels all.
@@ -465,7 +379,7 @@ class _Chunk:
             self._failed(record.id, entry, exc, retryable=True)
             return
         except OSError as exc:
-            if exc.errno not in _DISK_ERRNOS:
+            if exc.errno not in DISK_ERRNOS:
                 self._failed(record.id, entry, exc)
                 return
             # The local disk (full, over quota, read-only): every other item would fail the

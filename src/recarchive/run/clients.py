@@ -25,7 +25,7 @@ from recarchive.bird.retry import RetryPolicy
 from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.leases import active_owner, run_owner
-from recarchive.run.chunk import ArchiveContext
+from recarchive.run.context import ArchiveContext
 from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
 
 if TYPE_CHECKING:

@@ -17,22 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from recarchive.config import Settings
-from recarchive.errors import AuthError, InputError, UsageError
+from recarchive.errors import InputError
 from recarchive.ids.discover import discover_ids
 from recarchive.ids.read import IdList, collect_ids, raise_for_problems
 from recarchive.ids.window import Window
 from recarchive.run.clients import build_bird_client, build_bird_http
 from recarchive.run.runs import RunReport
-
-
-def should_retry_chunk(exc: BaseException | None) -> bool:
-    """Whether a failed chunk task is worth a Prefect retry.
-
-    Bad credentials or bad input fail every retry the same way; anything else that escaped
-    the chunk (a store hiccup, a lost connection to the database) is chunk-level and
-    transient. Single requests were already retried by the Bird client.
-    """
-    return isinstance(exc, Exception) and not isinstance(exc, AuthError | UsageError)
 
 
 async def discover_window(settings: Settings, window: Window) -> IdList:

@@ -25,14 +25,10 @@ from recarchive.ids.read import IdList
 from recarchive.leases import active_owner, local_owner_dead, run_owner
 from recarchive.model import RunCounts, RunStatus
 from recarchive.redaction import describe
-from recarchive.run.chunk import (
-    ArchiveContext,
-    ChunkOptions,
-    ProgressCallback,
-    archive_chunk,
-    ledger_errors,
-)
+from recarchive.run.chunk import archive_chunk
 from recarchive.run.clients import open_archive_context, open_store
+from recarchive.run.context import ArchiveContext, ChunkOptions, ProgressCallback
+from recarchive.run.failures import ledger_errors
 from recarchive.store.sql import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS, ArchiveStore
 from recarchive.tempfiles import remove_orphan_temp_files
 
