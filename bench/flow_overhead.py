@@ -4,7 +4,7 @@ Run: ``.venv/bin/python -m bench.flow_overhead [--ids 20000] [--chunk-size 500]`
 Both archive the same IDs, metadata only (``skip_media``), from the simulator (own process)
 into a fresh SQLite database, with the same chunk size, concurrency and parallel chunks, and
 both end with the Parquet export. The flow runs under a local Prefect test API, started and
-warmed up before the clock starts (its 10-20 s start-up is a one-off per process, DESIGN §5).
+warmed up before the clock starts (its 10-20 s start-up is a one-off per process).
 Target: flow throughput / direct throughput >= 0.9.
 """
 

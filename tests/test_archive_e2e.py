@@ -1,6 +1,7 @@
 """``recarchive archive`` end to end: the simulator, moto's S3 server, SQLite/PostgreSQL.
 
-Configured only by the environment variables of the contract (DESIGN §2), like a user would.
+Configured only by the environment variables of the contract (README, "Configuration"), as a
+user would.
 """
 
 from __future__ import annotations

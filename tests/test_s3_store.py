@@ -86,7 +86,7 @@ def test_single_put_stores_bytes_metadata_and_checksum(
     path, digest = write(tmp_path, data)
     assert store.upload_file("a/b.mp3", path, size=len(data), sha256_hex=digest) == "uploaded"
 
-    # moto does not check checksums (DESIGN §5): prove what went over the wire instead.
+    # moto does not check checksums: prove what went over the wire instead.
     assert len(sent) == 1
     headers = {
         name.lower(): value.decode() if isinstance(value, bytes) else value

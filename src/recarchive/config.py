@@ -26,8 +26,8 @@ ChecksumMode = Literal["when_supported", "when_required"]
 class Settings(BaseSettings):
     """Every setting of recarchive; field ``x`` is read from ``RECARCHIVE_X``.
 
-    The fields of the external contract (DESIGN §2) come first; tuning knobs follow.
-    ``bird_access_key``, ``workspace_id`` and ``s3_bucket`` are contractually required,
+    The fields of the external contract (the README's Configuration) come first; tuning knobs
+    follow. ``bird_access_key``, ``workspace_id`` and ``s3_bucket`` are contractually required,
     but only by the commands that use them: :meth:`require_bird` and :meth:`require_bucket`
     check them where they are needed, so ``recarchive query`` works without a key.
     """

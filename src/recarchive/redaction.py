@@ -1,6 +1,6 @@
 """One redaction function for every sink: logs, exceptions, ledger, payloads, artifacts.
 
-What counts as a secret (DESIGN sections 1 and 2):
+What counts as a secret (docs/reliability.md, "Secrets"):
 
 * the query string of any URL inside a text (a presigned URL's query *is* a credential), and
   its fragment and user info (``https://user:password@host/…``);

@@ -1,6 +1,6 @@
 """The HTTP client the Bird API client runs on.
 
-httpx's default transport tops out around 500 requests/s under concurrency (DESIGN §5); the
+httpx's default transport tops out around 500 requests/s under concurrency (docs/benchmarks.md); the
 same :class:`httpx.AsyncClient` on aiohttp's transport does about four times that, so the
 API's rate limit rather than the client is the ceiling. Streaming and our manual redirect
 handling work the same on both (the transport never follows redirects itself).

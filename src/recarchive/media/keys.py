@@ -1,4 +1,4 @@
-"""Where a recording's media and sidecar live in the bucket (DESIGN §2).
+"""Where a recording's media and sidecar live in the bucket (README, "Where things go").
 
 Pure functions, kept apart from :mod:`recarchive.media.s3` so that callers that only need a
 key (the pipeline, ``--skip-media`` runs) do not pay for importing boto3.
@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 
 def media_key(prefix: str, workspace_id: str, recording_id: str, created_at: datetime) -> str:
-    """Return the S3 key of a recording's MP3 (DESIGN §2).
+    """Return the S3 key of a recording's MP3.
 
     ``{prefix}/{workspaceId}/{YYYY}/{MM}/{DD}/{recordingId}.mp3``, the date taken from
     ``created_at`` in UTC (a naive datetime is taken as UTC). An empty prefix gives a key
