@@ -4,7 +4,8 @@ A body without ``Content-Length`` (and without chunked framing) ends when the co
 closes, and a connection that closes early looks exactly like a complete body to every HTTP
 client (docs/reliability.md, "The media path"). Such a body is accepted only when a
 checksum the media host sent confirms it. :class:`BodyCheck` reads the answer's headers
-once, computes the digests it needs while the body streams, and says at the end whether the body is confirmed:
+once, computes the digests it needs while the body streams, and says at the end whether the
+body is confirmed:
 
 * by framing: ``Content-Length`` (checked against the bytes read) or complete chunked
   transfer coding (the HTTP parser refuses a chunked body cut short);
