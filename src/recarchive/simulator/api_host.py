@@ -15,20 +15,14 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from recarchive.simulator.dataset import Dataset
-from recarchive.simulator.drops import drop
-from recarchive.simulator.faults import FaultProfile
+from recarchive.simulator.host import HostState, drop
 from recarchive.simulator.media_host import MediaHost
-
-if TYPE_CHECKING:  # the server imports this module to build the host
-    from recarchive.simulator.server import SimulatorConfig
 
 
 class _TokenBucket:
@@ -55,28 +49,16 @@ class ApiHost:
     """The recordings endpoints and the checks every API request passes first.
 
     Args:
-        config: The simulator's settings (key, workspace, rate limit, URL lifetime).
-        dataset: The recordings served.
-        faults: The fault profile.
-        attempt: Counts a fault key's requests (shared with the media host): returns the earlier
-            ones.
+        state: Settings (key, workspace, rate limit, URL lifetime), dataset, faults and attempt
+            counter.
         media: The media host the ``.mp3`` requests are redirected to.
     """
 
-    def __init__(
-        self,
-        config: SimulatorConfig,
-        dataset: Dataset,
-        faults: FaultProfile,
-        attempt: Callable[[str], int],
-        media: MediaHost,
-    ) -> None:
-        self._config = config
-        self._dataset = dataset
-        self._faults = faults
-        self._attempt = attempt
+    def __init__(self, state: HostState, media: MediaHost) -> None:
+        self._state = state
         self._media = media
-        self._bucket = _TokenBucket(config.rate_limit) if config.rate_limit else None
+        rate = state.config.rate_limit
+        self._bucket = _TokenBucket(rate) if rate else None
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Add the recordings routes to ``router``."""
@@ -90,7 +72,7 @@ class ApiHost:
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme not in ("AccessKey", "Bearer") or not hmac.compare_digest(
-            key.encode(), self._config.access_key.encode()
+            key.encode(), self._state.config.access_key.encode()
         ):
             return _error(401, "Unauthorized", "missing or invalid access key")
         if self._bucket is not None:
@@ -103,8 +85,8 @@ class ApiHost:
 
     async def _request_faults(self, request: web.Request, key: str) -> web.StreamResponse | None:
         """Apply the per-request faults of the profile; a response means "answer this"."""
-        attempt = self._attempt(key)
-        faults = self._faults
+        attempt = self._state.attempt(key)
+        faults = self._state.faults
         if faults.hits("slow", key, attempt):
             await asyncio.sleep(faults.slow_seconds)
         if faults.hits("reset", key, attempt):
@@ -126,7 +108,7 @@ class ApiHost:
         return None
 
     def _workspace_ok(self, request: web.Request) -> bool:
-        return request.match_info["workspace"] == self._config.workspace_id
+        return request.match_info["workspace"] == self._state.config.workspace_id
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         if not self._workspace_ok(request):
@@ -140,17 +122,17 @@ class ApiHost:
         fault = await self._request_faults(request, f"{kind}:{recording_id}")
         if fault is not None:
             return fault
-        payload = self._dataset.payload(recording_id)
-        if payload is None or self._faults.hits_recording("404", recording_id):
+        payload = self._state.dataset.payload(recording_id)
+        if payload is None or self._state.faults.hits_recording("404", recording_id):
             return _error(404, "NotFound", "recording not found")
         if not wants_media:
             return _json(payload)
-        if not self._dataset.has_media(recording_id):
+        if not self._state.dataset.has_media(recording_id):
             return _error(404, "NotFound", "recording media not available")
-        expired = self._faults.hits(
-            "expired", f"expired:{recording_id}", self._attempt(f"expired:{recording_id}")
+        expired = self._state.faults.hits(
+            "expired", f"expired:{recording_id}", self._state.attempt(f"expired:{recording_id}")
         )
-        ttl = -5.0 if expired else self._config.url_ttl_seconds
+        ttl = -5.0 if expired else self._state.config.url_ttl_seconds
         response = web.Response(status=307)
         response.headers["Location"] = self._media.signed_url(recording_id, ttl)
         return response
@@ -174,11 +156,11 @@ class ApiHost:
         status = query.get("status")
         matching = [
             payload
-            for payload in self._dataset.listing()
+            for payload in self._state.dataset.listing()
             if (status is None or payload["status"] == status)
             and (since is None or _parse_time(payload["createdAt"]) >= since)  # type: ignore[operator]
             and (until is None or _parse_time(payload["createdAt"]) < until)  # type: ignore[operator]
-            and not self._faults.hits_recording("404", payload["id"])
+            and not self._state.faults.hits_recording("404", payload["id"])
         ]
         page = matching[offset : offset + limit]
         body: dict[str, Any] = {"results": page}
@@ -192,7 +174,7 @@ class ApiHost:
         recording_id = request.match_info["recording"]
         if not _is_uuid(recording_id):
             return _error(422, "InvalidParameter", "recordingId must be a UUID")
-        if not self._dataset.delete_media(recording_id):
+        if not self._state.dataset.delete_media(recording_id):
             return _error(404, "NotFound", "recording not found")
         return web.Response(status=204)
 

@@ -12,17 +12,11 @@ import hashlib
 import hmac
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from recarchive.simulator.dataset import Dataset
-from recarchive.simulator.drops import drop
-from recarchive.simulator.faults import FaultProfile
+from recarchive.simulator.host import HostState, drop
 from recarchive.simulator.mp3 import Mp3Source
-
-if TYPE_CHECKING:  # the server imports this module to build the host
-    from recarchive.simulator.server import SimulatorConfig
 
 #: Set on a request the handler logged itself (streamed media).
 LOGGED = web.RequestKey("logged", bool)
@@ -32,31 +26,18 @@ class MediaHost:
     """Signed media URLs and the handler that serves them.
 
     Args:
-        config: The simulator's settings (workspace and seed).
-        dataset: The recordings whose media is served.
-        faults: The fault profile.
-        attempt: Counts a fault key's requests (shared with the API host): returns the earlier
-            ones.
+        state: Settings (workspace and seed), dataset, faults and attempt counter.
         log: Records a request with the status answered, for the request log.
         url: Base URL of the media host, known once its port is bound.
     """
 
     def __init__(
-        self,
-        config: SimulatorConfig,
-        dataset: Dataset,
-        faults: FaultProfile,
-        attempt: Callable[[str], int],
-        log: Callable[[web.Request, int], None],
-        url: Callable[[], str],
+        self, state: HostState, log: Callable[[web.Request, int], None], url: Callable[[], str]
     ) -> None:
-        self._workspace_id = config.workspace_id
-        self._dataset = dataset
-        self._faults = faults
-        self._attempt = attempt
+        self._state = state
         self._log = log
         self._url = url
-        self._secret = hashlib.sha256(f"media-signing:{config.seed}".encode()).digest()
+        self._secret = hashlib.sha256(f"media-signing:{state.config.seed}".encode()).digest()
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         """Add the media route to ``router``."""
@@ -67,12 +48,12 @@ class MediaHost:
         expires = int(time.time() + ttl_seconds)
         signature = self._signature(recording_id, expires)
         return (
-            f"{self._url()}/media/{self._workspace_id}/{recording_id}.mp3"
+            f"{self._url()}/media/{self._state.config.workspace_id}/{recording_id}.mp3"
             f"?X-Amz-Expires={expires}&X-Amz-Signature={signature}"
         )
 
     def _signature(self, recording_id: str, expires: int) -> str:
-        message = f"{self._workspace_id}/{recording_id}:{expires}".encode()
+        message = f"{self._state.config.workspace_id}/{recording_id}:{expires}".encode()
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     async def _media_range(
@@ -103,21 +84,21 @@ class MediaHost:
             return _s3_error(403, "SignatureDoesNotMatch", "The signature does not match")
         if expires < time.time():
             return _s3_error(403, "AccessDenied", "Request has expired")
-        if not self._dataset.has_media(recording_id):
+        if not self._state.dataset.has_media(recording_id):
             return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
         key = f"media:{recording_id}"
-        attempt = self._attempt(key)
-        if self._faults.hits("slow", key, attempt):
-            await asyncio.sleep(self._faults.slow_seconds)
-        if self._faults.hits("reset", key, attempt):
+        attempt = self._state.attempt(key)
+        if self._state.faults.hits("slow", key, attempt):
+            await asyncio.sleep(self._state.faults.slow_seconds)
+        if self._state.faults.hits("reset", key, attempt):
             drop(request)
-        if self._faults.hits("500", key, attempt):
+        if self._state.faults.hits("500", key, attempt):
             return _s3_error(503, "SlowDown", "Please reduce your request rate.")
-        source = self._dataset.media(recording_id)
+        source = self._state.dataset.media(recording_id)
         byte_range = _byte_range(request.headers.get("Range"), source.size)
         if byte_range is not None:
             return await self._media_range(request, source, byte_range)
-        truncate = self._faults.hits("truncate", key, attempt)
+        truncate = self._state.faults.hits("truncate", key, attempt)
         # Logged before the body goes out: the client may have read it all before this handler
         # returns, and a test must then find the request in the log. A planned truncation is
         # logged as a dropped connection (status 0).

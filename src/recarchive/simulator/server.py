@@ -22,8 +22,8 @@ from aiohttp import web
 
 from recarchive.simulator.api_host import ApiHost
 from recarchive.simulator.dataset import Dataset
-from recarchive.simulator.drops import DroppedConnection, HideDroppedConnections
 from recarchive.simulator.faults import FaultProfile
+from recarchive.simulator.host import DroppedConnection, HideDroppedConnections, HostState
 from recarchive.simulator.media_host import LOGGED, MediaHost
 
 logger = logging.getLogger(__name__)
@@ -124,15 +124,10 @@ class SimulatorServer:
                     self.dataset.set_status(recording_id, "completed")
         self.requests: list[RequestRecord] = []
         self._attempts: defaultdict[str, int] = defaultdict(int)
-        self._media = MediaHost(
-            self.config,
-            self.dataset,
-            self.faults,
-            self._attempt,
-            functools.partial(self._log, "media"),
-            lambda: self.media_url,
-        )
-        self._api = ApiHost(self.config, self.dataset, self.faults, self._attempt, self._media)
+        state = HostState(self.config, self.dataset, self.faults, self._attempt)
+        media_log = functools.partial(self._log, "media")
+        self._media = MediaHost(state, media_log, lambda: self.media_url)
+        self._api = ApiHost(state, self._media)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runners: list[web.AppRunner] = []
