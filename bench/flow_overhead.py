@@ -20,7 +20,7 @@ from pathlib import Path
 from bench.client_throughput import _ids
 from bench.sim_process import simulator_process
 from recarchive.config import Settings
-from recarchive.ids.read import spool_ids
+from recarchive.ids.spool import spool_ids
 from recarchive.run.context import ChunkOptions
 from recarchive.run.runs import archive_ids
 

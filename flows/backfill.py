@@ -13,7 +13,7 @@ from prefect.runtime import flow_run
 from flows.tasks import archive_chunk_task, publish_report
 from recarchive.config import load_settings
 from recarchive.errors import InputError
-from recarchive.ids.read import IdList
+from recarchive.ids.spool import IdList
 from recarchive.ids.window import Window, parse_when
 from recarchive.run.context import ChunkOptions
 from recarchive.run.inputs import discover_window, open_manifest, write_manifests

@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 
 from recarchive.cli.app import app
 from recarchive.config import Settings
-from recarchive.ids.read import spool_ids
+from recarchive.ids.spool import spool_ids
 from recarchive.media.keys import media_key, sidecar_key
 from recarchive.run.clients import open_store
 from recarchive.run.context import ChunkOptions

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 import recarchive.ids.read as ids_module
 from recarchive.cli.app import app
 from recarchive.errors import InputError
-from recarchive.ids.read import canonical_id, collect_ids, raise_for_problems
+from recarchive.ids.read import collect_ids, raise_for_problems
+from recarchive.ids.spool import canonical_id
 
 A = "123e4567-e89b-12d3-a456-426614174000"
 B = "00000000-0000-4000-8000-000000000001"

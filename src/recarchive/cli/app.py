@@ -33,7 +33,7 @@ from recarchive.ids.window import parse_when
 from recarchive.model import LEDGER_STATES, RunCounts
 
 if TYPE_CHECKING:
-    from recarchive.ids.read import IdList
+    from recarchive.ids.spool import IdList
     from recarchive.run.context import ChunkOptions
 
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from recarchive.cli.progress import ProgressReporter, result_table, summary_table
 from recarchive.config import Settings
 from recarchive.errors import UsageError
-from recarchive.ids.read import spool_ids
+from recarchive.ids.spool import spool_ids
 from recarchive.model import RunCounts
 from recarchive.run.context import ChunkOptions
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from recarchive.bird.client import BirdClient
-from recarchive.ids.read import IdCollector, IdList
+from recarchive.ids.spool import IdCollector, IdList
 
 
 async def discover_ids(

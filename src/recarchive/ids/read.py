@@ -1,16 +1,14 @@
 """Reading recording IDs from arguments, files and standard input.
 
 Input forms (DESIGN §2): one ID per line, blank lines and ``#`` comments ignored, or a CSV
-file with an ``id`` column. A UTF-8 BOM and CRLF line ends are tolerated. IDs are UUIDs,
-compared and stored in canonical lower-case form; duplicates count once and the first order
-is kept.
+file with an ``id`` column. A UTF-8 BOM and CRLF line ends are tolerated.
 
-Input is read as a stream, one pass, and the valid IDs are spooled to a temporary file, so a
-file of a million IDs costs memory for the set of seen IDs (16 bytes each plus set overhead),
-never for copies of the file. Lines are read with a bounded length (:data:`MAX_LINE_LENGTH`),
-so a file without line breaks is refused, not read whole. The whole input is validated before
-the caller sends any request: :func:`collect_ids` returns every problem with its place, and the
-caller decides whether to stop.
+Input is read as a stream, one pass, into the ID spool (:mod:`.spool`: canonical form,
+duplicates once, first order kept, on disk), so a file of a million IDs never costs memory for
+copies of the file. Lines are read with a bounded length (:data:`MAX_LINE_LENGTH`), so a file
+without line breaks is refused, not read whole. The whole input is validated before the caller
+sends any request: :func:`collect_ids` returns every problem with its place, and the caller
+decides whether to stop.
 
 An ID file must be a regular file (or a symlink to one); a FIFO, socket, device or directory
 is refused before it is read: opening a FIFO for reading waits for a writer, maybe forever.
@@ -28,21 +26,13 @@ import os
 import re
 import stat
 import sys
-import tempfile
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TextIO
+from typing import Any, TextIO
 
 from recarchive.errors import InputError
-from recarchive.tempfiles import IDS_SUFFIX, temp_prefix
+from recarchive.ids.spool import IdCollector, IdList, canonical_id
 
-_UUID_RE = re.compile(
-    r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-)
-#: How many problems are kept for the report; all of them are counted.
-MAX_REPORTED_PROBLEMS = 1000
 #: Longest line accepted, in characters, without its line end. An ID line is 36 characters and a
 #: CSV row rarely a few hundred; the bound keeps memory flat on a file without line breaks.
 MAX_LINE_LENGTH = 64 * 1024
@@ -63,139 +53,6 @@ _FILE_TYPES = (
 )
 
 
-def canonical_id(value: str) -> str | None:
-    """Return ``value`` as a canonical lower-case UUID string, or ``None`` if it is not one.
-
-    Only the hyphenated 8-4-4-4-12 form is accepted: braces, URNs and bare hex are rejected,
-    because an ID file holding them is more likely wrong than deliberate.
-    """
-    candidate = value.strip()
-    if not _UUID_RE.match(candidate):
-        return None
-    return candidate.lower()
-
-
-@dataclass(frozen=True, slots=True)
-class IdProblem:
-    """One bad value in the input and where it was found."""
-
-    source: str
-    line: int
-    value: str
-    reason: str
-
-    def __str__(self) -> str:
-        shown = self.value if len(self.value) <= 80 else self.value[:77] + "..."
-        return f"{self.source}:{self.line}: {shown!r} {self.reason}"
-
-
-@dataclass
-class IdList:
-    """The valid, de-duplicated IDs of one input, spooled to disk, in first-seen order.
-
-    Iterate it (any number of times) to stream the IDs back. Call :meth:`close` (or use it as
-    a context manager) to remove the spool file.
-    """
-
-    count: int = 0
-    duplicates: int = 0
-    invalid: int = 0
-    problems: list[IdProblem] = field(default_factory=list)
-    _spool: IO[str] | None = field(default=None, repr=False)
-
-    def __iter__(self) -> Iterator[str]:
-        if self._spool is None:
-            return iter(())
-        self._spool.flush()
-        return _read_spool(self._spool.name)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def chunks(self, size: int) -> Iterator[list[str]]:
-        """Yield the IDs in lists of at most ``size``, holding one list at a time."""
-        chunk: list[str] = []
-        for recording_id in self:
-            chunk.append(recording_id)
-            if len(chunk) >= size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk
-
-    def close(self) -> None:
-        """Remove the spool file."""
-        if self._spool is not None:
-            name = self._spool.name
-            self._spool.close()
-            Path(name).unlink(missing_ok=True)
-            self._spool = None
-
-    def __enter__(self) -> IdList:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _read_spool(path: str) -> Iterator[str]:
-    with open(path, encoding="ascii") as spool:
-        for line in spool:
-            yield line.rstrip("\n")
-
-
-class IdCollector:
-    """Validates, de-duplicates and spools IDs as they arrive (e.g. from a paged listing).
-
-    Args:
-        spool_dir: Folder of the spool file (system temp folder when ``None``).
-    """
-
-    def __init__(self, spool_dir: str | None = None) -> None:
-        self.result = IdList()
-        # Seen IDs as 16-byte keys: about a third of the memory of the 36-character strings.
-        self._seen: set[bytes] = set()
-        self._spool = tempfile.NamedTemporaryFile(  # noqa: SIM115 - owned by IdList
-            "w",
-            encoding="ascii",
-            # Named after this process, so the next run can sweep it if this one is killed.
-            prefix=temp_prefix(),
-            suffix=IDS_SUFFIX,
-            dir=spool_dir,
-            delete=False,
-        )
-        self.result._spool = self._spool
-
-    def add(self, value: str, source: str, line: int) -> None:
-        """Validate ``value`` found at ``source:line`` and keep it if new."""
-        recording_id = canonical_id(value)
-        if recording_id is None:
-            self.problem(source, line, value, "is not a UUID")
-            return
-        key = uuid.UUID(recording_id).bytes
-        if key in self._seen:
-            self.result.duplicates += 1
-            return
-        self._seen.add(key)
-        self._spool.write(recording_id + "\n")
-        self.result.count += 1
-
-    def finish(self) -> IdList:
-        """Flush the spool and return the collected IDs."""
-        self._spool.flush()
-        return self.result
-
-    def discard(self) -> None:
-        """Remove the spool (after a failure)."""
-        self.result.close()
-
-    def problem(self, source: str, line: int, value: str, reason: str) -> None:
-        """Record a bad value with its place."""
-        self.result.invalid += 1
-        if len(self.result.problems) < MAX_REPORTED_PROBLEMS:
-            self.result.problems.append(IdProblem(source, line, value, reason))
-
-
 def collect_ids(
     args: Sequence[str] = (),
     files: Sequence[str | Path] = (),
@@ -213,8 +70,8 @@ def collect_ids(
 
     Returns:
         The valid IDs with counts and every problem found (capped at
-        :data:`MAX_REPORTED_PROBLEMS` kept, all counted). The caller decides whether problems
-        stop the run.
+        :data:`~.spool.MAX_REPORTED_PROBLEMS` kept, all counted). The caller decides whether
+        problems stop the run.
 
     Raises:
         InputError: A file is not a regular file, cannot be opened or read, is not UTF-8 text,
@@ -428,24 +285,3 @@ def raise_for_problems(ids: IdList) -> None:
             lines.append(f"... and {more} more")
         noun = "ID" if ids.invalid == 1 else "IDs"
         raise InputError(f"{ids.invalid} invalid {noun} (not a UUID)", lines)
-
-
-def spool_ids(values: Iterable[str], *, source: str, spool_dir: str | None = None) -> IdList:
-    """Validate, de-duplicate and spool IDs from any iterable (e.g. discovered by listing).
-
-    Args:
-        values: ID strings in order.
-        source: Name used in problem reports (e.g. ``"list endpoint"``).
-        spool_dir: Folder of the spool file.
-
-    Returns:
-        The IDs as an :class:`IdList`; problems are recorded, not raised.
-    """
-    collector = IdCollector(spool_dir)
-    try:
-        for position, value in enumerate(values, start=1):
-            collector.add(value, source, position)
-    except BaseException:
-        collector.discard()
-        raise
-    return collector.finish()

@@ -19,7 +19,8 @@ from typing import Any
 from recarchive.config import Settings
 from recarchive.errors import InputError
 from recarchive.ids.discover import discover_ids
-from recarchive.ids.read import IdList, collect_ids, raise_for_problems
+from recarchive.ids.read import collect_ids, raise_for_problems
+from recarchive.ids.spool import IdList
 from recarchive.ids.window import Window
 from recarchive.run.clients import build_bird_client, build_bird_http
 from recarchive.run.runs import RunReport

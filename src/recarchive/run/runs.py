@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from recarchive.config import Settings
 from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
 from recarchive.export.parquet import ExportReport, export_changed
-from recarchive.ids.read import IdList
+from recarchive.ids.spool import IdList
 from recarchive.leases import active_owner, local_owner_dead, run_owner
 from recarchive.model import RunCounts, RunStatus
 from recarchive.redaction import describe
