@@ -29,7 +29,8 @@ from recarchive.export.parquet import (
 )
 from recarchive.export.query import run_query
 from recarchive.normalize import normalize_recording
-from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions
 from tests.fixtures.postgres import fresh_postgres_database
 from tests.test_normalize import REQUIRED, make_payload

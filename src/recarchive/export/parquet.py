@@ -10,7 +10,8 @@ A partition is rewritten whole from SQL: a temp file in the same folder, then ``
 never sees half a partition or a recording twice. Rows are streamed from SQL per partition,
 so memory holds one row group, not the table. Which partitions are due is kept in the
 ``export_partitions`` table: its ``version`` grows with every change, and the export records
-the version it wrote only if the partition did not change again while it was writing.
+the version it wrote only if the partition did not change again while it was writing
+(:mod:`recarchive.store.partitions`).
 
 Exports of one database run one at a time (:func:`_export_lock`): a PostgreSQL advisory lock,
 or on SQLite an ``flock`` on a file beside the database, never a SQL write lock, so the
@@ -31,7 +32,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,17 +39,13 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
-from sqlalchemy import Connection, Engine, Select, and_, select, text, union, update
+from sqlalchemy import Connection, Engine, Select, and_, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
-from recarchive.store.tables import (
-    archive_ledger,
-    export_partitions,
-    recording_parties,
-    recordings,
-)
+from recarchive.store.partitions import due_partitions, mark_partitions, record_exported
+from recarchive.store.tables import archive_ledger, recording_parties, recordings
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +59,7 @@ FILE_NAME = "part-0.parquet"
 #: beyond a healthy one, so a longer wait means the other export is stuck.
 EXPORT_LOCK_TIMEOUT = 30 * 60.0
 #: Key of the PostgreSQL advisory lock held by a running export ("parquetx"; the schema
-#: upgrade's key in :mod:`recarchive.store.sql` is another).
+#: upgrade's key in :mod:`recarchive.store.engine` is another).
 _EXPORT_LOCK_KEY = 0x7061727175657478
 #: Suffix of the SQLite lock file, beside the database file (like SQLite's ``-wal``).
 LOCK_FILE_SUFFIX = ".export-lock"
@@ -250,34 +246,8 @@ def _batch(columns: Sequence[Sequence[Any]], schema: pa.Schema, sqlite: bool) ->
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def _due_partitions(connection: Connection, full: bool) -> dict[str, int | None]:
-    """Partitions to write, with the version each is written at (``None``: never marked)."""
-    versions = dict(
-        connection.execute(
-            select(export_partitions.c.created_month, export_partitions.c.version).where(
-                export_partitions.c.version > export_partitions.c.exported_version
-            )
-            if not full
-            else select(export_partitions.c.created_month, export_partitions.c.version)
-        ).all()
-    )
-    due: dict[str, int | None] = dict(versions)
-    if full:
-        months = connection.execute(
-            union(
-                select(recordings.c.created_month).distinct(),
-                select(export_partitions.c.created_month),
-            )
-        ).scalars()
-        for month in months:
-            due.setdefault(month, None)
-    return dict(sorted(due.items()))
-
-
 def _mark_again(engine: Engine, month: str) -> None:
     """Make ``month`` due again (its file may be older than its marks say)."""
-    from recarchive.store.sql import mark_partitions  # sql imports this module's neighbours
-
     try:
         with engine.begin() as connection:
             mark_partitions(connection, [month])
@@ -285,23 +255,11 @@ def _mark_again(engine: Engine, month: str) -> None:
         logger.warning("could not mark partition %s for the next export: %s", month, exc)
 
 
-def _record_exported(engine: Engine, month: str, version: int) -> bool:
-    """Mark ``month`` exported at ``version`` unless it changed again meanwhile."""
-    with engine.begin() as connection:
-        result = connection.execute(
-            update(export_partitions)
-            .where(
-                export_partitions.c.created_month == month, export_partitions.c.version == version
-            )
-            .values(exported_version=version, exported_at=datetime.now(UTC))
-        )
-        return result.rowcount == 1
-
-
 # --- one export at a time ------------------------------------------------------------------
 #
 # Why a lock and not a compare-and-swap on the partition version: the mark already is one
-# (:func:`_record_exported`), but the file replace (``os.replace``, an S3 PUT) is outside the
+# (:func:`recarchive.store.partitions.record_exported`), but the file replace (``os.replace``,
+# an S3 PUT) is outside the
 # database, and no conditional UPDATE can stop an export with an older snapshot from replacing
 # the file after a newer export wrote and marked it. A lock held from before the due partitions
 # are read until the last mark makes each export see everything the previous one did, and file
@@ -621,7 +579,7 @@ def export_changed(
         # Read under the lock: what a previous export wrote and marked is not due any more.
         # A deferred (read-only) transaction on SQLite: the export must not block writers.
         with engine.connect().execution_options(recarchive_read_only=True) as connection:
-            due = _due_partitions(connection, full)
+            due = due_partitions(connection, full)
             connection.rollback()
         for month, version in due.items():
             still_locked()
@@ -651,6 +609,7 @@ def export_changed(
             report.rows += rows
             report.partitions.append(month)
             if version is not None:
-                _record_exported(engine, month, version)
+                with engine.begin() as connection:
+                    record_exported(connection, month, version)
     report.seconds = time.monotonic() - started
     return report

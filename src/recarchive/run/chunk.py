@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
     from recarchive.media.s3 import MediaStore
     from recarchive.model import LedgerEntry, NormalizedRecording
-    from recarchive.store.sql import ArchiveStore
+    from recarchive.store.archive import ArchiveStore
 
 logger = logging.getLogger(__name__)
 
