@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
-from recarchive.export.parquet import RECORDINGS_SCHEMA
+from recarchive.export.schema import RECORDINGS_SCHEMA
 from recarchive.normalize import normalize_recording
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.engine import HEAD_REVISION, create_engine_for, upgrade_database
