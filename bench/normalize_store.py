@@ -96,7 +96,8 @@ def _rss_mb() -> float:
 def run_pipeline(url: str, count: int, root: str) -> dict[str, float]:
     from recarchive.export.parquet import export_changed
     from recarchive.normalize import normalize_recording
-    from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+    from recarchive.store.archive import ArchiveStore
+    from recarchive.store.engine import create_engine_for, upgrade_database
 
     engine = create_engine_for(url)
     upgrade_database(engine)

@@ -28,7 +28,8 @@ from recarchive.run.clients import open_store
 from recarchive.run.context import ChunkOptions
 from recarchive.run.runs import archive_ids
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.sql import ArchiveStore, create_engine_for
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for
 from tests.fixtures.postgres import fresh_postgres_database
 from tests.fixtures.s3_proxy import FaultProxy
 from tests.fixtures.simulator import SimulatorFactory

@@ -36,7 +36,8 @@ from recarchive.run.chunk import archive_chunk
 from recarchive.run.context import ArchiveContext, ChunkOptions
 from recarchive.run.runs import archive_ids, retry_failed
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.sql import ArchiveStore, create_engine_for
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for
 from tests.fixtures.postgres import PostgresServer, find_pg_bin
 from tests.fixtures.s3_proxy import Action, FaultProxy, RequestInfo
 from tests.fixtures.simulator import SimulatorFactory

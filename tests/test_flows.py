@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 
 from recarchive.errors import StorageUnavailableError
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.sql import create_engine_for, upgrade_database
+from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.tables import archive_ledger, listed_windows
 from tests.fixtures.simulator import SimulatorFactory
 

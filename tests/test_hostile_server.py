@@ -52,7 +52,7 @@ from tests.fixtures.hostile import (
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
-    from recarchive.store.sql import ArchiveStore
+    from recarchive.store.archive import ArchiveStore
 
 LIMITS = AnswerLimits(
     metadata_max_bytes=1024 * 1024,

@@ -23,7 +23,7 @@ from tests.fixtures.hostile import HostileServer, Script, good_payload, raw, res
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
-    from recarchive.store.sql import ArchiveStore
+    from recarchive.store.archive import ArchiveStore
 
 
 @pytest.fixture

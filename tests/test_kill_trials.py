@@ -54,7 +54,8 @@ from recarchive.media.keys import media_key, sidecar_key
 from recarchive.media.s3 import MediaStore
 from recarchive.model import LedgerEntry
 from recarchive.simulator.server import SimulatorServer
-from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for, upgrade_database
 from tests.fixtures.s3 import AWS_ENV
 from tests.fixtures.simulator import SimulatorFactory
 

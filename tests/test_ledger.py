@@ -13,7 +13,8 @@ from sqlalchemy import Engine, update
 from recarchive.errors import LedgerStateError
 from recarchive.model import LEDGER_STATES, RunStatus
 from recarchive.normalize import normalize_recording
-from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.tables import archive_ledger, export_partitions, runs
 from tests.fixtures.postgres import fresh_postgres_database
 from tests.test_normalize import make_payload
@@ -365,7 +366,9 @@ def test_leases_follow_the_database_clock_not_the_host_clock(
             store.register(batch)
             assert store.claim(batch[:1], owner="a", lease_seconds=600, states=WORK) == batch[:1]
             skewed = datetime.now(UTC) + timedelta(hours=1)
-            monkeypatch.setattr("recarchive.store.sql._now", lambda: skewed)
+            # Every clock of this host the store reads: the engine's and the lease code's.
+            for module in ("engine", "ledger", "claims"):
+                monkeypatch.setattr(f"recarchive.store.{module}.utc_now", lambda: skewed)
             assert store.claim(batch, owner="b", lease_seconds=600, states=WORK) == batch[1:]
             assert store.due_retries(limit=10, max_attempts=8) == []
             expires = store.get_entries(batch[1:])[batch[1]].lease_expires_at
@@ -393,7 +396,7 @@ def test_leases_of_a_dead_run_are_free_at_once(engine: Engine, store: ArchiveSto
 
 def test_a_long_lease_holds_while_its_run_beats(engine: Engine, store: ArchiveStore) -> None:
     """Staleness is one fixed limit: a run with an hour's lease, beating every minute, keeps it."""
-    from recarchive.store.sql import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS
+    from recarchive.store.ledger import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS
 
     assert DEFAULT_STALE_AFTER.total_seconds() >= 3 * HEARTBEAT_SECONDS
     batch = ids(2)

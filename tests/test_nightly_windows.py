@@ -25,7 +25,7 @@ from recarchive.ids.window import (
     scheduled_time,
     utc_midnight,
 )
-from recarchive.store.sql import ArchiveStore
+from recarchive.store.archive import ArchiveStore
 from recarchive.store.tables import listed_windows
 from recarchive.store.windows import (
     ListedWindow,

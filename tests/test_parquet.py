@@ -20,16 +20,13 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from recarchive.errors import InputError, StorageUnavailableError
-from recarchive.export import parquet
-from recarchive.export.parquet import (
-    PARTIES_SCHEMA,
-    RECORDINGS_SCHEMA,
-    ExportReport,
-    export_changed,
-)
+from recarchive.export import lock, parquet
+from recarchive.export.parquet import ExportReport, export_changed
 from recarchive.export.query import run_query
+from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA
 from recarchive.normalize import normalize_recording
-from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions
 from tests.fixtures.postgres import fresh_postgres_database
 from tests.test_normalize import REQUIRED, make_payload
@@ -482,7 +479,7 @@ def test_a_slower_export_never_puts_an_older_snapshot_back(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="recarchive.export.parquet")
+    caplog.set_level(logging.INFO, logger="recarchive.export.lock")
     store = ArchiveStore(engine)
     seed(store, 4)
     root = tmp_path / "dataset"
@@ -559,7 +556,7 @@ def test_a_waiting_export_gives_up_with_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="recarchive.export.parquet")
+    caplog.set_level(logging.INFO, logger="recarchive.export.lock")
     seed(ArchiveStore(engine), 4)
     root = tmp_path / "dataset"
     export_a = PausedExport(engine, root, monkeypatch)
@@ -609,7 +606,7 @@ def test_sqlite_lock_is_a_file_lock_other_processes_see(
     sqlite_engine: Engine, tmp_path: Path
 ) -> None:
     seed(ArchiveStore(sqlite_engine), 2)
-    lock_file = tmp_path / f"db.sqlite{parquet.LOCK_FILE_SUFFIX}"
+    lock_file = tmp_path / f"db.sqlite{lock.LOCK_FILE_SUFFIX}"
     holder = subprocess.Popen(
         [
             sys.executable,

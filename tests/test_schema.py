@@ -13,14 +13,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
-from recarchive.export.parquet import RECORDINGS_SCHEMA
+from recarchive.export.schema import RECORDINGS_SCHEMA
 from recarchive.normalize import normalize_recording
-from recarchive.store.sql import (
-    HEAD_REVISION,
-    ArchiveStore,
-    create_engine_for,
-    upgrade_database,
-)
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import HEAD_REVISION, create_engine_for, upgrade_database
 from recarchive.store.tables import metadata
 from tests.fixtures.postgres import fresh_postgres_database
 from tests.test_normalize import make_payload
@@ -201,7 +197,7 @@ def test_analyst_views_apply_and_match_the_parquet_columns(database_url: str) ->
 def test_head_revision_constant_is_alembics_head() -> None:
     from alembic.script import ScriptDirectory
 
-    from recarchive.store.sql import _alembic_config
+    from recarchive.store.engine import _alembic_config
 
     assert ScriptDirectory.from_config(_alembic_config()).get_current_head() == HEAD_REVISION
 
@@ -209,7 +205,7 @@ def test_head_revision_constant_is_alembics_head() -> None:
 def test_a_database_migrated_to_0001_is_upgraded_with_its_rows(tmp_path: Path) -> None:
     from alembic import command
 
-    from recarchive.store.sql import _alembic_config
+    from recarchive.store.engine import _alembic_config
 
     engine = create_engine_for(f"sqlite:///{tmp_path / 'old.db'}")
     try:
@@ -232,12 +228,14 @@ def test_a_database_migrated_to_0001_is_upgraded_with_its_rows(tmp_path: Path) -
         engine.dispose()
 
 
-def test_the_newest_revision_marker_is_the_ddl_revision() -> None:
+def test_the_newest_revision_marker_is_the_head_revision() -> None:
     # A hand-made database is adopted at the newest revision whose marker column it has: a
-    # new DDL revision needs its marker, or such databases would be stamped wrongly.
-    from recarchive.store.sql import DDL_REVISION, REVISION_MARKERS
+    # new DDL revision needs its marker, or such databases would be stamped wrongly. The DDL
+    # in sql/ describes HEAD_REVISION, which test_head_revision_constant_is_alembics_head
+    # keeps equal to Alembic's head.
+    from recarchive.store.engine import REVISION_MARKERS
 
-    assert REVISION_MARKERS[0][0] == DDL_REVISION == HEAD_REVISION
+    assert REVISION_MARKERS[0][0] == HEAD_REVISION
     for _revision, table, column in REVISION_MARKERS:
         assert column in metadata.tables[table].c
 
@@ -245,7 +243,7 @@ def test_the_newest_revision_marker_is_the_ddl_revision() -> None:
 def test_opening_an_upgraded_database_skips_alembic(tmp_path: Path) -> None:
     import sys
 
-    from recarchive.store.sql import _at_head
+    from recarchive.store.engine import _at_head
 
     engine = create_engine_for(f"sqlite:///{tmp_path / 'fast.db'}")
     assert not _at_head(engine)

@@ -13,7 +13,8 @@ from sqlalchemy.exc import ArgumentError
 from recarchive.errors import StorageUnavailableError
 from recarchive.model import NormalizedRecording, RunStatus
 from recarchive.normalize import normalize_recording
-from recarchive.store.sql import HEAD_REVISION, ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import HEAD_REVISION, create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions, recording_parties, recordings
 from tests.test_normalize import make_payload
 
@@ -372,7 +373,7 @@ def test_concurrent_saves_of_overlapping_recordings(database_url: str) -> None:
 def test_deadlock_is_retried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from sqlalchemy.exc import OperationalError
 
-    from recarchive.store import sql
+    from recarchive.store import bulk
 
     class Deadlock(Exception):
         sqlstate = "40P01"
@@ -384,12 +385,12 @@ def test_deadlock_is_retried(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
         if len(calls) < 3:
             raise OperationalError("UPDATE ...", {}, Deadlock())
 
-    monkeypatch.setattr("recarchive.store.sql.time.sleep", lambda _: None)
-    sql._retry_conflicts(flaky)
+    monkeypatch.setattr("recarchive.store.bulk.time.sleep", lambda _: None)
+    bulk.retry_conflicts(flaky)
     assert len(calls) == 3
 
     def other() -> None:
         raise OperationalError("SELECT ...", {}, Exception("database is locked"))
 
     with pytest.raises(OperationalError):
-        sql._retry_conflicts(other)
+        bulk.retry_conflicts(other)

@@ -142,7 +142,7 @@ def release_dead_leases(
 ) -> set[str]:
     """Release the leases of ``entries`` held by dead processes of this host.
 
-    ``release(ids, owner=...)`` (:meth:`recarchive.store.sql.ArchiveStore.release`) clears a
+    ``release(ids, owner=...)`` (:meth:`recarchive.store.claims.LedgerClaims.release`) clears a
     lease only where that owner still holds it, so a row another run claimed meanwhile is
     untouched.
 

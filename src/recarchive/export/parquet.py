@@ -1,37 +1,28 @@
 """Export of the analyst Parquet dataset from SQL, one monthly partition at a time.
 
-Layout (DESIGN §2)::
+The layout and schemas are :mod:`recarchive.export.schema`'s. A partition is rewritten whole
+from SQL: a temp file in the same folder, then ``os.replace`` (locally), or one upload of a
+finished local file (``s3://bucket/prefix`` roots), so a reader never sees half a partition or
+a recording twice. Rows are streamed from SQL per partition, so memory holds one row group, not
+the table. Which partitions are due is kept in the ``export_partitions`` table
+(:mod:`recarchive.store.partitions`): its ``version`` grows with every change, and the export
+records the version it wrote only if the partition did not change again while it was writing.
 
-    {root}/recordings/created_month=YYYY-MM/part-0.parquet
-    {root}/recording_parties/created_month=YYYY-MM/part-0.parquet
-
-A partition is rewritten whole from SQL: a temp file in the same folder, then ``os.replace``
-(locally), or one upload of a finished local file (``s3://bucket/prefix`` roots), so a reader
-never sees half a partition or a recording twice. Rows are streamed from SQL per partition,
-so memory holds one row group, not the table. Which partitions are due is kept in the
-``export_partitions`` table: its ``version`` grows with every change, and the export records
-the version it wrote only if the partition did not change again while it was writing.
-
-Exports of one database run one at a time (:func:`_export_lock`): a PostgreSQL advisory lock,
-or on SQLite an ``flock`` on a file beside the database, never a SQL write lock, so the
-pipeline keeps writing while an export runs. Without it, a slower export holding an older
-snapshot could replace a partition file after a newer export wrote and marked it.
+Exports of one database run one at a time (:func:`recarchive.export.lock.export_lock`), and
+the pipeline keeps writing while an export runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -39,17 +30,21 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
-from sqlalchemy import Connection, Engine, Select, and_, select, text, union, update
+from sqlalchemy import Connection, Engine, Select, and_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.errors import ConfigError, StorageUnavailableError
-from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
-from recarchive.store.tables import (
-    archive_ledger,
-    export_partitions,
-    recording_parties,
-    recordings,
+from recarchive.export.lock import EXPORT_LOCK_TIMEOUT, export_lock
+from recarchive.export.schema import (
+    FILE_NAME,
+    PARTIES_SCHEMA,
+    RECORDINGS_SCHEMA,
+    TABLE_SCHEMAS,
+    TIMESTAMP,
 )
+from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
+from recarchive.store.partitions import due_partitions, mark_partitions, record_exported
+from recarchive.store.tables import archive_ledger, recording_parties, recordings
 
 logger = logging.getLogger(__name__)
 
@@ -57,76 +52,6 @@ logger = logging.getLogger(__name__)
 ROW_GROUP_ROWS = 128 * 1024
 #: Rows fetched from SQL per round trip.
 FETCH_ROWS = 5000
-FILE_NAME = "part-0.parquet"
-#: Seconds an export waits for another export of the same database before it gives up. An
-#: export of a few million recordings takes minutes (docs/benchmarks.md); half an hour is far
-#: beyond a healthy one, so a longer wait means the other export is stuck.
-EXPORT_LOCK_TIMEOUT = 30 * 60.0
-#: Key of the PostgreSQL advisory lock held by a running export ("parquetx"; the schema
-#: upgrade's key in :mod:`recarchive.store.sql` is another).
-_EXPORT_LOCK_KEY = 0x7061727175657478
-#: Suffix of the SQLite lock file, beside the database file (like SQLite's ``-wal``).
-LOCK_FILE_SUFFIX = ".export-lock"
-#: Longest pause between two tries of a busy lock, and how often a waiter says it still waits.
-_POLL_MAX_SECONDS = 0.5
-_WAIT_LOG_SECONDS = 60.0
-
-_TS = pa.timestamp("us", tz="UTC")
-
-_RECORDING_TYPES: dict[str, pa.DataType] = {
-    "id": pa.string(),
-    "workspace_id": pa.string(),
-    "source": pa.string(),
-    "source_id": pa.string(),
-    "channel_id": pa.string(),
-    "status": pa.string(),
-    "direction": pa.string(),
-    "origin": pa.string(),
-    "duration": pa.float64(),
-    "stereo": pa.bool_(),
-    "format": pa.string(),
-    "transcription": pa.bool_(),
-    "conference_id": pa.string(),
-    "url": pa.string(),
-    "room_info_url": pa.string(),
-    "created_at": _TS,
-    "updated_at": _TS,
-    "ended_at": _TS,
-    "started_at": _TS,
-}
-_PARTY_TYPES: dict[str, pa.DataType] = {
-    name: pa.bool_() if name == "number_anonymous" else pa.string() for name in PARTY_FIELDS
-}
-
-#: Schema of ``recordings`` files: flattened parties, media and ledger columns. The partition
-#: column ``created_month`` comes from the folder name (hive partitioning), not the file.
-RECORDINGS_SCHEMA = pa.schema(
-    [pa.field(name, _RECORDING_TYPES[name]) for name in RECORDING_FIELDS]
-    + [pa.field("fetched_at", _TS)]
-    + [
-        pa.field(f"{role}_{name}", _PARTY_TYPES[name])
-        for role in PARTY_ROLES
-        for name in PARTY_FIELDS
-    ]
-    + [
-        pa.field("media_s3_uri", pa.string()),
-        pa.field("media_sha256", pa.string()),
-        pa.field("media_size_bytes", pa.int64()),
-        pa.field("archived_at", _TS),
-        pa.field("ledger_state", pa.string()),
-    ]
-)
-
-#: Schema of ``recording_parties`` files.
-PARTIES_SCHEMA = pa.schema(
-    [pa.field("recording_id", pa.string()), pa.field("role", pa.string())]
-    + [pa.field(name, _PARTY_TYPES[name]) for name in PARTY_FIELDS]
-)
-
-TABLE_SCHEMAS: dict[str, pa.Schema] = {
-    "recordings": RECORDINGS_SCHEMA,
-    "recording_parties": PARTIES_SCHEMA,
-}
 
 
 @dataclass
@@ -235,9 +160,9 @@ def _party_batches(connection: Connection, month: str) -> Iterator[pa.RecordBatc
 
 
 def _array(values: Sequence[Any], kind: pa.DataType, sqlite: bool) -> pa.Array:
-    if sqlite and kind == _TS:
+    if sqlite and kind == TIMESTAMP:
         # SQLite holds naive UTC text ('YYYY-MM-DD HH:MM:SS.ffffff'): parse it in Arrow.
-        return pa.array(values, pa.string()).cast(pa.timestamp("us")).cast(_TS)
+        return pa.array(values, pa.string()).cast(pa.timestamp("us")).cast(TIMESTAMP)
     if sqlite and kind == pa.bool_():
         return pa.array(values, pa.int8()).cast(pa.bool_())
     return pa.array(values, type=kind, from_pandas=False)
@@ -250,225 +175,13 @@ def _batch(columns: Sequence[Sequence[Any]], schema: pa.Schema, sqlite: bool) ->
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def _due_partitions(connection: Connection, full: bool) -> dict[str, int | None]:
-    """Partitions to write, with the version each is written at (``None``: never marked)."""
-    versions = dict(
-        connection.execute(
-            select(export_partitions.c.created_month, export_partitions.c.version).where(
-                export_partitions.c.version > export_partitions.c.exported_version
-            )
-            if not full
-            else select(export_partitions.c.created_month, export_partitions.c.version)
-        ).all()
-    )
-    due: dict[str, int | None] = dict(versions)
-    if full:
-        months = connection.execute(
-            union(
-                select(recordings.c.created_month).distinct(),
-                select(export_partitions.c.created_month),
-            )
-        ).scalars()
-        for month in months:
-            due.setdefault(month, None)
-    return dict(sorted(due.items()))
-
-
 def _mark_again(engine: Engine, month: str) -> None:
     """Make ``month`` due again (its file may be older than its marks say)."""
-    from recarchive.store.sql import mark_partitions  # sql imports this module's neighbours
-
     try:
         with engine.begin() as connection:
             mark_partitions(connection, [month])
     except SQLAlchemyError as exc:
         logger.warning("could not mark partition %s for the next export: %s", month, exc)
-
-
-def _record_exported(engine: Engine, month: str, version: int) -> bool:
-    """Mark ``month`` exported at ``version`` unless it changed again meanwhile."""
-    with engine.begin() as connection:
-        result = connection.execute(
-            update(export_partitions)
-            .where(
-                export_partitions.c.created_month == month, export_partitions.c.version == version
-            )
-            .values(exported_version=version, exported_at=datetime.now(UTC))
-        )
-        return result.rowcount == 1
-
-
-# --- one export at a time ------------------------------------------------------------------
-#
-# Why a lock and not a compare-and-swap on the partition version: the mark already is one
-# (:func:`_record_exported`), but the file replace (``os.replace``, an S3 PUT) is outside the
-# database, and no conditional UPDATE can stop an export with an older snapshot from replacing
-# the file after a newer export wrote and marked it. A lock held from before the due partitions
-# are read until the last mark makes each export see everything the previous one did, and file
-# writes happen in snapshot order. It is one lock for the whole export, not one per partition:
-# every export walks the partitions in the same order, so per-partition locks would mostly make
-# a second export trail the first one partition behind, and it has nothing to do anyway once
-# the first finished (it reads the due partitions after taking the lock).
-
-#: Exports of in-memory SQLite databases: such a database exists in this process only, so
-#: every export that can see it runs here, and a process-wide lock serializes them.
-_IN_PROCESS_LOCK = threading.Lock()
-
-
-def _wait_for_lock(try_lock: Callable[[], bool], what: str, timeout: float) -> None:
-    """Call ``try_lock`` until it succeeds; log the wait; give up after ``timeout`` seconds.
-
-    Polling (rather than a blocking lock call) lets the waiter say at INFO that it waits, and
-    for how long, and stop at a deadline on every backend alike.
-
-    Raises:
-        StorageUnavailableError: The lock was still held by another export after ``timeout``.
-    """
-    if try_lock():
-        return
-    started = time.monotonic()
-    deadline = started + timeout
-    logger.info(
-        "waiting for another Parquet export of this database to finish (%s; gives up after %.0f s)",
-        what,
-        timeout,
-    )
-    next_log = started + _WAIT_LOG_SECONDS
-    delay = 0.02
-    while True:
-        now = time.monotonic()
-        if now >= deadline:
-            raise StorageUnavailableError(
-                f"another Parquet export of this database still runs after {timeout:g} s of "
-                f"waiting ({what}); let it finish, or stop it if it is stuck, then run "
-                "`recarchive export`"
-            )
-        if now >= next_log:
-            logger.info("still waiting for another Parquet export (%.0f s so far)", now - started)
-            next_log += _WAIT_LOG_SECONDS
-        time.sleep(min(delay, deadline - now))
-        delay = min(delay * 2, _POLL_MAX_SECONDS)
-        if try_lock():
-            waited = time.monotonic() - started
-            logger.info("the other Parquet export finished; exporting after %.1f s", waited)
-            return
-
-
-@contextlib.contextmanager
-def _postgres_lock(engine: Engine, timeout: float) -> Iterator[Callable[[], None]]:
-    """Hold the export's session-level advisory lock on a dedicated connection.
-
-    The connection is in autocommit mode, so it is never left idle in a transaction (holding
-    back vacuum) for the length of the export. If the session ends, the server drops the lock;
-    the yielded check fails then, before the export writes another partition.
-    """
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-
-        def try_lock() -> bool:
-            statement = text("SELECT pg_try_advisory_lock(:key)")
-            return bool(connection.execute(statement, {"key": _EXPORT_LOCK_KEY}).scalar())
-
-        def check() -> None:
-            try:
-                connection.execute(text("SELECT 1"))
-            except SQLAlchemyError as exc:
-                raise StorageUnavailableError(
-                    f"lost the Parquet export lock (its PostgreSQL session ended: {exc}); "
-                    "run `recarchive export` again"
-                ) from exc
-
-        _wait_for_lock(try_lock, f"advisory lock {_EXPORT_LOCK_KEY:#x}", timeout)
-        try:
-            yield check
-        finally:
-            try:
-                connection.execute(
-                    text("SELECT pg_advisory_unlock(:key)"), {"key": _EXPORT_LOCK_KEY}
-                )
-            except SQLAlchemyError:
-                # Never hand a session that may still hold the lock back to the pool: closing
-                # it releases every lock it holds.
-                connection.invalidate()
-
-
-def _sqlite_file(engine: Engine) -> str:
-    """Path of the SQLite main database file; ``""`` for an in-memory or temporary one."""
-    with engine.connect().execution_options(recarchive_read_only=True) as connection:
-        rows = connection.exec_driver_sql("PRAGMA database_list").all()
-        connection.rollback()
-    return next((str(row[2] or "") for row in rows if row[1] == "main"), "")
-
-
-def _open_lock_file(path: str) -> int:
-    """Open (creating) the lock file; read-only when it belongs to another user.
-
-    A local ``flock`` needs no write access, so an export run by another user (a manual
-    ``recarchive export`` next to the scheduled one) still takes the same lock. Read-write
-    comes first because over NFS ``flock`` becomes a POSIX lock, which needs it.
-    """
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except PermissionError:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-
-@contextlib.contextmanager
-def _sqlite_lock(engine: Engine, timeout: float) -> Iterator[Callable[[], None]]:
-    """Hold an exclusive ``flock`` on the lock file beside the SQLite database.
-
-    SQLite is embedded, so every export of a database file runs on its host, and a file lock
-    there serializes them without any SQL lock: the pipeline's write transactions go on. The
-    file is never removed (removing it would let two exports lock two different files). The
-    lock belongs to the open file, so the kernel drops it when the process dies, and two
-    exports in two threads of one process exclude each other too (POSIX record locks,
-    ``fcntl.lockf``, are per process and would not).
-    """
-    database = _sqlite_file(engine)
-    if not database:
-        _wait_for_lock(
-            lambda: _IN_PROCESS_LOCK.acquire(blocking=False), "in-memory database", timeout
-        )
-        try:
-            yield lambda: None
-        finally:
-            _IN_PROCESS_LOCK.release()
-        return
-    path = database + LOCK_FILE_SUFFIX
-    try:
-        descriptor = _open_lock_file(path)
-    except OSError as exc:
-        raise StorageUnavailableError(f"cannot open the export lock file {path}: {exc}") from exc
-
-    def try_lock() -> bool:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            raise StorageUnavailableError(f"cannot lock {path}: {exc}") from exc
-        return True
-
-    try:
-        _wait_for_lock(try_lock, f"lock file {path}", timeout)
-        yield lambda: None
-    finally:
-        os.close(descriptor)  # releases the lock
-
-
-@contextlib.contextmanager
-def _export_lock(engine: Engine, timeout: float) -> Iterator[Callable[[], None]]:
-    """Hold the lock that lets one export of ``engine``'s database run at a time.
-
-    Yields:
-        A check to call before each partition: it raises
-        :class:`~recarchive.errors.StorageUnavailableError` if the lock was lost.
-    """
-    if engine.dialect.name == "postgresql":
-        with _postgres_lock(engine, timeout) as check:
-            yield check
-    else:
-        with _sqlite_lock(engine, timeout) as check:
-            yield check
 
 
 # --- file side -----------------------------------------------------------------------------
@@ -617,11 +330,11 @@ def export_changed(
     started = time.monotonic()
     target = _Target(root, s3_endpoint_url)
     report = ExportReport(rows=0)
-    with _export_lock(engine, lock_timeout) as still_locked:
+    with export_lock(engine, lock_timeout) as still_locked:
         # Read under the lock: what a previous export wrote and marked is not due any more.
         # A deferred (read-only) transaction on SQLite: the export must not block writers.
         with engine.connect().execution_options(recarchive_read_only=True) as connection:
-            due = _due_partitions(connection, full)
+            due = due_partitions(connection, full)
             connection.rollback()
         for month, version in due.items():
             still_locked()
@@ -651,6 +364,7 @@ def export_changed(
             report.rows += rows
             report.partitions.append(month)
             if version is not None:
-                _record_exported(engine, month, version)
+                with engine.begin() as connection:
+                    record_exported(connection, month, version)
     report.seconds = time.monotonic() - started
     return report

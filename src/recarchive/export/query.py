@@ -17,7 +17,7 @@ import duckdb
 import pyarrow as pa
 
 from recarchive.errors import ConfigError, InputError
-from recarchive.export.parquet import TABLE_SCHEMAS
+from recarchive.export.schema import TABLE_SCHEMAS
 
 
 def _quote(text: str) -> str:

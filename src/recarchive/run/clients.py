@@ -26,7 +26,8 @@ from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.leases import active_owner, run_owner
 from recarchive.run.context import ArchiveContext
-from recarchive.store.sql import ArchiveStore, create_engine_for, upgrade_database
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for, upgrade_database
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

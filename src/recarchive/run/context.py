@@ -13,7 +13,7 @@ from recarchive.model import RunCounts
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
     from recarchive.media.s3 import MediaStore
-    from recarchive.store.sql import ArchiveStore
+    from recarchive.store.archive import ArchiveStore
 
 #: Called with a small :class:`RunCounts` delta per finished item.
 ProgressCallback = Callable[[RunCounts], None]

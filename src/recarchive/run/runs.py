@@ -29,7 +29,8 @@ from recarchive.run.chunk import archive_chunk
 from recarchive.run.clients import open_archive_context, open_store
 from recarchive.run.context import ArchiveContext, ChunkOptions, ProgressCallback
 from recarchive.run.failures import ledger_errors
-from recarchive.store.sql import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS, ArchiveStore
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.ledger import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS
 from recarchive.tempfiles import remove_orphan_temp_files
 
 logger = logging.getLogger(__name__)

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from sqlalchemy import Connection, Engine, func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Engine, func, select
 
 from recarchive.model import plain_utc
+from recarchive.store.bulk import dialect_insert
 from recarchive.store.tables import listed_windows
 
 
@@ -104,7 +104,7 @@ def record_listed_window(
         "recordings": row.recordings,
     }
     with engine.begin() as connection:
-        insert = _insert(connection)
+        insert = dialect_insert(connection, listed_windows)
         connection.execute(
             insert.values(**values).on_conflict_do_update(
                 index_elements=[listed_windows.c.window_start, listed_windows.c.window_end],
@@ -152,10 +152,3 @@ def _utc(value: datetime, name: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name}: {value.isoformat()} has no time zone (give UTC)")
     return plain_utc(value)
-
-
-def _insert(connection: Connection) -> Any:
-    # Both dialects spell the upsert the same way (ON CONFLICT ... DO UPDATE).
-    if connection.dialect.name == "postgresql":
-        return postgresql.insert(listed_windows)
-    return sqlite.insert(listed_windows)

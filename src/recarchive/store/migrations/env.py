@@ -1,6 +1,6 @@
 """Alembic environment: runs on the connection that ``upgrade_database`` passes in.
 
-There is no alembic.ini at runtime; ``recarchive.store.sql.upgrade_database`` builds the
+There is no alembic.ini at runtime; ``recarchive.store.engine.upgrade_database`` builds the
 config and hands over an open connection in ``config.attributes["connection"]``.
 """
 
@@ -27,7 +27,7 @@ def _run(connection: Connection) -> None:
 def _main() -> None:
     connection = context.config.attributes.get("connection")
     if connection is None:
-        raise RuntimeError("run migrations through recarchive.store.sql.upgrade_database")
+        raise RuntimeError("run migrations through recarchive.store.engine.upgrade_database")
     _run(connection)
 
 

@@ -1,0 +1,31 @@
+"""The archive's SQL store, one object for the pipeline: recordings, the ledger and runs.
+
+Each table job is its own class over the shared ``engine`` (:mod:`~recarchive.store.recordings`,
+:mod:`~recarchive.store.ledger`, :mod:`~recarchive.store.claims`, :mod:`~recarchive.store.runs`);
+this class only puts them together, so callers hold one store and never mind which module
+answers a call.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+
+from recarchive.store.claims import LedgerClaims
+from recarchive.store.ledger import Ledger
+from recarchive.store.recordings import RecordingWrites
+from recarchive.store.runs import RunsTable
+
+__all__ = ["ArchiveStore"]
+
+
+class ArchiveStore(RecordingWrites, Ledger, LedgerClaims, RunsTable):
+    """Recordings, ledger and runs in one SQL database.
+
+    Args:
+        engine: Engine from :func:`~recarchive.store.engine.create_engine_for`, schema
+            upgraded by :func:`~recarchive.store.engine.upgrade_database`. The caller owns
+            and disposes it.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
