@@ -1,6 +1,6 @@
 """The Parquet dataset's layout and Arrow schemas.
 
-Layout (DESIGN §2)::
+Layout (README, "Where things go"; columns: docs/dataset.md)::
 
     {root}/recordings/created_month=YYYY-MM/part-0.parquet
     {root}/recording_parties/created_month=YYYY-MM/part-0.parquet

@@ -1,6 +1,6 @@
 """Reading recording IDs from arguments, files and standard input.
 
-Input forms (DESIGN §2): one ID per line, blank lines and ``#`` comments ignored, or a CSV
+Input forms (README, "Using it"): one ID per line, blank lines and ``#`` comments ignored, or a CSV
 file with an ``id`` column. A UTF-8 BOM and CRLF line ends are tolerated.
 
 Input is read as a stream, one pass, into the ID spool (:mod:`.spool`: canonical form,
