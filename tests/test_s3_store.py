@@ -21,12 +21,8 @@ from recarchive.errors import (
     TransportError,
 )
 from recarchive.media.keys import media_key, sidecar_key
-from recarchive.media.s3 import (
-    MediaStore,
-    ObjectInfo,
-    build_s3_client,
-    translate_error,
-)
+from recarchive.media.s3 import MediaStore, ObjectInfo
+from recarchive.media.s3client import build_s3_client, translate_error
 from tests.fixtures.s3_proxy import FaultProxy, ScriptedSchedule, SeededSchedule
 
 if TYPE_CHECKING:

@@ -75,7 +75,7 @@ def open_store(settings: Settings) -> tuple[Engine, ArchiveStore]:
 def build_s3(settings: Settings, *, max_pool_connections: int = 10) -> S3Client:
     """Build the boto3 S3 client for ``settings`` (endpoint, checksum mode)."""
     # Imported here: boto3 costs about half a second, and --skip-media runs never need it.
-    from recarchive.media.s3 import build_s3_client
+    from recarchive.media.s3client import build_s3_client
 
     return build_s3_client(
         endpoint_url=settings.s3_endpoint_url,
