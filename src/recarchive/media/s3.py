@@ -207,6 +207,33 @@ class MediaStore:
         """Return the keys of multipart uploads started but neither completed nor aborted."""
         return self._multipart.open_keys()
 
+    # --- manifests -------------------------------------------------------------------------
+
+    def put_manifest(self, key: str, body: bytes) -> None:
+        """Write a manifest (the IDs of one child run); an existing one is overwritten.
+
+        Encrypted with the store's SSE settings, and with nothing else: never a retention lock
+        or storage class media may be given, because a child run must be able to read its
+        manifest at once, and the manifests of a finished run must stay deletable.
+
+        Raises:
+            RetryableError: Transient S3 failure after botocore's retries.
+            StorageUnavailableError: Access denied, no such bucket, bad SSE/KMS arguments.
+        """
+        self._put(key, body)
+
+    def download_manifest(self, key: str, target: Path) -> None:
+        """Download the manifest at ``key`` into the file ``target``.
+
+        Raises:
+            RetryableError: Transient S3 failure after botocore's retries.
+            StorageUnavailableError: No such key or bucket, access denied, bad credentials.
+        """
+        try:
+            self.s3.download_file(self.bucket, key, str(target))
+        except (ClientError, BotoCoreError) as exc:
+            raise translate_error(exc, f"get {self._uri(key)}") from exc
+
     # --- writes ----------------------------------------------------------------------------
 
     def put_bytes(self, key: str, data: bytes, content_type: str = "application/json") -> None:
@@ -216,15 +243,17 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
+        self._put(
+            key,
+            data,
+            ContentType=content_type,
+            ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode(),
+        )
+
+    def _put(self, key: str, data: bytes, **args: Any) -> None:
+        """One overwriting ``put_object`` of ``data`` with the SSE arguments and ``args``."""
         try:
-            self.s3.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ContentType=content_type,
-                ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode(),
-                **self._sse_args(),
-            )
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **args, **self._sse_args())
         except (ClientError, BotoCoreError) as exc:
             raise translate_error(exc, f"put {self._uri(key)}") from exc
 

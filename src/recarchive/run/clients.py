@@ -84,15 +84,20 @@ def build_s3(settings: Settings, *, max_pool_connections: int = 10) -> S3Client:
     )
 
 
-def build_media_store(settings: Settings) -> MediaStore:
+def build_media_store(settings: Settings, *, bucket: str | None = None) -> MediaStore:
     """Build the S3 media store for ``RECARCHIVE_S3_BUCKET``.
 
+    Args:
+        settings: The run's settings.
+        bucket: Another bucket, e.g. the one of an ``s3://`` manifest given as input; then
+            ``RECARCHIVE_S3_BUCKET`` need not be set.
+
     Raises:
-        ConfigError: The bucket is not set.
+        ConfigError: No ``bucket`` given and the setting is not set.
     """
     from recarchive.media.s3 import MediaStore
 
-    bucket = settings.require_bucket()
+    bucket = settings.require_bucket() if bucket is None else bucket
     s3 = build_s3(settings, max_pool_connections=max(settings.concurrency * 2, 10))
     return MediaStore(
         s3,
