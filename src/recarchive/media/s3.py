@@ -77,7 +77,8 @@ class MediaStore:
     """MP3 objects and their sidecars in one bucket.
 
     Args:
-        s3: A boto3 S3 client (see :func:`build_s3_client`); shared by threads.
+        s3: A boto3 S3 client (see :func:`~recarchive.media.s3client.build_s3_client`); shared
+            by threads.
         bucket: The media bucket.
         sse: ``"AES256"``, ``"aws:kms"`` or ``None`` for the bucket default.
         kms_key_id: KMS key for ``aws:kms`` (``None``: the account's default key).
