@@ -11,8 +11,7 @@ from recarchive.model import RunCounts
 from recarchive.run.chunk import archive_chunk
 from recarchive.run.context import ArchiveContext, ChunkOptions
 from recarchive.run.failures import should_retry_chunk
-from recarchive.run.inputs import report_table
-from recarchive.run.runs import RunReport
+from recarchive.run.runs import RunReport, report_table
 
 
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:

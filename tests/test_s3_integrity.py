@@ -31,7 +31,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from recarchive.errors import MediaConflictError, MediaIntegrityError
-from recarchive.media.s3 import MediaStore, build_s3_client
+from recarchive.media.s3 import MediaStore
+from recarchive.media.s3client import build_s3_client
 from tests.fixtures.s3_proxy import FaultProxy, _Handler
 
 if TYPE_CHECKING:

@@ -21,12 +21,9 @@ from recarchive.errors import (
     TransportError,
 )
 from recarchive.media.keys import media_key, sidecar_key
-from recarchive.media.s3 import (
-    MediaStore,
-    ObjectInfo,
-    build_s3_client,
-    translate_error,
-)
+from recarchive.media.s3 import MediaStore, ObjectInfo
+from recarchive.media.s3client import build_s3_client, translate_error
+from tests.fixtures.s3 import SseCase
 from tests.fixtures.s3_proxy import FaultProxy, ScriptedSchedule, SeededSchedule
 
 if TYPE_CHECKING:
@@ -117,26 +114,10 @@ def test_missing_bucket_is_storage_unavailable(s3_client: S3Client, tmp_path: Pa
     assert "NoSuchBucket" in str(info.value)
 
 
-@pytest.mark.parametrize(
-    ("sse", "kms_key", "expected"),
-    [
-        ("AES256", None, {"ServerSideEncryption": "AES256"}),
-        (
-            "aws:kms",
-            "alias/recordings",
-            {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "alias/recordings"},
-        ),
-    ],
-)
 def test_sse_arguments_reach_s3(
-    s3_client: S3Client,
-    s3_bucket: str,
-    tmp_path: Path,
-    sse: str,
-    kms_key: str | None,
-    expected: dict[str, str],
+    s3_client: S3Client, s3_bucket: str, tmp_path: Path, sse_case: SseCase
 ) -> None:
-    store = small_store(s3_client, s3_bucket, sse=sse, kms_key_id=kms_key)
+    store = small_store(s3_client, s3_bucket, sse=sse_case.sse, kms_key_id=sse_case.kms_key_id)
     small, small_digest = write(tmp_path, mp3_bytes(1000), "small.mp3")
     big_data = mp3_bytes(6 * MiB, seed=1)
     big, big_digest = write(tmp_path, big_data, "big.mp3")
@@ -144,10 +125,7 @@ def test_sse_arguments_reach_s3(
     store.upload_file("big.mp3", big, size=len(big_data), sha256_hex=big_digest)
     store.put_bytes("small.json", b"{}")
     for key in ("small.mp3", "big.mp3", "small.json"):
-        head = s3_client.head_object(Bucket=s3_bucket, Key=key)
-        assert head["ServerSideEncryption"] == expected["ServerSideEncryption"]
-        if "SSEKMSKeyId" in expected:
-            assert expected["SSEKMSKeyId"] in head["SSEKMSKeyId"]
+        sse_case.assert_shown_by(s3_client.head_object(Bucket=s3_bucket, Key=key))
 
 
 def test_sidecar_put_overwrites(s3_client: S3Client, s3_bucket: str) -> None:

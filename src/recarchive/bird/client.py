@@ -2,9 +2,9 @@
 
 Every API request goes through :meth:`BirdClient._send`, which paces it (shared
 :class:`~recarchive.bird.ratelimit.RequestPacer`), retries it under a
-:class:`~recarchive.bird.retry.RetryPolicy`, and translates the outcome into the project's
-error tree. This is the only retry layer for Bird requests: callers never retry a request
-themselves.
+:class:`~recarchive.bird.retry.RetryPolicy`, and reads the answer through
+:mod:`recarchive.bird.answer`, which translates every failure into the project's error tree.
+This is the only retry layer for Bird requests: callers never retry a request themselves.
 
 The access key is added per request to API requests only; the media download goes to the
 presigned URL with no ``Authorization`` header, because real S3 rejects a presigned request
@@ -27,141 +27,36 @@ from urllib.parse import quote
 import httpx
 from pydantic import SecretStr
 
-from recarchive.bird.integrity import BodyCheck, plain_md5_etag
-from recarchive.bird.limits import AnswerLimits, LowSpeedWatch, decode_body, parse_json_object
+from recarchive.bird.answer import (
+    REDIRECT_STATUSES,
+    Answer,
+    MediaDownload,
+    classify,
+    read_answer,
+    send_for_headers,
+)
+from recarchive.bird.integrity import plain_md5_etag
+from recarchive.bird.limits import AnswerLimits, parse_json_object
 from recarchive.bird.ratelimit import RequestPacer
 from recarchive.bird.redirect import RedirectPolicy
-from recarchive.bird.retry import RetryPolicy, parse_retry_after
+from recarchive.bird.retry import RetryPolicy
 from recarchive.errors import (
-    AuthError,
-    ClientRequestError,
     InvalidRedirectError,
-    MediaIntegrityError,
     MediaLinkExpiredError,
-    NotFoundError,
     PayloadError,
     RateLimitedError,
-    RecarchiveError,
     RetryableError,
-    ServerError,
-    TransportError,
 )
 from recarchive.redaction import strip_url
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: Fresh redirects asked for when presigned URLs keep answering 403 (expired).
 MAX_LINK_REFRESHES = 3
 PAGE_SIZE = 99
-MEDIA_CHUNK_BYTES = 1024 * 1024
 #: Asked of every host: lengths, checksums and limits then apply to the bytes we keep.
 IDENTITY = "identity"
-
-
-class MediaDownload:
-    """An open media response from the presigned URL, streamed by the caller.
-
-    Built inside the client's retry loop, so a malformed ``Content-Length`` or checksum
-    header, or a ``Content-Length`` above the size limit, is retried like any failed request
-    and never reaches the caller.
-
-    Attributes:
-        recording_id: The recording.
-        content_length: ``Content-Length`` of the media host's answer, if it sent one.
-        content_type: ``Content-Type`` of the answer.
-        bytes_read: Bytes streamed so far.
-        confirmed_by: After the body was read whole: what confirmed its end
-            (``"content-length"``, ``"chunked"``, ``"etag-md5"``, ``"content-md5"``, ...).
-
-    Raises:
-        MediaIntegrityError: Malformed framing or checksum headers, or a body larger than
-            the limit (announced or found while streaming).
-    """
-
-    def __init__(
-        self,
-        recording_id: str,
-        response: httpx.Response,
-        *,
-        limits: AnswerLimits,
-        what: str,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.recording_id = recording_id
-        self._response = response
-        self._what = what
-        self._limits = limits
-        coding = response.headers.get("Content-Encoding", "identity").strip().lower()
-        if coding not in ("", "identity"):
-            # Asked for identity: a compressed body's length, checksums and end cannot be
-            # checked as the bytes we store (and httpx would inflate it unbounded).
-            raise MediaIntegrityError(f"{what}: compressed media ({coding[:40]!r}) refused")
-        self._check = BodyCheck(response.headers, what)
-        self.content_length = self._check.content_length
-        if self.content_length is not None and self.content_length > limits.media_max_bytes:
-            raise MediaIntegrityError(
-                f"{what}: {self.content_length} bytes announced, more than the limit of "
-                f"{limits.media_max_bytes} (RECARCHIVE_MEDIA_MAX_BYTES)"
-            )
-        self.content_type = response.headers.get("Content-Type")
-        self.bytes_read = 0
-        self.confirmed_by: str | None = None
-        self._clock = clock
-
-    async def iter_bytes(self, chunk_size: int = MEDIA_CHUNK_BYTES) -> AsyncIterator[bytes]:
-        """Yield the body in chunks; after the last one, the body is confirmed whole.
-
-        Raises:
-            TransportError: The connection broke, timed out, or ran below the speed limit.
-            MediaIntegrityError: The body is longer than the limit, does not match its length
-                or checksum, or nothing independent of the connection confirms its end.
-        """
-        # Pieces arrive as the transport reads them (16 KiB from aiohttp); they are joined
-        # here into blocks of about ``chunk_size``, one copy per byte. httpx's own
-        # ``aiter_bytes(chunk_size)`` re-chunks through a BytesIO: three copies and slicing,
-        # 8 % of the client's CPU in bench/media_throughput.py (sampled with py-spy).
-        limits, check = self._limits, self._check
-        watch = LowSpeedWatch(
-            limits.low_speed_bytes, limits.low_speed_seconds, self._what, clock=self._clock
-        )
-        pieces: list[bytes] = []
-        pending = 0
-        try:
-            async for piece in _raw_pieces(self._response):
-                self.bytes_read += len(piece)
-                if self.bytes_read > limits.media_max_bytes:
-                    raise MediaIntegrityError(
-                        f"{self._what}: more than {limits.media_max_bytes} bytes "
-                        "(RECARCHIVE_MEDIA_MAX_BYTES); aborted"
-                    )
-                watch.add(len(piece))
-                check.update(piece)
-                pieces.append(piece)
-                pending += len(piece)
-                if pending >= chunk_size:
-                    yield b"".join(pieces)
-                    pieces.clear()
-                    pending = 0
-            if pieces:
-                yield b"".join(pieces)
-        except RecarchiveError:
-            raise
-        except Exception as exc:  # httpx.HTTPError, or a transport's own untranslated error
-            raise TransportError(
-                f"{self._what}: download broke after {self.bytes_read} bytes ({type(exc).__name__})"
-            ) from exc
-        self.confirmed_by = check.finish(self.bytes_read)
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """A finished API answer: status, headers and the body (read within the size limit)."""
-
-    status_code: int
-    headers: httpx.Headers
-    content: bytes
 
 
 @dataclass(frozen=True)
@@ -322,7 +217,7 @@ class BirdClient:
             try:
                 yield download
             finally:
-                await download._response.aclose()
+                await download.aclose()
             return
         raise MediaLinkExpiredError(
             f"media of {recording_id}: presigned URL refused {MAX_LINK_REFRESHES} times"
@@ -356,7 +251,7 @@ class BirdClient:
                 "GET", location, headers={"Range": "bytes=0-0", "Accept-Encoding": IDENTITY}
             )
             request.headers.pop("Authorization", None)
-            response = await self._headers_within_deadline(request, what)
+            response = await send_for_headers(self._http, request, limits=self.limits, what=what)
             try:
                 if response.status_code in (401, 403):
                     # Never about our key (not sent there): an expired link, or S3's answer
@@ -366,7 +261,7 @@ class BirdClient:
                         f"(HTTP {response.status_code})"
                     )
                 if response.status_code != 206:
-                    raise _classify(response, what) or InvalidRedirectError(
+                    raise classify(response, what) or InvalidRedirectError(
                         f"{what}: expected 206 to a range request, got {response.status_code}"
                     )
                 total = _content_range_total(response.headers.get("Content-Range"))
@@ -399,106 +294,28 @@ class BirdClient:
         what: str,
         params: dict[str, str] | None = None,
         read_body: bool = True,
-    ) -> _Answer:
+    ) -> Answer:
         """Send one API request with pacing and retries; return a 2xx or 3xx answer.
 
-        The body is read inside the attempt (a connection that breaks mid-body is retried)
-        and refused past ``limits.metadata_max_bytes`` before anything parses it.
+        The body is read inside the attempt (a connection that breaks mid-body is retried);
+        see :func:`~recarchive.bird.answer.read_answer`.
         """
 
-        async def attempt() -> _Answer:
+        async def attempt() -> Answer:
             await self.pacer.wait()
             self.stats["requests"] += 1
             request = self._http.build_request(
                 method, url, params=params, headers=self._auth_headers()
             )
-            try:
-                async with asyncio.timeout(self.limits.answer_seconds):
-                    response = await self._transport(request, what)
-                    try:
-                        error = _classify(response, what)
-                        if error is not None:
-                            raise error
-                        content = b""
-                        if read_body and response.status_code not in REDIRECT_STATUSES:
-                            content = await self._read_limited(response, what)
-                    finally:
-                        await response.aclose()
-            except TimeoutError as exc:
-                raise TransportError(
-                    f"{what}: no whole answer within {self.limits.answer_seconds:.0f}s"
-                ) from exc
+            answer = await read_answer(
+                self._http, request, limits=self.limits, what=what, read_body=read_body
+            )
             self.pacer.record_success()
-            return _Answer(response.status_code, response.headers, content)
+            return answer
 
         return await self._with_retries(attempt, what=what, paced=True)
 
-    async def _transport(self, request: httpx.Request, what: str) -> httpx.Response:
-        """Send ``request`` streaming; every transport failure becomes a :class:`TransportError`.
-
-        The boundary to httpx and its transport: a malformed status line or header raises the
-        transport's own exception types (aiohttp's ``ClientResponseError`` is not mapped by
-        httpx-aiohttp), whose messages quote the URL; only the type name is kept here.
-        """
-        try:
-            return await self._http.send(request, stream=True, follow_redirects=False)
-        except httpx.TimeoutException as exc:
-            raise TransportError(f"{what}: timed out ({type(exc).__name__})") from exc
-        except httpx.HTTPError as exc:
-            raise TransportError(f"{what}: connection failed ({type(exc).__name__})") from exc
-        except Exception as exc:
-            raise TransportError(f"{what}: malformed answer ({type(exc).__name__})") from exc
-
-    async def _headers_within_deadline(self, request: httpx.Request, what: str) -> httpx.Response:
-        """:meth:`_transport` for the media host: its headers within ``answer_seconds``.
-
-        The body that follows is bounded by the size and low-speed limits instead.
-        """
-        try:
-            async with asyncio.timeout(self.limits.answer_seconds):
-                return await self._transport(request, what)
-        except TimeoutError as exc:
-            raise TransportError(
-                f"{what}: no answer headers within {self.limits.answer_seconds:.0f}s"
-            ) from exc
-
-    async def _read_limited(self, response: httpx.Response, what: str) -> bytes:
-        """The answer's body: at most ``metadata_max_bytes`` on the wire and once decoded.
-
-        Read raw (httpx's decoding inflates before any limit applies) and decoded here by
-        :func:`~recarchive.bird.limits.decode_body`; a body slower than the low-speed limit is
-        aborted like a media download.
-        """
-        limit = self.limits.metadata_max_bytes
-        refused = PayloadError(
-            f"{what}: answer larger than {limit} bytes (RECARCHIVE_METADATA_MAX_BYTES); "
-            "refused unparsed",
-            field="<body>",
-        )
-        announced = response.headers.get("Content-Length", "")
-        if announced.isdigit() and int(announced) > limit:
-            raise refused
-        watch = LowSpeedWatch(self.limits.low_speed_bytes, self.limits.low_speed_seconds, what)
-        pieces: list[bytes] = []
-        size = 0
-        try:
-            async for piece in _raw_pieces(response):
-                size += len(piece)
-                if size > limit:
-                    raise refused
-                watch.add(len(piece))
-                pieces.append(piece)
-        except RecarchiveError:
-            raise
-        except httpx.TimeoutException as exc:
-            raise TransportError(f"{what}: timed out mid-answer ({type(exc).__name__})") from exc
-        except Exception as exc:
-            raise TransportError(f"{what}: answer broke off ({type(exc).__name__})") from exc
-        return decode_body(
-            b"".join(pieces), response.headers.get("Content-Encoding"), limit=limit, what=what
-        )
-
-    def _json_object(self, answer: _Answer, what: str) -> dict[str, Any]:
+    def _json_object(self, answer: Answer, what: str) -> dict[str, Any]:
         return parse_json_object(answer.content, what, max_depth=self.limits.json_max_depth)
 
     async def _with_retries(
@@ -557,7 +374,7 @@ class BirdClient:
             # Defence in depth: whatever defaults the injected client has, no credentials
             # travel to the media host.
             request.headers.pop("Authorization", None)
-            response = await self._headers_within_deadline(request, what)
+            response = await send_for_headers(self._http, request, limits=self.limits, what=what)
             if response.status_code == 200:
                 try:
                     return MediaDownload(recording_id, response, limits=self.limits, what=what)
@@ -570,45 +387,11 @@ class BirdClient:
             if response.status_code in (401, 403):
                 logger.info("presigned URL of %s refused (expired); asking again", recording_id)
                 return None
-            raise _classify(response, what) or InvalidRedirectError(
+            raise classify(response, what) or InvalidRedirectError(
                 f"{what}: unexpected HTTP {response.status_code}"
             )
 
         return await self._with_retries(attempt, what=what, paced=False)
-
-
-async def _raw_pieces(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The body as sent (no decoding); a response a transport pre-read is yielded whole."""
-    if response.is_stream_consumed:  # e.g. httpx.MockTransport with content=...
-        yield response.content
-        return
-    async for piece in response.aiter_raw():
-        yield piece
-
-
-def _classify(response: httpx.Response, what: str) -> RecarchiveError | None:
-    """Translate a status code into our error tree; ``None`` for 2xx and 3xx."""
-    status = response.status_code
-    if status < 400:
-        return None
-    if status == 429:
-        return RateLimitedError(
-            f"{what}: HTTP 429 rate limited",
-            retry_after=parse_retry_after(response.headers.get("Retry-After")),
-        )
-    if status in (401, 403):
-        return AuthError(
-            f"{what}: HTTP {status}: Bird refused the access key "
-            "(check RECARCHIVE_BIRD_ACCESS_KEY and RECARCHIVE_BIRD_AUTH_SCHEME)"
-        )
-    if status == 404:
-        return NotFoundError(f"{what}: not found (HTTP 404)")
-    if status >= 500 and status != 501:
-        return ServerError(
-            f"{what}: HTTP {status}",
-            retry_after=parse_retry_after(response.headers.get("Retry-After")),
-        )
-    return ClientRequestError(f"{what}: HTTP {status}", status_code=status)
 
 
 _CONTENT_RANGE = re.compile(r"^bytes [0-9]{1,19}-[0-9]{1,19}/([0-9]{1,19})$", re.ASCII | re.I)

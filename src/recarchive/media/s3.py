@@ -6,12 +6,14 @@ metadata (so a HEAD can later tell what the object should hold) — and is read 
 HEAD before it counts as stored. The HEAD proves the object exists with the size and metadata
 we sent; it cannot prove the bytes: S3 itself refuses a body that does not match its
 ``ChecksumSHA256`` (SeaweedFS does too, tests/test_s3_integrity.py), but moto accepts wrong
-checksums silently (DESIGN §5), and there only a full read (``verify --deep``, or the
+checksums silently, and there only a full read (``verify --deep``, or the
 recovery path's re-hash) sees a corrupted body.
 
 Retries of single S3 requests (5xx, ``SlowDown``, dropped connections) belong to botocore's
-``standard`` retry mode configured in :func:`build_s3_client`; this module never retries a
-request itself. It translates what is left into the recarchive error tree.
+``standard`` retry mode configured in :func:`~recarchive.media.s3client.build_s3_client`; this
+module never retries a request itself. What is left is translated into the recarchive error
+tree by :func:`~recarchive.media.s3client.translate_error`. Multipart uploads are
+:mod:`recarchive.media.multipart`'s.
 
 The client is synchronous: the asyncio pipeline calls these methods via ``asyncio.to_thread``.
 """
@@ -20,110 +22,31 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
-import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
-import boto3
-from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, ResponseStreamingError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import BotoCoreError, ClientError
 
-from recarchive.errors import (
-    MediaConflictError,
-    MediaIntegrityError,
-    RecarchiveError,
-    RetryableError,
-    ServerError,
-    StorageUnavailableError,
-    TransportError,
+from recarchive.errors import MediaConflictError, MediaIntegrityError, ServerError
+from recarchive.media.multipart import MultipartUploads
+from recarchive.media.s3client import (
+    READ_BLOCK,
+    MiB,
+    error_code,
+    http_status,
+    is_not_found,
+    translate_error,
 )
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
-    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-logger = logging.getLogger(__name__)
-
-MiB = 1024 * 1024
 MEDIA_CONTENT_TYPE = "audio/mpeg"
-#: Read size when hashing a part or an object: large enough for throughput, small for memory.
-READ_BLOCK = 1 * MiB
-#: Total attempts of one S3 request in botocore's standard retry mode (first try included).
-S3_MAX_ATTEMPTS = 6
 
 UploadOutcome = Literal["uploaded", "already_present"]
 #: User metadata naming what confirmed the downloaded body's end (see bird.integrity).
 CONFIRMED_BY = "confirmed-by"
-ChecksumMode = Literal["when_supported", "when_required"]
-_CHECKSUM_MODES = frozenset({"when_supported", "when_required"})
-
-# S3 error codes that mean "transient, try again"; botocore retried them already.
-_RETRYABLE_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "InternalError",
-        "ServiceUnavailable",
-        "OperationAborted",
-    }
-)
-# The body did not match its checksum: corrupted in transit, a fresh attempt may succeed.
-_DIGEST_CODES = frozenset({"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"})
-_NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
-
-
-def build_s3_client(
-    *,
-    endpoint_url: str | None,
-    request_checksum_calculation: str,
-    max_pool_connections: int = 10,
-) -> S3Client:
-    """Build the boto3 S3 client of a run.
-
-    botocore's ``standard`` retry mode is the one retry layer of S3 requests: it retries 5xx,
-    ``SlowDown``/throttling and dropped connections with jittered backoff. The classic
-    (non-CRT) client is used because the CRT transfer client ignores ``endpoint_url``
-    (boto/boto3#4839).
-
-    Args:
-        endpoint_url: An S3-compatible endpoint (MinIO, moto), or ``None`` for AWS.
-        request_checksum_calculation: ``"when_supported"`` (boto3's default) or
-            ``"when_required"`` for servers that reject the default CRC32 checksums; also
-            used for ``response_checksum_validation``.
-        max_pool_connections: HTTP connections kept by the client; at least the number of
-            threads that use it at once.
-
-    Returns:
-        The client. Credentials and region come from boto3's usual chain.
-    """
-    if request_checksum_calculation not in _CHECKSUM_MODES:
-        raise ValueError(f"request_checksum_calculation must be one of {sorted(_CHECKSUM_MODES)}")
-    mode = cast(ChecksumMode, request_checksum_calculation)
-    config = Config(
-        retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
-        connect_timeout=10,
-        read_timeout=60,
-        max_pool_connections=max_pool_connections,
-        request_checksum_calculation=mode,
-        response_checksum_validation=mode,
-        s3={
-            # Every write of ours carries its x-amz-checksum-sha256 header (signed, and checked
-            # by the server against the body), so botocore's extra SHA-256 of the payload for
-            # the signature — done over plain-http endpoints only — is pure CPU cost.
-            "payload_signing_enabled": False,
-            # Path-style works with every S3-compatible endpoint (no wildcard DNS needed).
-            **({"addressing_style": "path"} if endpoint_url else {}),
-        },
-    )
-    session = boto3.session.Session()
-    return session.client("s3", endpoint_url=endpoint_url, config=config)
 
 
 @dataclass(frozen=True)
@@ -143,45 +66,6 @@ class ObjectInfo:
     confirmed_by: str | None = None
 
 
-def _error_code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def translate_error(exc: Exception, action: str) -> RecarchiveError:
-    """Map a botocore exception to the recarchive error tree.
-
-    The message holds the action, the S3 error code and the HTTP status only: never a URL
-    (presigned query strings are credentials) nor request headers.
-
-    Args:
-        exc: What botocore raised (after its own retries).
-        action: What was attempted, e.g. ``"put s3://bucket/key"``.
-
-    Returns:
-        The error to raise ``from exc``.
-    """
-    if isinstance(exc, ClientError):
-        code, status = _error_code(exc), _status(exc)
-        message = f"{action}: S3 answered {code or 'error'} (HTTP {status})"
-        if code in _DIGEST_CODES:
-            return MediaIntegrityError(message)
-        if code in _RETRYABLE_CODES or status >= 500:
-            return ServerError(message)
-        # Access denied, missing bucket, bad SSE/KMS arguments, bad credentials: every further
-        # item would fail the same way, so the run stops instead of failing items one by one.
-        return StorageUnavailableError(message)
-    if isinstance(exc, BotoConnectionError | HTTPClientError | ResponseStreamingError):
-        return TransportError(f"{action}: {type(exc).__name__}")
-    if isinstance(exc, BotoCoreError):
-        # e.g. NoCredentialsError, ParamValidationError: configuration, not transient.
-        return StorageUnavailableError(f"{action}: {type(exc).__name__}")
-    return RetryableError(f"{action}: {type(exc).__name__}")
-
-
 def _metadata(sha256_hex: str, confirmed_by: str | None) -> dict[str, str]:
     metadata = {"sha256": sha256_hex}
     if confirmed_by:
@@ -189,76 +73,12 @@ def _metadata(sha256_hex: str, confirmed_by: str | None) -> dict[str, str]:
     return metadata
 
 
-class _FileSlice(io.RawIOBase):
-    """A read-only, seekable window ``[start, start + length)`` of an open file.
-
-    botocore streams a part body from it and seeks back to the start to retry, so a part is
-    never held in memory whole.
-    """
-
-    def __init__(self, path: Path, start: int, length: int) -> None:
-        super().__init__()
-        self._file = path.open("rb")
-        self._start = start
-        self._length = length
-        self._pos = 0
-        self._file.seek(start)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def __len__(self) -> int:
-        return self._length
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._length}[whence]
-        self._pos = min(max(base + offset, 0), self._length)
-        self._file.seek(self._start + self._pos)
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        remaining = self._length - self._pos
-        if size is None or size < 0 or size > remaining:
-            size = remaining
-        data = self._file.read(size)
-        self._pos += len(data)
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def _part_sha256(path: Path, start: int, length: int) -> bytes:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        handle.seek(start)
-        remaining = length
-        while remaining:
-            block = handle.read(min(READ_BLOCK, remaining))
-            if not block:
-                raise MediaIntegrityError(f"temp file shorter than expected at offset {start}")
-            digest.update(block)
-            remaining -= len(block)
-    return digest.digest()
-
-
 class MediaStore:
     """MP3 objects and their sidecars in one bucket.
 
     Args:
-        s3: A boto3 S3 client (see :func:`build_s3_client`); shared by threads.
+        s3: A boto3 S3 client (see :func:`~recarchive.media.s3client.build_s3_client`); shared
+            by threads.
         bucket: The media bucket.
         sse: ``"AES256"``, ``"aws:kms"`` or ``None`` for the bucket default.
         kms_key_id: KMS key for ``aws:kms`` (``None``: the account's default key).
@@ -284,6 +104,13 @@ class MediaStore:
         self.kms_key_id = kms_key_id
         self.multipart_threshold = multipart_threshold
         self.multipart_chunk_size = multipart_chunk_size
+        self._multipart = MultipartUploads(
+            s3,
+            bucket=bucket,
+            part_size=multipart_chunk_size,
+            sse_args=self._sse_args(),
+            head=self.head,
+        )
 
     def for_bucket(self, bucket: str) -> MediaStore:
         """This store's client and settings on another bucket (``self`` for the same one).
@@ -324,7 +151,7 @@ class MediaStore:
         try:
             response = self.s3.head_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND_CODES or _status(exc) == 404:
+            if is_not_found(exc):
                 return None
             raise translate_error(exc, f"head {self._uri(key)}") from exc
         except BotoCoreError as exc:
@@ -370,7 +197,7 @@ class MediaStore:
             finally:
                 body.close()
         except ClientError as exc:
-            if _error_code(exc) in _NOT_FOUND_CODES or _status(exc) == 404:
+            if is_not_found(exc):
                 raise MediaIntegrityError(f"{action}: object does not exist") from exc
             raise translate_error(exc, action) from exc
         except BotoCoreError as exc:
@@ -379,14 +206,34 @@ class MediaStore:
 
     def list_open_multipart_uploads(self) -> list[str]:
         """Return the keys of multipart uploads started but neither completed nor aborted."""
-        keys: list[str] = []
+        return self._multipart.open_keys()
+
+    # --- manifests -------------------------------------------------------------------------
+
+    def put_manifest(self, key: str, body: bytes) -> None:
+        """Write a manifest (the IDs of one child run); an existing one is overwritten.
+
+        Encrypted with the store's SSE settings, and with nothing else: never a retention lock
+        or storage class media may be given, because a child run must be able to read its
+        manifest at once, and the manifests of a finished run must stay deletable.
+
+        Raises:
+            RetryableError: Transient S3 failure after botocore's retries.
+            StorageUnavailableError: Access denied, no such bucket, bad SSE/KMS arguments.
+        """
+        self._put(key, body)
+
+    def download_manifest(self, key: str, target: Path) -> None:
+        """Download the manifest at ``key`` into the file ``target``.
+
+        Raises:
+            RetryableError: Transient S3 failure after botocore's retries.
+            StorageUnavailableError: No such key or bucket, access denied, bad credentials.
+        """
         try:
-            paginator = self.s3.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket):
-                keys.extend(upload["Key"] for upload in page.get("Uploads", []))
+            self.s3.download_file(self.bucket, key, str(target))
         except (ClientError, BotoCoreError) as exc:
-            raise translate_error(exc, f"list uploads s3://{self.bucket}") from exc
-        return keys
+            raise translate_error(exc, f"get {self._uri(key)}") from exc
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -397,15 +244,17 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
+        self._put(
+            key,
+            data,
+            ContentType=content_type,
+            ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode(),
+        )
+
+    def _put(self, key: str, data: bytes, **args: Any) -> None:
+        """One overwriting ``put_object`` of ``data`` with the SSE arguments and ``args``."""
         try:
-            self.s3.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=data,
-                ContentType=content_type,
-                ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode(),
-                **self._sse_args(),
-            )
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **args, **self._sse_args())
         except (ClientError, BotoCoreError) as exc:
             raise translate_error(exc, f"put {self._uri(key)}") from exc
 
@@ -462,13 +311,17 @@ class MediaStore:
         try:
             if size >= self.multipart_threshold:
                 self.abort_open_uploads(key)
-                self._multipart_upload(
-                    key, path, size=size, metadata=_metadata(sha256_hex, confirmed_by)
+                self._multipart.upload(
+                    key,
+                    path,
+                    size=size,
+                    content_type=MEDIA_CONTENT_TYPE,
+                    metadata=_metadata(sha256_hex, confirmed_by),
                 )
             else:
                 self._single_put(key, path, metadata=_metadata(sha256_hex, confirmed_by))
         except ClientError as exc:
-            if _error_code(exc) != "PreconditionFailed" and _status(exc) != 412:
+            if error_code(exc) != "PreconditionFailed" and http_status(exc) != 412:
                 raise translate_error(exc, f"upload {self._uri(key)}") from exc
             # The key exists. A retried request whose first attempt landed also ends here.
             return self._existing(key, size=size, sha256_hex=sha256_hex, cause=exc)
@@ -487,22 +340,7 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
-        stale: list[str] = []
-        try:
-            paginator = self.s3.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=key):
-                # Prefix also matches longer keys (``x.mp3`` and ``x.mp3.bak``): exact only.
-                stale.extend(
-                    upload["UploadId"] for upload in page.get("Uploads", []) if upload["Key"] == key
-                )
-        except (ClientError, BotoCoreError) as exc:
-            raise translate_error(exc, f"list uploads {self._uri(key)}") from exc
-        for upload_id in stale:
-            logger.warning(
-                "aborting a multipart upload of %s left open by an earlier run", self._uri(key)
-            )
-            self._abort(key, upload_id)
-        return len(stale)
+        return self._multipart.abort_open(key)
 
     def _single_put(self, key: str, path: Path, *, metadata: dict[str, str]) -> None:
         checksum = base64.b64encode(bytes.fromhex(metadata["sha256"])).decode()
@@ -517,96 +355,6 @@ class MediaStore:
                 IfNoneMatch="*",
                 Metadata=metadata,
                 **self._sse_args(),
-            )
-
-    def _multipart_upload(
-        self, key: str, path: Path, *, size: int, metadata: dict[str, str]
-    ) -> None:
-        sha256_hex = metadata["sha256"]
-        created = self.s3.create_multipart_upload(
-            Bucket=self.bucket,
-            Key=key,
-            ContentType=MEDIA_CONTENT_TYPE,
-            ChecksumAlgorithm="SHA256",
-            Metadata=metadata,
-            **self._sse_args(),
-        )
-        upload_id = created["UploadId"]
-        try:
-            parts: list[CompletedPartTypeDef] = []
-            for number, start in enumerate(range(0, size, self.multipart_chunk_size), 1):
-                length = min(self.multipart_chunk_size, size - start)
-                checksum = base64.b64encode(_part_sha256(path, start, length)).decode()
-                with _FileSlice(path, start, length) as body:
-                    answer = self.s3.upload_part(
-                        Bucket=self.bucket,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=cast(IO[bytes], body),
-                        ContentLength=length,
-                        ChecksumAlgorithm="SHA256",
-                        ChecksumSHA256=checksum,
-                    )
-                parts.append(
-                    {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
-                )
-            self._complete(key, upload_id, parts, size=size, sha256_hex=sha256_hex)
-        except BaseException:
-            self._abort(key, upload_id)
-            raise
-        finally:
-            # A retried CreateMultipartUpload may have created an upload whose answer was
-            # lost: nobody knows its id, so it would stay open. Ours is completed or aborted
-            # by now; any upload of this key still open is such an orphan.
-            if created.get("ResponseMetadata", {}).get("RetryAttempts", 0):
-                self._abort_orphans(key)
-
-    def _abort_orphans(self, key: str) -> None:
-        try:
-            self.abort_open_uploads(key)
-        except RecarchiveError as exc:
-            # Never hide the upload's own outcome; the bucket's lifecycle rule is the backstop.
-            logger.warning("could not list open uploads of %s: %s", self._uri(key), exc)
-
-    def _complete(
-        self,
-        key: str,
-        upload_id: str,
-        parts: list[CompletedPartTypeDef],
-        *,
-        size: int,
-        sha256_hex: str,
-    ) -> None:
-        try:
-            self.s3.complete_multipart_upload(
-                Bucket=self.bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-                IfNoneMatch="*",
-            )
-        except ClientError as exc:
-            # A completion whose answer was lost and then retried finds the upload gone
-            # (NoSuchUpload): if the object holds our bytes, that first attempt succeeded.
-            if _error_code(exc) == "NoSuchUpload":
-                info = self.head(key)
-                if info is not None and info.size == size and info.sha256 == sha256_hex:
-                    return
-            raise
-
-    def _abort(self, key: str, upload_id: str) -> None:
-        try:
-            self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-        except ClientError as exc:
-            if _error_code(exc) != "NoSuchUpload":
-                # The bucket's lifecycle rule for incomplete uploads is the backstop.
-                logger.warning(
-                    "could not abort multipart upload of %s: %s", self._uri(key), _error_code(exc)
-                )
-        except BotoCoreError as exc:
-            logger.warning(
-                "could not abort multipart upload of %s: %s", self._uri(key), type(exc).__name__
             )
 
     def _existing(self, key: str, *, size: int, sha256_hex: str, cause: Exception) -> UploadOutcome:

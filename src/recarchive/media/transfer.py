@@ -49,7 +49,7 @@ MAX_ID3_PADDING = 4096
 
 
 class MediaStream(Protocol):
-    """What ``BirdClient.open_media`` yields (:class:`recarchive.bird.client.MediaDownload`)."""
+    """What ``BirdClient.open_media`` yields (:class:`recarchive.bird.answer.MediaDownload`)."""
 
     recording_id: str
     content_length: int | None

@@ -76,7 +76,7 @@ def open_store(settings: Settings) -> tuple[Engine, ArchiveStore]:
 def build_s3(settings: Settings, *, max_pool_connections: int = 10) -> S3Client:
     """Build the boto3 S3 client for ``settings`` (endpoint, checksum mode)."""
     # Imported here: boto3 costs about half a second, and --skip-media runs never need it.
-    from recarchive.media.s3 import build_s3_client
+    from recarchive.media.s3client import build_s3_client
 
     return build_s3_client(
         endpoint_url=settings.s3_endpoint_url,
@@ -85,15 +85,20 @@ def build_s3(settings: Settings, *, max_pool_connections: int = 10) -> S3Client:
     )
 
 
-def build_media_store(settings: Settings) -> MediaStore:
+def build_media_store(settings: Settings, *, bucket: str | None = None) -> MediaStore:
     """Build the S3 media store for ``RECARCHIVE_S3_BUCKET``.
 
+    Args:
+        settings: The run's settings.
+        bucket: Another bucket, e.g. the one of an ``s3://`` manifest given as input; then
+            ``RECARCHIVE_S3_BUCKET`` need not be set.
+
     Raises:
-        ConfigError: The bucket is not set.
+        ConfigError: No ``bucket`` given and the setting is not set.
     """
     from recarchive.media.s3 import MediaStore
 
-    bucket = settings.require_bucket()
+    bucket = settings.require_bucket() if bucket is None else bucket
     s3 = build_s3(settings, max_pool_connections=max(settings.concurrency * 2, 10))
     return MediaStore(
         s3,

@@ -1,11 +1,7 @@
-"""The logic behind the Prefect flows in ``flows/``: chunked runs, windows, manifests.
+"""The IDs a run is given: a list, a manifest (local or ``s3://``), or a creation window.
 
-Flows stay thin wrappers: they pass their chunk task in as ``run_chunk`` and turn the
-:class:`~recarchive.run.runs.RunReport` into an artifact. Prefect orchestrates chunks (hundreds
-of IDs), never single recordings, so its per-task cost does not grow with the number of
-recordings; within a chunk, concurrency is asyncio. Chunks run concurrently in the flow's own
-event loop (:func:`recarchive.run.runs.run_chunks`), so they share one HTTP connection pool and
-one request pacer (the API's rate limit is per process, not per chunk).
+The flows in ``flows/`` take their IDs here, and a fan-out backfill writes its children's
+manifests here: only a manifest's location travels as a flow-run parameter, never the IDs.
 """
 
 from __future__ import annotations
@@ -14,16 +10,14 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from recarchive.config import Settings
-from recarchive.errors import InputError
+from recarchive.errors import InputError, RecarchiveError
 from recarchive.ids.discover import discover_ids
 from recarchive.ids.read import collect_ids, raise_for_problems
 from recarchive.ids.spool import IdList
 from recarchive.ids.window import Window
 from recarchive.run.clients import build_bird_client, build_bird_http
-from recarchive.run.runs import RunReport
 
 
 async def discover_window(settings: Settings, window: Window) -> IdList:
@@ -53,18 +47,17 @@ def open_manifest(settings: Settings, manifest: str) -> Iterator[IdList]:
 
 @contextlib.contextmanager
 def _downloaded(settings: Settings, uri: str) -> Iterator[str]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from recarchive.run.clients import build_s3
+    from recarchive.run.clients import build_media_store
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
-    s3 = build_s3(settings)
+    store = build_media_store(settings, bucket=bucket)
     with tempfile.TemporaryDirectory(prefix="recarchive-manifest-") as folder:
         target = Path(folder) / "manifest.txt"
         try:
-            s3.download_file(bucket, key, str(target))
-        except (BotoCoreError, ClientError) as exc:
-            raise InputError(f"cannot read manifest {uri}: {type(exc).__name__}") from exc
+            store.download_manifest(key, target)
+        except RecarchiveError as exc:
+            # The store's message holds the S3 error code and status only: no credentials.
+            raise InputError(f"cannot read manifest {uri}: {exc}") from exc
         yield str(target)
 
 
@@ -76,44 +69,32 @@ def write_manifests(
     Manifests go to S3 (``{prefix}/manifests/{run_key}/part-NNNNN.txt``) when a bucket is
     configured, so workers on other machines can read them, else to a local folder beside
     the database. Only the manifest location travels as a flow-run parameter: Prefect stores
-    parameters in its database, and 100k IDs do not belong there.
+    parameters in its database, and 100k IDs do not belong there. In S3 they are written
+    through the media store (:meth:`~recarchive.media.s3.MediaStore.put_manifest`): encrypted
+    like media, and with its errors translated.
     """
     locations: list[str] = []
     local_root = Path(settings.temp_dir or "recarchive-data") / "manifests" / run_key
-    s3 = None
+    store = None
     bucket = settings.s3_bucket
     if bucket:
-        from recarchive.run.clients import build_s3
+        from recarchive.run.clients import build_media_store
 
-        s3 = build_s3(settings)
+        store = build_media_store(settings)
     else:
         local_root.mkdir(parents=True, exist_ok=True)
     for index, group in enumerate(id_list.chunks(ids_per_manifest)):
         body = "\n".join(group) + "\n"
         name = f"part-{index:05d}.txt"
-        if s3 is not None and bucket:
+        if store is not None:
             key = f"{settings.s3_prefix}/manifests/{run_key}/{name}"
-            s3.put_object(Bucket=bucket, Key=key, Body=body.encode())
+            store.put_manifest(key, body.encode())
             locations.append(f"s3://{bucket}/{key}")
         else:
             path = local_root / name
             path.write_text(body)
             locations.append(str(path.resolve()))
     return locations
-
-
-def report_table(report: RunReport) -> list[dict[str, Any]]:
-    """Rows of the Prefect table artifact: the counts, then the first failures."""
-    rows: list[dict[str, Any]] = [
-        {"item": name, "value": value} for name, value in report.counts.as_dict().items()
-    ]
-    rows.append({"item": "status", "value": report.status})
-    rows.append({"item": "run_id", "value": report.run_id})
-    rows.extend(
-        {"item": f"failed {recording_id}", "value": error}
-        for recording_id, error in report.counts.failures[:50]
-    )
-    return rows
 
 
 @contextlib.contextmanager

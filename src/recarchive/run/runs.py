@@ -1,7 +1,11 @@
 """Whole runs: chunks of IDs through the pipeline, the ``runs`` row, and the Parquet export.
 
 The CLI calls these directly (no Prefect API needed, so the first request goes out within a
-second or two); the Prefect flows in ``flows/`` wrap the same pieces with one task per chunk.
+second or two); the Prefect flows in ``flows/`` wrap the same pieces with one task per chunk,
+passed in as ``run_chunk``, and publish the :class:`RunReport` as an artifact. Prefect
+orchestrates chunks (hundreds of IDs), never single recordings, so its per-task cost does not
+grow with the number of recordings. Chunks run concurrently in one event loop
+(:func:`run_chunks`), so they share one HTTP connection pool and one request pacer.
 """
 
 from __future__ import annotations
@@ -58,6 +62,20 @@ class RunReport:
     export: ExportReport | None
     seconds: float
     export_error: str | None = None
+
+
+def report_table(report: RunReport) -> list[dict[str, Any]]:
+    """Rows of the Prefect table artifact: the counts, then the first failures."""
+    rows: list[dict[str, Any]] = [
+        {"item": name, "value": value} for name, value in report.counts.as_dict().items()
+    ]
+    rows.append({"item": "status", "value": report.status})
+    rows.append({"item": "run_id", "value": report.run_id})
+    rows.extend(
+        {"item": f"failed {recording_id}", "value": error}
+        for recording_id, error in report.counts.failures[:50]
+    )
+    return rows
 
 
 def run_status(counts: RunCounts) -> RunStatus:

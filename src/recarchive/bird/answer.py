@@ -1,0 +1,298 @@
+"""One answer of Bird or its media host: sent, translated, and read within its limits.
+
+The boundary between :class:`~recarchive.bird.client.BirdClient` and httpx. Every way an
+answer can fail becomes an error of the project's tree here: a transport's exception
+(:func:`send_streaming`), a status code (:func:`classify`, the status table), a deadline, a
+body past its size or below its speed limit (:func:`read_answer`, :class:`MediaDownload`).
+What to pace and what to retry is the client's decision, not this module's: nothing here
+retries.
+
+Bodies are read raw (``aiter_raw``): httpx's own decoding inflates before any limit applies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+
+from recarchive.bird.integrity import BodyCheck
+from recarchive.bird.limits import AnswerLimits, LowSpeedWatch, decode_body
+from recarchive.bird.retry import parse_retry_after
+from recarchive.errors import (
+    AuthError,
+    ClientRequestError,
+    MediaIntegrityError,
+    NotFoundError,
+    PayloadError,
+    RateLimitedError,
+    RecarchiveError,
+    ServerError,
+    TransportError,
+)
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MEDIA_CHUNK_BYTES = 1024 * 1024
+
+
+class MediaDownload:
+    """An open media response from the presigned URL, streamed by the caller.
+
+    Built inside the client's retry loop, so a malformed ``Content-Length`` or checksum
+    header, or a ``Content-Length`` above the size limit, is retried like any failed request
+    and never reaches the caller.
+
+    Attributes:
+        recording_id: The recording.
+        content_length: ``Content-Length`` of the media host's answer, if it sent one.
+        content_type: ``Content-Type`` of the answer.
+        bytes_read: Bytes streamed so far.
+        confirmed_by: After the body was read whole: what confirmed its end
+            (``"content-length"``, ``"chunked"``, ``"etag-md5"``, ``"content-md5"``, ...).
+
+    Raises:
+        MediaIntegrityError: Malformed framing or checksum headers, or a body larger than
+            the limit (announced or found while streaming).
+    """
+
+    def __init__(
+        self,
+        recording_id: str,
+        response: httpx.Response,
+        *,
+        limits: AnswerLimits,
+        what: str,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.recording_id = recording_id
+        self._response = response
+        self._what = what
+        self._limits = limits
+        coding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):
+            # Asked for identity: a compressed body's length, checksums and end cannot be
+            # checked as the bytes we store (and httpx would inflate it unbounded).
+            raise MediaIntegrityError(f"{what}: compressed media ({coding[:40]!r}) refused")
+        self._check = BodyCheck(response.headers, what)
+        self.content_length = self._check.content_length
+        if self.content_length is not None and self.content_length > limits.media_max_bytes:
+            raise MediaIntegrityError(
+                f"{what}: {self.content_length} bytes announced, more than the limit of "
+                f"{limits.media_max_bytes} (RECARCHIVE_MEDIA_MAX_BYTES)"
+            )
+        self.content_type = response.headers.get("Content-Type")
+        self.bytes_read = 0
+        self.confirmed_by: str | None = None
+        self._clock = clock
+
+    async def iter_bytes(self, chunk_size: int = MEDIA_CHUNK_BYTES) -> AsyncIterator[bytes]:
+        """Yield the body in chunks; after the last one, the body is confirmed whole.
+
+        Raises:
+            TransportError: The connection broke, timed out, or ran below the speed limit.
+            MediaIntegrityError: The body is longer than the limit, does not match its length
+                or checksum, or nothing independent of the connection confirms its end.
+        """
+        # Pieces arrive as the transport reads them (16 KiB from aiohttp); they are joined
+        # here into blocks of about ``chunk_size``, one copy per byte. httpx's own
+        # ``aiter_bytes(chunk_size)`` re-chunks through a BytesIO: three copies and slicing,
+        # 8 % of the client's CPU in bench/media_throughput.py (sampled with py-spy).
+        limits, check = self._limits, self._check
+        watch = LowSpeedWatch(
+            limits.low_speed_bytes, limits.low_speed_seconds, self._what, clock=self._clock
+        )
+        pieces: list[bytes] = []
+        pending = 0
+        try:
+            async for piece in _raw_pieces(self._response):
+                self.bytes_read += len(piece)
+                if self.bytes_read > limits.media_max_bytes:
+                    raise MediaIntegrityError(
+                        f"{self._what}: more than {limits.media_max_bytes} bytes "
+                        "(RECARCHIVE_MEDIA_MAX_BYTES); aborted"
+                    )
+                watch.add(len(piece))
+                check.update(piece)
+                pieces.append(piece)
+                pending += len(piece)
+                if pending >= chunk_size:
+                    yield b"".join(pieces)
+                    pieces.clear()
+                    pending = 0
+            if pieces:
+                yield b"".join(pieces)
+        except RecarchiveError:
+            raise
+        except Exception as exc:  # httpx.HTTPError, or a transport's own untranslated error
+            raise TransportError(
+                f"{self._what}: download broke after {self.bytes_read} bytes ({type(exc).__name__})"
+            ) from exc
+        self.confirmed_by = check.finish(self.bytes_read)
+
+    async def aclose(self) -> None:
+        """Close the response (and give its connection back); the body is not read further."""
+        await self._response.aclose()
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A finished API answer: status, headers and the body (read within the size limit)."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+
+async def read_answer(
+    http: httpx.AsyncClient,
+    request: httpx.Request,
+    *,
+    limits: AnswerLimits,
+    what: str,
+    read_body: bool = True,
+) -> Answer:
+    """Send ``request`` and read its whole answer within ``limits.answer_seconds``.
+
+    The body (not that of a redirect, nor any with ``read_body=False``) is read inside the
+    deadline and refused past ``limits.metadata_max_bytes`` before anything parses it.
+
+    Returns:
+        A 2xx or 3xx answer.
+
+    Raises:
+        RecarchiveError: What :func:`classify` makes of a 4xx or 5xx status.
+        TransportError: The connection failed, or no whole answer came within the deadline.
+        PayloadError: The body is larger than the limit.
+    """
+    try:
+        async with asyncio.timeout(limits.answer_seconds):
+            response = await send_streaming(http, request, what)
+            try:
+                error = classify(response, what)
+                if error is not None:
+                    raise error
+                content = b""
+                if read_body and response.status_code not in REDIRECT_STATUSES:
+                    content = await _read_limited(response, limits, what)
+            finally:
+                await response.aclose()
+    except TimeoutError as exc:
+        raise TransportError(
+            f"{what}: no whole answer within {limits.answer_seconds:.0f}s"
+        ) from exc
+    return Answer(response.status_code, response.headers, content)
+
+
+async def send_streaming(
+    http: httpx.AsyncClient, request: httpx.Request, what: str
+) -> httpx.Response:
+    """Send ``request`` streaming; every transport failure becomes a :class:`TransportError`.
+
+    The boundary to httpx and its transport: a malformed status line or header raises the
+    transport's own exception types (aiohttp's ``ClientResponseError`` is not mapped by
+    httpx-aiohttp), whose messages quote the URL; only the type name is kept here.
+
+    Raises:
+        TransportError: The request timed out, could not connect, or its answer is malformed.
+    """
+    try:
+        return await http.send(request, stream=True, follow_redirects=False)
+    except httpx.TimeoutException as exc:
+        raise TransportError(f"{what}: timed out ({type(exc).__name__})") from exc
+    except httpx.HTTPError as exc:
+        raise TransportError(f"{what}: connection failed ({type(exc).__name__})") from exc
+    except Exception as exc:
+        raise TransportError(f"{what}: malformed answer ({type(exc).__name__})") from exc
+
+
+async def send_for_headers(
+    http: httpx.AsyncClient, request: httpx.Request, *, limits: AnswerLimits, what: str
+) -> httpx.Response:
+    """:func:`send_streaming` for the media host: its headers within ``answer_seconds``.
+
+    The body that follows is bounded by the size and low-speed limits instead.
+
+    Raises:
+        TransportError: As :func:`send_streaming`, or no headers within the deadline.
+    """
+    try:
+        async with asyncio.timeout(limits.answer_seconds):
+            return await send_streaming(http, request, what)
+    except TimeoutError as exc:
+        raise TransportError(
+            f"{what}: no answer headers within {limits.answer_seconds:.0f}s"
+        ) from exc
+
+
+async def _read_limited(response: httpx.Response, limits: AnswerLimits, what: str) -> bytes:
+    """The answer's body: at most ``metadata_max_bytes`` on the wire and once decoded.
+
+    Read raw (httpx's decoding inflates before any limit applies) and decoded here by
+    :func:`~recarchive.bird.limits.decode_body`; a body slower than the low-speed limit is
+    aborted like a media download.
+    """
+    limit = limits.metadata_max_bytes
+    refused = PayloadError(
+        f"{what}: answer larger than {limit} bytes (RECARCHIVE_METADATA_MAX_BYTES); "
+        "refused unparsed",
+        field="<body>",
+    )
+    announced = response.headers.get("Content-Length", "")
+    if announced.isdigit() and int(announced) > limit:
+        raise refused
+    watch = LowSpeedWatch(limits.low_speed_bytes, limits.low_speed_seconds, what)
+    pieces: list[bytes] = []
+    size = 0
+    try:
+        async for piece in _raw_pieces(response):
+            size += len(piece)
+            if size > limit:
+                raise refused
+            watch.add(len(piece))
+            pieces.append(piece)
+    except RecarchiveError:
+        raise
+    except httpx.TimeoutException as exc:
+        raise TransportError(f"{what}: timed out mid-answer ({type(exc).__name__})") from exc
+    except Exception as exc:
+        raise TransportError(f"{what}: answer broke off ({type(exc).__name__})") from exc
+    return decode_body(
+        b"".join(pieces), response.headers.get("Content-Encoding"), limit=limit, what=what
+    )
+
+
+async def _raw_pieces(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body as sent (no decoding); a response a transport pre-read is yielded whole."""
+    if response.is_stream_consumed:  # e.g. httpx.MockTransport with content=...
+        yield response.content
+        return
+    async for piece in response.aiter_raw():
+        yield piece
+
+
+def classify(response: httpx.Response, what: str) -> RecarchiveError | None:
+    """Translate a status code into our error tree; ``None`` for 2xx and 3xx."""
+    status = response.status_code
+    if status < 400:
+        return None
+    if status == 429:
+        return RateLimitedError(
+            f"{what}: HTTP 429 rate limited",
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    if status in (401, 403):
+        return AuthError(
+            f"{what}: HTTP {status}: Bird refused the access key "
+            "(check RECARCHIVE_BIRD_ACCESS_KEY and RECARCHIVE_BIRD_AUTH_SCHEME)"
+        )
+    if status == 404:
+        return NotFoundError(f"{what}: not found (HTTP 404)")
+    if status >= 500 and status != 501:
+        return ServerError(
+            f"{what}: HTTP {status}",
+            retry_after=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    return ClientRequestError(f"{what}: HTTP {status}", status_code=status)
