@@ -10,6 +10,7 @@ on the database's clock.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -43,37 +44,12 @@ HEARTBEAT_SECONDS = 60.0
 #: lease settings still agree on who is alive.
 DEFAULT_STALE_AFTER = timedelta(seconds=5 * HEARTBEAT_SECONDS)
 
-_LEDGER_COLUMNS = (
-    archive_ledger.c.recording_id,
-    archive_ledger.c.state,
-    archive_ledger.c.attempts,
-    archive_ledger.c.last_error,
-    archive_ledger.c.next_attempt_at,
-    archive_ledger.c.s3_bucket,
-    archive_ledger.c.s3_key,
-    archive_ledger.c.size_bytes,
-    archive_ledger.c.sha256,
-    archive_ledger.c.archived_at,
-    archive_ledger.c.lease_owner,
-    archive_ledger.c.lease_expires_at,
-)
+#: The columns of a :class:`LedgerEntry`, in its field order.
+_LEDGER_COLUMNS = tuple(archive_ledger.c[item.name] for item in fields(LedgerEntry))
 
 
 def _entry(row: Any) -> LedgerEntry:
-    return LedgerEntry(
-        recording_id=row.recording_id,
-        state=row.state,
-        attempts=row.attempts,
-        last_error=row.last_error,
-        next_attempt_at=row.next_attempt_at,
-        s3_bucket=row.s3_bucket,
-        s3_key=row.s3_key,
-        size_bytes=row.size_bytes,
-        sha256=row.sha256,
-        archived_at=row.archived_at,
-        lease_owner=row.lease_owner,
-        lease_expires_at=row.lease_expires_at,
-    )
+    return LedgerEntry(**row._mapping)
 
 
 def _live_run(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
