@@ -32,6 +32,11 @@ BASE = LAYERS[0]
 #: Apart from the layers: only ``cli`` (the ``simulate`` and ``demo`` commands), tests and
 #: benchmarks use it, and it imports nothing of the pipeline.
 SIMULATOR = "simulator"
+#: Units of the inputs-and-outputs layer use only these units of the stages below (and the
+#: base): ``ids/`` asks Bird for a window's IDs, ``export/`` reads SQL.
+LOWER_UNITS = {"ids": {"bird"}, "export": {"store"}}
+#: Functions that import the module named by their first argument.
+DYNAMIC_IMPORTS = {"import_module", "__import__"}
 #: Longest module the tree keeps; past it a module is doing two jobs.
 MAX_MODULE_LINES = 450
 
@@ -82,6 +87,13 @@ def imported_names(package: list[str], node: ast.AST) -> list[str]:
     """
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
+    elif isinstance(node, ast.Call) and _called_name(node.func) in DYNAMIC_IMPORTS:
+        first = node.args[0] if node.args else None
+        names = (
+            [first.value]
+            if isinstance(first, ast.Constant) and isinstance(first.value, str)
+            else []
+        )
     elif isinstance(node, ast.ImportFrom):
         if node.level:
             base = ".".join(
@@ -95,6 +107,12 @@ def imported_names(package: list[str], node: ast.AST) -> list[str]:
     return [name for name in names if name.split(".")[0] == "recarchive"]
 
 
+def _called_name(func: ast.expr) -> str:
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else ""
+
+
 def imports_of(module: str, path: Path) -> Iterator[str]:
     """Every ``recarchive`` module that ``path`` imports, anywhere in it."""
     package = package_of(module, path)
@@ -105,7 +123,9 @@ def imports_of(module: str, path: Path) -> Iterator[str]:
 def check_import(module: str, imported: str) -> str | None:
     """Why ``module`` must not import ``imported``, or ``None`` when it may."""
     unit, target = unit_of(module), unit_of(imported)
-    if not unit or not target or unit == target:
+    if not unit and target:
+        return "the package's __init__ imports nothing: importing any part must not load others"
+    if not target or unit == target:
         return None
     if unit == SIMULATOR:
         return "the simulator stands apart and imports nothing of the pipeline"
@@ -120,6 +140,8 @@ def check_import(module: str, imported: str) -> str | None:
         return f"{target} is a higher layer than {unit}"
     if theirs == own:
         return f"{unit} and {target} are one layer and must not import each other"
+    if theirs > 0 and unit in LOWER_UNITS and target not in LOWER_UNITS[unit]:
+        return f"{unit} uses only {', '.join(sorted(LOWER_UNITS[unit]))} of the stages"
     return None
 
 
@@ -145,11 +167,12 @@ def test_flows_use_the_run_layer_and_below_only() -> None:
     # flows/ is the second door beside cli/: it may use everything up to run/, never the cli
     # or the simulator.
     found = []
-    for path in sorted((ROOT / "flows").glob("*.py")):
-        for imported in imports_of(f"flows.{path.stem}", path):
+    for path in sorted((ROOT / "flows").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for imported in imports_of(module, path):
             target = unit_of(imported)
             if target in ("cli", SIMULATOR) or (layer_of(target) is None and target):
-                found.append(f"flows/{path.name} imports {imported}")
+                found.append(f"{path.relative_to(ROOT)} imports {imported}")
     assert not found, "\n".join(found)
 
 
@@ -183,18 +206,19 @@ def test_docstrings_point_into_the_repository() -> None:
     assert not stale, stale
 
 
-def test_no_import_cycle_between_modules() -> None:
-    # Imports at module level only (not under TYPE_CHECKING, not inside functions): those are
-    # the ones that run when a module is imported, and a cycle among them is an error waiting
-    # for a new import order.
+def import_cycles(package: Path) -> list[list[str]]:
+    """Cycles among the imports that run when modules are imported (see _run_at_import)."""
     graph: dict[str, set[str]] = {}
-    for module, path in modules(PACKAGE):
-        package = package_of(module, path)
+    for module, path in modules(package):
+        relative_base = package_of(module, path)
         graph[module] = {
             name
-            for node in ast.parse(path.read_text()).body
-            for name in imported_names(package, node)
+            for node in _run_at_import(ast.parse(path.read_text()))
+            for name in imported_names(relative_base, node)
         }
+        # Importing a.b.c runs a/__init__ and a/b/__init__ first.
+        parts = module.split(".")
+        graph[module].update(".".join(parts[:end]) for end in range(1, len(parts)))
     known = set(graph)
     cycles = []
     state: dict[str, int] = {}
@@ -213,7 +237,53 @@ def test_no_import_cycle_between_modules() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+    return cycles
+
+
+def test_no_import_cycle_between_modules() -> None:
+    # A cycle among module-level imports is an error waiting for a new import order.
+    cycles = import_cycles(PACKAGE)
     assert not cycles, cycles
+
+
+@pytest.mark.parametrize(
+    ("second", "cycle"),
+    [
+        ("from recarchive.store import first\n", True),
+        ("try:\n    import recarchive.store.first\nexcept ImportError:\n    pass\n", True),
+        ("def later() -> None:\n    from recarchive.store import first\n", False),
+        (
+            "import typing\nif typing.TYPE_CHECKING:\n    from recarchive.store import first\n",
+            False,
+        ),
+    ],
+    ids=["module-level", "in-try", "in-function", "type-checking"],
+)
+def test_the_cycle_check_sees_imports_that_run_at_import(
+    tmp_path: Path, second: str, cycle: bool
+) -> None:
+    store = tmp_path / "recarchive" / "store"
+    store.mkdir(parents=True)
+    for init in (store.parent / "__init__.py", store / "__init__.py"):
+        init.touch()
+    (store / "first.py").write_text("from recarchive.store import second\n")
+    (store / "second.py").write_text(second)
+    assert bool(import_cycles(store.parent)) == cycle
+
+
+def _run_at_import(tree: ast.Module) -> Iterator[ast.AST]:
+    """The nodes executed when a module is imported: not those in functions or in
+    ``if TYPE_CHECKING:`` blocks, but those in class bodies and module-level ``try``/``if``."""
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
 
 
 # The checker itself, on a tree made for it: each wrong import below must be reported, and
@@ -230,6 +300,20 @@ CASES = {
     "simulator-imports-model": ("simulator/server.py", "from recarchive.model import X", True),
     "relative-upward": ("store/ledger.py", "from ..run.chunk import X", True),
     "unplaced-unit": ("extras.py", "from recarchive.model import X", True),
+    "dynamic-upward": (
+        "store/ledger.py",
+        "import importlib\nimportlib.import_module('recarchive.run')",
+        True,
+    ),
+    "dunder-import-upward": ("bird/client.py", "__import__('recarchive.cli.app')", True),
+    "package-init-imports": ("__init__.py", "from recarchive.cli.app import main", True),
+    "ids-imports-store": ("ids/read.py", "from recarchive.store.archive import ArchiveStore", True),
+    "export-imports-bird": (
+        "export/parquet.py",
+        "from recarchive.bird.client import BirdClient",
+        True,
+    ),
+    "ids-imports-bird": ("ids/discover.py", "from recarchive.bird.client import BirdClient", False),
     "run-imports-store": ("run/chunk.py", "from recarchive.store.ledger import Ledger", False),
     "cli-imports-simulator": ("cli/demo.py", "from recarchive.simulator import server", False),
     "export-imports-store": ("export/parquet.py", "from recarchive.store import tables", False),

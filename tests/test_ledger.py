@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import threading
 import time
 import uuid
@@ -10,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import Engine, update
 
+import recarchive.store
 from recarchive.errors import LedgerStateError
 from recarchive.model import LEDGER_STATES, RunStatus
 from recarchive.normalize import normalize_recording
@@ -21,6 +24,13 @@ from tests.test_normalize import make_payload
 
 WORK = {"pending", "metadata_only", "failed"}
 SHA = "ab" * 32
+
+#: The store modules that read this host's clock (``utc_now``, imported by name into each).
+STORE_MODULES_WITH_A_CLOCK = [
+    module
+    for info in pkgutil.iter_modules(recarchive.store.__path__, "recarchive.store.")
+    if hasattr(module := importlib.import_module(info.name), "utc_now")
+]
 
 
 def ids(count: int, start: int = 0) -> list[str]:
@@ -366,9 +376,9 @@ def test_leases_follow_the_database_clock_not_the_host_clock(
             store.register(batch)
             assert store.claim(batch[:1], owner="a", lease_seconds=600, states=WORK) == batch[:1]
             skewed = datetime.now(UTC) + timedelta(hours=1)
-            # Every clock of this host the store reads: the engine's and the lease code's.
-            for module in ("engine", "ledger", "claims"):
-                monkeypatch.setattr(f"recarchive.store.{module}.utc_now", lambda: skewed)
+            # Every clock of this host the store reads: each store module that imports it.
+            for module in STORE_MODULES_WITH_A_CLOCK:
+                monkeypatch.setattr(module, "utc_now", lambda: skewed)
             assert store.claim(batch, owner="b", lease_seconds=600, states=WORK) == batch[1:]
             assert store.due_retries(limit=10, max_attempts=8) == []
             expires = store.get_entries(batch[1:])[batch[1]].lease_expires_at

@@ -3,7 +3,7 @@
 A run that dies without unwinding (SIGKILL, OOM killer, power loss of a container) keeps its
 leases until they expire (``lease_seconds``, 15 minutes by default), so an immediate rerun
 would find its recordings busy. Lease owners are ``host:pid:random``
-(:func:`recarchive.run.clients.run_owner`): on the same host, a pid that no longer exists proves
+(:func:`run_owner`): on the same host, a pid that no longer exists proves
 the owner is gone, and its leases can be released at once. Owners on other hosts, owners whose
 process still runs (or whose pid was reused by another process) and names of any other shape
 are left alone: their leases expire on their own.

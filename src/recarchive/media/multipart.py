@@ -32,9 +32,7 @@ if TYPE_CHECKING:
 
     from recarchive.media.s3 import ObjectInfo
 
-# The store's logger: these lines were the store's before multipart uploads had a module of
-# their own, and operators' filters know them by that name.
-logger = logging.getLogger("recarchive.media.s3")
+logger = logging.getLogger(__name__)
 
 
 class _FileSlice(io.RawIOBase):

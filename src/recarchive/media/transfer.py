@@ -224,7 +224,7 @@ async def archive_media(
         bird: The Bird client (``open_media``).
         media: The S3 media store.
         recording_id: The recording.
-        key: Destination key of the MP3 (see :func:`recarchive.media.s3.media_key`).
+        key: Destination key of the MP3 (see :func:`recarchive.media.keys.media_key`).
         sidecar: The redacted metadata JSON, stored beside the MP3.
         temp_dir: Folder of the temp file (system default when ``None``).
         attempts: Whole downloads tried when a body breaks off or fails verification.

@@ -7,7 +7,7 @@ that was missed or failed is listed by the next run that works.
 
 That newest end is the end of an unbroken coverage only because the nightly run records a
 window just when it starts at or before the newest end so far (or when there is none):
-see :func:`recarchive.run.inputs.plan_nightly`. Rows written by hand should keep to it.
+see :func:`recarchive.ids.window.plan_nightly`. Rows written by hand should keep to it.
 
 All datetimes are timezone-aware UTC; :class:`~recarchive.store.tables.UTCDateTime` stores
 them (``timestamptz`` on PostgreSQL, canonical naive UTC text on SQLite).
