@@ -373,12 +373,21 @@ def simulate(
     ] = "none",
     rate_limit: Annotated[float | None, typer.Option(help="API requests/s before 429s.")] = None,
     access_key: Annotated[str, typer.Option(help="Key the simulator accepts.")] = "sim-access-key",
+    media_size_min: Annotated[int, typer.Option(help="Smallest MP3 in bytes.")] = 4_000,
+    media_size_max: Annotated[int, typer.Option(help="Largest MP3 in bytes.")] = 400_000,
+    latency: Annotated[float, typer.Option(help="Seconds each API request waits.")] = 0.0,
+    missing_fraction: Annotated[float, typer.Option(help="Share of IDs answering 404.")] = 0.0,
+    list_ids: Annotated[bool, typer.Option("--list-ids", help="Print all IDs and exit.")] = False,
+    stats_file: Annotated[Path | None, typer.Option(help="Write /_sim/stats here on exit.")] = None,
 ) -> None:
     """Run the Bird API simulator on 127.0.0.1 until interrupted."""
-    from recarchive.simulator.server import SimulatorConfig, serve
+    import sys
 
-    serve(
-        SimulatorConfig(
+    from recarchive.errors import UsageError
+    from recarchive.simulator.server import SimulatorConfig, build_dataset, serve
+
+    try:
+        config = SimulatorConfig(
             recordings=recordings,
             seed=seed,
             faults=faults,
@@ -386,8 +395,17 @@ def simulate(
             access_key=access_key,
             port=port,
             media_port=media_port,
+            media_size_range=(media_size_min, media_size_max),
+            latency_seconds=latency,
+            missing_fraction=missing_fraction,
         )
-    )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if list_ids:
+        # Plain writes, not the rich console: a million lines, for a file or a pipe.
+        sys.stdout.writelines(f"{recording_id}\n" for recording_id in build_dataset(config).all_ids)
+        return
+    serve(config, stats_file=stats_file)
 
 
 @app.command()

@@ -4,6 +4,10 @@
 host), list recordings by page token and creation time, ``DELETE`` a recording's media. Every
 request must carry the access key and passes the rate limit first; then the per-request faults
 of the profile apply (slow, reset, 5xx, 429 with each form of ``Retry-After``).
+
+Two endpoints are the simulator's own, for tests and benchmarks, and need no key (loopback
+only, and neither holds a secret): ``GET /_sim/stats``, the request counts as JSON, and
+``GET /_sim/ids``, every ID of the dataset (missing ones too), one per line.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ class ApiHost:
         router.add_get(ws, self._list)
         router.add_get(ws + "/{recording}", self._get)
         router.add_delete(ws + "/{recording}", self._delete)
+        router.add_get("/_sim/stats", self._stats)
+        router.add_get("/_sim/ids", self._ids)
 
     async def checks(self, request: web.Request) -> web.StreamResponse | None:
         """Check the access key and the rate limit; a response means "answer this"."""
@@ -177,6 +183,13 @@ class ApiHost:
         if not self._state.dataset.delete_media(recording_id):
             return _error(404, "NotFound", "recording not found")
         return web.Response(status=204)
+
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        return _json(self._state.stats.snapshot())
+
+    async def _ids(self, request: web.Request) -> web.StreamResponse:
+        ids = self._state.dataset.all_ids
+        return web.Response(text="".join(f"{rid}\n" for rid in ids), content_type="text/plain")
 
 
 def _is_uuid(value: str) -> bool:

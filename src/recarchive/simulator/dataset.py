@@ -42,7 +42,12 @@ class Dataset:
         media_size_range: Smallest and largest media size in bytes (log-uniform in between).
         available_fraction: Share of recordings whose status is ``available``; the rest take
             the other status values in turn (media not ready yet).
-        missing_fraction: Share of IDs that answer 404 (listed nowhere, known to tests).
+        missing_fraction: Share of IDs that answer 404 (in :attr:`all_ids` only).
+
+    Attributes:
+        ids: IDs of the recordings that exist, in the order they were drawn.
+        missing_ids: IDs drawn like the others that the API answers 404 for.
+        all_ids: Both, in the order they were drawn: the IDs a user would have.
     """
 
     def __init__(
@@ -64,9 +69,11 @@ class Dataset:
         self._deleted: set[str] = set()
         self.missing_ids: list[str] = []
         self.ids: list[str] = []
+        self.all_ids: list[str] = []
         low, high = media_size_range
         for index in range(recordings):
             recording_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            self.all_ids.append(recording_id)
             if rng.random() < missing_fraction:
                 self.missing_ids.append(recording_id)
                 continue

@@ -114,6 +114,7 @@ class MediaHost:
         if truncate:
             drop(request)
         await response.write_eof()
+        self._state.stats.downloaded(recording_id)
         return response
 
 

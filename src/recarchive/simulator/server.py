@@ -3,7 +3,8 @@
 Both are aiohttp applications on 127.0.0.1 (their routes in :mod:`.api_host` and
 :mod:`.media_host`), run by :class:`SimulatorServer` on an event loop in a background thread,
 so a test (or the demo) can start one in-process and talk to it over real sockets; the server
-logs every request either host receives. :func:`serve` runs one in the foreground for
+logs every request either host receives and counts them (``GET /_sim/stats`` on the API
+host; the dataset's IDs at ``GET /_sim/ids``). :func:`serve` runs one in the foreground for
 ``recarchive simulate``.
 """
 
@@ -11,25 +12,37 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
+import signal
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
 from recarchive.simulator.api_host import ApiHost
 from recarchive.simulator.dataset import Dataset
 from recarchive.simulator.faults import FaultProfile
-from recarchive.simulator.host import DroppedConnection, HideDroppedConnections, HostState
+from recarchive.simulator.host import (
+    DroppedConnection,
+    HideDroppedConnections,
+    HostState,
+    RequestStats,
+)
 from recarchive.simulator.media_host import LOGGED, MediaHost
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE = "6f1c2a34-8d0e-4b7a-9c11-2f5e8d3b7a10"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: The simulator's own endpoints on the API host: no key, no latency, never logged or counted.
+SIM_PREFIX = "/_sim/"
+#: When a request arrived (``time.monotonic()``), set by the middlewares.
+ARRIVED = web.RequestKey("arrived", float)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,9 @@ class SimulatorConfig:
         media_size_range: Smallest and largest media size in bytes.
         available_fraction: Share of recordings whose media is available.
         url_ttl_seconds: Lifetime of a signed media URL.
+        missing_fraction: Share of the ``recordings`` IDs the API answers 404 for (seeded).
+        latency_seconds: Every API request waits this long before it is answered (media
+            requests do not: their time is the transfer's).
     """
 
     recordings: int = 300
@@ -63,6 +79,47 @@ class SimulatorConfig:
     media_size_range: tuple[int, int] = (4_000, 400_000)
     available_fraction: float = 0.8
     url_ttl_seconds: float = 60.0
+    missing_fraction: float = 0.0
+    latency_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse settings the simulator cannot serve.
+
+        Raises:
+            ValueError: A setting is out of range, or the fault profile names an unknown fault.
+        """
+        low, high = self.media_size_range
+        rate = self.rate_limit
+        wrong = {
+            f"recordings must not be negative: {self.recordings}": self.recordings < 0,
+            f"media sizes must be positive, the smallest not above the largest: {low}-{high}": (
+                not 0 < low <= high
+            ),
+            f"the rate limit must be positive: {rate}": rate is not None and rate <= 0,
+            f"latency must not be negative: {self.latency_seconds}": self.latency_seconds < 0,
+            f"the available fraction must be between 0 and 1: {self.available_fraction}": (
+                not 0 <= self.available_fraction <= 1
+            ),
+            f"the missing fraction must be between 0 and 1: {self.missing_fraction}": (
+                not 0 <= self.missing_fraction <= 1
+            ),
+        }
+        problems = [message for message, is_wrong in wrong.items() if is_wrong]
+        if problems:
+            raise ValueError("; ".join(problems))
+        FaultProfile.parse(self.faults, self.seed)  # raises UnknownFaultError, a ValueError
+
+
+def build_dataset(config: SimulatorConfig) -> Dataset:
+    """The dataset ``config`` describes (before any fault changes a status)."""
+    return Dataset(
+        config.recordings,
+        config.seed,
+        workspace_id=config.workspace_id,
+        media_size_range=config.media_size_range,
+        available_fraction=config.available_fraction,
+        missing_fraction=config.missing_fraction,
+    )
 
 
 @dataclass(frozen=True)
@@ -105,26 +162,22 @@ class SimulatorServer:
 
     Attributes:
         dataset: The recordings served; tests may change it while the server runs.
-        requests: Every request received, in arrival order.
+        requests: Every request received, in the order they were answered.
+        stats: The counts served at ``GET /_sim/stats``.
     """
 
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.config = config or SimulatorConfig()
         self.faults = FaultProfile.parse(self.config.faults, self.config.seed)
-        self.dataset = Dataset(
-            self.config.recordings,
-            self.config.seed,
-            workspace_id=self.config.workspace_id,
-            media_size_range=self.config.media_size_range,
-            available_fraction=self.config.available_fraction,
-        )
+        self.dataset = build_dataset(self.config)
         if self.faults.active("notready"):
             for recording_id in self.dataset.available_ids():
                 if self.faults.hits_recording("notready", recording_id):
                     self.dataset.set_status(recording_id, "completed")
         self.requests: list[RequestRecord] = []
         self._attempts: defaultdict[str, int] = defaultdict(int)
-        state = HostState(self.config, self.dataset, self.faults, self._attempt)
+        self.stats = RequestStats()
+        state = HostState(self.config, self.dataset, self.faults, self._attempt, self.stats)
         media_log = functools.partial(self._log, "media")
         self._media = MediaHost(state, media_log, lambda: self.media_url)
         self._api = ApiHost(state, self._media)
@@ -227,8 +280,9 @@ class SimulatorServer:
         return [r for r in self.requests if r.server == "media"]
 
     def clear_requests(self) -> None:
-        """Forget the request log (tests that count the requests of a second run)."""
+        """Forget the request log and the counts (tests that count a second run's requests)."""
         self.requests = []
+        self.stats.reset()
 
     def _log(self, server: str, request: web.Request, status: int) -> None:
         header = request.headers.get("Authorization")
@@ -241,9 +295,10 @@ class SimulatorServer:
                 dict(request.query),
                 status,
                 scheme,
-                time.monotonic(),
+                request.get(ARRIVED, time.monotonic()),
             )
         )
+        self.stats.answered(server, status)
 
     def _attempt(self, key: str) -> int:
         attempt = self._attempts[key]
@@ -254,6 +309,13 @@ class SimulatorServer:
 
     @web.middleware
     async def _api_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path.startswith(SIM_PREFIX):
+            return await handler(request)
+        request[ARRIVED] = arrived = time.monotonic()
+        self.stats.api_arrived(arrived)
+        if self.config.latency_seconds:
+            # Awaited on the event loop: the other requests are served meanwhile.
+            await asyncio.sleep(self.config.latency_seconds)
         try:
             response = await self._api.checks(request) or await handler(request)
         except DroppedConnection:
@@ -267,6 +329,7 @@ class SimulatorServer:
 
     @web.middleware
     async def _media_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        request[ARRIVED] = time.monotonic()
         try:
             response = await handler(request)
         except DroppedConnection:
@@ -281,13 +344,21 @@ class SimulatorServer:
         return response
 
 
-def serve(config: SimulatorConfig) -> None:
-    """Run the simulator in the foreground until interrupted (``recarchive simulate``)."""
+def serve(config: SimulatorConfig, *, stats_file: Path | None = None) -> None:
+    """Run the simulator in the foreground until interrupted (``recarchive simulate``).
+
+    Args:
+        config: The simulator's settings.
+        stats_file: Where to write the ``GET /_sim/stats`` document when the simulator stops
+            (Ctrl-C or SIGTERM); ``None``: nowhere.
+    """
     server = SimulatorServer(config)
     server.start()
+    missing = len(server.dataset.missing_ids)
     print(f"Bird API simulator: {server.api_url}  (media host {server.media_url})", flush=True)
     print(
-        f"  workspace {config.workspace_id}, {len(server.dataset.ids)} recordings, "
+        f"  workspace {config.workspace_id}, {len(server.dataset.ids)} recordings"
+        f"{f' (+{missing} missing IDs)' if missing else ''}, "
         f"seed {config.seed}, faults {config.faults!r}, rate limit {config.rate_limit}",
         flush=True,
     )
@@ -297,9 +368,18 @@ def serve(config: SimulatorConfig) -> None:
         f"RECARCHIVE_BIRD_ACCESS_KEY=<the --access-key>",
         flush=True,
     )
+    if stats_file is not None:
+        # SIGTERM (what a benchmark or a supervisor sends) must reach the finally below too.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         threading.Event().wait()  # until Ctrl-C or a signal ends the process
     except KeyboardInterrupt:
         pass
     finally:
         server.stop()
+        if stats_file is not None:
+            stats_file.write_text(json.dumps(server.stats.snapshot(), indent=2) + "\n")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
