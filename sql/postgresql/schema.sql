@@ -1,5 +1,5 @@
--- recarchive schema for PostgreSQL (revision 0002; keep in step with
--- src/recarchive/store/tables.py and src/recarchive/migrations/, tests/test_schema.py checks it).
+-- recarchive schema for PostgreSQL (revision 0004; keep in step with
+-- src/recarchive/store/tables.py and src/recarchive/store/migrations/, tests/test_schema.py checks it).
 --
 -- The application creates and upgrades its schema itself with Alembic
 -- (`recarchive db upgrade`, also run on every start); this file documents the schema and lets
@@ -114,4 +114,11 @@ CREATE TABLE listed_windows (
     run_id INTEGER,
     recordings INTEGER DEFAULT 0 NOT NULL,
     PRIMARY KEY (window_start, window_end)
+);
+
+-- Shared API rate limits: when the next request permit is free (epoch seconds, database clock).
+CREATE TABLE request_permits (
+    name VARCHAR(255) NOT NULL,
+    next_free DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (name)
 );

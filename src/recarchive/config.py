@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     s3_multipart_threshold_bytes: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
     s3_multipart_chunk_bytes: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
     requests_per_second: float = Field(default=50.0, gt=0)
+    # One limit for every process on this ledger database (store/permits.py), not per process.
+    rate_limit_shared: bool = False
+    # Permits taken from the shared limit at once; 0: a tenth of a second's worth.
+    rate_limit_batch: int = Field(default=0, ge=0, le=10_000)
     concurrency: int = Field(default=16, ge=1, le=512)
     chunk_size: int = Field(default=500, ge=1, le=100_000)
     http_timeout_seconds: float = Field(default=30.0, gt=0)
@@ -108,6 +112,11 @@ class Settings(BaseSettings):
         if value is not None and not Path(value).is_dir():
             raise ValueError(f"{value!r} is not an existing folder")
         return value
+
+    @property
+    def rate_limit_batch_size(self) -> int:
+        """Permits per take from the shared limit: the setting, or a tenth of a second's."""
+        return self.rate_limit_batch or max(1, round(self.requests_per_second / 10))
 
     @property
     def media_allowed_host_set(self) -> frozenset[str]:

@@ -8,6 +8,11 @@ so it settles just under the API's real limit instead of bursting into it after 
 The pacer is thread-safe and loop-agnostic (a lock guards the slot arithmetic; the
 waiting is ``asyncio.sleep`` in the caller's loop), so one pacer can serve Prefect tasks that
 run in different threads.
+
+One pacer paces one process. When several processes share the API's limit (the child runs of
+a fan-out backfill on several workers), each pacer also draws :class:`SharedPermits` from a
+:class:`PermitSource` that all of them share (``recarchive.store.permits`` keeps one in the
+ledger database), a batch at a time, so the source is asked once per many requests.
 """
 
 from __future__ import annotations
@@ -16,6 +21,88 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
+
+
+class PermitSource(Protocol):
+    """A rate limit shared with other processes."""
+
+    def take(self, count: int) -> float:
+        """Reserve ``count`` permits; return the seconds to wait before using the first.
+
+        Blocking (it may ask a database): called in a worker thread.
+        """
+        ...
+
+
+class SharedPermits:
+    """This process's share of a :class:`PermitSource`, taken ``batch`` permits at a time.
+
+    A take reserves a slot of ``batch / rate`` seconds in the shared schedule; slots of
+    different takers never overlap. The process's own pacer spaces the permits it uses by
+    ``1 / rate``, so all processes together send at ``rate``. A permit may be used until one
+    slot length after its slot (a sender the event loop kept a little late); one not used by
+    then is dropped, never spent on top of later slots. So one second holds at most one batch
+    more than ``rate``: a late slot's permits overlapping the next slot's.
+
+    Bound to the event loop of its first :meth:`acquire` (as the HTTP client that uses it is).
+
+    Args:
+        source: The shared limit.
+        batch: Permits per take: how many requests share one take's cost.
+        rate: The shared limit's rate (permits per second).
+        clock: Monotonic clock (tests).
+    """
+
+    def __init__(
+        self,
+        source: PermitSource,
+        *,
+        batch: int,
+        rate: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if batch < 1:
+            raise ValueError("batch must be at least 1")
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.source = source
+        self.batch = batch
+        self.rate = rate
+        self.takes = 0
+        self.dropped = 0
+        self._clock = clock
+        self._left = 0
+        self._use_by = 0.0
+        self._lock: asyncio.Lock | None = None
+
+    async def acquire(self) -> float:
+        """Wait until one shared permit is this process's; return when it must be used by.
+
+        Returns:
+            The time (of this object's clock) after which the permit must not be used.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        # Held while waiting for a slot: no sender of this process may go before it.
+        async with self._lock:
+            if self._left and self._clock() >= self._use_by:
+                self.dropped += self._left
+                self._left = 0
+            if self._left == 0:
+                delay = await asyncio.to_thread(self.source.take, self.batch)
+                self.takes += 1
+                self._left = self.batch
+                slot = self.batch / self.rate
+                self._use_by = self._clock() + delay + 2 * slot
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            self._left -= 1
+            return self._use_by
+
+    def expired(self, use_by: float) -> bool:
+        """Whether a permit to be used by ``use_by`` came too late."""
+        return self._clock() > use_by
 
 
 class RequestPacer:
@@ -25,10 +112,17 @@ class RequestPacer:
         rate: Requests per second.
         burst: Slots that may be handed out at once after an idle period.
         clock: Monotonic clock (tests).
+        shared: Permits of a limit shared with other processes, drawn on top of this
+            process's own pacing; ``None`` when this process has the API to itself.
     """
 
     def __init__(
-        self, rate: float, *, burst: int = 1, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        *,
+        burst: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+        shared: SharedPermits | None = None,
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
@@ -44,6 +138,7 @@ class RequestPacer:
         self._next_slot = 0.0
         self._paused_until = 0.0
         self.pauses = 0
+        self.shared = shared
 
     def reserve(self) -> float:
         """Reserve the next send slot; return the seconds to wait before sending."""
@@ -59,15 +154,23 @@ class RequestPacer:
         """Wait for this request's slot.
 
         A pause that starts while we wait moves us behind it: the slot is reserved again, so
-        requests queued before a 429 do not go out during the pause it asked for.
+        requests queued before a 429 do not go out during the pause it asked for. With
+        ``shared`` permits, a permit that expired while we waited is dropped and another taken.
         """
         while True:
             pauses = self.pauses
+            # The shared permit first, then this process's own spacing: the permits of one
+            # slot go out at most ``rate`` per second, never in one burst.
+            use_by = await self.shared.acquire() if self.shared is not None else None
             delay = self.reserve()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if self.pauses == pauses:
-                return
+            if self.pauses != pauses:
+                continue
+            if use_by is not None and self.shared is not None and self.shared.expired(use_by):
+                self.shared.dropped += 1
+                continue
+            return
 
     def record_success(self) -> None:
         """Note an accepted request: the working rate creeps back toward ``rate``."""

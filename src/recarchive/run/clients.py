@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import Engine
@@ -19,7 +20,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from recarchive.bird.client import BirdClient
 from recarchive.bird.http import build_http_client
 from recarchive.bird.limits import AnswerLimits
-from recarchive.bird.ratelimit import RequestPacer
+from recarchive.bird.ratelimit import RequestPacer, SharedPermits
 from recarchive.bird.redirect import RedirectPolicy
 from recarchive.bird.retry import RetryPolicy
 from recarchive.config import Settings
@@ -28,6 +29,7 @@ from recarchive.leases import active_owner, run_owner
 from recarchive.run.context import ArchiveContext
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.engine import create_engine_for, upgrade_database
+from recarchive.store.permits import RequestPermits
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -128,8 +130,33 @@ def build_bird_http(settings: Settings) -> httpx.AsyncClient:
     )
 
 
-def build_bird_client(settings: Settings, http: httpx.AsyncClient) -> BirdClient:
+def shared_permits(settings: Settings, engine: Engine) -> SharedPermits | None:
+    """This process's share of the deployment-wide API rate limit, or ``None`` when unshared.
+
+    With ``RECARCHIVE_RATE_LIMIT_SHARED``, every process on the ledger database ``engine``
+    draws from one limit of ``RECARCHIVE_REQUESTS_PER_SECOND`` per API host and workspace
+    (:mod:`recarchive.store.permits`); its own pacer still spaces its requests and pauses on
+    a 429.
+    """
+    if not settings.rate_limit_shared:
+        return None
+    workspace_id, _ = settings.require_bird()
+    host = urlsplit(settings.bird_api_url).netloc.lower()
+    source = RequestPermits(engine, f"bird-api {host} {workspace_id}", settings.requests_per_second)
+    return SharedPermits(
+        source, batch=settings.rate_limit_batch_size, rate=settings.requests_per_second
+    )
+
+
+def build_bird_client(
+    settings: Settings, http: httpx.AsyncClient, *, shared: SharedPermits | None = None
+) -> BirdClient:
     """Build the Bird API client over ``http``, with a pacer shared by its requests.
+
+    Args:
+        settings: The run's settings.
+        http: The HTTP client (:func:`build_bird_http`).
+        shared: Permits of the deployment-wide rate limit (:func:`shared_permits`).
 
     Raises:
         ConfigError: Workspace or access key not set.
@@ -141,7 +168,7 @@ def build_bird_client(settings: Settings, http: httpx.AsyncClient) -> BirdClient
         workspace_id=workspace_id,
         access_key=access_key,
         auth_scheme=settings.bird_auth_scheme,
-        pacer=RequestPacer(settings.requests_per_second),
+        pacer=RequestPacer(settings.requests_per_second, shared=shared),
         retry=RetryPolicy(
             max_attempts=settings.http_max_attempts,
             max_total_seconds=settings.http_max_retry_seconds,
@@ -177,7 +204,9 @@ async def open_archive_context(
     try:
         with active_owner(run_owner()) as owner:
             yield ArchiveContext(
-                bird=build_bird_client(settings, http),
+                bird=build_bird_client(
+                    settings, http, shared=shared_permits(settings, store.engine)
+                ),
                 store=store,
                 media=media,
                 workspace_id=workspace_id,

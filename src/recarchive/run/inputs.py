@@ -17,16 +17,31 @@ from recarchive.ids.discover import discover_ids
 from recarchive.ids.read import collect_ids, raise_for_problems
 from recarchive.ids.spool import IdList
 from recarchive.ids.window import Window
-from recarchive.run.clients import build_bird_client, build_bird_http
+from recarchive.run.clients import (
+    build_bird_client,
+    build_bird_http,
+    open_store,
+    shared_permits,
+)
 
 
 async def discover_window(settings: Settings, window: Window) -> IdList:
-    """List the IDs created in ``window`` (one spooled, de-duplicated list)."""
-    async with build_bird_http(settings) as http:
-        bird = build_bird_client(settings, http)
-        return await discover_ids(
-            bird, since=window.since, until=window.until, spool_dir=settings.temp_dir
-        )
+    """List the IDs created in ``window`` (one spooled, de-duplicated list).
+
+    With ``RECARCHIVE_RATE_LIMIT_SHARED``, the list requests draw from the shared rate limit
+    in the ledger database like every other request.
+    """
+    engine = open_store(settings)[0] if settings.rate_limit_shared else None
+    try:
+        async with build_bird_http(settings) as http:
+            shared = shared_permits(settings, engine) if engine is not None else None
+            bird = build_bird_client(settings, http, shared=shared)
+            return await discover_ids(
+                bird, since=window.since, until=window.until, spool_dir=settings.temp_dir
+            )
+    finally:
+        if engine is not None:
+            engine.dispose()
 
 
 @contextlib.contextmanager

@@ -15,7 +15,13 @@ from recarchive.errors import FatalError, NotFoundError
 from recarchive.media.verify import VerifiedObject, VerifyReport, verify_archive
 from recarchive.model import LedgerEntry
 from recarchive.redaction import describe
-from recarchive.run.clients import build_bird_client, build_bird_http, build_media_store, open_store
+from recarchive.run.clients import (
+    build_bird_client,
+    build_bird_http,
+    build_media_store,
+    open_store,
+    shared_permits,
+)
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
@@ -135,7 +141,11 @@ async def run_verify(
     total = VerifyReport(checked=0, ok=0, problems=[])
     http = build_bird_http(settings) if delete_source else None
     try:
-        bird = build_bird_client(settings, http) if http is not None else None
+        bird = (
+            build_bird_client(settings, http, shared=shared_permits(settings, engine))
+            if http is not None
+            else None
+        )
         for batch in _batches(store.iter_archived(batch_size=BATCH_SIZE), BATCH_SIZE):
             report = await asyncio.to_thread(
                 verify_archive,

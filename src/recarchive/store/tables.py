@@ -222,5 +222,22 @@ listed_windows = Table(
     Column("recordings", Integer, nullable=False, server_default="0"),
 )
 
+request_permits = Table(
+    "request_permits",
+    metadata,
+    # One row per shared rate limit (revision 0004): when its next request permit is free, in
+    # seconds since the epoch of the database's clock, so every host reads one clock.
+    Column("name", String(255), primary_key=True),
+    Column("next_free", Float(53), nullable=False),
+)
+
 #: Tables in creation order (children after parents).
-TABLES = (recordings, recording_parties, archive_ledger, runs, export_partitions, listed_windows)
+TABLES = (
+    recordings,
+    recording_parties,
+    archive_ledger,
+    runs,
+    export_partitions,
+    listed_windows,
+    request_permits,
+)
