@@ -17,7 +17,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from recarchive.config import Settings
 from recarchive.errors import InputError, StorageUnavailableError
 from recarchive.ids.spool import spool_ids
-from recarchive.run.inputs import open_manifest, write_manifests
+from recarchive.run.inputs import ids_per_child, open_manifest, write_manifests
 from tests.fixtures.s3 import SseCase
 
 if TYPE_CHECKING:
@@ -111,3 +111,37 @@ def test_a_manifest_of_another_bucket_needs_no_bucket_setting(
     settings = Settings(s3_endpoint_url=s3_endpoint, temp_dir=str(tmp_path))
     with open_manifest(settings, f"s3://{s3_bucket}/ids.txt") as id_list:
         assert list(id_list) == IDS
+
+
+@pytest.mark.parametrize(
+    ("total", "children", "chunks_per_child", "expected", "manifests"),
+    [
+        (2000, None, None, 250, 8),
+        (2000, 2, None, 1000, 2),
+        (5, 8, None, 1, 5),
+        (0, None, None, 1, 0),
+        (2001, 4, None, 501, 4),
+        (2000, None, 3, 300, 7),
+    ],
+    ids=["default-8", "two", "fewer-ids-than-children", "empty", "rounded-up", "chunks"],
+)
+def test_ids_per_child_splits_into_the_children_asked_for(
+    total: int, children: int | None, chunks_per_child: int | None, expected: int, manifests: int
+) -> None:
+    size = ids_per_child(
+        total, chunk_size=100, children=children, chunks_per_child=chunks_per_child
+    )
+    assert size == expected
+    assert -(-total // size) == manifests
+
+
+@pytest.mark.parametrize(
+    ("children", "chunks_per_child", "message"),
+    [(2, 2, "not both"), (0, None, "children must be at least 1"), (None, 0, "at least 1")],
+    ids=["both", "no-children", "no-chunks"],
+)
+def test_ids_per_child_refuses_a_split_it_cannot_make(
+    children: int | None, chunks_per_child: int | None, message: str
+) -> None:
+    with pytest.raises(InputError, match=message):
+        ids_per_child(100, chunk_size=10, children=children, chunks_per_child=chunks_per_child)

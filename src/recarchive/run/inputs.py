@@ -76,6 +76,38 @@ def _downloaded(settings: Settings, uri: str) -> Iterator[str]:
         yield str(target)
 
 
+#: Child runs of a fan-out backfill when neither ``children`` nor ``chunks_per_child`` is given:
+#: enough to spread even a few thousand IDs over several workers.
+DEFAULT_CHILDREN = 8
+
+
+def ids_per_child(
+    total: int, *, chunk_size: int, children: int | None, chunks_per_child: int | None
+) -> int:
+    """How many IDs each child run of a fan-out gets (the last one gets the rest).
+
+    Args:
+        total: IDs to split.
+        chunk_size: IDs per chunk task.
+        children: How many child runs (at most; fewer when there are fewer IDs).
+        chunks_per_child: Chunks per child run instead: every child gets
+            ``chunk_size * chunks_per_child`` IDs, however many children that makes.
+
+    Raises:
+        InputError: Both given, or one below 1.
+    """
+    if children is not None and chunks_per_child is not None:
+        raise InputError("give children or chunks_per_child, not both")
+    if chunks_per_child is not None:
+        if chunks_per_child < 1:
+            raise InputError(f"chunks_per_child must be at least 1, not {chunks_per_child}")
+        return chunk_size * chunks_per_child
+    children = DEFAULT_CHILDREN if children is None else children
+    if children < 1:
+        raise InputError(f"children must be at least 1, not {children}")
+    return max(1, -(-total // children))
+
+
 def write_manifests(
     settings: Settings, id_list: IdList, *, ids_per_manifest: int, run_key: str
 ) -> list[str]:
