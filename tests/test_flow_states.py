@@ -175,3 +175,27 @@ def table_rows(table: Any) -> list[dict[str, Any]]:
 
     data = json.loads(table.data) if isinstance(table.data, str) else table.data
     return list(data)
+
+
+def test_the_example_automation_is_what_prefect_automation_create_takes() -> None:
+    # `prefect automation create --from-file` reads the "automations" list of a YAML file and
+    # validates each item as an AutomationCore (prefect/cli/automation.py); the same here.
+    import yaml  # type: ignore[import-untyped]  # PyYAML comes with Prefect, without stubs
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger
+    from prefect.events.schemas.events import ResourceSpecification
+
+    path = Path(__file__).parents[1] / "deploy" / "automation-partial-failed.yaml"
+    [automation] = [
+        AutomationCore.model_validate(item)
+        for item in yaml.safe_load(path.read_text())["automations"]
+    ]
+    assert isinstance(automation.trigger, EventTrigger)
+    assert {"prefect.flow-run.Partial", "prefect.flow-run.Failed"} <= automation.trigger.expect
+    flows = automation.trigger.match_related
+    assert isinstance(flows, ResourceSpecification)
+    assert set(flows.root["prefect.resource.name"]) == {
+        "archive-recordings",
+        "backfill",
+        "nightly-archive",
+        "retry-failed",
+    }
