@@ -36,8 +36,6 @@ from recarchive.run.runs import ChunkRunner, RunReport, report_table
 
 #: The logger every recarchive module logs under (``logging.getLogger(__name__)``).
 RECARCHIVE_LOGGER = "recarchive"
-#: The Prefect handlers attached to it, so a second call can replace them, never double them.
-_attached_handlers: list[logging.Handler] = []
 
 
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
@@ -64,26 +62,38 @@ async def archive_chunk_task(
     return await archive_chunk(ctx, ids, options)
 
 
+class _RunLogHandler(logging.Handler):
+    """Hands records to the handlers of ``prefect.extra``, inside flow and task runs only.
+
+    Outside a run Prefect's API handler has no flow run to file a record under and warns on
+    every record (a CLI run in a process that imported the flows); such records are left to
+    the other handlers. The handlers are looked up per record, so they are the current ones
+    after Prefect configures logging again.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        for handler in logging.getLogger("prefect.extra").handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+
+
 def send_logs_to_prefect() -> None:
     """Send recarchive's log records to the Prefect API, as the flow run's logs.
 
     What ``PREFECT_LOGGING_EXTRA_LOGGERS=recarchive`` would do
-    (``prefect/logging/configuration.py``): attach the handlers of the ``prefect.extra``
-    logger to ``recarchive``, whose records its modules' loggers pass up. Idempotent: the
-    handlers a previous call attached are replaced by the current ones (Prefect replaces them
-    when it configures logging again). The level becomes INFO unless it was set: Prefect's
-    root logger is at WARNING, and a run's INFO lines (leased recordings, progress) belong in
-    its logs.
+    (``prefect/logging/configuration.py``: the handlers of the ``prefect.extra`` logger on
+    ``recarchive``, whose records its modules' loggers pass up), without the setting, and
+    only inside runs (:class:`_RunLogHandler`). Idempotent. The level becomes INFO unless it
+    was set: Prefect's root logger is at WARNING, and a run's INFO lines (leased recordings,
+    refused media links) belong in its logs.
     """
     ours = logging.getLogger(RECARCHIVE_LOGGER)
-    current = list(logging.getLogger("prefect.extra").handlers)
-    for handler in _attached_handlers:
-        if handler not in current:
-            ours.removeHandler(handler)
-    for handler in current:
-        if handler not in ours.handlers:
-            ours.addHandler(handler)
-    _attached_handlers[:] = current
+    if not any(isinstance(handler, _RunLogHandler) for handler in ours.handlers):
+        ours.addHandler(_RunLogHandler())
     if ours.level == logging.NOTSET:
         ours.setLevel(logging.INFO)
 
