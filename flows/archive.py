@@ -6,11 +6,11 @@ from typing import Any
 
 from prefect import flow
 
-from flows.tasks import archive_chunk_task, publish_report
+from flows.tasks import archive_chunk_task, flow_artifacts, runs_state
 from recarchive.config import load_settings
 from recarchive.run.context import ChunkOptions
 from recarchive.run.inputs import open_id_input
-from recarchive.run.runs import archive_ids, raise_for_export
+from recarchive.run.runs import archive_ids
 
 
 @flow(name="archive-recordings", log_prints=False)
@@ -21,8 +21,13 @@ async def archive_recordings(
     refresh: bool = False,
     chunk_size: int | None = None,
     max_parallel_chunks: int = 2,
-) -> dict[str, Any]:
+) -> Any:  # a State: calling the flow returns its data (see Returns)
     """Archive the given IDs in chunks (one Prefect task each), then export Parquet.
+
+    The run ends *Completed*; *Partial* (a Completed-type state) when recordings ended
+    ``failed``: the run finished what it could, the failures are in the ledger with their
+    next attempt, and ``retry-failed`` takes them; *Failed* when the run stopped or its
+    Parquet export failed (see :mod:`recarchive.run.outcome`).
 
     Args:
         ids: Recording IDs (small runs; big ones pass a manifest).
@@ -33,8 +38,9 @@ async def archive_recordings(
         max_parallel_chunks: Chunk tasks in flight at once.
 
     Returns:
-        The run's counts.
+        The final state; its data (what calling the flow returns) is the run's counts.
     """
+    artifacts = flow_artifacts()
     settings = load_settings(chunk_size=chunk_size)
     options = ChunkOptions(skip_media=skip_media, refresh=refresh)
     with open_id_input(settings, ids, ids_file) as id_list:
@@ -49,9 +55,8 @@ async def archive_recordings(
                 "skip_media": skip_media,
                 "refresh": refresh,
             },
-            run_chunk=archive_chunk_task,
+            run_chunk=await artifacts.progress(len(id_list), archive_chunk_task),
             max_parallel_chunks=max_parallel_chunks,
         )
-    await publish_report(report, key="archive-recordings")
-    raise_for_export(report)
-    return report.counts.as_dict()
+    await artifacts.publish(report)
+    return runs_state([report], report.counts.as_dict())

@@ -8,16 +8,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 
-from flows.tasks import archive_chunk_task, publish_report
+from flows.tasks import FlowArtifacts, archive_chunk_task, final_state, flow_artifacts, runs_state
 from recarchive.config import load_settings
 from recarchive.errors import InputError
 from recarchive.ids.spool import IdList
 from recarchive.ids.window import Window, parse_when
 from recarchive.run.context import ChunkOptions
 from recarchive.run.inputs import discover_window, open_manifest, write_manifests
-from recarchive.run.runs import archive_ids, raise_for_export, registered_input
+from recarchive.run.outcome import Outcome, child_outcome, worst
+from recarchive.run.runs import archive_ids, registered_input
 
 ARCHIVE_IDS_DEPLOYMENT = "archive-recordings/archive-ids"
 
@@ -32,7 +34,7 @@ async def backfill(
     chunks_per_child: int = 20,
     skip_media: bool = False,
     max_parallel_chunks: int = 2,
-) -> dict[str, Any]:
+) -> Any:  # a State: calling the flow returns its data (see Returns)
     """Archive a manifest of IDs or a date window, here or fanned out to child runs.
 
     With ``fan_out``, the IDs are split into manifests of ``chunks_per_child`` chunks and one
@@ -40,6 +42,11 @@ async def backfill(
     waits for all. Each child gets the manifest's location, never the IDs, and an
     idempotency key made of this run's id and the manifest number, so a retried parent gets
     the same children back instead of doubling the work.
+
+    A run here ends as every flow does (:mod:`recarchive.run.outcome`); a parent ends no
+    better than its worst child: *Failed* if any child ended Failed, Crashed or Cancelled,
+    else *Partial* (Completed-type) if any child ended Partial. Its table artifact
+    (``backfill-children``) lists every child's state and counts.
 
     Args:
         ids_file: Manifest of IDs (local path or ``s3://bucket/key``).
@@ -52,8 +59,9 @@ async def backfill(
         max_parallel_chunks: Chunk tasks in flight at once (here, or in each child).
 
     Returns:
-        Counts, or the children's final states.
+        The final state; its data is the counts, or the children's final states.
     """
+    artifacts = flow_artifacts()
     settings = load_settings(chunk_size=chunk_size)
     if bool(ids_file) == bool(since):
         raise InputError("give exactly one of ids_file or since/until")
@@ -73,12 +81,11 @@ async def backfill(
                 ChunkOptions(skip_media=skip_media),
                 kind="backfill",
                 params={"ids_file": ids_file, "since": since, "until": until, "ids": len(id_list)},
-                run_chunk=archive_chunk_task,
+                run_chunk=await artifacts.progress(len(id_list), archive_chunk_task),
                 max_parallel_chunks=max_parallel_chunks,
             )
-            await publish_report(report, key="backfill")
-            raise_for_export(report)
-            return report.counts.as_dict()
+            await artifacts.publish(report)
+            return runs_state([report], report.counts.as_dict())
         run_key = str(flow_run.get_id() or "local")
         # Registered here, before any child starts: a parent killed before its children
         # began leaves pending rows that retry-failed takes, never IDs lost outside the ledger.
@@ -97,7 +104,23 @@ async def backfill(
             children = await _fan_out(
                 manifests, run_key, settings.chunk_size, skip_media, max_parallel_chunks
             )
-    return {"children": children}
+    return await _children_state(artifacts, children)
+
+
+async def _children_state(artifacts: FlowArtifacts, children: list[dict[str, str]]) -> State[Any]:
+    """Publish the children's table; the parent's state is the worst of theirs."""
+    from prefect.artifacts import acreate_table_artifact
+
+    outcomes = [child_outcome(child["state_type"], child["state"]) for child in children]
+    summary = f"{len(children)} child runs: " + ", ".join(
+        f"{outcomes.count(outcome)} {outcome}" for outcome in Outcome
+    )
+    await acreate_table_artifact(
+        table=children,
+        key=artifacts.key("children"),
+        description=f"backfill fan-out (flow run {artifacts.flow_run_name}): {summary}",
+    )
+    return final_state(worst(outcomes), summary, {"children": children})
 
 
 async def _fan_out(
@@ -125,11 +148,14 @@ async def _fan_out(
             for index, manifest in enumerate(manifests)
         )
     )
+    # A child's counts are in its state's message (its result is not persisted).
     return [
         {
             "manifest": manifest,
             "flow_run": str(run.id),
             "state": run.state.name if run.state and run.state.name else "unknown",
+            "state_type": run.state.type.value if run.state else "unknown",
+            "message": (run.state.message or "") if run.state else "",
         }
         for manifest, run in zip(manifests, runs, strict=True)
     ]

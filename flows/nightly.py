@@ -7,7 +7,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.tasks import archive_chunk_task, publish_report
+from flows.tasks import archive_chunk_task, flow_artifacts, runs_state
 from recarchive.config import load_settings
 from recarchive.ids.window import (
     DEFAULT_MAX_CATCH_UP_DAYS,
@@ -18,7 +18,7 @@ from recarchive.ids.window import (
 from recarchive.run.clients import open_store
 from recarchive.run.context import ChunkOptions
 from recarchive.run.inputs import discover_window
-from recarchive.run.runs import archive_ids, raise_for_export, retry_failed
+from recarchive.run.runs import archive_ids, retry_failed
 from recarchive.store.windows import last_listed_end, record_listed_window
 
 
@@ -30,7 +30,7 @@ async def nightly_archive(
     skip_media: bool = False,
     max_parallel_chunks: int = 2,
     max_catch_up_days: int = DEFAULT_MAX_CATCH_UP_DAYS,
-) -> dict[str, Any]:
+) -> Any:  # a State: calling the flow returns its data (see Returns)
     """Archive the recordings created up to the run's scheduled UTC day, then retry failures.
 
     The window ends at 00:00 UTC of the day the run was scheduled for (not of the day it
@@ -38,6 +38,10 @@ async def nightly_archive(
     listing recorded in the ledger ended, less ``overlap_hours``: nights that were missed or
     failed are listed by the next run that works. The window is recorded once it was listed
     to the last page and its archive run returned.
+
+    The flow run ends in the worse of its two runs' outcomes (:mod:`recarchive.run.outcome`):
+    *Partial* (Completed-type) when recordings ended ``failed``, *Failed* when a run stopped
+    or an export failed.
 
     Args:
         day: The last UTC day to archive (``YYYY-MM-DD``): re-runs exactly that night's
@@ -53,9 +57,10 @@ async def nightly_archive(
             ``days``); a larger gap is listed oldest first over the next runs, with a warning.
 
     Returns:
-        The window, whether it was recorded, the days still behind after this run, and the
-        counts of the window run and of the retry run.
+        The final state; its data is the window, whether it was recorded, the days still
+        behind after this run, and the counts of the window run and of the retry run.
     """
+    artifacts = flow_artifacts()
     logger = get_run_logger()
     settings = load_settings()
     engine, _ = open_store(settings)
@@ -81,7 +86,7 @@ async def nightly_archive(
                 ChunkOptions(skip_media=skip_media),
                 kind="nightly",
                 params={**window.as_params(), "ids": len(id_list)},
-                run_chunk=archive_chunk_task,
+                run_chunk=await artifacts.progress(len(id_list), archive_chunk_task),
                 max_parallel_chunks=max_parallel_chunks,
             )
             # Only here is the window done: listed to its last page (discover_window raises
@@ -97,23 +102,24 @@ async def nightly_archive(
                 )
     finally:
         engine.dispose()
-    await publish_report(report, key="nightly-archive")
+    await artifacts.publish(report)
     retried = await retry_failed(
         settings,
         skip_media=skip_media,
         run_chunk=archive_chunk_task,
         max_parallel_chunks=max_parallel_chunks,
     )
-    await publish_report(retried, key="nightly-retry-failed")
-    raise_for_export(report)
-    raise_for_export(retried)
-    return {
-        "window": window.as_params(),
-        "window_recorded": plan.record,
-        "days_behind": plan.remaining / timedelta(days=1),
-        "archive": report.counts.as_dict(),
-        "retry_failed": retried.counts.as_dict(),
-    }
+    await artifacts.publish(retried, "retry-failed")
+    return runs_state(
+        [report, retried],
+        {
+            "window": window.as_params(),
+            "window_recorded": plan.record,
+            "days_behind": plan.remaining / timedelta(days=1),
+            "archive": report.counts.as_dict(),
+            "retry_failed": retried.counts.as_dict(),
+        },
+    )
 
 
 def _scheduled_time() -> datetime:

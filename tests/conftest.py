@@ -13,4 +13,5 @@ pytest_plugins = [
     # assertion-rewritten) as a plugin first.
     "tests.fixtures.seaweedfs",
     "tests.fixtures.hostile",
+    "tests.fixtures.prefect",
 ]

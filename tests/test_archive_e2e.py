@@ -163,6 +163,15 @@ def test_missing_and_not_ready_recordings(
     entries = store_for(env).get_entries(ids)
     assert {rid for rid, e in entries.items() if e.state == "missing"} == missing
     assert {rid for rid, e in entries.items() if e.state == "metadata_only"} == pending
+    # status --failed lists them too: a new "missing" field beside "failed", which keeps its
+    # meaning (failed recordings only) for existing readers.
+    doc = json.loads(invoke("status", "--failed", "--json").output)
+    assert doc["failed"] == []
+    assert {entry["id"] for entry in doc["missing"]} == missing
+    listed = invoke("status", "--failed", "--limit", "500")
+    assert listed.exit_code == 0 and "Missing recordings" in listed.output
+    assert all(rid in listed.output for rid in missing)
+    assert "missing" not in json.loads(invoke("status", "--json").output)  # only with --failed
 
     sim.dataset.make_all_available()
     sim.clear_requests()

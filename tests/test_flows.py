@@ -1,12 +1,12 @@
-"""Every flow under one session-scoped ``prefect_test_harness``, against the real servers."""
+"""Every flow under one session-scoped ``prefect_test_harness``, against the real servers.
+
+The harness and the helpers shared with ``test_flow_states.py``: ``tests/fixtures/prefect.py``.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,88 +24,8 @@ from recarchive.errors import StorageUnavailableError
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.tables import archive_ledger, listed_windows
+from tests.fixtures.prefect import artifact, ledger, task_runs_of, use_simulator
 from tests.fixtures.simulator import SimulatorFactory
-
-
-@pytest.fixture(scope="session")
-def prefect_api() -> Iterator[None]:
-    """One Prefect test API for the whole session (it takes ~15 s to start)."""
-    from prefect.testing.utilities import prefect_test_harness
-
-    with pytest.MonkeyPatch.context() as patch:
-        # The server's telemetry write races the harness's start-up on SQLite ("database is
-        # locked" in the log); tests do not need it.
-        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        with prefect_test_harness(server_startup_timeout=120):
-            yield
-
-
-@pytest.fixture
-def flow_env(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, s3_endpoint: str, s3_bucket: str
-) -> dict[str, str]:
-    """Point the flows' settings (read from the environment, as on a worker) at test servers."""
-    env = {
-        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'archive.db'}",
-        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
-        "RECARCHIVE_S3_BUCKET": s3_bucket,
-        "RECARCHIVE_S3_ENDPOINT_URL": s3_endpoint,
-        "RECARCHIVE_REQUESTS_PER_SECOND": "1000",
-        "RECARCHIVE_TEMP_DIR": str(tmp_path),
-    }
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    return env
-
-
-def use_simulator(monkeypatch: pytest.MonkeyPatch, sim: SimulatorServer) -> None:
-    monkeypatch.setenv("RECARCHIVE_BIRD_API_URL", sim.api_url)
-    monkeypatch.setenv("RECARCHIVE_BIRD_ACCESS_KEY", sim.config.access_key)
-    monkeypatch.setenv("RECARCHIVE_WORKSPACE_ID", sim.config.workspace_id)
-
-
-def ledger(env: dict[str, str]) -> dict[str, str]:
-    """Recording ID → ledger state."""
-    engine = create_engine_for(env["RECARCHIVE_DATABASE_URL"])
-    try:
-        with engine.connect() as connection:
-            rows = connection.execute(select(archive_ledger.c.recording_id, archive_ledger.c.state))
-            return {row[0]: row[1] for row in rows}
-    finally:
-        engine.dispose()
-
-
-async def task_runs_of(flow_run_id: uuid.UUID, expected: int) -> list[Any]:
-    """Task runs of a flow run, waiting briefly: Prefect records them asynchronously."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.client.schemas.sorting import TaskRunSort
-
-    deadline = time.monotonic() + 30
-    async with get_client() as client:
-        while True:
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                limit=200,
-                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-            )
-            if len(runs) >= expected or time.monotonic() > deadline:
-                return list(runs)
-            await asyncio.sleep(0.5)
-
-
-async def artifact(key: str) -> Any:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    async with get_client() as client:
-        found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-            limit=10,
-            sort=ArtifactSort.CREATED_DESC,
-        )
-    return found[0] if found else None
 
 
 async def test_archive_recordings_runs_one_task_per_chunk(

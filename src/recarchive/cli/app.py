@@ -30,7 +30,7 @@ from recarchive.cli.progress import result_table
 from recarchive.config import Settings, load_settings
 from recarchive.errors import InputError
 from recarchive.ids.window import parse_when
-from recarchive.model import LEDGER_STATES, RunCounts
+from recarchive.model import LEDGER_STATES, LedgerState, RunCounts
 
 if TYPE_CHECKING:
     from recarchive.ids.spool import IdList
@@ -204,11 +204,13 @@ def retry_failed_command(
 @app.command()
 @handle_errors
 def status(
-    failed: Annotated[bool, typer.Option("--failed", help="List failed recordings.")] = False,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="List failed and missing recordings.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     limit: Annotated[int, typer.Option(help="Rows of --failed and of recent runs.")] = 50,
 ) -> None:
-    """Show ledger counts per state, recent runs, and (--failed) failed recordings."""
+    """Show ledger counts per state, recent runs, and (--failed) failed and missing recordings."""
     from recarchive.run.clients import open_store
 
     configure_logging(False)
@@ -217,6 +219,7 @@ def status(
         counts = store.counts()
         runs = store.last_runs(limit=min(limit, 10))
         failures = store.failed_entries(limit=limit) if failed else []
+        missing = store.failed_entries(limit=limit, state=LedgerState.MISSING) if failed else []
     finally:
         engine.dispose()
     if as_json:
@@ -231,6 +234,8 @@ def status(
                 }
                 for e in failures
             ]
+            # Added beside "failed", whose entries keep their meaning (and shape).
+            doc["missing"] = [{"id": e.recording_id, "last_error": e.last_error} for e in missing]
         out.print_json(json.dumps(doc, default=str))
         return
     table = Table(title="Ledger")
@@ -271,6 +276,12 @@ def status(
                 entry.last_error or "",
             )
         out.print(failed_table)
+        missing_table = Table(title="Missing recordings (404 at Bird; nothing more to do)")
+        for column in ("id", "last error"):
+            missing_table.add_column(column)
+        for entry in missing:
+            missing_table.add_row(entry.recording_id, entry.last_error or "")
+        out.print(missing_table)
 
 
 @app.command()

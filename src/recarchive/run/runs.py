@@ -64,6 +64,10 @@ class RunReport:
     export_error: str | None = None
 
 
+#: Where the whole list of failed and missing recordings is (reports show the first ones).
+FULL_FAILURE_LIST = "recarchive status --failed"
+
+
 def report_table(report: RunReport) -> list[dict[str, Any]]:
     """Rows of the Prefect table artifact: the counts, then the first failures."""
     rows: list[dict[str, Any]] = [
@@ -71,6 +75,10 @@ def report_table(report: RunReport) -> list[dict[str, Any]]:
     ]
     rows.append({"item": "status", "value": report.status})
     rows.append({"item": "run_id", "value": report.run_id})
+    if report.export_error:
+        rows.append({"item": "export", "value": report.export_error})
+    if report.counts.failed or report.counts.missing:
+        rows.append({"item": "every failed and missing recording", "value": FULL_FAILURE_LIST})
     rows.extend(
         {"item": f"failed {recording_id}", "value": error}
         for recording_id, error in report.counts.failures[:50]

@@ -241,11 +241,18 @@ class Ledger:
             found = {state: int(count) for state, count in connection.execute(query).all()}
         return {**dict.fromkeys(LEDGER_STATES, 0), **found}
 
-    def failed_entries(self, limit: int) -> list[LedgerEntry]:
-        """The ``failed`` rows, most recently updated first."""
+    def failed_entries(
+        self, limit: int, state: LedgerState = LedgerState.FAILED
+    ) -> list[LedgerEntry]:
+        """The rows of recordings that did not make it, most recently updated first.
+
+        Args:
+            limit: Most rows returned.
+            state: ``failed`` (by default), or ``missing`` (404 at Bird).
+        """
         query = (
             select(*_LEDGER_COLUMNS)
-            .where(archive_ledger.c.state == LedgerState.FAILED)
+            .where(archive_ledger.c.state == state)
             .order_by(archive_ledger.c.updated_at.desc(), archive_ledger.c.recording_id)
             .limit(limit)
         )
