@@ -17,7 +17,13 @@ from recarchive.errors import InputError
 from recarchive.ids.spool import IdList
 from recarchive.ids.window import Window, parse_when
 from recarchive.run.context import ChunkOptions
-from recarchive.run.inputs import discover_window, open_manifest, write_manifests
+from recarchive.run.inputs import (
+    check_fan_out,
+    discover_window,
+    ids_per_child,
+    open_manifest,
+    write_manifests,
+)
 from recarchive.run.outcome import Outcome, child_outcome, worst
 from recarchive.run.runs import archive_ids, registered_input
 
@@ -31,17 +37,20 @@ async def backfill(
     until: str | None = None,
     chunk_size: int | None = None,
     fan_out: bool = False,
-    chunks_per_child: int = 20,
+    children: int | None = None,
+    chunks_per_child: int | None = None,
     skip_media: bool = False,
     max_parallel_chunks: int = 2,
 ) -> Any:  # a State: calling the flow returns its data (see Returns)
     """Archive a manifest of IDs or a date window, here or fanned out to child runs.
 
-    With ``fan_out``, the IDs are split into manifests of ``chunks_per_child`` chunks and one
+    With ``fan_out``, the IDs are split into ``children`` manifests (8 by default, fewer when
+    there are fewer IDs), or into manifests of ``chunks_per_child`` chunks, and one
     ``archive-ids`` deployment run is started per manifest with ``run_deployment``; the parent
-    waits for all. Each child gets the manifest's location, never the IDs, and an
-    idempotency key made of this run's id and the manifest number, so a retried parent gets
-    the same children back instead of doubling the work.
+    waits for all. The children run on the pool's ``children`` work queue (``prefect.yaml``),
+    so workers serving it with a ``--limit`` share them out. Each child gets the manifest's
+    location, never the IDs, and an idempotency key made of this run's id and the manifest
+    number, so a retried parent gets the same children back instead of doubling the work.
 
     A run here ends as every flow does (:mod:`recarchive.run.outcome`); a parent ends no
     better than its worst child: *Failed* if any child ended Failed, Crashed or Cancelled,
@@ -54,7 +63,8 @@ async def backfill(
         until: End of the window (exclusive).
         chunk_size: IDs per chunk task.
         fan_out: Start child deployment runs instead of archiving here.
-        chunks_per_child: Chunks per child run.
+        children: How many child runs (default 8); not with ``chunks_per_child``.
+        chunks_per_child: Chunks per child run instead of a number of children.
         skip_media: Metadata only.
         max_parallel_chunks: Chunk tasks in flight at once (here, or in each child).
 
@@ -65,6 +75,8 @@ async def backfill(
     settings = load_settings(chunk_size=chunk_size)
     if bool(ids_file) == bool(since):
         raise InputError("give exactly one of ids_file or since/until")
+    if fan_out:
+        check_fan_out(children, chunks_per_child)
     if ids_file:
         source: contextlib.AbstractContextManager[IdList] = open_manifest(settings, ids_file)
     else:
@@ -98,13 +110,18 @@ async def backfill(
             manifests = write_manifests(
                 settings,
                 id_list,
-                ids_per_manifest=settings.chunk_size * chunks_per_child,
+                ids_per_manifest=ids_per_child(
+                    len(id_list),
+                    chunk_size=settings.chunk_size,
+                    children=children,
+                    chunks_per_child=chunks_per_child,
+                ),
                 run_key=run_key,
             )
-            children = await _fan_out(
+            child_runs = await _fan_out(
                 manifests, run_key, settings.chunk_size, skip_media, max_parallel_chunks
             )
-    return await _children_state(artifacts, children)
+    return await _children_state(artifacts, child_runs)
 
 
 async def _children_state(artifacts: FlowArtifacts, children: list[dict[str, str]]) -> State[Any]:

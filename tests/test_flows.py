@@ -20,7 +20,7 @@ from flows.nightly import nightly_archive
 from flows.retry import retry_failed_flow
 from sqlalchemy import select, update
 
-from recarchive.errors import StorageUnavailableError
+from recarchive.errors import InputError, StorageUnavailableError
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.tables import archive_ledger, listed_windows
@@ -319,12 +319,19 @@ async def test_retry_failed_flow_archives_due_failures(
     assert asked == failed  # only the failed ones were tried again
 
 
+@pytest.mark.parametrize(
+    ("split", "expected"),
+    [({"chunks_per_child": 2}, 3), ({"children": 4}, 4), ({}, 8)],
+    ids=["chunks-per-child", "children", "default-children"],
+)
 async def test_backfill_fans_out_manifests_with_idempotency_keys(
     prefect_api: None,
     flow_env: dict[str, str],
     simulator_factory: SimulatorFactory,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
+    split: dict[str, int],
+    expected: int,
 ) -> None:
     sim = simulator_factory(recordings=50, seed=53, available_fraction=1.0)
     use_simulator(monkeypatch, sim)
@@ -342,15 +349,36 @@ async def test_backfill_fans_out_manifests_with_idempotency_keys(
         return SimpleNamespace(id=uuid.uuid4(), state=state)
 
     monkeypatch.setattr(prefect.deployments, "arun_deployment", run_child)
-    result = await backfill(ids_file=str(ids_file), chunk_size=10, fan_out=True, chunks_per_child=2)
-    assert len(calls) == 3  # 50 IDs, 20 per child
+    result = await backfill(
+        ids_file=str(ids_file),
+        chunk_size=10,
+        fan_out=True,
+        children=split.get("children"),
+        chunks_per_child=split.get("chunks_per_child"),
+    )
+    # 50 IDs: 20 per child (2 chunks of 10), 13 per child (4 children), or 7 (8 children).
+    assert len(calls) == expected
     assert {name for name, _, _ in calls} == {"archive-recordings/archive-ids"}
     assert all("ids" not in params and params["ids_file"] for _, params, _ in calls)
     keys = [key for _, _, key in calls]
-    assert len(set(keys)) == 3 and all(key.endswith(f"-{n:05d}") for n, key in enumerate(keys))
-    assert [child["state"] for child in result["children"]] == ["Completed"] * 3
+    assert len(set(keys)) == expected
+    assert all(key.endswith(f"-{n:05d}") for n, key in enumerate(keys))
+    assert [child["state"] for child in result["children"]] == ["Completed"] * expected
     assert set(ledger(flow_env)) == set(sim.dataset.ids)
     assert set(ledger(flow_env).values()) == {"archived"}
+
+
+async def test_backfill_refuses_two_ways_of_splitting_before_any_request(
+    prefect_api: None,
+    flow_env: dict[str, str],
+    simulator_factory: SimulatorFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sim = simulator_factory(recordings=5, seed=61)
+    use_simulator(monkeypatch, sim)
+    with pytest.raises(InputError, match="not both"):
+        await backfill(since="2025-05-01", fan_out=True, children=2, chunks_per_child=2)
+    assert sim.api_requests() == []
 
 
 async def test_backfill_window_without_fan_out(

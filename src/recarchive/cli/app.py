@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from recarchive.cli.output import (
     EXIT_ITEMS_FAILED,
@@ -27,10 +26,11 @@ from recarchive.cli.output import (
     print_run,
 )
 from recarchive.cli.progress import result_table
+from recarchive.cli.status import print_status
 from recarchive.config import Settings, load_settings
 from recarchive.errors import InputError
 from recarchive.ids.window import parse_when
-from recarchive.model import LEDGER_STATES, LedgerState, RunCounts
+from recarchive.model import LedgerState, RunCounts
 
 if TYPE_CHECKING:
     from recarchive.ids.spool import IdList
@@ -222,66 +222,7 @@ def status(
         missing = store.failed_entries(limit=limit, state=LedgerState.MISSING) if failed else []
     finally:
         engine.dispose()
-    if as_json:
-        doc: dict[str, Any] = {"states": counts, "runs": runs}
-        if failed:
-            doc["failed"] = [
-                {
-                    "id": e.recording_id,
-                    "attempts": e.attempts,
-                    "last_error": e.last_error,
-                    "next_attempt_at": e.next_attempt_at.isoformat() if e.next_attempt_at else None,
-                }
-                for e in failures
-            ]
-            # Added beside "failed", whose entries keep their meaning (and shape).
-            doc["missing"] = [{"id": e.recording_id, "last_error": e.last_error} for e in missing]
-        out.print_json(json.dumps(doc, default=str))
-        return
-    table = Table(title="Ledger")
-    table.add_column("state")
-    table.add_column("recordings", justify="right")
-    for state in LEDGER_STATES:
-        table.add_row(state, str(counts.get(state, 0)))
-    out.print(table)
-    if runs:
-        runs_table = Table(title="Recent runs")
-        for column in ("id", "kind", "status", "started_at", "archived", "failed", "missing"):
-            runs_table.add_column(column)
-        for run in runs:
-            runs_table.add_row(
-                *(
-                    str(run.get(column, ""))
-                    for column in (
-                        "id",
-                        "kind",
-                        "status",
-                        "started_at",
-                        "archived",
-                        "failed",
-                        "missing",
-                    )
-                )
-            )
-        out.print(runs_table)
-    if failed:
-        failed_table = Table(title="Failed recordings")
-        for column in ("id", "attempts", "next attempt", "last error"):
-            failed_table.add_column(column)
-        for entry in failures:
-            failed_table.add_row(
-                entry.recording_id,
-                str(entry.attempts),
-                str(entry.next_attempt_at or "never (terminal; archive the ID to retry)"),
-                entry.last_error or "",
-            )
-        out.print(failed_table)
-        missing_table = Table(title="Missing recordings (404 at Bird; nothing more to do)")
-        for column in ("id", "last error"):
-            missing_table.add_column(column)
-        for entry in missing:
-            missing_table.add_row(entry.recording_id, entry.last_error or "")
-        out.print(missing_table)
+    print_status(counts, runs, failures if failed else None, missing, as_json=as_json)
 
 
 @app.command()

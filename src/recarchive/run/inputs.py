@@ -94,18 +94,26 @@ def ids_per_child(
             ``chunk_size * chunks_per_child`` IDs, however many children that makes.
 
     Raises:
-        InputError: Both given, or one below 1.
+        InputError: See :func:`check_fan_out`.
+    """
+    check_fan_out(children, chunks_per_child)
+    if chunks_per_child is not None:
+        return chunk_size * chunks_per_child
+    return max(1, -(-total // (children or DEFAULT_CHILDREN)))
+
+
+def check_fan_out(children: int | None, chunks_per_child: int | None) -> None:
+    """Refuse a fan-out split before any work: both ways given, or one below 1.
+
+    Raises:
+        InputError: Naming the parameter.
     """
     if children is not None and chunks_per_child is not None:
         raise InputError("give children or chunks_per_child, not both")
-    if chunks_per_child is not None:
-        if chunks_per_child < 1:
-            raise InputError(f"chunks_per_child must be at least 1, not {chunks_per_child}")
-        return chunk_size * chunks_per_child
-    children = DEFAULT_CHILDREN if children is None else children
-    if children < 1:
+    if chunks_per_child is not None and chunks_per_child < 1:
+        raise InputError(f"chunks_per_child must be at least 1, not {chunks_per_child}")
+    if children is not None and children < 1:
         raise InputError(f"children must be at least 1, not {children}")
-    return max(1, -(-total // children))
 
 
 def write_manifests(

@@ -1,0 +1,78 @@
+"""What ``recarchive status`` prints: ledger counts, recent runs, failed and missing IDs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from rich.table import Table
+
+from recarchive.cli.output import out
+from recarchive.model import LEDGER_STATES, LedgerEntry
+
+#: The columns of the recent-runs table, in the order shown.
+RUN_COLUMNS = ("id", "kind", "status", "started_at", "archived", "failed", "missing")
+
+
+def print_status(
+    counts: dict[str, int],
+    runs: Sequence[dict[str, Any]],
+    failures: Sequence[LedgerEntry] | None,
+    missing: Sequence[LedgerEntry],
+    *,
+    as_json: bool,
+) -> None:
+    """Print the status, as tables or (``as_json``) as one JSON document.
+
+    Args:
+        counts: Recordings per ledger state.
+        runs: The newest ``runs`` rows.
+        failures: The ``failed`` rows, or ``None`` when ``--failed`` was not asked for.
+        missing: The ``missing`` rows (shown with ``--failed`` only).
+        as_json: One JSON document instead of tables.
+    """
+    if as_json:
+        doc: dict[str, Any] = {"states": counts, "runs": runs}
+        if failures is not None:
+            doc["failed"] = [
+                {
+                    "id": e.recording_id,
+                    "attempts": e.attempts,
+                    "last_error": e.last_error,
+                    "next_attempt_at": e.next_attempt_at.isoformat() if e.next_attempt_at else None,
+                }
+                for e in failures
+            ]
+            # Added beside "failed", whose entries keep their meaning (and shape).
+            doc["missing"] = [{"id": e.recording_id, "last_error": e.last_error} for e in missing]
+        out.print_json(json.dumps(doc, default=str))
+        return
+    table = Table(title="Ledger")
+    table.add_column("state")
+    table.add_column("recordings", justify="right")
+    for state in LEDGER_STATES:
+        table.add_row(state, str(counts.get(state, 0)))
+    out.print(table)
+    if runs:
+        runs_table = Table(*RUN_COLUMNS, title="Recent runs")
+        for run in runs:
+            runs_table.add_row(*(str(run.get(column, "")) for column in RUN_COLUMNS))
+        out.print(runs_table)
+    if failures is None:
+        return
+    failed_table = Table("id", "attempts", "next attempt", "last error", title="Failed recordings")
+    for entry in failures:
+        failed_table.add_row(
+            entry.recording_id,
+            str(entry.attempts),
+            str(entry.next_attempt_at or "never (terminal; archive the ID to retry)"),
+            entry.last_error or "",
+        )
+    out.print(failed_table)
+    missing_table = Table(
+        "id", "last error", title="Missing recordings (404 at Bird; nothing more to do)"
+    )
+    for entry in missing:
+        missing_table.add_row(entry.recording_id, entry.last_error or "")
+    out.print(missing_table)
