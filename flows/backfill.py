@@ -11,7 +11,14 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.runtime import flow_run
 
-from flows.tasks import FlowArtifacts, archive_chunk_task, final_state, flow_artifacts, runs_state
+from flows.tasks import (
+    FlowArtifacts,
+    archive_chunk_task,
+    best_effort,
+    final_state,
+    flow_artifacts,
+    runs_state,
+)
 from recarchive.config import load_settings
 from recarchive.errors import InputError
 from recarchive.ids.spool import IdList
@@ -77,6 +84,8 @@ async def backfill(
         raise InputError("give exactly one of ids_file or since/until")
     if fan_out:
         check_fan_out(children, chunks_per_child)
+    elif children is not None or chunks_per_child is not None:
+        raise InputError("children and chunks_per_child split a fan-out: give fan_out=true")
     if ids_file:
         source: contextlib.AbstractContextManager[IdList] = open_manifest(settings, ids_file)
     else:
@@ -132,10 +141,13 @@ async def _children_state(artifacts: FlowArtifacts, children: list[dict[str, str
     summary = f"{len(children)} child runs: " + ", ".join(
         f"{outcomes.count(outcome)} {outcome}" for outcome in Outcome
     )
-    await acreate_table_artifact(
-        table=children,
-        key=artifacts.key("children"),
-        description=f"backfill fan-out (flow run {artifacts.flow_run_name}): {summary}",
+    await best_effort(
+        "publish the children's table artifact",
+        acreate_table_artifact(
+            table=children,
+            key=artifacts.key("children"),
+            description=f"backfill fan-out (flow run {artifacts.flow_run_name}): {summary}",
+        ),
     )
     return final_state(worst(outcomes), summary, {"children": children})
 

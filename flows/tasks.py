@@ -9,9 +9,9 @@ calling the flow returns.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from prefect import task
@@ -20,6 +20,7 @@ from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
 from recarchive.model import RunCounts
+from recarchive.redaction import describe
 from recarchive.run.chunk import archive_chunk
 from recarchive.run.context import ArchiveContext, ChunkOptions
 from recarchive.run.failures import should_retry_chunk
@@ -36,6 +37,22 @@ from recarchive.run.runs import ChunkRunner, RunReport, report_table
 
 #: The logger every recarchive module logs under (``logging.getLogger(__name__)``).
 RECARCHIVE_LOGGER = "recarchive"
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+async def best_effort(what: str, work: Awaitable[T]) -> T | None:
+    """Await an artifact write; a failure is logged, never the run's.
+
+    Artifacts report on work that is done: a Prefect API hiccup while writing one must not
+    cancel the chunks still running or turn a finished run into a failed one.
+    """
+    try:
+        return await work
+    except Exception as exc:
+        logger.warning("could not %s: %s", what, describe(exc))
+        return None
 
 
 def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
@@ -145,12 +162,15 @@ class FlowArtifacts:
         """The run's counts, first failures and where the full list is, as a table."""
         from prefect.artifacts import acreate_table_artifact
 
-        await acreate_table_artifact(
-            table=report_table(report),
-            key=self.key(*parts),
-            description=(
-                f"recarchive {report.kind} run {report.run_id} (flow run"
-                f" {self.flow_run_name}): {report.status}"
+        await best_effort(
+            "publish the run's table artifact",
+            acreate_table_artifact(
+                table=report_table(report),
+                key=self.key(*parts),
+                description=(
+                    f"recarchive {report.kind} run {report.run_id} (flow run"
+                    f" {self.flow_run_name}): {report.status}"
+                ),
             ),
         )
 
@@ -181,19 +201,28 @@ class _Progress:
     async def start(self) -> None:
         from prefect.artifacts import acreate_progress_artifact
 
-        self.artifact_id = await acreate_progress_artifact(
-            progress=progress_percent(0, self.total), key=self.key, description=self._description()
+        self.artifact_id = await best_effort(
+            "create the progress artifact",
+            acreate_progress_artifact(
+                progress=progress_percent(0, self.total),
+                key=self.key,
+                description=self._description(),
+            ),
         )
 
     async def advance(self, ids: int) -> None:
         from prefect.artifacts import aupdate_progress_artifact
 
         self.done += ids
-        assert self.artifact_id is not None
-        await aupdate_progress_artifact(
-            self.artifact_id,
-            progress=progress_percent(self.done, self.total),
-            description=self._description(),
+        if self.artifact_id is None:  # its creation failed (logged): nothing to update
+            return
+        await best_effort(
+            "update the progress artifact",
+            aupdate_progress_artifact(
+                self.artifact_id,
+                progress=progress_percent(self.done, self.total),
+                description=self._description(),
+            ),
         )
 
 

@@ -61,8 +61,17 @@ def test_flag_overrides_beat_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         ("RECARCHIVE_CONCURRENCY", "0", "RECARCHIVE_CONCURRENCY"),
         ("RECARCHIVE_BIRD_API_URL", "api.bird.com", "RECARCHIVE_BIRD_API_URL"),
         ("RECARCHIVE_S3_ENDPOINT_URL", "localhost:9000", "RECARCHIVE_S3_ENDPOINT_URL"),
+        ("RECARCHIVE_RATE_LIMIT_BATCH", "51", "at most RECARCHIVE_REQUESTS_PER_SECOND \\(50\\)"),
     ],
-    ids=["scheme", "sse", "not-int", "zero", "url-no-scheme", "endpoint-no-scheme"],
+    ids=[
+        "scheme",
+        "sse",
+        "not-int",
+        "zero",
+        "url-no-scheme",
+        "endpoint-no-scheme",
+        "batch-over-the-rate",
+    ],
 )
 def test_invalid_setting_names_variable(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str

@@ -137,8 +137,13 @@ def test_ids_per_child_splits_into_the_children_asked_for(
 
 @pytest.mark.parametrize(
     ("children", "chunks_per_child", "message"),
-    [(2, 2, "not both"), (0, None, "children must be at least 1"), (None, 0, "at least 1")],
-    ids=["both", "no-children", "no-chunks"],
+    [
+        (2, 2, "not both"),
+        (0, None, "children must be from 1"),
+        (1001, None, "children must be from 1 to 1000"),
+        (None, 0, "at least 1"),
+    ],
+    ids=["both", "no-children", "too-many-children", "no-chunks"],
 )
 def test_ids_per_child_refuses_a_split_it_cannot_make(
     children: int | None, chunks_per_child: int | None, message: str

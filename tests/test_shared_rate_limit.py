@@ -7,6 +7,7 @@ one batch in any one-second window.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import subprocess
@@ -83,20 +84,46 @@ class _Schedule:
         return start - now
 
 
-async def test_a_permit_whose_slot_ended_is_dropped_not_spent_late() -> None:
+async def test_a_batch_not_used_in_time_is_dropped_not_spent_late() -> None:
     now = [100.0]
     schedule = _Schedule(rate=10.0, clock=lambda: now[0])
     shared = SharedPermits(schedule, batch=3, rate=10.0, clock=lambda: now[0])
-    use_by = await shared.acquire()
-    # Its slot is 0.3 s; a late sender may still use it for one more slot length.
-    assert use_by == pytest.approx(100.6)
-    now[0] = 100.5
-    assert not shared.expired(use_by)
-    now[0] = 100.7  # this process stalled past that
-    assert shared.expired(use_by)
     await shared.acquire()
-    # The two permits left of the first slot were dropped; a new batch was taken.
-    assert shared.dropped == 2 and schedule.takes == 2
+    # Its slot is 0.3 s; a late sender may still use it for one more slot length.
+    now[0] = 100.5
+    await shared.acquire()
+    assert schedule.takes == 1
+    now[0] = 100.7  # this process stalled past that
+    await shared.acquire()
+    # The permit left of the first batch was dropped; a new batch was taken.
+    assert shared.dropped == 1 and schedule.takes == 2
+
+
+async def test_a_429_with_the_shared_limit_slows_the_senders_but_never_stops_them() -> None:
+    # A pause halves the process's own rate: its senders then reach the shared limit more
+    # slowly, and each permit must still be theirs to use when they get there.
+    rate = 50.0
+    schedule = _Schedule(rate=rate, clock=time.monotonic)
+    pacer = RequestPacer(rate, shared=SharedPermits(schedule, batch=5, rate=rate))
+    sends: list[float] = []
+    start = time.monotonic()
+
+    async def sender() -> None:
+        while time.monotonic() - start < 3.0:
+            await pacer.wait()
+            sends.append(time.monotonic() - start)
+            pacer.record_success()
+
+    async def a_429() -> None:
+        await asyncio.sleep(0.5)
+        pacer.pause(0.5)
+
+    # Bounded: senders that stop for good (the bug this guards against) fail in seconds.
+    await asyncio.wait_for(asyncio.gather(a_429(), *(sender() for _ in range(16))), 10)
+    after = [moment for moment in sends if moment >= 1.5]
+    # Half the rate and creeping back: about 40 sends in the last 1.5 s; none would be a hang.
+    assert len(after) >= 20, (len(after), len(sends))
+    assert not [moment for moment in sends if 0.55 <= moment < 0.95]  # the pause held
 
 
 async def test_the_pacer_takes_one_batch_per_batch_of_requests() -> None:

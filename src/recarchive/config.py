@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from recarchive.errors import ConfigError
@@ -113,6 +113,17 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an existing folder")
         return value
 
+    @model_validator(mode="after")
+    def _batch_within_the_rate(self) -> Settings:
+        # A batch reserves batch/rate seconds of the shared schedule for one process: more
+        # than a second's worth would hold every other process back that long.
+        if self.rate_limit_batch > max(1.0, self.requests_per_second):
+            raise ValueError(
+                "RECARCHIVE_RATE_LIMIT_BATCH must be at most RECARCHIVE_REQUESTS_PER_SECOND "
+                f"({self.requests_per_second:g}), not {self.rate_limit_batch}"
+            )
+        return self
+
     @property
     def rate_limit_batch_size(self) -> int:
         """Permits per take from the shared limit: the setting, or a tenth of a second's."""
@@ -185,8 +196,12 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            field = ".".join(str(part) for part in error["loc"]) or "?"
-            lines.append(f"{env_name(field)}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            if not error["loc"]:  # a check across settings names its variables itself
+                lines.append(message)
+                continue
+            field = ".".join(str(part) for part in error["loc"])
+            lines.append(f"{env_name(field)}: {message}")
         raise ConfigError("invalid settings: " + "; ".join(lines)) from exc
     register_settings_secrets(settings)
     return settings

@@ -21,6 +21,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 
@@ -39,11 +40,15 @@ class SharedPermits:
     """This process's share of a :class:`PermitSource`, taken ``batch`` permits at a time.
 
     A take reserves a slot of ``batch / rate`` seconds in the shared schedule; slots of
-    different takers never overlap. The process's own pacer spaces the permits it uses by
-    ``1 / rate``, so all processes together send at ``rate``. A permit may be used until one
-    slot length after its slot (a sender the event loop kept a little late); one not used by
-    then is dropped, never spent on top of later slots. So one second holds at most one batch
-    more than ``rate``: a late slot's permits overlapping the next slot's.
+    different takers never overlap. Within its slot a batch's permits are handed out at most
+    ``rate`` per second, each just before its request goes out (after the process's own
+    pacing), so all processes together send at ``rate``. A permit may be handed out until one
+    slot length after its slot (a sender the event loop kept a little late); a batch not used
+    up by then is dropped, never spent on top of later slots. So a one-second window holds at
+    most one batch more than ``rate``.
+
+    Takes run in a thread of their own (they may wait for the database), never queued behind
+    the other work of the event loop's default executor.
 
     Bound to the event loop of its first :meth:`acquire` (as the HTTP client that uses it is).
 
@@ -73,15 +78,13 @@ class SharedPermits:
         self.dropped = 0
         self._clock = clock
         self._left = 0
+        self._next_at = 0.0
         self._use_by = 0.0
         self._lock: asyncio.Lock | None = None
+        self._executor: ThreadPoolExecutor | None = None
 
-    async def acquire(self) -> float:
-        """Wait until one shared permit is this process's; return when it must be used by.
-
-        Returns:
-            The time (of this object's clock) after which the permit must not be used.
-        """
+    async def acquire(self) -> None:
+        """Wait until one shared permit is this process's to use now."""
         if self._lock is None:
             self._lock = asyncio.Lock()
         # Held while waiting for a slot: no sender of this process may go before it.
@@ -90,19 +93,25 @@ class SharedPermits:
                 self.dropped += self._left
                 self._left = 0
             if self._left == 0:
-                delay = await asyncio.to_thread(self.source.take, self.batch)
-                self.takes += 1
-                self._left = self.batch
-                slot = self.batch / self.rate
-                self._use_by = self._clock() + delay + 2 * slot
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await self._take()
+            wait = self._next_at - self._clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._next_at += 1 / self.rate
             self._left -= 1
-            return self._use_by
 
-    def expired(self, use_by: float) -> bool:
-        """Whether a permit to be used by ``use_by`` came too late."""
-        return self._clock() > use_by
+    async def _take(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="recarchive-permits")
+        # The clock before the take: an answer that reaches the loop late must not move the
+        # slot later than the schedule put it.
+        asked_at = self._clock()
+        loop = asyncio.get_running_loop()
+        delay = await loop.run_in_executor(self._executor, self.source.take, self.batch)
+        self.takes += 1
+        self._left = self.batch
+        self._next_at = asked_at + delay
+        self._use_by = self._next_at + 2 * self.batch / self.rate
 
 
 class RequestPacer:
@@ -154,23 +163,20 @@ class RequestPacer:
         """Wait for this request's slot.
 
         A pause that starts while we wait moves us behind it: the slot is reserved again, so
-        requests queued before a 429 do not go out during the pause it asked for. With
-        ``shared`` permits, a permit that expired while we waited is dropped and another taken.
+        requests queued before a 429 do not go out during the pause it asked for.
         """
         while True:
             pauses = self.pauses
-            # The shared permit first, then this process's own spacing: the permits of one
-            # slot go out at most ``rate`` per second, never in one burst.
-            use_by = await self.shared.acquire() if self.shared is not None else None
             delay = self.reserve()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if self.pauses != pauses:
-                continue
-            if use_by is not None and self.shared is not None and self.shared.expired(use_by):
-                self.shared.dropped += 1
-                continue
-            return
+            # This process's own spacing first, then the shared permit, used at once: a permit
+            # never waits behind a slow local slot (after a 429 halves the local rate) until
+            # it expires.
+            if self.shared is not None:
+                await self.shared.acquire()
+            if self.pauses == pauses:
+                return
 
     def record_success(self) -> None:
         """Note an accepted request: the working rate creeps back toward ``rate``."""

@@ -141,8 +141,11 @@ def shared_permits(settings: Settings, engine: Engine) -> SharedPermits | None:
     if not settings.rate_limit_shared:
         return None
     workspace_id, _ = settings.require_bird()
-    host = urlsplit(settings.bird_api_url).netloc.lower()
-    source = RequestPermits(engine, f"bird-api {host} {workspace_id}", settings.requests_per_second)
+    url = urlsplit(settings.bird_api_url)
+    # Host and port only: never URL user info, and one limit however the port is written.
+    port = url.port or (443 if url.scheme == "https" else 80)
+    name = f"bird-api {(url.hostname or '').lower()}:{port} {workspace_id}"
+    source = RequestPermits(engine, name[:255], settings.requests_per_second)
     return SharedPermits(
         source, batch=settings.rate_limit_batch_size, rate=settings.requests_per_second
     )

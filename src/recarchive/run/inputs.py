@@ -79,6 +79,8 @@ def _downloaded(settings: Settings, uri: str) -> Iterator[str]:
 #: Child runs of a fan-out backfill when neither ``children`` nor ``chunks_per_child`` is given:
 #: enough to spread even a few thousand IDs over several workers.
 DEFAULT_CHILDREN = 8
+#: Most child runs one fan-out starts: each is a flow run the parent waits on (and polls).
+MAX_CHILDREN = 1000
 
 
 def ids_per_child(
@@ -112,8 +114,8 @@ def check_fan_out(children: int | None, chunks_per_child: int | None) -> None:
         raise InputError("give children or chunks_per_child, not both")
     if chunks_per_child is not None and chunks_per_child < 1:
         raise InputError(f"chunks_per_child must be at least 1, not {chunks_per_child}")
-    if children is not None and children < 1:
-        raise InputError(f"children must be at least 1, not {children}")
+    if children is not None and not 1 <= children <= MAX_CHILDREN:
+        raise InputError(f"children must be from 1 to {MAX_CHILDREN}, not {children}")
 
 
 def write_manifests(

@@ -333,7 +333,7 @@ async def recorded_run(
         try:
             report = export_parquet(settings, engine)
         except Exception as exc:
-            export_error = f"Parquet export failed: {type(exc).__name__}: {exc}"
+            export_error = f"Parquet export failed: {describe(exc)}"
             logger.error("%s; `recarchive export` redoes it", export_error)
     status = run_status(counts) if export_error is None else RunStatus.PARTIAL
     with ledger_errors("could not finish the run"):

@@ -70,6 +70,12 @@ class RequestPermits:
         span = count / self.rate
         try:
             with self.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":
+                    # Every sender of this process waits for this take: a row held by a frozen
+                    # transaction must stop the run (StorageUnavailableError), not hang it.
+                    # (SQLite's busy timeout bounds the wait there.)
+                    connection.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
+                    connection.exec_driver_sql("SET LOCAL statement_timeout = '10s'")
                 now = _database_seconds(connection.dialect.name)
                 later = func.greatest if connection.dialect.name == "postgresql" else func.max
                 connection.execute(
