@@ -47,9 +47,8 @@ SIMULATOR = SimulatorOptions(
     recordings=2000, seed=12, latency=0.05, rate_limit=60, missing_fraction=0.02
 )
 CHUNK_SIZE = 125
-#: How the backfill is split: the one place to change when the flow's ``children`` parameter
-#: replaces ``chunks_per_child`` (2,000 IDs / (125 x 2) = 8 children).
-FAN_OUT: dict[str, Any] = {"chunks_per_child": 2}
+#: How the backfill is split: 2,000 IDs into 8 children of 250 (two chunks of 125 each).
+FAN_OUT: dict[str, Any] = {"children": 8}
 MIN_CHILDREN = 8
 CHILD_WORKERS = 2
 #: The whole backfill, from the parent's start to its end (about 225 s measured here: four
