@@ -20,20 +20,15 @@ simulator's peak API requests/s and its share of 429s (target < 1 %).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
-import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from moto.server import ThreadedMotoServer
 from tests.fixtures.postgres import PostgresServer, find_pg_bin, fresh_postgres_database
 from tests.fixtures.prefect_deployment import (
-    AWS_TEST_ENV,
     PrefectStack,
     RecarchiveEnv,
     SimulatorOptions,
@@ -47,6 +42,7 @@ from tests.fixtures.prefect_deployment import (
     workers,
     write_id_manifest,
 )
+from tests.fixtures.s3 import AWS_ENV, running_moto_server
 
 from recarchive.media.s3client import build_s3_client
 
@@ -72,19 +68,6 @@ class Figures:
     @property
     def children_throughput(self) -> float:
         return self.recordings / self.children_seconds
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    # werkzeug logs every request at INFO: thousands of lines, and CPU the runs need.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 def measure(
@@ -165,7 +148,7 @@ def main() -> None:
     # The bench process talks to moto too (buckets): the workers' dummy credentials, no others.
     for name in [name for name in os.environ if name.startswith("AWS_")]:
         del os.environ[name]
-    os.environ.update(AWS_TEST_ENV)
+    os.environ.update(AWS_ENV)
     options = SimulatorOptions(
         recordings=args.recordings,
         latency=args.latency,
@@ -188,7 +171,7 @@ def main() -> None:
     try:
         with (
             tempfile.TemporaryDirectory(prefix="recarchive-bench-") as work,
-            moto_server() as s3_endpoint,
+            running_moto_server() as s3_endpoint,
             fresh_postgres_database(postgres_url) as prefect_url,
             prefect_stack(prefect_url, Path(work)) as stack,
         ):
