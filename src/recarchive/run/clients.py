@@ -32,8 +32,6 @@ from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.permits import RequestPermits
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
-
     from recarchive.media.s3 import MediaStore
 
 
@@ -75,18 +73,6 @@ def open_store(settings: Settings) -> tuple[Engine, ArchiveStore]:
     return engine, ArchiveStore(engine)
 
 
-def build_s3(settings: Settings, *, max_pool_connections: int = 10) -> S3Client:
-    """Build the boto3 S3 client for ``settings`` (endpoint, checksum mode)."""
-    # Imported here: boto3 costs about half a second, and --skip-media runs never need it.
-    from recarchive.media.s3client import build_s3_client
-
-    return build_s3_client(
-        endpoint_url=settings.s3_endpoint_url,
-        request_checksum_calculation=settings.s3_request_checksum_calculation,
-        max_pool_connections=max_pool_connections,
-    )
-
-
 def build_media_store(settings: Settings, *, bucket: str | None = None) -> MediaStore:
     """Build the S3 media store for ``RECARCHIVE_S3_BUCKET``.
 
@@ -98,10 +84,16 @@ def build_media_store(settings: Settings, *, bucket: str | None = None) -> Media
     Raises:
         ConfigError: No ``bucket`` given and the setting is not set.
     """
+    # Imported here: boto3 costs about half a second, and --skip-media runs never need it.
     from recarchive.media.s3 import MediaStore
+    from recarchive.media.s3client import build_s3_client
 
     bucket = settings.require_bucket() if bucket is None else bucket
-    s3 = build_s3(settings, max_pool_connections=max(settings.concurrency * 2, 10))
+    s3 = build_s3_client(
+        endpoint_url=settings.s3_endpoint_url,
+        request_checksum_calculation=settings.s3_request_checksum_calculation,
+        max_pool_connections=max(settings.concurrency * 2, 10),
+    )
     return MediaStore(
         s3,
         bucket=bucket,
