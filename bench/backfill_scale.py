@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -164,6 +165,8 @@ def main() -> None:
     parser.add_argument("--sample-seconds", type=float, default=10.0)
     parser.add_argument("--run-flow", metavar="MANIFEST", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # A plain `kill` unwinds the context managers too: no server or worker is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.run_flow:
         run_flow(args.run_flow, args.parallel_chunks)
         return

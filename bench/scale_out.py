@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -160,6 +162,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="items in flight per chunk")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per backfill")
     args = parser.parse_args()
+    # A plain `kill` unwinds the context managers too: no server or worker is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # The bench process talks to moto too (buckets): the workers' dummy credentials, no others.
     for name in [name for name in os.environ if name.startswith("AWS_")]:
         del os.environ[name]
