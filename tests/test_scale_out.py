@@ -28,6 +28,7 @@ from tests.fixtures.prefect_deployment import (
     SimulatorOptions,
     expected_states,
     ledger_states,
+    prefect_cli,
     prefect_stack,
     prepare_ledger,
     read_children,
@@ -63,6 +64,8 @@ RATE_LIMIT_BATCH = max(1, round(SIMULATOR.rate_limit / 10))
 #: reach twice R (two children of 32 requests in flight at 50 ms each), so this allowance of
 #: one more batch still tells a shared limit from none.
 ARRIVAL_JITTER = RATE_LIMIT_BATCH
+#: Recordings kept out of the fan-out for a small run whose recordings all fail.
+HELD_BACK = 12
 
 
 @dataclass
@@ -129,6 +132,11 @@ def test_a_backfill_fans_out_over_two_children_workers(
     ids = write_id_manifest(SIMULATOR, ids_file)
     expected = expected_states(SIMULATOR)
     assert sorted(ids) == sorted(expected)
+    # A few recordings with media are kept for the run with failures at the end.
+    held_back = [rid for rid in ids if expected[rid] == "archived"][:HELD_BACK]
+    ids = [rid for rid in ids if rid not in set(held_back)]
+    ids_file.write_text("\n".join(ids) + "\n")
+    expected = {rid: expected[rid] for rid in ids}
 
     started = time.monotonic()
     parent = run_backfill(
@@ -192,6 +200,51 @@ def test_a_backfill_fans_out_over_two_children_workers(
     assert media["distinct_downloads"] == archived
     assert media["repeated_downloads"] == {}
 
-    # All processes together stayed within one batch of the shared rate limit in any second,
-    # give or take the jitter of counting at the receiving end.
+    # All processes together stayed within one batch of the shared rate limit in every second
+    # of the simulator's clock; over any sliding second, give or take the jitter of counting at
+    # the receiving end.
+    busiest = max(stats["api"]["per_second"].values())
+    assert busiest <= SIMULATOR.rate_limit + RATE_LIMIT_BATCH, summary
     assert peak <= SIMULATOR.rate_limit + RATE_LIMIT_BATCH + ARRIVAL_JITTER, summary
+
+    assert_failures_show_in_prefect(deployment, held_back, tmp_path)
+
+
+def assert_failures_show_in_prefect(
+    deployment: Deployment, held_back: list[str], folder: Path
+) -> None:
+    """A backfill whose recordings fail ends *Partial*, seen as an operator sees it.
+
+    The held-back recordings are archived with a media size limit below every MP3's size, so
+    each one ends ``failed`` (``MediaIntegrityError``: more bytes announced than the limit).
+    The run's own job variables lift the harness's ``PREFECT_LOGGING_TO_API_ENABLED=false``
+    for this run only, as an operator's default would be, so its recarchive warnings reach
+    the API.
+    """
+    ids_file = folder / "held-back.txt"
+    ids_file.write_text("\n".join(held_back) + "\n")
+    env = {
+        "RECARCHIVE_RATE_LIMIT_SHARED": "true",
+        "RECARCHIVE_MEDIA_MAX_BYTES": str(SIMULATOR.media_size[0] - 1),
+        "PREFECT_LOGGING_TO_API_ENABLED": "true",
+    }
+    run = run_backfill(
+        deployment.stack,
+        {"ids_file": str(ids_file)},
+        timeout=BACKFILL_TIMEOUT,
+        job_variables={"env": env},
+    )
+    assert (run.state, run.state_name) == ("COMPLETED", "Partial"), run
+    states = ledger_states(deployment.ledger_url)
+    assert {states[rid] for rid in held_back} == {"failed"}
+
+    listed = prefect_cli(deployment.stack, "flow-run", "ls", "--state", "Partial")
+    assert run.name in listed, listed
+    logs = prefect_cli(deployment.stack, "flow-run", "logs", run.id)
+    assert logs.count("failed (attempt 1)") == len(held_back), logs[-3000:]
+    assert "RECARCHIVE_MEDIA_MAX_BYTES" in logs, logs[-3000:]
+    assert f"failed {len(held_back)}" in logs and "Partial" in logs, logs[-3000:]
+    print(
+        f"run with failures: {run.name} ended {run.state_name}; `prefect flow-run ls --state "
+        f"Partial` lists it; `prefect flow-run logs` holds its {len(held_back)} warnings"
+    )
