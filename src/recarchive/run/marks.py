@@ -50,8 +50,9 @@ class MarkBatch:
         owner: This run's lease owner name.
         on_refused: Called for each outcome the ledger refused (another run took the lease
             over, or the row is archived already); the refusal is logged here.
-        max_pending: Outcomes that make a batch go at once.
-        max_wait: Seconds the oldest outcome waits at most.
+        max_pending: Outcomes that make a batch go at once (:data:`MAX_PENDING` when
+            ``None``, read when the batch is made).
+        max_wait: Seconds the oldest outcome waits at most (:data:`MAX_WAIT` when ``None``).
     """
 
     def __init__(
@@ -60,14 +61,14 @@ class MarkBatch:
         owner: str,
         on_refused: Callable[[], None],
         *,
-        max_pending: int = MAX_PENDING,
-        max_wait: float = MAX_WAIT,
+        max_pending: int | None = None,
+        max_wait: float | None = None,
     ) -> None:
         self.store = store
         self.owner = owner
         self.on_refused = on_refused
-        self.max_pending = max_pending
-        self.max_wait = max_wait
+        self.max_pending = MAX_PENDING if max_pending is None else max_pending
+        self.max_wait = MAX_WAIT if max_wait is None else max_wait
         #: Batches applied, and outcomes confirmed by them (benchmarks and tests read these).
         self.flushes = 0
         self.applied = 0
