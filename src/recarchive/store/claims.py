@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, Engine, bindparam, or_, select, update
 
 from recarchive.errors import LedgerStateError
-from recarchive.store.bulk import chunks
+from recarchive.store.bulk import chunks, retry_conflicts
 from recarchive.store.engine import db_now, no_jit
 from recarchive.store.ledger import DEFAULT_STALE_AFTER, lease_unheld
 from recarchive.store.tables import archive_ledger
@@ -163,29 +163,36 @@ class LedgerClaims:
         if not keys:
             return {}
         pinned: dict[str, tuple[str, str]] = {}
-        with self.engine.begin() as connection:
-            connection.execute(
-                update(archive_ledger)
-                .where(
-                    archive_ledger.c.recording_id == bindparam("b_id"),
-                    archive_ledger.c.lease_owner == owner,
-                    archive_ledger.c.s3_key.is_(None),
+
+        def work() -> None:
+            pinned.clear()
+            with self.engine.begin() as connection:
+                connection.execute(
+                    update(archive_ledger)
+                    .where(
+                        archive_ledger.c.recording_id == bindparam("b_id"),
+                        archive_ledger.c.lease_owner == owner,
+                        archive_ledger.c.s3_key.is_(None),
+                    )
+                    .values(s3_bucket=bucket, s3_key=bindparam("b_key")),
+                    [{"b_id": recording_id, "b_key": key} for recording_id, key in keys.items()],
                 )
-                .values(s3_bucket=bucket, s3_key=bindparam("b_key")),
-                [{"b_id": recording_id, "b_key": key} for recording_id, key in keys.items()],
-            )
-            for chunk in chunks(list(keys)):
-                rows = connection.execute(
-                    select(
-                        archive_ledger.c.recording_id,
-                        archive_ledger.c.s3_bucket,
-                        archive_ledger.c.s3_key,
-                        archive_ledger.c.lease_owner,
-                    ).where(archive_ledger.c.recording_id.in_(chunk))
-                )
-                for row in rows:
-                    if row.lease_owner == owner and row.s3_key is not None:
-                        pinned[row.recording_id] = (str(row.s3_bucket or bucket), str(row.s3_key))
+                for chunk in chunks(list(keys)):
+                    rows = connection.execute(
+                        select(
+                            archive_ledger.c.recording_id,
+                            archive_ledger.c.s3_bucket,
+                            archive_ledger.c.s3_key,
+                            archive_ledger.c.lease_owner,
+                        ).where(archive_ledger.c.recording_id.in_(chunk))
+                    )
+                    for row in rows:
+                        if row.lease_owner == owner and row.s3_key is not None:
+                            pinned[row.recording_id] = (str(row.s3_bucket or bucket), row.s3_key)
+
+        # PostgreSQL may abort it for a deadlock with this run's own lease renewal (both
+        # lock the chunk's rows); it rolled back whole, and a pin is idempotent.
+        retry_conflicts(work)
         return pinned
 
     def pin_key(self, recording_id: str, *, owner: str, bucket: str, key: str) -> tuple[str, str]:
