@@ -13,6 +13,11 @@ Figures per run: recordings/s over the whole process (imports and the export inc
 over the run's own ``runs`` row (``started_at`` to ``finished_at``: registration, chunks and
 export); SQL statements sent and commits, counted by SQLAlchemy engine events in the child (an
 ``executemany`` counts once), in total and per chunk.
+
+Then the marks alone, without HTTP (``--marks`` of them, in a child process each, on stored
+and leased recordings): the baseline's ``mark_metadata_only`` per recording, this code's
+``mark_metadata_only`` (a batch of one), and this code's ``apply_outcomes`` in batches of
+:data:`~recarchive.run.marks.MAX_PENDING`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.postgres import postgres_server
 from bench.sim_process import SimulatorProcess, simulator_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +70,61 @@ import recarchive.cli.app
 sys.argv[0] = "recarchive"
 recarchive.cli.app.main()
 """
+
+
+MARKS_CHILD = """
+import json, sys, time
+from datetime import UTC, datetime
+from bench.normalize_store import payloads
+from recarchive.normalize import normalize_recording
+from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for, upgrade_database
+
+url, count, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+engine = create_engine_for(url)
+upgrade_database(engine)
+store = ArchiveStore(engine)
+now = datetime.now(UTC)
+records = [normalize_recording(p, workspace_id="ws", fetched_at=now) for p in payloads(count)]
+ids = [record.id for record in records]
+store.register(ids)
+for start in range(0, count, 500):
+    store.save_metadata(records[start : start + 500])
+    store.claim(ids[start : start + 500], owner="bench", lease_seconds=900, states={"pending"})
+started = time.perf_counter()
+if mode == "single":
+    for recording_id in ids:
+        store.mark_metadata_only(recording_id, owner="bench", reason="skip-media")
+else:
+    from recarchive.run.marks import MAX_PENDING
+    from recarchive.store.outcomes import Outcome
+
+    for start in range(0, count, MAX_PENDING):
+        step = ids[start : start + MAX_PENDING]
+        batch = [Outcome.metadata_only(i, reason="skip-media") for i in step]
+        assert store.apply_outcomes(batch, owner="bench") == {}
+seconds = time.perf_counter() - started
+assert store.counts()["metadata_only"] == count
+print(json.dumps({"seconds": seconds}))
+"""
+
+
+def marks_alone(database_url: str, count: int, mode: str, pythonpath: str | None) -> float:
+    """Seconds to mark ``count`` stored, leased recordings ``metadata_only``."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    done = subprocess.run(
+        [sys.executable, "-c", MARKS_CHILD, database_url, str(count), mode],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"marks child failed: {done.stderr[-2000:]}")
+    return float(json.loads(done.stdout.splitlines()[-1])["seconds"])
 
 
 def simulator_ids(count: int, seed: int) -> list[str]:
@@ -158,27 +219,16 @@ def databases(backend: str, postgres: str, work: Path) -> Iterator[Iterator[str]
 
         yield sqlite_urls()
         return
-    from tests.fixtures.postgres import PostgresServer, find_pg_bin, fresh_postgres_database
+    from tests.fixtures.postgres import fresh_postgres_database
 
-    server = None
-    url = postgres
-    if url == "auto":
-        bin_dir = find_pg_bin()
-        if bin_dir is None:
-            raise SystemExit("PostgreSQL binaries not found: ./scripts/bootstrap --postgres")
-        server = PostgresServer(bin_dir)
-        url = server.start()
+    with postgres_server(postgres) as url:
 
-    def postgres_urls() -> Iterator[str]:
-        while True:
-            with fresh_postgres_database(url) as fresh:
-                yield fresh
+        def postgres_urls() -> Iterator[str]:
+            while True:
+                with fresh_postgres_database(url) as fresh:
+                    yield fresh
 
-    try:
         yield postgres_urls()
-    finally:
-        if server is not None:
-            server.stop()
 
 
 def report(backend: str, count: int, results: dict[str, list[dict[str, Any]]]) -> None:
@@ -204,6 +254,27 @@ def report(backend: str, count: int, results: dict[str, list[dict[str, Any]]]) -
     )
 
 
+def report_marks(backend: str, count: int, repeat: int, base_src: str, urls: Iterator[str]) -> None:
+    cases = [
+        ("baseline, one transaction per mark", "single", base_src),
+        ("batched code, one mark per call", "single", None),
+        ("batched code, apply_outcomes per 64", "batch", None),
+    ]
+    seconds: dict[str, list[float]] = {name: [] for name, _, _ in cases}
+    for _ in range(repeat):
+        for name, mode, path in cases:
+            seconds[name].append(marks_alone(next(urls), count, mode, path))
+    print(f"\n== {backend}: {count:,} marks alone (metadata_only), no HTTP ==")
+    base = statistics.median(seconds[cases[0][0]])
+    for name, runs in seconds.items():
+        rates = [count / s for s in runs]
+        print(
+            f"  {name:<38} {statistics.median(rates):>8.0f} marks/s "
+            f"({min(rates):.0f}-{max(rates):.0f}), {1000 * statistics.median(runs) / count:.3f} "
+            f"ms/mark, {base / statistics.median(runs):.1f}x baseline"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=10_000)
@@ -211,32 +282,49 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--base", default="main", help="git ref of the baseline code")
     parser.add_argument("--postgres", default="auto", help="'auto', a server URL, or 'none'")
+    parser.add_argument("--marks", type=int, default=10_000, help="marks alone (0: skip)")
+    parser.add_argument("--skip-cli", action="store_true", help="the marks alone only")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recarchive-bench-"))
     backends = ["SQLite"] + ([] if args.postgres == "none" else ["PostgreSQL"])
     try:
-        ids_file = work / "ids.txt"
-        ids_file.write_text("\n".join(simulator_ids(args.count, args.seed)) + "\n")
-        with (
-            baseline_source(args.base) as base_src,
-            simulator_process(recordings=args.count, seed=args.seed) as sim,
-        ):
-            for backend in backends:
-                results: dict[str, list[dict[str, Any]]] = {"baseline": [], "batched": []}
-                with databases(backend, args.postgres, work) as urls:
-                    for _ in range(args.repeat):
-                        for name, path in (("baseline", base_src), ("batched", None)):
-                            result = run_once(sim, ids_file, next(urls), work, path)
-                            results[name].append(result)
-                            print(
-                                f"  {backend} {name}: {result['wall']:.1f} s whole, "
-                                f"{result['run']:.1f} s run row, {result['statements']} "
-                                f"statements, {result['commits']} commits",
-                                flush=True,
-                            )
-                report(backend, args.count, results)
+        with baseline_source(args.base) as base_src:
+            if not args.skip_cli:
+                ids_file = work / "ids.txt"
+                ids_file.write_text("\n".join(simulator_ids(args.count, args.seed)) + "\n")
+                with simulator_process(recordings=args.count, seed=args.seed) as sim:
+                    for backend in backends:
+                        with databases(backend, args.postgres, work) as urls:
+                            cli_runs(backend, args, sim, ids_file, base_src, urls, work)
+            if args.marks:
+                for backend in backends:
+                    with databases(backend, args.postgres, work) as urls:
+                        report_marks(backend, args.marks, args.repeat, base_src, urls)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def cli_runs(
+    backend: str,
+    args: argparse.Namespace,
+    sim: SimulatorProcess,
+    ids_file: Path,
+    base_src: str,
+    urls: Iterator[str],
+    work: Path,
+) -> None:
+    """``--repeat`` runs of each code, alternating, then their figures."""
+    results: dict[str, list[dict[str, Any]]] = {"baseline": [], "batched": []}
+    for _ in range(args.repeat):
+        for name, path in (("baseline", base_src), ("batched", None)):
+            result = run_once(sim, ids_file, next(urls), work, path)
+            results[name].append(result)
+            print(
+                f"  {backend} {name}: {result['wall']:.1f} s whole, {result['run']:.1f} s run "
+                f"row, {result['statements']} statements, {result['commits']} commits",
+                flush=True,
+            )
+    report(backend, args.count, results)
 
 
 if __name__ == "__main__":

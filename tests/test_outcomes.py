@@ -3,9 +3,9 @@
 The store's side: one transaction per batch whatever its size, the conditions of every
 transition (lease, archived is final, the pinned key), refusals with their reasons, one
 partition mark per month, the first pin of an S3 key winning. The batcher's side
-(:class:`~recarchive.run.marks.MarkBatch`): an item counts only once its batch is confirmed,
-batches go when full, when the oldest waited long enough, and at the end, and a database that
-is down stops the chunk with the fatal error.
+(:class:`~recarchive.run.marks.MarkBatch`, on both backends too): an item counts only once its
+batch is confirmed, batches go when full, when the oldest waited long enough, and at the end,
+and a database that is down stops the chunk with the fatal error.
 """
 
 from __future__ import annotations
@@ -211,40 +211,31 @@ def test_pin_keys_pins_first_and_only_leased_rows(engine: Engine, store: Archive
 # --- the chunk's batcher ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def sqlite_store(tmp_path: Path) -> Iterator[ArchiveStore]:
-    engine, store = open_store(Settings(database_url=f"sqlite:///{tmp_path / 'archive.db'}"))
-    try:
-        yield store
-    finally:
-        engine.dispose()
-
-
 def skipped(ids: list[str]) -> list[Outcome]:
     return [Outcome.metadata_only(i, reason="skip-media") for i in ids]
 
 
-async def test_an_item_counts_once_its_batch_is_confirmed(sqlite_store: ArchiveStore) -> None:
-    ids = stored(sqlite_store, 3)
+async def test_an_item_counts_once_its_batch_is_confirmed(store: ArchiveStore) -> None:
+    ids = stored(store, 3)
     confirmed: list[str] = []
-    marks = MarkBatch(sqlite_store, "a", lambda: None, max_pending=10, max_wait=0.3)
+    marks = MarkBatch(store, "a", lambda: None, max_pending=10, max_wait=0.3)
     for outcome in skipped(ids):
         await marks.add(outcome, functools.partial(confirmed.append, outcome.recording_id))
     # Queued, not written: nothing counts yet, and the rows are still pending and leased.
     assert confirmed == []
-    assert {e.state for e in sqlite_store.get_entries(ids).values()} == {"pending"}
+    assert {e.state for e in store.get_entries(ids).values()} == {"pending"}
     await asyncio.sleep(1.0)  # the oldest waited max_wait: the batch went without a call
     assert confirmed == ids and marks.flushes == 1
-    assert {e.state for e in sqlite_store.get_entries(ids).values()} == {"metadata_only"}
+    assert {e.state for e in store.get_entries(ids).values()} == {"metadata_only"}
     await marks.close()
     assert marks.flushes == 1  # nothing left to write
 
 
 async def test_a_full_batch_goes_at_once_and_the_rest_at_close(
-    sqlite_store: ArchiveStore,
+    store: ArchiveStore,
 ) -> None:
-    ids = stored(sqlite_store, 10)
-    marks = MarkBatch(sqlite_store, "a", lambda: None, max_pending=4, max_wait=60)
+    ids = stored(store, 10)
+    marks = MarkBatch(store, "a", lambda: None, max_pending=4, max_wait=60)
     confirmed: list[str] = []
     for outcome in skipped(ids):
         await marks.add(outcome, functools.partial(confirmed.append, outcome.recording_id))
@@ -253,12 +244,12 @@ async def test_a_full_batch_goes_at_once_and_the_rest_at_close(
     assert confirmed == ids and marks.flushes == 3
 
 
-async def test_a_refused_mark_goes_to_on_refused(sqlite_store: ArchiveStore) -> None:
-    ids = stored(sqlite_store, 2)
-    sqlite_store.release([ids[1]], owner="a")
+async def test_a_refused_mark_goes_to_on_refused(store: ArchiveStore) -> None:
+    ids = stored(store, 2)
+    store.release([ids[1]], owner="a")
     refused: list[int] = []
     confirmed: list[str] = []
-    async with MarkBatch(sqlite_store, "a", lambda: refused.append(1)) as marks:
+    async with MarkBatch(store, "a", lambda: refused.append(1)) as marks:
         for outcome in skipped(ids):
             await marks.add(outcome, functools.partial(confirmed.append, outcome.recording_id))
     assert confirmed == ids[:1] and refused == [1]
@@ -269,12 +260,12 @@ def down(*_: Any, **__: Any) -> dict[str, str]:
 
 
 async def test_a_database_that_is_down_stops_the_chunk(
-    sqlite_store: ArchiveStore, monkeypatch: pytest.MonkeyPatch
+    store: ArchiveStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ids = stored(sqlite_store, 3)
-    monkeypatch.setattr(sqlite_store, "apply_outcomes", down)
+    ids = stored(store, 3)
+    monkeypatch.setattr(store, "apply_outcomes", down)
     confirmed: list[str] = []
-    marks = MarkBatch(sqlite_store, "a", lambda: None, max_pending=2, max_wait=60)
+    marks = MarkBatch(store, "a", lambda: None, max_pending=2, max_wait=60)
     await marks.add(skipped(ids)[0], lambda: confirmed.append("0"))
     with pytest.raises(StorageUnavailableError, match="could not update the ledger"):
         await marks.add(skipped(ids)[1], lambda: confirmed.append("1"))
@@ -284,11 +275,11 @@ async def test_a_database_that_is_down_stops_the_chunk(
 
 
 async def test_a_timed_batch_that_fails_is_raised_at_close(
-    sqlite_store: ArchiveStore, monkeypatch: pytest.MonkeyPatch
+    store: ArchiveStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ids = stored(sqlite_store, 1)
-    monkeypatch.setattr(sqlite_store, "apply_outcomes", down)
-    marks = MarkBatch(sqlite_store, "a", lambda: None, max_wait=0.05)
+    ids = stored(store, 1)
+    monkeypatch.setattr(store, "apply_outcomes", down)
+    marks = MarkBatch(store, "a", lambda: None, max_wait=0.05)
     await marks.add(skipped(ids)[0], lambda: None)
     await asyncio.sleep(0.5)
     with pytest.raises(StorageUnavailableError, match="OperationalError"):
@@ -296,17 +287,17 @@ async def test_a_timed_batch_that_fails_is_raised_at_close(
 
 
 async def test_after_a_failed_block_what_finished_is_marked_and_its_error_raised(
-    sqlite_store: ArchiveStore,
+    store: ArchiveStore,
 ) -> None:
-    ids = stored(sqlite_store, 2)
+    ids = stored(store, 2)
     confirmed: list[str] = []
     with pytest.raises(RuntimeError, match="sibling"):
-        async with MarkBatch(sqlite_store, "a", lambda: None, max_wait=60) as marks:
+        async with MarkBatch(store, "a", lambda: None, max_wait=60) as marks:
             await marks.add(skipped(ids)[0], lambda: confirmed.append(ids[0]))
             raise RuntimeError("a sibling's fatal error")
     assert confirmed == ids[:1]
-    assert sqlite_store.get_entries(ids)[ids[0]].state == "metadata_only"
-    assert sqlite_store.get_entries(ids)[ids[1]].lease_owner == "a"  # released by the chunk
+    assert store.get_entries(ids)[ids[0]].state == "metadata_only"
+    assert store.get_entries(ids)[ids[1]].lease_owner == "a"  # released by the chunk
 
 
 async def test_a_chunk_commits_per_batch_not_per_recording(
