@@ -228,7 +228,11 @@ def databases(backend: str, postgres: str, work: Path) -> Iterator[Iterator[str]
                 with fresh_postgres_database(url) as fresh:
                     yield fresh
 
-        yield postgres_urls()
+        urls = postgres_urls()
+        try:
+            yield urls
+        finally:
+            urls.close()  # drops the last database while the server still runs
 
 
 def report(backend: str, count: int, results: dict[str, list[dict[str, Any]]]) -> None:
