@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -223,7 +223,7 @@ def databases(backend: str, postgres: str, work: Path) -> Iterator[Iterator[str]
 
     with postgres_server(postgres) as url:
 
-        def postgres_urls() -> Iterator[str]:
+        def postgres_urls() -> Generator[str, None, None]:
             while True:
                 with fresh_postgres_database(url) as fresh:
                     yield fresh
