@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -355,6 +355,116 @@ def test_sigkill_mid_multipart_upload_then_rerun(
     assert "left open by an earlier run" in trial.output("second.log")
     assert "marked interrupted" in trial.output("second.log")
     assert_archived_exactly_once(trial, s3_client, s3_bucket, killed_running=[killed_running])
+
+
+#: ``recarchive ARGS`` whose ledger marks wait for the chunk's end (so every transfer finishes
+#: first), killed with SIGKILL by the first batch that would mark a recording ``archived``,
+#: before that batch reaches the database.
+KILLED_BEFORE_MARKS = """
+import os, signal, sys
+from recarchive.run import marks
+from recarchive.store.outcomes import LedgerOutcomes
+
+marks.MAX_PENDING, marks.MAX_WAIT = 1_000_000, 3600.0
+apply = LedgerOutcomes.apply_outcomes
+
+def killed_before_the_commit(self, outcomes, *, owner):
+    if any(outcome.state == "archived" for outcome in outcomes):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return apply(self, outcomes, owner=owner)
+
+LedgerOutcomes.apply_outcomes = killed_before_the_commit
+from recarchive.cli.app import main
+sys.argv[0] = "recarchive"
+main()
+"""
+
+
+def test_sigkill_after_uploads_before_their_marks_then_retry_failed_adopts_them(
+    trial: Trial, s3_client: S3Client, s3_bucket: str
+) -> None:
+    """Marks go in batches: a kill loses the batch, never the transfers behind it.
+
+    The killed run uploaded every available recording and marked none. The rerun finds each
+    object at the key pinned before its upload — although Bird's ``createdAt`` moved a day
+    meanwhile, so the key it would choose now is another — and adopts it after hashing its
+    bytes: no second download, one object each, the ledger ``archived`` with the right SHA-256.
+    """
+    sim = trial.sim
+    available = sim.dataset.available_ids()
+    log = (trial.workdir / "first.log").open("wb")
+    with (
+        log,
+        killed_at_the_end(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    KILLED_BEFORE_MARKS,
+                    "archive",
+                    "--ids-file",
+                    str(trial.ids_file),
+                ],
+                env=trial.env,
+                cwd=trial.workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        ) as first,
+    ):
+        first.wait(timeout=90)
+    assert first.returncode == -signal.SIGKILL, trial.output("first.log")
+    # Every transfer finished, no mark reached the ledger; the keys were pinned before.
+    assert stored_media_ids(s3_client, s3_bucket) == set(available)
+    ledger = ArchiveStore(create_engine_for(trial.env["RECARCHIVE_DATABASE_URL"]))
+    try:
+        entries = ledger.get_entries(sim.dataset.ids)
+    finally:
+        ledger.engine.dispose()
+    assert {entry.state for entry in entries.values()} == {"pending"}
+    pinned = {rid: str(entries[rid].s3_key) for rid in available if entries[rid].s3_key}
+    assert len(pinned) == len(available)
+    listed = s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
+    assert set(pinned.values()) == {obj["Key"] for obj in listed if obj["Key"].endswith(".mp3")}
+
+    for recording_id in available:  # Bird corrects createdAt by a day: another key now
+        payload = sim.dataset.payload(recording_id)
+        assert payload is not None
+        created = datetime.fromisoformat(payload["createdAt"].replace("Z", "+00:00"))
+        moved = (created + timedelta(days=1)).isoformat().replace("+00:00", "Z")
+        sim.dataset.touch(recording_id, createdAt=moved)
+    sim.clear_requests()
+    second = trial.start("second.log", "retry-failed")
+    assert second.wait(timeout=90) == 0, trial.output("second.log")
+
+    assert sim.media_requests() == [], "a recording the killed run had stored was downloaded again"
+    store = MediaStore(s3_client, bucket=s3_bucket)
+    ledger = ArchiveStore(create_engine_for(trial.env["RECARCHIVE_DATABASE_URL"]))
+    try:
+        entries = ledger.get_entries(sim.dataset.ids)
+    finally:
+        ledger.engine.dispose()
+    versions = Counter(
+        version["Key"]
+        for version in s3_client.list_object_versions(Bucket=s3_bucket).get("Versions", [])
+        if version["Key"].endswith(".mp3")
+    )
+    assert versions == Counter(pinned.values())  # one version each, at the pinned keys only
+    for recording_id, entry in entries.items():
+        assert entry.lease_owner is None
+        if recording_id not in pinned:
+            assert entry.state == "metadata_only", (recording_id, entry.state)
+            continue
+        expected = sim.dataset.media(recording_id).sha256()
+        assert (entry.state, entry.s3_key, entry.sha256) == (
+            "archived",
+            pinned[recording_id],
+            expected,
+        )
+        assert store.hash_object(pinned[recording_id]) == (entry.size_bytes, expected)
+    assert store.list_open_multipart_uploads() == []
+    assert list(trial.temp_dir.iterdir()) == []
 
 
 # --- taking over the leases of dead runs (unit level) ----------------------------------------

@@ -2,11 +2,13 @@
 
 :func:`archive_chunk` is the unit that Prefect tasks wrap and that the CLI calls directly. It
 holds at most one chunk of payloads in memory, and runs its items concurrently with asyncio,
-bounded by the context's ``concurrency``. Retries of single HTTP requests happen in the Bird
-client only; here an item that still fails is marked ``failed`` in the ledger with the time of
-its next attempt (backoff across runs), and the run goes on. Only a :class:`FatalError`
-(bad credentials, unreachable ledger database, a full disk) stops the chunk, after releasing
-its leases.
+bounded by the context's ``concurrency``. Its SQL work goes in batches, in threads: one metadata
+write, one pin of all media items' S3 keys before their transfers start, and the items' marks
+(:class:`~recarchive.run.marks.MarkBatch`: an item counts once its mark is confirmed).
+Retries of single HTTP requests happen in the Bird client only; here an item that still fails
+is marked ``failed`` in the ledger with the time of its next attempt (backoff across runs),
+and the run goes on. Only a :class:`FatalError` (bad credentials, unreachable ledger database,
+a full disk) stops the chunk, after marking what finished and releasing its leases.
 
 One bad recording never stops the others: every exception raised while processing one item —
 parsing, redirect, transport, its storage, a bug in a library — ends that item ``failed``
@@ -28,7 +30,6 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.errors import (
     FatalError,
-    LedgerStateError,
     MediaConflictError,
     NotFoundError,
     PayloadError,
@@ -50,6 +51,8 @@ from recarchive.run.failures import (
     database_is_down,
     ledger_errors,
 )
+from recarchive.run.marks import MarkBatch
+from recarchive.store.outcomes import Outcome
 
 if TYPE_CHECKING:
     from recarchive.model import LedgerEntry, NormalizedRecording
@@ -101,6 +104,7 @@ class _Chunk:
         # IDs whose ledger row this chunk created (see _register).
         self.fresh: set[str] = set()
         self.entries: dict[str, LedgerEntry] = {}
+        self.marks = MarkBatch(ctx.store, ctx.owner, functools.partial(self._outcome, busy=1))
 
     def _outcome(self, **delta: int) -> None:
         step = RunCounts()
@@ -120,7 +124,7 @@ class _Chunk:
         self.counts.requested = len(ids)
         store, ctx = self.ctx.store, self.ctx
         with ledger_errors("could not read the ledger"):
-            entries = self._register(ids)
+            entries = await asyncio.to_thread(self._register, ids)
         wanted: list[str] = []
         for recording_id in ids:
             state = entries[recording_id].state
@@ -149,10 +153,11 @@ class _Chunk:
             self._outcome(busy=busy)
         renewer = asyncio.create_task(self._renew_leases(claimed))
         try:
-            await self._process(claimed, entries)
+            async with self.marks:  # what finished is marked before the leases go
+                await self._process(claimed, entries)
         finally:
             renewer.cancel()
-            # Items that reached a mark_* no longer hold a lease; this frees the rest (a fatal
+            # Items whose mark was applied no longer hold a lease; this frees the rest (a fatal
             # error or a cancellation) so the next run does not wait for the lease to expire.
             try:
                 store.release(claimed, owner=ctx.owner)
@@ -204,7 +209,7 @@ class _Chunk:
         fetched = await self._gather(
             functools.partial(self._fetch_metadata, rid, entries[rid]) for rid in claimed
         )
-        records = self._save_metadata([record for record in fetched if record is not None])
+        records = await self._save_metadata([record for record in fetched if record is not None])
         if not records:
             return
         to_archive: list[tuple[NormalizedRecording, LedgerEntry]] = []
@@ -220,22 +225,47 @@ class _Chunk:
                     # Media not ready: retry-failed looks again once this is due.
                     reason = f"status {record.status}"
                     recheck_at = datetime.now(UTC) + self.ctx.media_recheck
-                marked = self._mark(
-                    record.id,
-                    entry,
-                    self.ctx.store.mark_metadata_only,
-                    reason=reason,
-                    retry_at=recheck_at,
+                await self.marks.add(
+                    Outcome.metadata_only(record.id, reason=reason, retry_at=recheck_at),
+                    functools.partial(self._outcome, metadata_only=1),
                 )
-                if marked:  # else counted busy: another run took the lease over
-                    self._outcome(metadata_only=1)
             else:
                 to_archive.append((record, entry))
+        pinned = await self._pin_keys(to_archive) if to_archive else {}
         await self._gather(
-            functools.partial(self._archive_media, record, entry) for record, entry in to_archive
+            functools.partial(self._archive_media, record, entry, *pinned[record.id])
+            for record, entry in to_archive
+            if record.id in pinned
         )
 
-    def _save_metadata(self, records: list[NormalizedRecording]) -> list[NormalizedRecording]:
+    async def _pin_keys(
+        self, items: list[tuple[NormalizedRecording, LedgerEntry]]
+    ) -> dict[str, tuple[str, str, str]]:
+        """Pin the media items' S3 keys, committed before any transfer starts.
+
+        Returns ``(bucket, key)`` as pinned and the key ``createdAt`` gives now, per item whose
+        key is pinned; items whose lease another run took over count ``busy``.
+        """
+        media, ctx = self.ctx.media, self.ctx
+        assert media is not None
+        wanted: dict[str, str] = {}
+        for record, entry in items:
+            try:
+                wanted[record.id] = media_key(
+                    ctx.s3_prefix, ctx.workspace_id, record.id, record.created_at
+                )
+            except Exception as exc:  # one recording's failure, whatever raised it
+                await self._failed(record.id, entry, exc)
+        with ledger_errors("could not pin the S3 keys"):
+            pinned = await asyncio.to_thread(
+                ctx.store.pin_keys, wanted, owner=ctx.owner, bucket=media.bucket
+            )
+        for recording_id in wanted.keys() - pinned.keys():
+            logger.warning("ledger refused the key of %s: not leased by this run", recording_id)
+            self._outcome(busy=1)
+        return {rid: (*pinned[rid], wanted[rid]) for rid in wanted if rid in pinned}
+
+    async def _save_metadata(self, records: list[NormalizedRecording]) -> list[NormalizedRecording]:
         """Save the chunk's metadata in one transaction; return the records saved.
 
         When the rows are refused for their content (not because the database is down),
@@ -245,7 +275,7 @@ class _Chunk:
         if not records:
             return records
         try:
-            self._write_metadata(records)
+            await asyncio.to_thread(self._write_metadata, records)
             return records
         except RowsRefused as refused:
             logger.warning(
@@ -256,10 +286,10 @@ class _Chunk:
         saved: list[NormalizedRecording] = []
         for record in records:
             try:
-                self._write_metadata([record])
+                await asyncio.to_thread(self._write_metadata, [record])
             except RowsRefused as refused:
                 cause = refused.__cause__
-                self._failed(
+                await self._failed(
                     record.id,
                     self.entries[record.id],
                     cause if isinstance(cause, Exception) else refused,
@@ -301,7 +331,6 @@ class _Chunk:
     async def _fetch_metadata(
         self, recording_id: str, entry: LedgerEntry
     ) -> NormalizedRecording | None:
-        store = self.ctx.store
         try:
             payload = await self.ctx.bird.get_recording(recording_id)
             record = normalize_recording(
@@ -317,8 +346,11 @@ class _Chunk:
             if entry.state == LedgerState.ARCHIVED:
                 # --refresh after Bird deleted its copy: ours is the archive; keep it as it is.
                 self._outcome(already_archived=1)
-            elif self._mark(recording_id, entry, store.mark_missing, error=str(exc)):
-                self._outcome(missing=1)
+            else:
+                await self.marks.add(
+                    Outcome.missing(recording_id, error=str(exc)),
+                    functools.partial(self._outcome, missing=1),
+                )
         except FatalError:
             raise
         except Exception as exc:  # one recording's failure, whatever raised it
@@ -326,24 +358,15 @@ class _Chunk:
                 # A failed refresh does not undo an archived recording; report it only.
                 self._fail(recording_id, f"refresh failed: {describe(exc)}")
             else:
-                self._failed(recording_id, entry, exc)
+                await self._failed(recording_id, entry, exc)
         return None
 
-    async def _archive_media(self, record: NormalizedRecording, entry: LedgerEntry) -> None:
+    async def _archive_media(
+        self, record: NormalizedRecording, entry: LedgerEntry, bucket: str, key: str, wanted: str
+    ) -> None:
         media = self.ctx.media
         assert media is not None
         try:
-            wanted = media_key(
-                self.ctx.s3_prefix, self.ctx.workspace_id, record.id, record.created_at
-            )
-            with ledger_errors("could not pin the S3 key"):
-                bucket, key = await asyncio.to_thread(
-                    self.ctx.store.pin_key,
-                    record.id,
-                    owner=self.ctx.owner,
-                    bucket=media.bucket,
-                    key=wanted,
-                )
             if key != wanted or bucket != media.bucket:
                 logger.info(
                     "media of %s stays at its pinned key s3://%s/%s (now it would be %s)",
@@ -367,20 +390,16 @@ class _Chunk:
                 check_existing=record.id not in self.fresh,
             )
             uploaded = result.outcome == "uploaded"
-        except LedgerStateError as exc:
-            logger.warning("ledger refused the key of %s: %s", record.id, exc)
-            self._outcome(busy=1)
-            return
         except FatalError:
             raise
         except NotFoundError as exc:
             # The metadata said ``available`` a moment ago: a 404 for its media is Bird's
             # media store lagging behind, not a missing recording. Retried with backoff.
-            self._failed(record.id, entry, exc, retryable=True)
+            await self._failed(record.id, entry, exc, retryable=True)
             return
         except OSError as exc:
             if exc.errno not in DISK_ERRNOS:
-                self._failed(record.id, entry, exc)
+                await self._failed(record.id, entry, exc)
                 return
             # The local disk (full, over quota, read-only): every other item would fail the
             # same way, so the run stops instead of failing items one by one.
@@ -389,21 +408,22 @@ class _Chunk:
                 f"{exc.strerror or type(exc).__name__}"
             ) from exc
         except Exception as exc:  # one recording's failure, whatever raised it
-            self._failed(record.id, entry, exc)
+            await self._failed(record.id, entry, exc)
             return
-        marked = self._mark(
-            record.id,
-            entry,
-            self.ctx.store.mark_archived,
-            bucket=result.bucket,
-            key=result.key,
-            size_bytes=result.size_bytes,
-            sha256=result.sha256,
+        await self.marks.add(
+            Outcome.archived(
+                record.id,
+                bucket=result.bucket,
+                key=result.key,
+                size_bytes=result.size_bytes,
+                sha256=result.sha256,
+            ),
+            functools.partial(
+                self._outcome, archived=1, bytes_uploaded=result.size_bytes if uploaded else 0
+            ),
         )
-        if marked:
-            self._outcome(archived=1, bytes_uploaded=result.size_bytes if uploaded else 0)
 
-    def _failed(
+    async def _failed(
         self, recording_id: str, entry: LedgerEntry, exc: Exception, *, retryable: bool = False
     ) -> None:
         """Mark one recording ``failed`` with a redacted reason and, unless final, a retry time.
@@ -424,20 +444,7 @@ class _Chunk:
             delay = self.ctx.retry_backoff * (2 ** min(attempts - 1, 10))
             retry_at = datetime.now(UTC) + min(delay, timedelta(days=1))
         logger.warning("recording %s failed (attempt %d): %s", recording_id, attempts, error)
-        if self._mark(
-            recording_id, entry, self.ctx.store.mark_failed, error=error, retry_at=retry_at
-        ):
-            self._fail(recording_id, error)
-
-    def _mark(
-        self, recording_id: str, entry: LedgerEntry, mark: Callable[..., None], **kwargs: object
-    ) -> bool:
-        """Apply a ledger transition; ``False`` when another run took the lease over."""
-        try:
-            with ledger_errors("could not update the ledger"):
-                mark(recording_id, owner=self.ctx.owner, **kwargs)
-        except LedgerStateError as exc:
-            logger.warning("ledger refused %s for %s: %s", mark.__name__, recording_id, exc)
-            self._outcome(busy=1)
-            return False
-        return True
+        await self.marks.add(
+            Outcome.failed(recording_id, error=error, retry_at=retry_at),
+            functools.partial(self._fail, recording_id, error),
+        )

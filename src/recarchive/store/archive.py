@@ -1,9 +1,9 @@
 """The archive's SQL store, one object for the pipeline: recordings, the ledger and runs.
 
 Each table job is its own class over the shared ``engine`` (:mod:`~recarchive.store.recordings`,
-:mod:`~recarchive.store.ledger`, :mod:`~recarchive.store.claims`, :mod:`~recarchive.store.runs`);
-this class only puts them together, so callers hold one store and never mind which module
-answers a call.
+:mod:`~recarchive.store.ledger`, :mod:`~recarchive.store.claims`,
+:mod:`~recarchive.store.outcomes`, :mod:`~recarchive.store.runs`); this class only puts them
+together, so callers hold one store and never mind which module answers a call.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from sqlalchemy import Engine
 
 from recarchive.store.claims import LedgerClaims
 from recarchive.store.ledger import Ledger
+from recarchive.store.outcomes import LedgerOutcomes
 from recarchive.store.recordings import RecordingWrites
 from recarchive.store.runs import RunsTable
 
 __all__ = ["ArchiveStore"]
 
 
-class ArchiveStore(RecordingWrites, Ledger, LedgerClaims, RunsTable):
+class ArchiveStore(RecordingWrites, Ledger, LedgerClaims, LedgerOutcomes, RunsTable):
     """Recordings, ledger and runs in one SQL database.
 
     Args:

@@ -8,15 +8,15 @@ writing (:mod:`recarchive.export.parquet`). Every function works in the caller's
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from sqlalchemy import Connection, select, union, update
+from sqlalchemy import BigInteger, Connection, literal, select, union, update
 
-from recarchive.store.bulk import dialect_insert
+from recarchive.store.bulk import chunks, dialect_insert
 from recarchive.store.engine import utc_now
-from recarchive.store.tables import export_partitions, recordings
+from recarchive.store.tables import UTCDateTime, export_partitions, recordings
 
-__all__ = ["due_partitions", "mark_partition_of", "mark_partitions", "record_exported"]
+__all__ = ["due_partitions", "mark_partitions", "mark_partitions_of", "record_exported"]
 
 
 def mark_partitions(connection: Connection, months: Iterable[str]) -> None:
@@ -43,18 +43,40 @@ def mark_partitions(connection: Connection, months: Iterable[str]) -> None:
     )
 
 
-def mark_partition_of(connection: Connection, recording_id: str) -> None:
-    """Mark the partition of a stored recording changed (nothing if it is not stored).
+def mark_partitions_of(connection: Connection, recording_ids: Sequence[str]) -> None:
+    """Mark the partitions of stored recordings changed: one statement per 500 IDs.
+
+    The months are looked up and bumped by one ``INSERT ... SELECT ... ON CONFLICT``, each
+    month once, in month order (concurrent writers on PostgreSQL lock the partition rows in
+    the same order, so they wait for each other instead of deadlocking). IDs without a stored
+    recording mark nothing.
 
     Args:
         connection: A connection inside a transaction.
-        recording_id: The recording whose ``created_month`` is marked.
+        recording_ids: The recordings whose ``created_month`` partitions are marked.
     """
-    month = connection.execute(
-        select(recordings.c.created_month).where(recordings.c.id == recording_id)
-    ).scalar()
-    if month is not None:
-        mark_partitions(connection, [month])
+    now = utc_now()
+    insert = dialect_insert(connection, export_partitions)
+    for chunk in chunks(recording_ids):
+        months = (
+            select(
+                recordings.c.created_month,
+                literal(1, BigInteger()),
+                literal(0, BigInteger()),
+                literal(now, UTCDateTime()),
+            )
+            .where(recordings.c.id.in_(chunk))
+            .distinct()
+            .order_by(recordings.c.created_month)
+        )
+        connection.execute(
+            insert.from_select(
+                ["created_month", "version", "exported_version", "changed_at"], months
+            ).on_conflict_do_update(
+                index_elements=[export_partitions.c.created_month],
+                set_={"version": export_partitions.c.version + 1, "changed_at": now},
+            )
+        )
 
 
 def due_partitions(connection: Connection, full: bool) -> dict[str, int | None]:
