@@ -30,7 +30,10 @@ async def for_each(ids: list[str], concurrency: int, call: Callable[[str], Await
     async def worker() -> None:
         nonlocal total
         for recording_id in pending:
-            total += await call(recording_id)
+            # Not ``total += await ...``: that reads ``total`` before the await, and loses the
+            # sizes other workers added meanwhile.
+            size = await call(recording_id)
+            total += size
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return total
