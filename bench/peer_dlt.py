@@ -6,7 +6,8 @@ REST API source as in dlt's docs ("Per-resource parallelization for dependent re
 a resource yielding the IDs and a dependent resource ``recordings/{id}`` with
 ``parallelized: True`` (each parent item's fetch is a deferred call in dlt's thread pool,
 ``extract.workers`` threads), loaded to a local ``filesystem`` destination as Parquet.
-Prints one JSON line: the rows dlt loaded.
+Prints one JSON line: the rows dlt loaded. :func:`dlt_python` (called by ``bench.peers``)
+makes that venv.
 """
 
 from __future__ import annotations
@@ -14,9 +15,54 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+DLT_SPEC = "dlt[parquet]"
+
+
+def dlt_python(venv: Path) -> Path:
+    """The Python of a virtual environment with dlt in it, made (once) when missing.
+
+    Raises:
+        SystemExit: dlt cannot be installed (no network to PyPI, no ``venv`` module, ...).
+    """
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import dlt, pyarrow; print(dlt.__version__)"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    uv = shutil.which("uv") or next((str(p) for p in [ROOT / ".tools/bin/uv"] if p.exists()), None)
+    if uv:
+        steps = [
+            [uv, "venv", "--python", sys.executable, str(venv)],
+            [uv, "pip", "install", "--python", str(python), "--compile-bytecode", DLT_SPEC],
+        ]
+    else:
+        steps = [
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(python), "-m", "pip", "install", "--quiet", DLT_SPEC],
+        ]
+    print(f"installing {DLT_SPEC} into {venv} (once) ...", flush=True)
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, text=True)
+        subprocess.run(check, check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        output = getattr(exc, "stderr", None) or getattr(exc, "stdout", None) or str(exc)
+        raise SystemExit(
+            f"bench.peers: could not install {DLT_SPEC!r} into {venv}: {str(output)[-2000:]}\n"
+            "(PyPI must be reachable; or run with --skip-dlt)"
+        ) from exc
+    return python
+
+
+def dlt_version(python: Path) -> str:
+    command = [str(python), "-c", "import dlt; print(dlt.__version__)"]
+    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def configure(concurrency: int, folder: Path) -> None:

@@ -29,7 +29,7 @@ import argparse
 import json
 import math
 import os
-import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,13 +45,13 @@ import boto3
 import httpx
 
 from bench.media_throughput import AWS_ENV, MB, cpu_seconds, moto_server
+from bench.peer_dlt import dlt_python, dlt_version
 from bench.sim_process import SimulatorProcess, simulator_process
 from recarchive.simulator.dataset import EPOCH, SPREAD_DAYS, iso
 from recarchive.simulator.server import SimulatorConfig, build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-DLT_SPEC = "dlt[parquet]"
 WARM_UP_IDS = 50
 
 
@@ -123,53 +123,18 @@ def timed(command: Sequence[str], env: dict[str, str], log: Path) -> tuple[float
     with log.open("ab") as out:
         started = time.perf_counter()
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=out)
-        _, status, usage = os.wait4(process.pid, 0)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # interrupted: the contender must not outlive the bench
+            process.kill()
+            process.wait()
+            raise
         seconds = time.perf_counter() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(command[:3])} exited {process.returncode}:\n{tail}")
     return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
-
-
-def dlt_python(venv: Path) -> Path:
-    """The Python of a virtual environment with dlt in it, made (once) when missing.
-
-    Raises:
-        SystemExit: dlt cannot be installed (no network to PyPI, no ``venv`` module, ...).
-    """
-    python = venv / "bin" / "python"
-    check = [str(python), "-c", "import dlt, pyarrow; print(dlt.__version__)"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return python
-    uv = shutil.which("uv") or next((str(p) for p in [ROOT / ".tools/bin/uv"] if p.exists()), None)
-    if uv:
-        steps = [
-            [uv, "venv", "--python", sys.executable, str(venv)],
-            [uv, "pip", "install", "--python", str(python), "--compile-bytecode", DLT_SPEC],
-        ]
-    else:
-        steps = [
-            [sys.executable, "-m", "venv", str(venv)],
-            [str(python), "-m", "pip", "install", "--quiet", DLT_SPEC],
-        ]
-    print(f"installing {DLT_SPEC} into {venv} (once) ...", flush=True)
-    try:
-        for step in steps:
-            subprocess.run(step, check=True, capture_output=True, text=True)
-        subprocess.run(check, check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        output = getattr(exc, "stderr", None) or getattr(exc, "stdout", None) or str(exc)
-        raise SystemExit(
-            f"bench.peers: could not install {DLT_SPEC!r} into {venv}: {str(output)[-2000:]}\n"
-            "(PyPI must be reachable; or run with --skip-dlt)"
-        ) from exc
-    return python
-
-
-def dlt_version(python: Path) -> str:
-    command = [str(python), "-c", "import dlt; print(dlt.__version__)"]
-    return subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip()
 
 
 # --- the contenders ---------------------------------------------------------------------------
@@ -330,6 +295,7 @@ def simulator(
 
 def measure(bench: Bench, work: Work, kinds: dict[str, str], rounds: int) -> list[Contender]:
     """Each contender once on a few IDs (not timed), then ``rounds`` rounds of timed runs."""
+    print(f"{work.name}: warm-up runs of {', '.join(kinds)} ...", flush=True)
     for kind in kinds:
         bench.run(kind, work, work.ids[:WARM_UP_IDS])
     contenders = {kind: Contender(label) for kind, label in kinds.items()}
@@ -414,6 +380,8 @@ def main() -> None:
     )
     parser.add_argument("--skip-dlt", action="store_true")
     args = parser.parse_args()
+    # A SIGTERM unwinds like Ctrl-C, so the simulator and moto are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.update(AWS_ENV)
     dlt = None if args.skip_dlt or not args.ids else dlt_python(args.dlt_venv)
     results = []

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from bench import peer_loops
+from bench.peer_dlt import dlt_python
 from bench.peers import Contender, Run, Work, table
 from mypy_boto3_s3 import S3Client
 
@@ -87,3 +88,11 @@ def test_table_gives_recarchive_over_each_peer() -> None:
     # Medians: ours 3.0 rec/s (of 4.0 and 2.0), 187.5 ms/rec (of 125 and 250); the peer 1.33.
     assert "| 3.0 rec/s | 187.50 ms/rec | 4.0, 2.0 |  |" in ours
     assert peer.endswith("| 1.3 rec/s | 375.00 ms/rec | 1.3 | 2.25 |")
+
+
+def test_dlt_that_cannot_be_installed_stops_the_bench_with_a_reason(tmp_path: Path) -> None:
+    # A venv where none can be made: the bench stops before any server starts, saying why.
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"(?s)could not install 'dlt\[parquet\]'.*--skip-dlt"):
+        dlt_python(blocked / "venv")
