@@ -95,22 +95,33 @@ def _s3_client(config: dict[str, Any]) -> Any:
     return boto3.session.Session().client("s3", endpoint_url=config["s3_endpoint"], config=settings)
 
 
+def _checksum(digest: Any) -> str:
+    return base64.b64encode(digest.digest()).decode()
+
+
 def _store(s3: Any, bucket: str, key: str, body: bytes, sidecar: bytes) -> None:
-    # The pipeline's S3 requests for a new recording: create-only PUT carrying the SHA-256
-    # twice (checksum header, object metadata), the HEAD that reads it back, the sidecar.
+    # The pipeline's S3 requests for a new recording (recarchive.media.s3): the create-only
+    # PUT carrying the SHA-256 twice (checksum header, object metadata), the HEAD that reads
+    # it back, the sidecar PUT with its own checksum.
     digest = hashlib.sha256(body)
+    metadata = {"sha256": digest.hexdigest()}
     s3.put_object(
         Bucket=bucket,
         Key=key,
         Body=body,
         ContentType="audio/mpeg",
         IfNoneMatch="*",
-        ChecksumSHA256=base64.b64encode(digest.digest()).decode(),
-        Metadata={"sha256": digest.hexdigest()},
+        ChecksumSHA256=_checksum(digest),
+        Metadata=metadata,
     )
     s3.head_object(Bucket=bucket, Key=key)
+    sidecar_digest = hashlib.sha256(sidecar)
     s3.put_object(
-        Bucket=bucket, Key=key[:-4] + ".json", Body=sidecar, ContentType="application/json"
+        Bucket=bucket,
+        Key=key[:-4] + ".json",
+        Body=sidecar,
+        ContentType="application/json",
+        ChecksumSHA256=_checksum(sidecar_digest),
     )
 
 
