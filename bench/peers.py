@@ -17,7 +17,8 @@ own processes too, and their CPU is shown beside. Contenders:
 - media (``--media`` recordings of ``--media-mb`` MB, and ``--small`` of ``--small-kb`` KB):
   ``recarchive archive`` against a bare loop making the same requests (:mod:`bench.peer_loops`).
 
-Before the timed rounds each contender runs once on a few IDs (not timed), so every process
+Before the timed rounds each contender runs once on a few IDs (shown as ``warm-up``: about its
+process start-up cost; not in the table), so every process
 starts with its bytecode cached (``PYTHONDONTWRITEBYTECODE`` is dropped for the contenders).
 Prints a line per run, then a markdown table: medians over ``--rounds``, the rates of every
 round, and the ratios recarchive / peer.
@@ -294,24 +295,30 @@ def simulator(
 
 
 def measure(bench: Bench, work: Work, kinds: dict[str, str], rounds: int) -> list[Contender]:
-    """Each contender once on a few IDs (not timed), then ``rounds`` rounds of timed runs."""
-    print(f"{work.name}: warm-up runs of {', '.join(kinds)} ...", flush=True)
+    """Each contender once on a few IDs (a warm-up, not in the table), then ``rounds`` rounds."""
+    print(f"{work.name}:", flush=True)
+    # The warm-up's figures are shown: on a few IDs they are about a process's start-up cost.
     for kind in kinds:
-        bench.run(kind, work, work.ids[:WARM_UP_IDS])
+        show(work, kind, "warm-up", bench.run(kind, work, work.ids[:WARM_UP_IDS]))
     contenders = {kind: Contender(label) for kind, label in kinds.items()}
     for round_ in range(rounds):
         for kind, contender in contenders.items():
             run = bench.run(kind, work, work.ids)
             contender.runs.append(run)
-            servers = "  ".join(f"{name} CPU {used:5.1f} s" for name, used in run.servers.items())
-            print(
-                f"round {round_ + 1}  {work.tag:<10} {kind:<10} {run.seconds:6.1f} s  "
-                f"{run.rate:7.1f} {work.unit}/s  CPU {run.cpu:5.1f} s = "
-                f"{run.cpu_ms_per_unit:6.2f} ms/{work.unit}  RSS {run.rss_mb:4.0f} MB  "
-                f"{servers}  API requests {run.api_requests}",
-                flush=True,
-            )
+            show(work, kind, f"round {round_ + 1}", run)
     return list(contenders.values())
+
+
+def show(work: Work, kind: str, which: str, run: Run) -> None:
+    """Print the figures of one run."""
+    servers = "  ".join(f"{name} CPU {used:5.1f} s" for name, used in run.servers.items())
+    print(
+        f"{which:<8} {work.tag:<9} {kind:<10} {run.units:8.1f} {work.unit} {run.seconds:6.1f} s"
+        f"  {run.rate:7.1f} {work.unit}/s  CPU {run.cpu:5.1f} s = "
+        f"{run.cpu_ms_per_unit:6.2f} ms/{work.unit}  RSS {run.rss_mb:4.0f} MB  "
+        f"{servers}  API requests {run.api_requests}",
+        flush=True,
+    )
 
 
 def table(results: list[tuple[Work, list[Contender]]]) -> str:
