@@ -18,8 +18,8 @@ own processes too, and their CPU is shown beside. Contenders:
   ``recarchive archive`` against a bare loop making the same requests (:mod:`bench.peer_loops`).
 
 Before the timed rounds each contender runs once on a few IDs (shown as ``warm-up``: about its
-process start-up cost; not in the table), so every process
-starts with its bytecode cached (``PYTHONDONTWRITEBYTECODE`` is dropped for the contenders).
+process start-up cost; not in the table), so every process starts with its bytecode cached
+(``PYTHONDONTWRITEBYTECODE`` is dropped for the contenders).
 Prints a line per run, then a markdown table: medians over ``--rounds``, the rates of every
 round, and the ratios recarchive / peer.
 """
