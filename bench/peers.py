@@ -78,7 +78,6 @@ class Run:
     seconds: float
     cpu: float
     units: float
-    rss_mb: float
     servers: dict[str, float]
     api_requests: int
 
@@ -115,8 +114,11 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **AWS_ENV, **extra}
 
 
-def timed(command: Sequence[str], env: dict[str, str], log: Path) -> tuple[float, float, float]:
-    """Run ``command`` to its end; return (wall seconds, CPU seconds, peak RSS MB).
+def timed(command: Sequence[str], env: dict[str, str], log: Path) -> tuple[float, float]:
+    """Run ``command`` to its end; return (wall seconds, CPU seconds).
+
+    No peak RSS: Linux carries the parent's high-water mark into a child's ``ru_maxrss``
+    across fork and exec, so a small contender would show the bench's own RSS.
 
     Raises:
         RuntimeError: It exited with a status other than 0 (the tail of its output says why).
@@ -135,7 +137,7 @@ def timed(command: Sequence[str], env: dict[str, str], log: Path) -> tuple[float
     if process.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(command[:3])} exited {process.returncode}:\n{tail}")
-    return seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+    return seconds, usage.ru_utime + usage.ru_stime
 
 
 # --- the contenders ---------------------------------------------------------------------------
@@ -223,17 +225,16 @@ class Bench:
                 self.fresh_bucket()
             env = self.recarchive_env(folder) if kind == "recarchive" else child_env({})
             servers, requests = self.server_cpu(), self.api_requests()
-            seconds = cpu = rss = 0.0
+            seconds = cpu = 0.0
             for command in self.commands(kind, folder, ids_file, work.media):
-                wall, used, peak = timed(command, env, folder / "output.log")
-                seconds, cpu, rss = seconds + wall, cpu + used, max(rss, peak)
+                wall, used = timed(command, env, folder / "output.log")
+                seconds, cpu = seconds + wall, cpu + used
             after = self.server_cpu()
             self.check(kind, folder, len(ids))
             return Run(
                 seconds,
                 cpu,
                 work.units(ids),
-                rss,
                 {name: after[name] - servers[name] for name in after},
                 self.api_requests() - requests,  # the simulator does not count /_sim/
             )
@@ -315,7 +316,7 @@ def show(work: Work, kind: str, which: str, run: Run) -> None:
     print(
         f"{which:<8} {work.tag:<9} {kind:<10} {run.units:8.1f} {work.unit} {run.seconds:6.1f} s"
         f"  {run.rate:7.1f} {work.unit}/s  CPU {run.cpu:5.1f} s = "
-        f"{run.cpu_ms_per_unit:6.2f} ms/{work.unit}  RSS {run.rss_mb:4.0f} MB  "
+        f"{run.cpu_ms_per_unit:6.2f} ms/{work.unit}  "
         f"{servers}  API requests {run.api_requests}",
         flush=True,
     )

@@ -81,7 +81,7 @@ def test_table_gives_recarchive_over_each_peer() -> None:
     work = Work("4 metadata GETs", "metadata", ["a", "b", "c", "d"], "rec", False)
 
     def runs(*seconds: float) -> list[Run]:
-        return [Run(s, s / 2, 4, 100.0, {}, 4) for s in seconds]
+        return [Run(s, s / 2, 4, {}, 4) for s in seconds]
 
     text = table([(work, [Contender("ours", runs(1.0, 2.0)), Contender("peer", runs(3.0))])])
     ours, peer = text.splitlines()[2:]
