@@ -86,8 +86,8 @@ def test_table_gives_recarchive_over_each_peer() -> None:
     text = table([(work, [Contender("ours", runs(1.0, 2.0)), Contender("peer", runs(3.0))])])
     ours, peer = text.splitlines()[2:]
     # Medians: ours 3.0 rec/s (of 4.0 and 2.0), 187.5 ms/rec (of 125 and 250); the peer 1.33.
-    assert "| 3.0 rec/s | 187.50 ms/rec | 4.0, 2.0 |  |" in ours
-    assert peer.endswith("| 1.3 rec/s | 375.00 ms/rec | 1.3 | 2.25 |")
+    assert "| 3.0 rec/s | 187.50 ms/rec | 4.0, 2.0 |  |  |" in ours
+    assert peer.endswith("| 1.3 rec/s | 375.00 ms/rec | 1.3 | 2.25 | 0.50 |")
 
 
 def test_dlt_that_cannot_be_installed_stops_the_bench_with_a_reason(tmp_path: Path) -> None:
