@@ -99,12 +99,9 @@ def _checksum(digest: Any) -> str:
     return base64.b64encode(digest.digest()).decode()
 
 
-def _store(s3: Any, bucket: str, key: str, body: bytes, sidecar: bytes) -> None:
-    # The pipeline's S3 requests for a new recording (recarchive.media.s3): the create-only
-    # PUT carrying the SHA-256 twice (checksum header, object metadata), the HEAD that reads
-    # it back, the sidecar PUT with its own checksum.
+def put_media(s3: Any, bucket: str, key: str, body: bytes) -> None:
+    """The pipeline's PUT of an MP3: create-only, its SHA-256 as checksum and as metadata."""
     digest = hashlib.sha256(body)
-    metadata = {"sha256": digest.hexdigest()}
     s3.put_object(
         Bucket=bucket,
         Key=key,
@@ -112,8 +109,14 @@ def _store(s3: Any, bucket: str, key: str, body: bytes, sidecar: bytes) -> None:
         ContentType="audio/mpeg",
         IfNoneMatch="*",
         ChecksumSHA256=_checksum(digest),
-        Metadata=metadata,
+        Metadata={"sha256": digest.hexdigest()},
     )
+
+
+def _store(s3: Any, bucket: str, key: str, body: bytes, sidecar: bytes) -> None:
+    # The pipeline's S3 requests for a new recording (recarchive.media.s3): the media PUT,
+    # the HEAD that reads it back, the sidecar PUT with its own checksum.
+    put_media(s3, bucket, key, body)
     s3.head_object(Bucket=bucket, Key=key)
     sidecar_digest = hashlib.sha256(sidecar)
     s3.put_object(
