@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python -m bench.peers [--ids 20000] [--days 90] [--media 400] [--media-mb 2]
 [--small 2000] [--small-kb 3] [--concurrency 16] [--rounds 1]``; a quick run:
-``--ids 2000 --media 40 --small 200``. Each contender is a process of its own, timed from its
+``--ids 2000 --media 50 --small 200``. Each contender is a process of its own, timed from its
 start to its exit, its CPU (user + system, children included) from ``os.wait4``; the
 simulator (``recarchive simulate``, no latency, no faults) and moto's S3 server run in their
 own processes too, and their CPU is shown beside. Contenders:
@@ -263,14 +263,15 @@ def metadata_ids(count: int, days: int, seed: int) -> tuple[int, list[str]]:
     recordings = math.ceil(count * SPREAD_DAYS / days * 1.1) if days < SPREAD_DAYS else count
     dataset = build_dataset(SimulatorConfig(recordings=recordings, seed=seed))
     end = iso(EPOCH + timedelta(days=days))
-    ids = [rid for rid in dataset.ids if str(dataset.payload(rid)["createdAt"]) < end]  # type: ignore[index]
+    created = {payload["id"]: payload["createdAt"] for payload in dataset.listing()}
+    ids = [recording_id for recording_id in dataset.ids if created[recording_id] < end]
     if len(ids) < count:
         raise RuntimeError(f"only {len(ids)} simulated recordings in {days} days")
     return recordings, ids[:count]
 
 
 def media_ids(count: int, low: int, high: int, seed: int) -> tuple[int, list[str], dict[str, int]]:
-    """(recordings, ``count`` IDs whose media is available, every recording's media size)."""
+    """(recordings, ``count`` IDs whose media is available, the media size of each)."""
     config = SimulatorConfig(recordings=1, seed=seed, media_size_range=(low, high))
     recordings = math.ceil(count / config.available_fraction * 1.2) + 10
     config = SimulatorConfig(recordings=recordings, seed=seed, media_size_range=(low, high))
