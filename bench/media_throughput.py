@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import hashlib
 import json
 import os
 import statistics
@@ -40,6 +38,7 @@ import httpx
 from botocore.config import Config
 
 # Imported before any timing: the first import of the pipeline's modules takes about a second.
+from bench.peer_loops import put_media
 from bench.sim_process import free_port
 from recarchive.bird.http import build_http_client
 from recarchive.config import Settings
@@ -209,16 +208,7 @@ async def bare_loop(
 def _contract_requests(s3: Any, bucket: str, key: str, body: bytes) -> None:
     # What the pipeline sends for a recording of a first run (no pre-check HEAD: its ledger
     # row is new): checksummed conditional PUT, then the read-back HEAD and the sidecar PUT.
-    digest = hashlib.sha256(body)
-    s3.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=body,
-        ContentType="audio/mpeg",
-        IfNoneMatch="*",
-        ChecksumSHA256=base64.b64encode(digest.digest()).decode(),
-        Metadata={"sha256": digest.hexdigest()},
-    )
+    put_media(s3, bucket, key, body)
     s3.head_object(Bucket=bucket, Key=key)
     s3.put_object(Bucket=bucket, Key=key[:-4] + ".json", Body=b"{}" * 400)
 

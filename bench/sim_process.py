@@ -6,7 +6,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ class SimulatorProcess:
     media_url: str
     workspace_id: str
     access_key: str
+    pid: int = 0
 
 
 def free_port() -> int:
@@ -35,9 +36,15 @@ def free_port() -> int:
 
 @contextmanager
 def simulator_process(
-    *, recordings: int, seed: int = 1, faults: str = "none", rate_limit: float | None = None
+    *,
+    recordings: int,
+    seed: int = 1,
+    faults: str = "none",
+    rate_limit: float | None = None,
+    extra_args: Sequence[str] = (),
+    start_seconds: float = 20,
 ) -> Iterator[SimulatorProcess]:
-    """Start ``recarchive simulate`` and stop it afterwards."""
+    """Start ``recarchive simulate`` (with ``extra_args``) and stop it afterwards."""
     port, media_port = free_port(), free_port()
     access_key = SimulatorConfig().access_key
     command = [
@@ -58,10 +65,12 @@ def simulator_process(
     ]
     if rate_limit is not None:
         command += ["--rate-limit", str(rate_limit)]
+    command += extra_args
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     api_url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 20
+        # A big dataset takes a while to build (about 0.5 ms per recording on a busy machine).
+        deadline = time.monotonic() + start_seconds
         while True:
             try:
                 httpx.get(api_url, timeout=1)
@@ -71,7 +80,7 @@ def simulator_process(
                     raise RuntimeError("simulator did not start") from None
                 time.sleep(0.1)
         yield SimulatorProcess(
-            api_url, f"http://127.0.0.1:{media_port}", DEFAULT_WORKSPACE, access_key
+            api_url, f"http://127.0.0.1:{media_port}", DEFAULT_WORKSPACE, access_key, process.pid
         )
     finally:
         process.terminate()
