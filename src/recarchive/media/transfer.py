@@ -1,9 +1,14 @@
 """One recording's media: download through the API's redirect, verify, upload, sidecar.
 
 The body is streamed into a temp file while its SHA-256 is computed, so memory is bounded by
-the download's chunk size, never by the recording's size. Before anything is uploaded the
-file must have the announced length and look like MPEG audio (an ID3 tag or an MPEG frame
-sync), so an HTML error page or a truncated body is never stored.
+the download's chunk size, never by the recording's size; a small one waits in memory under
+a process-wide budget instead (:mod:`recarchive.media.spool`). Before anything is uploaded
+the body must have the announced length and look like MPEG audio (an ID3 tag or an MPEG
+frame sync), so an HTML error page or a truncated body is never stored.
+
+Per recording that stored a new object: the redirect GET, the media GET, one create-only
+PUT, then the read-back HEAD beside the sidecar PUT; nothing else (no temp file or thread
+of its own for a small body).
 
 Retry layers: the Bird client retries each HTTP request (the redirect and the media GET);
 this module retries only what the client cannot see — a body that broke off or failed
@@ -208,23 +213,13 @@ async def archive_media(
     spool = BodySpool(temp_dir, memory_limit=min(memory_limit, media.multipart_threshold - 1))
     try:
         downloaded = await _download_with_retries(bird, recording_id, spool, attempts, retry_delay)
+        found = {"sha256_hex": downloaded.sha256, "confirmed_by": downloaded.confirmed_by}
         if spool.data is not None:
-            outcome = await in_thread(
-                media.store_bytes,
-                key,
-                spool.data,
-                sha256_hex=downloaded.sha256,
-                confirmed_by=downloaded.confirmed_by,
-            )
+            outcome = await in_thread(media.store_bytes, key, spool.data, **found)
         else:
             assert spool.path is not None
             outcome = await in_thread(
-                media.store_file,
-                key,
-                spool.path,
-                size=downloaded.size,
-                sha256_hex=downloaded.sha256,
-                confirmed_by=downloaded.confirmed_by,
+                media.store_file, key, spool.path, size=downloaded.size, **found
             )
     finally:
         # Memory given back and the temp file removed before the read-back: neither is
@@ -234,13 +229,7 @@ async def archive_media(
         await _verify_and_write_sidecar(media, key, sidecar, downloaded)
     else:
         await in_thread(media.put_bytes, sidecar_key(key), sidecar)
-    return MediaResult(
-        bucket=media.bucket,
-        key=key,
-        size_bytes=downloaded.size,
-        sha256=downloaded.sha256,
-        outcome=outcome,
-    )
+    return MediaResult(media.bucket, key, downloaded.size, downloaded.sha256, outcome)
 
 
 async def _stored_copy(media: MediaStore, key: str, sidecar: bytes) -> MediaResult | None:
