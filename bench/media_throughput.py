@@ -1,25 +1,36 @@
-"""Media throughput of the pipeline vs a bare loop, and peak memory of one 500 MB recording.
+"""Media throughput of the pipeline vs bare loops, and peak memory of one 500 MB recording.
 
-Run: ``.venv/bin/python -m bench.media_throughput [--recordings 200] [--size-mb 2]
-[--concurrency 16] [--rounds 3] [--big-mb 500]``.
+Run: ``.venv/bin/python -m bench.media_throughput [--recordings 200] [--size-mb 2 | --size-kb 3]
+[--concurrency 16] [--rounds 3] [--big-mb 500] [--loops bare,same-media,media,same,pipeline]``.
+Small recordings: ``--recordings 2000 --size-kb 3 --big-mb 0``.
 
 The Bird simulator and moto's S3 server each run in their own process (the machine has two
-cores; the client process takes the rest). Figures:
+cores; the client process takes the rest). Loops, same concurrency, same endpoints, rounds
+alternating, medians of each:
 
-1. MB/s and recordings/s of a bare loop — httpx GET of ``.mp3`` (307), GET of the presigned
-   URL into memory, boto3 ``put_object`` in a thread — against the pipeline
-   (:func:`recarchive.run.runs.archive_ids`: metadata GET, normalize, SQL upsert and ledger,
-   temp file + SHA-256 + MPEG check, checksummed conditional PUT, verifying HEAD beside the
-   sidecar PUT, ledger mark), same concurrency, same endpoints. Rounds alternate; the ratio
-   uses the median of each (target >= 0.85).
-2. One recording of ``--big-mb`` archived by the pipeline in a child process: its peak RSS
-   (``VmHWM``) and the RSS it had before the download (target: peak <= 200 MB).
+- ``bare``: httpx GET of ``.mp3`` (307), GET of the presigned URL into memory, boto3
+  ``put_object`` in a thread (the plain GET → ``put_object`` loop).
+- ``same-media``: the requests of the media path — redirect GET, media GET, checksummed
+  conditional PUT, verifying HEAD, sidecar PUT — bare (in memory, one thread hop for S3).
+- ``media``: :func:`recarchive.media.transfer.archive_media` per recording (the same requests
+  through the real Bird client and media store; no metadata, no SQL).
+- ``same``: every request the pipeline makes per recording: the metadata GET, then those of
+  ``same-media``.
+- ``pipeline``: :func:`recarchive.run.runs.archive_ids` (metadata GET, normalize, SQL upsert
+  and ledger, the media path, ledger mark).
+
+Printed: rec/s, MB/s, CPU seconds of client, simulator and S3 server per round, the client's
+CPU per recording and per MB, and the ratios media / same-media, pipeline / same and
+pipeline / bare. Then one recording of ``--big-mb`` archived by the pipeline in a child
+process: its peak RSS (``VmHWM``) and the RSS it had before the download (target: peak
+<= 200 MB).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -27,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +54,8 @@ from bench.sim_process import free_port
 from recarchive.bird.http import build_http_client
 from recarchive.config import Settings
 from recarchive.ids.read import collect_ids
-from recarchive.run.clients import open_store
+from recarchive.media.transfer import archive_media
+from recarchive.run.clients import build_bird_client, build_bird_http, build_media_store, open_store
 from recarchive.run.context import ChunkOptions
 from recarchive.run.runs import archive_ids
 
@@ -163,13 +175,20 @@ def _s3(endpoint: str, pool: int) -> Any:
 
 
 async def bare_loop(
-    sim: Sim, endpoint: str, bucket: str, concurrency: int, *, same_requests: bool = False
+    sim: Sim,
+    endpoint: str,
+    bucket: str,
+    concurrency: int,
+    *,
+    same_requests: bool = False,
+    metadata: bool = False,
 ) -> tuple[float, int]:
     """Return (seconds, bytes) of GET via redirect + put_object for every ID.
 
     With ``same_requests`` the loop also makes the S3 requests the pipeline's contract needs
     (checksummed conditional PUT, verifying HEAD, sidecar PUT), so the ratio
-    against it isolates the pipeline's own overhead from the S3 server's cost per request.
+    against it isolates the pipeline's own overhead from the S3 server's cost per request;
+    with ``metadata`` it GETs each recording's metadata first, as the pipeline does.
     """
     _s3(endpoint, 4).create_bucket(Bucket=bucket)
     # The clock starts before the clients are built, as the pipeline's does.
@@ -184,6 +203,10 @@ async def bare_loop(
     async def worker() -> None:
         nonlocal total
         for recording_id in pending:
+            if metadata:
+                answer = await http.get(f"{base}/{recording_id}", headers=headers)
+                answer.raise_for_status()
+                answer.json()
             redirect = await http.get(f"{base}/{recording_id}.mp3", headers=headers)
             assert redirect.status_code == 307, redirect.status_code
             media = await http.get(redirect.headers["Location"])
@@ -213,6 +236,43 @@ def _contract_requests(s3: Any, bucket: str, key: str, body: bytes) -> None:
     s3.put_object(Bucket=bucket, Key=key[:-4] + ".json", Body=b"{}" * 400)
 
 
+# --- media path ------------------------------------------------------------------------------
+
+
+async def media_path(sim: Sim, endpoint: str, bucket: str, concurrency: int) -> tuple[float, int]:
+    """Return (seconds, bytes) of :func:`archive_media` for every ID (no metadata, no SQL)."""
+    _s3(endpoint, 4).create_bucket(Bucket=bucket)
+    sidecar = b"{}" * 400
+    with tempfile.TemporaryDirectory(prefix="bench-media-") as name:
+        folder = Path(name)
+        settings = _settings(sim, endpoint, bucket, folder, concurrency)
+        started = time.perf_counter()
+        media = build_media_store(settings)
+        http = build_bird_http(settings)
+        bird = build_bird_client(settings, http)
+        pending = iter(sim.ids)
+        total = 0
+
+        async def worker() -> None:
+            nonlocal total
+            for recording_id in pending:
+                result = await archive_media(
+                    bird,
+                    media,
+                    recording_id=recording_id,
+                    key=f"media/{recording_id}.mp3",
+                    sidecar=sidecar,
+                    temp_dir=folder,
+                )
+                total += result.size_bytes
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            await http.aclose()
+        return time.perf_counter() - started, total
+
+
 # --- pipeline --------------------------------------------------------------------------------
 
 
@@ -236,9 +296,17 @@ def _id_list(ids: list[str], folder: Path) -> Any:
 
 
 async def pipeline_run(
-    sim: Sim, endpoint: str, bucket: str, concurrency: int, ids: list[str] | None = None
+    sim: Sim,
+    endpoint: str,
+    bucket: str,
+    concurrency: int,
+    ids: list[str] | None = None,
+    on_start: Callable[[], object] = lambda: None,
 ) -> tuple[float, int, dict[str, int]]:
-    """Return (seconds, bytes uploaded, counts) of one pipeline run over ``ids``."""
+    """Return (seconds, bytes uploaded, counts) of one pipeline run over ``ids``.
+
+    ``on_start`` is called when the clock starts (after the database was created).
+    """
     _s3(endpoint, 4).create_bucket(Bucket=bucket)
     with tempfile.TemporaryDirectory(prefix="bench-media-") as name:
         folder = Path(name)
@@ -248,6 +316,7 @@ async def pipeline_run(
         engine, _ = open_store(settings)
         engine.dispose()
         with _id_list(ids if ids is not None else sim.ids, folder) as id_list:
+            on_start()
             started = time.perf_counter()
             report = await archive_ids(settings, id_list, ChunkOptions(), export=False)
             seconds = time.perf_counter() - started
@@ -332,68 +401,116 @@ def empty_s3(endpoint: str, meter: CpuMeter) -> dict[str, float]:
     return meter.snapshot()
 
 
-async def throughput(recordings: int, size_mb: float, concurrency: int, rounds: int) -> None:
-    low, high = int(size_mb * MB * 0.9), int(size_mb * MB * 1.1)
+LOOPS = ("bare", "same-media", "media", "same", "pipeline")
+LABELS = {
+    "bare": "bare GET -> put_object",
+    "same-media": "bare, media path's requests",
+    "media": "media path (archive_media)",
+    "same": "bare, pipeline's requests",
+    "pipeline": "pipeline",
+}
+
+
+@dataclass
+class Figures:
+    """One loop's figures over the rounds."""
+
+    rates: list[float]
+    client_cpu: list[float]
+    megabytes: float = 0.0
+
+
+async def _run_loop(
+    loop: str,
+    sim: Sim,
+    endpoint: str,
+    bucket: str,
+    concurrency: int,
+    on_start: Callable[[], object],
+) -> tuple[float, int]:
+    """Run one loop: (seconds, bytes); ``on_start`` is called when its clock starts."""
+    if loop == "pipeline":
+        seconds, uploaded, counts = await pipeline_run(
+            sim, endpoint, bucket, concurrency, on_start=on_start
+        )
+        assert counts["archived"] == len(sim.ids) and counts["failed"] == 0, counts
+        return seconds, uploaded
+    on_start()
+    if loop == "media":
+        return await media_path(sim, endpoint, bucket, concurrency)
+    same = loop != "bare"
+    return await bare_loop(
+        sim, endpoint, bucket, concurrency, same_requests=same, metadata=loop == "same"
+    )
+
+
+def _mark(marks: list[dict[str, float]], meter: CpuMeter) -> None:
+    marks.append(meter.snapshot())
+
+
+async def throughput(
+    recordings: int, size_bytes: int, concurrency: int, rounds: int, loops: list[str]
+) -> None:
+    low, high = int(size_bytes * 0.9), int(size_bytes * 1.1)
     with simulator(recordings, low, high) as sim, moto_server() as (endpoint, s3_pid):
         meter = CpuMeter(sim.pid, s3_pid)
-        bare: list[float] = []
-        same: list[float] = []
-        piped: list[float] = []
-        total_mb = 0.0
-
-        def report(
-            label: str, round_: int, seconds: float, megabytes: float, before: dict[str, float]
-        ) -> float:
-            """Print one loop's figures and CPU seconds per process; return its MB/s."""
-            print(
-                f"round {round_ + 1}: {label:<28} {seconds:6.2f} s  {megabytes / seconds:7.1f} "
-                f"MB/s  {recordings / seconds:6.1f} rec/s  CPU s: "
-                + meter.delta(before, meter.snapshot()),
-                flush=True,
-            )
-            return megabytes / seconds
-
+        figures = {loop: Figures([], []) for loop in loops}
         for round_ in range(rounds):
-            before = empty_s3(endpoint, meter)
-            seconds, size = await bare_loop(sim, endpoint, f"bare-{round_}", concurrency)
-            total_mb = size / MB
-            bare.append(report("bare loop", round_, seconds, total_mb, before))
-            before = empty_s3(endpoint, meter)
-            seconds, size = await bare_loop(
-                sim, endpoint, f"same-{round_}", concurrency, same_requests=True
-            )
-            same.append(report("bare + contract S3 requests", round_, seconds, size / MB, before))
-            before = empty_s3(endpoint, meter)
-            seconds, uploaded, counts = await pipeline_run(
-                sim, endpoint, f"pipe-{round_}", concurrency
-            )
-            assert counts["archived"] == recordings and counts["failed"] == 0, counts
-            assert abs(uploaded / MB - total_mb) < 0.01, (uploaded, total_mb)
-            piped.append(report("pipeline", round_, seconds, total_mb, before))
-        bare_mbs, pipe_mbs = statistics.median(bare), statistics.median(piped)
-        same_mbs = statistics.median(same)
-        print(f"\n{recordings} recordings, {total_mb:.0f} MB, concurrency {concurrency}")
-        print(f"bare loop, GET + put_object (median)   {bare_mbs:7.1f} MB/s")
-        print(f"bare loop + contract S3 requests       {same_mbs:7.1f} MB/s")
-        print(f"pipeline (median)                      {pipe_mbs:7.1f} MB/s")
-        print(f"ratio pipeline / bare loop: {pipe_mbs / bare_mbs:.2f}  (target >= 0.85)")
-        print(f"ratio pipeline / bare loop with the same S3 requests: {pipe_mbs / same_mbs:.2f}")
-        # The bare loop making only the contract's S3 requests (no metadata, no ledger, no
-        # temp file) is the most any implementation of the contract can reach here.
+            for loop in loops:
+                empty_s3(endpoint, meter)
+                marks: list[dict[str, float]] = []
+                seconds, size = await _run_loop(
+                    loop,
+                    sim,
+                    endpoint,
+                    f"{loop}-{round_}",
+                    concurrency,
+                    functools.partial(_mark, marks, meter),
+                )
+                before, after = marks[0], meter.snapshot()
+                fig = figures[loop]
+                fig.megabytes = size / MB
+                fig.rates.append(recordings / seconds)
+                fig.client_cpu.append(after["client"] - before["client"])
+                print(
+                    f"round {round_ + 1}: {LABELS[loop]:<30} {seconds:6.2f} s "
+                    f"{recordings / seconds:7.1f} rec/s {size / MB / seconds:7.1f} MB/s  CPU s: "
+                    + meter.delta(before, after),
+                    flush=True,
+                )
+        _summary(figures, recordings, concurrency)
+
+
+def _summary(figures: dict[str, Figures], recordings: int, concurrency: int) -> None:
+    megabytes = next(iter(figures.values())).megabytes
+    print(f"\n{recordings} recordings, {megabytes:.1f} MB, concurrency {concurrency} (medians)")
+    rate = {loop: statistics.median(fig.rates) for loop, fig in figures.items()}
+    for loop, fig in figures.items():
+        cpu = statistics.median(fig.client_cpu)
+        spread = f"{min(fig.rates):.1f}-{max(fig.rates):.1f}"
         print(
-            f"ceiling on these endpoints (bare loop with the contract's S3 requests / bare "
-            f"loop): {same_mbs / bare_mbs:.2f}"
+            f"{LABELS[loop]:<30} {rate[loop]:7.1f} rec/s ({spread})  "
+            f"{rate[loop] * megabytes / recordings:7.1f} MB/s  client CPU "
+            f"{cpu * 1000 / recordings:6.2f} ms/rec {cpu * 1000 / megabytes:7.2f} ms/MB"
         )
+    for top, bottom in (("media", "same-media"), ("pipeline", "same"), ("pipeline", "bare")):
+        if top in rate and bottom in rate:
+            print(f"ratio {LABELS[top]} / {LABELS[bottom]}: {rate[top] / rate[bottom]:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recordings", type=int, default=200)
-    parser.add_argument("--size-mb", type=float, default=2.0)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--size-mb", type=float, default=2.0)
+    size.add_argument("--size-kb", type=float, help="recording size in kB (1,000 bytes)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--big-mb", type=int, default=500, help="0 skips the RSS measurement")
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument(
+        "--loops", default=",".join(LOOPS), help="comma-separated, of " + ",".join(LOOPS)
+    )
     parser.add_argument("--rss-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
@@ -401,7 +518,12 @@ def main() -> None:
         return
     os.environ.update(AWS_ENV)
     if not args.skip_throughput:
-        asyncio.run(throughput(args.recordings, args.size_mb, args.concurrency, args.rounds))
+        loops = [loop for loop in args.loops.split(",") if loop]
+        unknown = set(loops) - set(LOOPS)
+        if unknown:
+            parser.error(f"unknown loops: {', '.join(sorted(unknown))}")
+        size_bytes = int(args.size_kb * 1000) if args.size_kb else int(args.size_mb * MB)
+        asyncio.run(throughput(args.recordings, size_bytes, args.concurrency, args.rounds, loops))
     if args.big_mb:
         result = big_recording(args.big_mb)
         assert result["archived"] == 1, result

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-import recarchive.media.transfer
+import recarchive.media.spool
 from recarchive.config import Settings
 from recarchive.errors import StorageUnavailableError
 from recarchive.ids.read import collect_ids
@@ -131,8 +131,10 @@ async def test_disk_full_while_downloading_stops_clearly_and_loses_nothing(
     settings = settings_for(
         sim, f"sqlite:///{tmp_path / 'archive.db'}", s3_endpoint, versioned_bucket, tmp_path
     )
-    real = recarchive.media.transfer._write_and_hash
+    real = recarchive.media.spool._write_and_hash
     writes = Counter[str]()
+    # Every body through a temp file: small ones are kept in memory otherwise.
+    monkeypatch.setattr(recarchive.media.spool, "MEMORY_BODY_BYTES", 0)
 
     def filling_disk(handle: Any, digest: Any, chunk: bytes) -> None:
         writes["n"] += 1
@@ -140,10 +142,10 @@ async def test_disk_full_while_downloading_stops_clearly_and_loses_nothing(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(handle, digest, chunk)
 
-    monkeypatch.setattr(recarchive.media.transfer, "_write_and_hash", filling_disk)
+    monkeypatch.setattr(recarchive.media.spool, "_write_and_hash", filling_disk)
     with pytest.raises(StorageUnavailableError, match="No space left on device"):
         await archive(settings, sim, tmp_path)
-    monkeypatch.setattr(recarchive.media.transfer, "_write_and_hash", real)  # space freed
+    monkeypatch.setattr(recarchive.media.spool, "_write_and_hash", real)  # space freed
     report = await retry_failed(settings)
     assert report.counts.failed == 0, report.counts.failures
     assert_all_archived_once(settings, sim, s3_client, versioned_bucket)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import tempfile
 import tracemalloc
+from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,6 +32,7 @@ from recarchive.errors import (
 )
 from recarchive.media.keys import sidecar_key
 from recarchive.media.s3 import MediaStore
+from recarchive.media.spool import BUDGET
 from recarchive.media.transfer import (
     MediaResult,
     archive_media,
@@ -122,6 +125,21 @@ def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("recarchive.media.transfer.RETRY_BASE_DELAY", 0.001)
 
 
+@pytest.fixture(params=["memory", "file"])
+def body_place(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Where the body waits for the upload: in memory (small ones), or in a temp file."""
+    if request.param == "file":
+        monkeypatch.setattr("recarchive.media.spool.MEMORY_BODY_BYTES", 0)
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def budget_given_back() -> Iterator[None]:
+    """Whatever a test did, every byte of the memory budget is given back at its end."""
+    yield
+    assert BUDGET.used == 0
+
+
 async def archive(bird: Any, store: MediaStore, temp_dir: Path, **kwargs: Any) -> MediaResult:
     return await archive_media(
         bird, store, recording_id="rec-1", key=KEY, sidecar=SIDECAR, temp_dir=temp_dir, **kwargs
@@ -178,7 +196,7 @@ def test_non_mpeg_bytes_are_rejected(body: bytes) -> None:
 
 
 async def test_archive_stores_media_and_sidecar_and_removes_temp(
-    store: MediaStore, temp_dir: Path
+    store: MediaStore, temp_dir: Path, body_place: str
 ) -> None:
     data = mp3(300_000)
     bird = FakeBird(good(data))
@@ -193,7 +211,9 @@ async def test_archive_stores_media_and_sidecar_and_removes_temp(
     assert leftovers(temp_dir) == []
 
 
-async def test_content_length_unknown_is_fine(store: MediaStore, temp_dir: Path) -> None:
+async def test_content_length_unknown_is_fine(
+    store: MediaStore, temp_dir: Path, body_place: str
+) -> None:
     data = mp3(50_000, id3=False)
     result = await archive(FakeBird(FakeDownload([data], None)), store, temp_dir)
     assert result.size_bytes == len(data)
@@ -209,7 +229,9 @@ async def test_multipart_sized_media(store: MediaStore, temp_dir: Path) -> None:
     assert leftovers(temp_dir) == []
 
 
-async def test_same_bytes_already_present(store: MediaStore, temp_dir: Path) -> None:
+async def test_same_bytes_already_present(
+    store: MediaStore, temp_dir: Path, body_place: str
+) -> None:
     data = mp3(20_000)
     await archive(FakeBird(good(data)), store, temp_dir)
     again = await archive(FakeBird(good(data)), store, temp_dir)
@@ -221,7 +243,7 @@ async def test_same_bytes_already_present(store: MediaStore, temp_dir: Path) -> 
 
 
 async def test_truncated_body_is_retried_and_never_stored(
-    store: MediaStore, temp_dir: Path
+    store: MediaStore, temp_dir: Path, body_place: str
 ) -> None:
     data = mp3(200_000)
     truncated = FakeDownload([data[:150_000]], len(data))
@@ -233,7 +255,9 @@ async def test_truncated_body_is_retried_and_never_stored(
     assert leftovers(temp_dir) == []
 
 
-async def test_body_breaking_off_is_retried(store: MediaStore, temp_dir: Path) -> None:
+async def test_body_breaking_off_is_retried(
+    store: MediaStore, temp_dir: Path, body_place: str
+) -> None:
     data = mp3(200_000)
     broken = FakeDownload([data[:70_000]], len(data), fail=TransportError("reset"))
     bird = FakeBird(broken, broken, good(data))
@@ -252,7 +276,7 @@ async def test_body_breaking_off_is_retried(store: MediaStore, temp_dir: Path) -
     ids=["html", "truncated", "too-long"],
 )
 async def test_bad_media_is_never_stored(
-    store: MediaStore, temp_dir: Path, bad: FakeDownload
+    store: MediaStore, temp_dir: Path, bad: FakeDownload, body_place: str
 ) -> None:
     bird = FakeBird(bad)
     with pytest.raises(MediaIntegrityError):
@@ -282,7 +306,9 @@ async def test_not_found_propagates(store: MediaStore, temp_dir: Path) -> None:
     assert leftovers(temp_dir) == []
 
 
-async def test_conflict_keeps_original_and_removes_temp(store: MediaStore, temp_dir: Path) -> None:
+async def test_conflict_keeps_original_and_removes_temp(
+    store: MediaStore, temp_dir: Path, body_place: str
+) -> None:
     original = mp3(30_000, key="a")
     await archive(FakeBird(good(original)), store, temp_dir)
     other = mp3(30_000, key="b")
@@ -292,14 +318,22 @@ async def test_conflict_keeps_original_and_removes_temp(store: MediaStore, temp_
     assert leftovers(temp_dir) == []
 
 
-async def test_upload_failure_removes_temp(s3_client: S3Client, temp_dir: Path) -> None:
+async def test_upload_failure_removes_temp(
+    s3_client: S3Client, temp_dir: Path, body_place: str
+) -> None:
     store = MediaStore(s3_client, bucket="no-such-bucket-media")
     with pytest.raises(StorageUnavailableError):
         await archive(FakeBird(good(mp3(5000))), store, temp_dir)
     assert leftovers(temp_dir) == []
 
 
-async def test_cancellation_mid_download_removes_temp(store: MediaStore, temp_dir: Path) -> None:
+@pytest.mark.parametrize(
+    ("memory_limit", "files", "held"), [(0, 1, 0), (None, 0, 1000)], ids=["file", "memory"]
+)
+async def test_cancellation_mid_download_removes_temp(
+    store: MediaStore, temp_dir: Path, memory_limit: int | None, files: int, held: int
+) -> None:
+    # The temp file is removed; a body in memory gives its budget back (budget_given_back).
     started = asyncio.Event()
 
     class Slow(FakeDownload):
@@ -309,9 +343,10 @@ async def test_cancellation_mid_download_removes_temp(store: MediaStore, temp_di
             await asyncio.sleep(30)
             yield b""
 
-    task = asyncio.create_task(archive(FakeBird(Slow([], None)), store, temp_dir))
+    bird = FakeBird(Slow([], None))
+    task = asyncio.create_task(archive(bird, store, temp_dir, memory_limit=memory_limit))
     await asyncio.wait_for(started.wait(), 5)
-    assert len(leftovers(temp_dir)) == 1
+    assert (len(leftovers(temp_dir)), BUDGET.used) == (files, held)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -323,6 +358,7 @@ class HashingStore:
     """A media store that only reads the uploaded file back in blocks (no server in-process)."""
 
     bucket = "fake"
+    multipart_threshold = 64 * MiB
 
     def __init__(self) -> None:
         self.uploaded: tuple[int, str] | None = None
@@ -466,6 +502,113 @@ async def test_temp_file_names_carry_host_and_pid(store: MediaStore, temp_dir: P
         return real(key, path, size=size, sha256_hex=sha256_hex, confirmed_by=confirmed_by)
 
     store.store_file = spy  # type: ignore[method-assign,assignment]
-    await archive(FakeBird(good(mp3(20_000))), store, temp_dir)
+    await archive(FakeBird(good(mp3(20_000))), store, temp_dir, memory_limit=0)
     assert len(seen) == 1 and seen[0].startswith(temp_prefix()) and seen[0].endswith(".mp3.part")
     assert remove_orphan_temp_files(temp_dir) == 0
+
+
+# --- where the body waits: memory or a temp file ----------------------------------------------
+
+
+class PlaceSpy:
+    """Records which of the store's writes carried the media: from memory or from a file."""
+
+    def __init__(self, store: MediaStore) -> None:
+        self.calls: list[str] = []
+        real_bytes, real_file = store.store_bytes, store.store_file
+
+        def from_memory(key: str, data: bytes, **kwargs: Any) -> str:
+            self.calls.append("memory")
+            return real_bytes(key, data, **kwargs)
+
+        def from_file(key: str, path: Path, **kwargs: Any) -> str:
+            self.calls.append(f"file {path.stat().st_size}")
+            return real_file(key, path, **kwargs)
+
+        store.store_bytes = from_memory  # type: ignore[method-assign,assignment]
+        store.store_file = from_file  # type: ignore[method-assign,assignment]
+
+
+async def test_small_body_goes_up_from_memory_with_no_temp_file(
+    store: MediaStore, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[str] = []
+    real_mkstemp = tempfile.mkstemp
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        made.append("temp file")
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", spy)
+    place = PlaceSpy(store)
+    data = mp3(3000)
+    result = await archive(FakeBird(good(data, chunk=1000)), store, temp_dir)
+    assert (place.calls, made) == (["memory"], [])
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.hash_object(KEY) == (len(data), result.sha256)
+    assert stored(store, sidecar_key(KEY)) == SIDECAR
+
+
+async def test_announced_body_above_the_limit_goes_to_a_temp_file(
+    store: MediaStore, temp_dir: Path
+) -> None:
+    place = PlaceSpy(store)
+    data = mp3(300_000)
+    await archive(FakeBird(good(data)), store, temp_dir, memory_limit=100_000)
+    assert place.calls == [f"file {len(data)}"]
+    assert stored(store) == data
+    assert leftovers(temp_dir) == []
+
+
+async def test_body_of_unknown_length_spills_to_a_file_when_it_grows_past_the_limit(
+    store: MediaStore, temp_dir: Path
+) -> None:
+    place = PlaceSpy(store)
+    data = mp3(300_000)
+    pieces = [data[i : i + 40_000] for i in range(0, len(data), 40_000)]
+    result = await archive(
+        FakeBird(FakeDownload(pieces, None)), store, temp_dir, memory_limit=100_000
+    )
+    # What was in memory before the spill is in the file, in order, and in the hash.
+    assert place.calls == [f"file {len(data)}"]
+    assert result.sha256 == hashlib.sha256(data).hexdigest()
+    assert stored(store) == data
+    assert leftovers(temp_dir) == []
+
+
+async def test_bodies_beyond_the_memory_budget_go_to_temp_files(
+    store: MediaStore, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Room for one body of 50 KB in memory: of two at once, the second goes to a file.
+    monkeypatch.setattr(BUDGET, "capacity", 60_000)
+    both = asyncio.Event()
+    arrived = Counter[str]()
+    data = [mp3(50_000, key="a"), mp3(50_000, key="b")]
+
+    class Waiting(FakeDownload):
+        async def iter_bytes(self) -> AsyncIterator[bytes]:
+            async for chunk in super().iter_bytes():
+                yield chunk
+            # Neither body is finished before both were begun.
+            arrived["n"] += 1
+            if arrived["n"] == 2:
+                both.set()
+            await asyncio.wait_for(both.wait(), 5)
+
+    place = PlaceSpy(store)
+    results = await asyncio.gather(
+        *(
+            archive_media(
+                FakeBird(Waiting([body], len(body))),
+                store,
+                recording_id=f"rec-{n}",
+                key=f"{KEY}.{n}",
+                sidecar=SIDECAR,
+                temp_dir=temp_dir,
+            )
+            for n, body in enumerate(data)
+        )
+    )
+    assert sorted(place.calls) == ["file 50000", "memory"]
+    assert [r.sha256 for r in results] == [hashlib.sha256(body).hexdigest() for body in data]
+    assert leftovers(temp_dir) == []

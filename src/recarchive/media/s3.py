@@ -15,16 +15,18 @@ module never retries a request itself. What is left is translated into the recar
 tree by :func:`~recarchive.media.s3client.translate_error`. Multipart uploads are
 :mod:`recarchive.media.multipart`'s.
 
-The client is synchronous: the asyncio pipeline calls these methods via ``asyncio.to_thread``.
+The client is synchronous: the asyncio pipeline calls these methods in threads
+(:func:`recarchive.media.spool.in_thread`).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -308,18 +310,45 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
-        try:
-            if size >= self.multipart_threshold:
-                self.abort_open_uploads(key)
-                self._multipart.upload(
-                    key,
-                    path,
-                    size=size,
-                    content_type=MEDIA_CONTENT_TYPE,
-                    metadata=_metadata(sha256_hex, confirmed_by),
+        metadata = _metadata(sha256_hex, confirmed_by)
+        if size < self.multipart_threshold:
+            # A file object, not bytes: botocore streams it and seeks back to retry.
+            with path.open("rb") as body:
+                return self._store(
+                    key, size, sha256_hex, lambda: self._single_put(key, body, metadata)
                 )
-            else:
-                self._single_put(key, path, metadata=_metadata(sha256_hex, confirmed_by))
+
+        def multipart() -> None:
+            self.abort_open_uploads(key)
+            self._multipart.upload(
+                key, path, size=size, content_type=MEDIA_CONTENT_TYPE, metadata=metadata
+            )
+
+        return self._store(key, size, sha256_hex, multipart)
+
+    def store_bytes(
+        self, key: str, data: bytes | bytearray, *, sha256_hex: str, confirmed_by: str | None = None
+    ) -> UploadOutcome:
+        """Like :meth:`store_file` for a body held in memory: always one ``put_object``.
+
+        For bodies below ``multipart_threshold`` (the caller keeps only small ones in memory).
+
+        Raises:
+            MediaConflictError: The key holds different bytes; nothing was overwritten.
+            RetryableError: Transient S3 failure after botocore's retries.
+            StorageUnavailableError: Access denied, no such bucket, bad credentials.
+        """
+        metadata = _metadata(sha256_hex, confirmed_by)
+        return self._store(
+            key, len(data), sha256_hex, lambda: self._single_put(key, data, metadata)
+        )
+
+    def _store(
+        self, key: str, size: int, sha256_hex: str, write: Callable[[], None]
+    ) -> UploadOutcome:
+        """Run the create-only ``write``; a refused one (412) is resolved by :meth:`_existing`."""
+        try:
+            write()
         except ClientError as exc:
             if error_code(exc) != "PreconditionFailed" and http_status(exc) != 412:
                 raise translate_error(exc, f"upload {self._uri(key)}") from exc
@@ -342,20 +371,21 @@ class MediaStore:
         """
         return self._multipart.abort_open(key)
 
-    def _single_put(self, key: str, path: Path, *, metadata: dict[str, str]) -> None:
+    def _single_put(
+        self, key: str, body: IO[bytes] | bytes | bytearray, metadata: dict[str, str]
+    ) -> None:
         checksum = base64.b64encode(bytes.fromhex(metadata["sha256"])).decode()
-        # A file object, not bytes: botocore streams it and seeks back to retry.
-        with path.open("rb") as body:
-            self.s3.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                ContentType=MEDIA_CONTENT_TYPE,
-                ChecksumSHA256=checksum,
-                IfNoneMatch="*",
-                Metadata=metadata,
-                **self._sse_args(),
-            )
+        self.s3.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            # botocore sends a bytearray as it is (its blob type takes one); no copy to bytes.
+            Body=cast(IO[bytes] | bytes, body),
+            ContentType=MEDIA_CONTENT_TYPE,
+            ChecksumSHA256=checksum,
+            IfNoneMatch="*",
+            Metadata=metadata,
+            **self._sse_args(),
+        )
 
     def _existing(self, key: str, *, size: int, sha256_hex: str, cause: Exception) -> UploadOutcome:
         info = self.head(key)

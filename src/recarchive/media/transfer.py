@@ -1,9 +1,14 @@
 """One recording's media: download through the API's redirect, verify, upload, sidecar.
 
 The body is streamed into a temp file while its SHA-256 is computed, so memory is bounded by
-the download's chunk size, never by the recording's size. Before anything is uploaded the
-file must have the announced length and look like MPEG audio (an ID3 tag or an MPEG frame
-sync), so an HTML error page or a truncated body is never stored.
+the download's chunk size, never by the recording's size; a small one waits in memory under
+a process-wide budget instead (:mod:`recarchive.media.spool`). Before anything is uploaded
+the body must have the announced length and look like MPEG audio (an ID3 tag or an MPEG
+frame sync), so an HTML error page or a truncated body is never stored.
+
+Per recording that stored a new object: the redirect GET, the media GET, one create-only
+PUT, then the read-back HEAD beside the sidecar PUT; nothing else (no temp file or thread
+of its own for a small body).
 
 Retry layers: the Bird client retries each HTTP request (the redirect and the media GET);
 this module retries only what the client cannot see — a body that broke off or failed
@@ -14,21 +19,15 @@ requests are retried by botocore (see :mod:`recarchive.media.s3`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import hashlib
 import logging
-import os
-import tempfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from recarchive.errors import MediaConflictError, MediaIntegrityError, RetryableError
+from recarchive.media import spool as body_spool
 from recarchive.media.keys import sidecar_key
-from recarchive.tempfiles import MEDIA_SUFFIX, temp_prefix
+from recarchive.media.spool import BodySpool, in_thread
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -37,7 +36,6 @@ if TYPE_CHECKING:
     from recarchive.media.s3 import MediaStore
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: Bytes kept from the start of the body to recognise MPEG audio.
 SNIFF_BYTES = 64 * 1024
@@ -137,73 +135,29 @@ class _Progress:
     opened = False
 
 
-def _write_and_hash(handle: BinaryIO, digest: Any, chunk: bytes) -> None:
-    # Both release the GIL for large buffers, so this runs beside the event loop.
-    digest.update(chunk)
-    handle.write(chunk)
-
-
-def _remove(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # noqa: PTH108
-
-
-class _Worker:
-    """One thread of this recording's own, for its file I/O, hashing and S3 calls.
-
-    ``asyncio.to_thread`` shares the loop's default executor (``min(32, cpus + 4)`` threads,
-    six on two cores) with every other blocking call of the run: chunks waiting there behind
-    S3 requests stalled the downloads (bench/media_throughput.py). One thread per recording
-    in flight is bounded by the pipeline's concurrency and keeps the chunk writes in order.
-    """
-
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recarchive-media")
-
-    async def run(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(func, *args, **kwargs))
-
-    def submit(self, func: Callable[..., object], /, *args: Any) -> None:
-        """Queue ``func`` behind the work already queued, without waiting for it."""
-        self._executor.submit(func, *args)
-
-    def close(self) -> None:
-        # Queued work (a shielded unlink) still runs; nobody waits for the thread to end.
-        self._executor.shutdown(wait=False)
-
-
 async def _download(
-    bird: MediaSource, recording_id: str, path: Path, progress: _Progress, worker: _Worker
+    bird: MediaSource, recording_id: str, spool: BodySpool, progress: _Progress
 ) -> _Downloaded:
-    """Stream the media into ``path`` (truncating it) and verify length and format."""
-    digest = hashlib.sha256()
+    """Stream the media into ``spool`` (dropping earlier bytes) and verify length and format."""
     head = bytearray()
     size = 0
     async with bird.open_media(recording_id) as download:
         progress.opened = True
-        # Hashing and writing a chunk (about 1 MiB) take milliseconds of CPU and disk: done in
-        # the worker thread, the event loop keeps receiving the other downloads meanwhile
-        # (measured in bench/media_throughput.py: plain writes on the loop were the slower).
-        handle = await worker.run(path.open, "wb")
-        try:
-            async for chunk in download.iter_bytes():
-                size += len(chunk)
-                if len(head) < SNIFF_BYTES:
-                    head += chunk[: SNIFF_BYTES - len(head)]
-                await worker.run(_write_and_hash, handle, digest, chunk)
-        finally:
-            # Queued behind a write that may still run in the thread (when this task was
-            # cancelled mid-write); everything later on this worker runs after the close.
-            worker.submit(handle.close)
+        await spool.start(download.content_length)
+        async for chunk in download.iter_bytes():
+            size += len(chunk)
+            if len(head) < SNIFF_BYTES:
+                head += chunk[: SNIFF_BYTES - len(head)]
+            await spool.write(chunk)
         expected = download.content_length
         confirmed_by = download.confirmed_by
+    await spool.finish()
     if expected is not None and size != expected:
         raise MediaIntegrityError(
             f"media of {recording_id}: got {size} bytes, Content-Length said {expected}"
         )
     check_mpeg_audio(bytes(head), recording_id)
-    return _Downloaded(size=size, sha256=digest.hexdigest(), confirmed_by=confirmed_by)
+    return _Downloaded(size=size, sha256=spool.sha256(), confirmed_by=confirmed_by)
 
 
 async def archive_media(
@@ -217,6 +171,7 @@ async def archive_media(
     attempts: int = 3,
     retry_delay: float = RETRY_BASE_DELAY,
     check_existing: bool = False,
+    memory_limit: int | None = None,
 ) -> MediaResult:
     """Download a recording's MP3, verify it, store it at ``key`` with its sidecar.
 
@@ -234,6 +189,8 @@ async def archive_media(
             object already, only write the sidecar: no download. For recordings an earlier
             run may have been transferring; without it, an existing object costs a download
             and is then compared by hash (the upload is create-only).
+        memory_limit: Largest body kept in memory instead of a temp file (``0``: always a
+            temp file; ``None``: :data:`recarchive.media.spool.MEMORY_BODY_BYTES`).
 
     Returns:
         Where and what was stored.
@@ -246,22 +203,36 @@ async def archive_media(
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
-    worker = _Worker()
+    if check_existing:
+        stored = await _stored_copy(media, key, sidecar)
+        if stored is not None:
+            return stored
+    # A body in memory goes up in one PUT: never one of multipart size.
+    if memory_limit is None:
+        memory_limit = body_spool.MEMORY_BODY_BYTES  # read now: tests lower it
+    spool = BodySpool(temp_dir, memory_limit=min(memory_limit, media.multipart_threshold - 1))
     try:
-        if check_existing:
-            stored = await _stored_copy(media, key, sidecar, worker)
-            if stored is not None:
-                return stored
-        return await _transfer(
-            bird, media, recording_id, key, sidecar, temp_dir, attempts, retry_delay, worker
-        )
+        downloaded = await _download_with_retries(bird, recording_id, spool, attempts, retry_delay)
+        found = {"sha256_hex": downloaded.sha256, "confirmed_by": downloaded.confirmed_by}
+        if spool.data is not None:
+            outcome = await in_thread(media.store_bytes, key, spool.data, **found)
+        else:
+            assert spool.path is not None
+            outcome = await in_thread(
+                media.store_file, key, spool.path, size=downloaded.size, **found
+            )
     finally:
-        worker.close()
+        # Memory given back and the temp file removed before the read-back: neither is
+        # needed any more, and the file never outlives this call (see BodySpool.close).
+        await spool.close()
+    if outcome == "uploaded":
+        await _verify_and_write_sidecar(media, key, sidecar, downloaded)
+    else:
+        await in_thread(media.put_bytes, sidecar_key(key), sidecar)
+    return MediaResult(media.bucket, key, downloaded.size, downloaded.sha256, outcome)
 
 
-async def _stored_copy(
-    media: MediaStore, key: str, sidecar: bytes, worker: _Worker
-) -> MediaResult | None:
+async def _stored_copy(media: MediaStore, key: str, sidecar: bytes) -> MediaResult | None:
     """Return the object a crashed or failed earlier run already stored, if any.
 
     Objects are only ever written with their ``sha256`` metadata after the bytes were hashed,
@@ -275,17 +246,17 @@ async def _stored_copy(
         MediaConflictError: The object's bytes do not match its own metadata; it is left
             untouched for an operator, and the recording ends ``failed``.
     """
-    info = await worker.run(media.head, key)
+    info = await in_thread(media.head, key)
     if info is None or not info.sha256:
         return None
-    size, digest = await worker.run(media.hash_object, key)
+    size, digest = await in_thread(media.hash_object, key)
     if digest != info.sha256 or size != info.size:
         raise MediaConflictError(
             f"{key} exists but its bytes (sha256 {digest}, {size} bytes) do not match its "
             f"sha256 metadata {info.sha256} ({info.size} bytes); left untouched"
         )
     logger.info("media of %s is in S3 already (an earlier run stored it)", key)
-    await worker.run(media.put_bytes, sidecar_key(key), sidecar)
+    await in_thread(media.put_bytes, sidecar_key(key), sidecar)
     return MediaResult(
         bucket=media.bucket,
         key=key,
@@ -295,56 +266,8 @@ async def _stored_copy(
     )
 
 
-async def _transfer(
-    bird: MediaSource,
-    media: MediaStore,
-    recording_id: str,
-    key: str,
-    sidecar: bytes,
-    temp_dir: Path | None,
-    attempts: int,
-    retry_delay: float,
-    worker: _Worker,
-) -> MediaResult:
-    handle, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=MEDIA_SUFFIX, dir=temp_dir)
-    os.close(handle)
-    path = Path(name)
-    try:
-        downloaded = await _download_with_retries(
-            bird, recording_id, path, attempts, retry_delay, worker
-        )
-        outcome = await worker.run(
-            media.store_file,
-            key,
-            path,
-            size=downloaded.size,
-            sha256_hex=downloaded.sha256,
-            confirmed_by=downloaded.confirmed_by,
-        )
-        if outcome == "uploaded":
-            await _verify_and_write_sidecar(media, key, sidecar, downloaded, worker)
-        else:
-            await worker.run(media.put_bytes, sidecar_key(key), sidecar)
-    finally:
-        # Unlinking a freshly written file costs milliseconds (the file system frees its
-        # pages): a thread keeps that off the loop. Shielded, and repeated synchronously when
-        # the task is cancelled meanwhile, so the file never outlives this call.
-        try:
-            await asyncio.shield(worker.run(_remove, path))
-        except asyncio.CancelledError:
-            _remove(path)
-            raise
-    return MediaResult(
-        bucket=media.bucket,
-        key=key,
-        size_bytes=downloaded.size,
-        sha256=downloaded.sha256,
-        outcome=outcome,
-    )
-
-
 async def _verify_and_write_sidecar(
-    media: MediaStore, key: str, sidecar: bytes, downloaded: _Downloaded, worker: _Worker
+    media: MediaStore, key: str, sidecar: bytes, downloaded: _Downloaded
 ) -> None:
     """The read-back HEAD and the sidecar PUT at once: two round trips in the time of one.
 
@@ -352,36 +275,25 @@ async def _verify_and_write_sidecar(
     the read-back fails the recording is not archived, and the attempt that archives it
     writes the sidecar again.
     """
-    side = _Worker()
-    try:
-        results = await asyncio.gather(
-            worker.run(
-                media.verify_stored, key, size=downloaded.size, sha256_hex=downloaded.sha256
-            ),
-            side.run(media.put_bytes, sidecar_key(key), sidecar),
-            return_exceptions=True,
-        )
-    finally:
-        side.close()
+    results = await asyncio.gather(
+        in_thread(media.verify_stored, key, size=downloaded.size, sha256_hex=downloaded.sha256),
+        in_thread(media.put_bytes, sidecar_key(key), sidecar),
+        return_exceptions=True,
+    )
     for result in results:
         if isinstance(result, BaseException):
             raise result
 
 
 async def _download_with_retries(
-    bird: MediaSource,
-    recording_id: str,
-    path: Path,
-    attempts: int,
-    retry_delay: float,
-    worker: _Worker,
+    bird: MediaSource, recording_id: str, spool: BodySpool, attempts: int, retry_delay: float
 ) -> _Downloaded:
     attempt = 0
     while True:
         attempt += 1
         progress = _Progress()
         try:
-            return await _download(bird, recording_id, path, progress, worker)
+            return await _download(bird, recording_id, spool, progress)
         except RetryableError as exc:
             # Errors of open_media itself come after the client's own retries of that
             # request: retrying them here would stack a second retry layer on top.
