@@ -148,6 +148,20 @@ def fill(url: str, count: int) -> list[str]:
     return sorted(months)
 
 
+def _months(url: str) -> list[str]:
+    """The months of an already filled database."""
+    from sqlalchemy import create_engine, select
+
+    from recarchive.store.tables import recordings
+
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        months = connection.execute(select(recordings.c.created_month).distinct()).scalars()
+        found = sorted(months)
+    engine.dispose()
+    return found
+
+
 def export_sql(url: str) -> tuple[str, str]:
     """The export's own SQL text, recordings and parties, with the month as ``'MONTH'``."""
     from sqlalchemy import create_engine
@@ -212,13 +226,13 @@ def _inodes(root: Path) -> dict[str, int]:
     return {str(path): path.stat().st_ino for path in root.rglob("*.parquet")}
 
 
-def bench_backend(name: str, url: str, count: int, repeat: int) -> None:
+def bench_backend(name: str, url: str, count: int, repeat: int, fill_first: bool = True) -> None:
     work = Path(tempfile.mkdtemp(prefix="recarchive-bench-export-"))
     try:
         t = time.perf_counter()
-        months = fill(url, count)
+        months = fill(url, count) if fill_first else _months(url)
         print(f"\n== {name}: {count:,} recordings over {DAYS} days, {len(months)} partitions ==")
-        print(f"fill: {time.perf_counter() - t:.1f}s")
+        print(f"fill: {time.perf_counter() - t:.1f}s" if fill_first else "fill: reused")
         env = {
             **os.environ,
             "RECARCHIVE_DATABASE_URL": url,
@@ -287,12 +301,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sqlite", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
+        "--keep-db",
+        type=Path,
+        help="SQLite file to fill and keep, or reuse if it exists (filled with the same --count)",
+    )
+    parser.add_argument(
         "--postgres",
         default="auto",
         help="PostgreSQL URL; 'auto' starts a throwaway server; 'none' skips",
     )
     args = parser.parse_args()
-    if args.sqlite:
+    if args.sqlite and args.keep_db:
+        url = f"sqlite:///{args.keep_db}"
+        bench_backend("SQLite", url, args.count, args.repeat, fill_first=not args.keep_db.exists())
+    elif args.sqlite:
         work = Path(tempfile.mkdtemp(prefix="recarchive-bench-db-"))
         try:
             bench_backend("SQLite", f"sqlite:///{work / 'bench.db'}", args.count, args.repeat)
