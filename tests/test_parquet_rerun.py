@@ -52,7 +52,7 @@ def exported_at(engine: Engine) -> dict[str, Any]:
         rows = connection.execute(
             select(export_partitions.c.created_month, export_partitions.c.exported_at)
         )
-        return dict(rows.tuples().all())
+        return {row.created_month: row.exported_at for row in rows}
 
 
 def fill(engine: Engine) -> ArchiveStore:
