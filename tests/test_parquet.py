@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select, text
 
 from recarchive.errors import InputError, StorageUnavailableError
 from recarchive.export import lock, parquet
+from recarchive.export import rows as export_rows
 from recarchive.export.parquet import ExportReport, export_changed
 from recarchive.export.query import run_query
 from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA
@@ -272,7 +273,7 @@ def test_row_groups_are_bounded(
     sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(parquet, "ROW_GROUP_ROWS", 7)
-    monkeypatch.setattr(parquet, "FETCH_ROWS", 3)
+    monkeypatch.setattr(export_rows, "FETCH_ROWS", 3)
     store = ArchiveStore(sqlite_engine)
     store.save_metadata([normalized(i, created=JULY) for i in range(30)])
     export_changed(sqlite_engine, str(tmp_path))

@@ -3,8 +3,9 @@
 The layout and schemas are :mod:`recarchive.export.schema`'s. A partition is rewritten whole
 from SQL: a temp file in the same folder, then ``os.replace`` (locally), or one upload of a
 finished local file (``s3://bucket/prefix`` roots), so a reader never sees half a partition or
-a recording twice. Rows are streamed from SQL per partition, so memory holds one row group, not
-the table. Which partitions are due is kept in the ``export_partitions`` table
+a recording twice. Rows are streamed from SQL per partition (:mod:`recarchive.export.rows`), so
+memory holds one row group, not the table; a file that comes out byte for byte the same as the
+one in place is left alone. Which partitions are due is kept in the ``export_partitions`` table
 (:mod:`recarchive.store.partitions`): its ``version`` grows with every change, and the export
 records the version it wrote only if the partition did not change again while it was writing.
 
@@ -15,13 +16,14 @@ the pipeline keeps writing while an export runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,28 +32,25 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
-from sqlalchemy import Connection, Engine, Select, and_, select
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.export.lock import EXPORT_LOCK_TIMEOUT, export_lock
+from recarchive.export.rows import party_batches as _party_batches
+from recarchive.export.rows import recording_batches as _recording_batches
 from recarchive.export.schema import (
     FILE_NAME,
-    PARTIES_SCHEMA,
-    RECORDINGS_SCHEMA,
     TABLE_SCHEMAS,
-    TIMESTAMP,
 )
-from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
 from recarchive.store.partitions import due_partitions, mark_partitions, record_exported
-from recarchive.store.tables import archive_ledger, recording_parties, recordings
 
 logger = logging.getLogger(__name__)
 
 #: Rows per Parquet row group: large enough for DuckDB's and Athena's scans.
 ROW_GROUP_ROWS = 128 * 1024
-#: Rows fetched from SQL per round trip.
-FETCH_ROWS = 5000
+#: Bytes compared at a time between a new partition file and the one in place.
+_COMPARE_BYTES = 1024 * 1024
 
 
 @dataclass
@@ -59,120 +58,20 @@ class ExportReport:
     """What an export wrote.
 
     Attributes:
-        rows: Recordings rows written (all partitions).
-        partitions: ``YYYY-MM`` partitions rewritten.
+        rows: Recordings rows exported (all partitions).
+        partitions: ``YYYY-MM`` partitions exported: each one's files now hold its rows.
+        unchanged: Those of ``partitions`` whose files already held exactly these bytes and
+            were left in place (nothing written).
         seconds: Wall time.
     """
 
     rows: int
     partitions: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
 # --- SQL side ------------------------------------------------------------------------------
-
-
-def _recordings_query(month: str) -> Select[Any]:
-    parties = {role: recording_parties.alias(role) for role in PARTY_ROLES}
-    joined: Any = recordings
-    for role, alias in parties.items():
-        joined = joined.outerjoin(
-            alias, and_(alias.c.recording_id == recordings.c.id, alias.c.role == role)
-        )
-    joined = joined.outerjoin(archive_ledger, archive_ledger.c.recording_id == recordings.c.id)
-    columns: list[Any] = [recordings.c[name] for name in (*RECORDING_FIELDS, "fetched_at")]
-    columns += [
-        parties[role].c[name].label(f"{role}_{name}")
-        for role in PARTY_ROLES
-        for name in PARTY_FIELDS
-    ]
-    columns += [
-        archive_ledger.c.s3_bucket,
-        archive_ledger.c.s3_key,
-        archive_ledger.c.sha256,
-        archive_ledger.c.size_bytes,
-        archive_ledger.c.archived_at,
-        archive_ledger.c.state,
-    ]
-    return (
-        select(*columns)
-        .select_from(joined)
-        .where(recordings.c.created_month == month)
-        .order_by(recordings.c.id)
-    )
-
-
-def _parties_query(month: str) -> Select[Any]:
-    columns = [recording_parties.c[name] for name in PARTIES_SCHEMA.names]
-    return (
-        select(*columns)
-        .select_from(
-            recording_parties.join(recordings, recordings.c.id == recording_parties.c.recording_id)
-        )
-        .where(recordings.c.created_month == month)
-        .order_by(recordings.c.id, recording_parties.c.role)
-    )
-
-
-def _raw_partitions(connection: Connection, query: Select[Any]) -> Iterator[Sequence[Any]]:
-    """Stream the rows of ``query`` as the driver returns them, ``FETCH_ROWS`` at a time.
-
-    The export skips SQLAlchemy's per-value result processing (it dominated the export's
-    time): timestamps and booleans are converted column-wise by Arrow in :func:`_batch`.
-    """
-    compiled = query.compile(dialect=connection.dialect)
-    params: Any = (
-        tuple(compiled.params[name] for name in compiled.positiontup or ())
-        if compiled.positional
-        else compiled.params
-    )
-    result = connection.execution_options(stream_results=True).exec_driver_sql(
-        str(compiled), params
-    )
-    yield from result.partitions(FETCH_ROWS)
-
-
-def _recording_batches(connection: Connection, month: str) -> Iterator[pa.RecordBatch]:
-    plain = len(RECORDING_FIELDS) + 1 + len(PARTY_ROLES) * len(PARTY_FIELDS)
-    sqlite = connection.dialect.name == "sqlite"
-    for rows in _raw_partitions(connection, _recordings_query(month)):
-        columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
-        bucket, key, sha256, size, archived_at, state = columns[plain:]
-        archived = [value == LedgerState.ARCHIVED for value in state]
-        media_uri = [
-            f"s3://{b}/{k}" if ok and b and k else None
-            for ok, b, k in zip(archived, bucket, key, strict=True)
-        ]
-        columns[plain:] = [
-            media_uri,
-            [v if ok else None for ok, v in zip(archived, sha256, strict=True)],
-            [v if ok else None for ok, v in zip(archived, size, strict=True)],
-            [v if ok else None for ok, v in zip(archived, archived_at, strict=True)],
-            state,
-        ]
-        yield _batch(columns, RECORDINGS_SCHEMA, sqlite)
-
-
-def _party_batches(connection: Connection, month: str) -> Iterator[pa.RecordBatch]:
-    sqlite = connection.dialect.name == "sqlite"
-    for rows in _raw_partitions(connection, _parties_query(month)):
-        yield _batch(list(zip(*rows, strict=True)), PARTIES_SCHEMA, sqlite)
-
-
-def _array(values: Sequence[Any], kind: pa.DataType, sqlite: bool) -> pa.Array:
-    if sqlite and kind == TIMESTAMP:
-        # SQLite holds naive UTC text ('YYYY-MM-DD HH:MM:SS.ffffff'): parse it in Arrow.
-        return pa.array(values, pa.string()).cast(pa.timestamp("us")).cast(TIMESTAMP)
-    if sqlite and kind == pa.bool_():
-        return pa.array(values, pa.int8()).cast(pa.bool_())
-    return pa.array(values, type=kind, from_pandas=False)
-
-
-def _batch(columns: Sequence[Sequence[Any]], schema: pa.Schema, sqlite: bool) -> pa.RecordBatch:
-    arrays = [
-        _array(values, item.type, sqlite) for values, item in zip(columns, schema, strict=True)
-    ]
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def _mark_again(engine: Engine, month: str) -> None:
@@ -197,6 +96,8 @@ class _Target:
             self.base = root.removeprefix("s3://").rstrip("/")
         else:
             self.base = str(Path(root))
+        #: ``(table, month)`` of the files :meth:`write` found identical and left in place.
+        self.unchanged: set[tuple[str, str]] = set()
 
     def folder(self, table: str, month: str) -> str:
         return f"{self.base}/{table}/created_month={month}"
@@ -211,7 +112,11 @@ class _Target:
         """Write one partition file whole; with no rows, remove the partition instead.
 
         ``before_replace`` runs just before the visible file changes (the export lock's
-        check: an export that lost its lock must not replace a newer export's file).
+        check: an export that lost its lock must not replace a newer export's file). A file
+        byte for byte the same as the one in place is not put there again (no rename, no S3
+        PUT; ``(table, month)`` goes to :attr:`unchanged`): the Parquet writer is
+        deterministic, so the same rows give the same bytes, and keeping the file in place
+        is the same as replacing it.
         """
         folder = self.folder(table, month)
         if self.s3 is None:
@@ -225,8 +130,13 @@ class _Target:
             rows = _write_file(temp, TABLE_SCHEMAS[table], batches)
             before_replace()
             if rows == 0:
-                self._remove_partition(folder)
+                if not self._exists(f"{folder}/{FILE_NAME}"):
+                    self.unchanged.add((table, month))
+                self._remove_partition(folder)  # the folder made above for the temp file too
                 return 0
+            if self._holds(f"{folder}/{FILE_NAME}", temp):
+                self.unchanged.add((table, month))
+                return rows
             if self.s3 is None:
                 temp.replace(Path(folder) / FILE_NAME)  # atomic (os.replace)
                 _fsync_dir(Path(folder))
@@ -239,6 +149,33 @@ class _Target:
             return rows
         finally:
             temp.unlink(missing_ok=True)
+
+    def _exists(self, path: str) -> bool:
+        if self.s3 is None:
+            return Path(path).exists()
+        return bool(self.s3.get_file_info(path).type == pafs.FileType.File)
+
+    def _holds(self, path: str, local: Path) -> bool:
+        """Whether the file at ``path`` has exactly the bytes of the ``local`` file."""
+        size = local.stat().st_size
+        if self.s3 is None:
+            try:
+                if Path(path).stat().st_size != size:
+                    return False
+            except FileNotFoundError:
+                return False
+            opener: Callable[[], Any] = functools.partial(open, path, "rb")
+        else:
+            s3 = self.s3
+            info = s3.get_file_info(path)
+            if info.type != pafs.FileType.File or info.size != size:
+                return False
+            opener = lambda: s3.open_input_stream(path)  # noqa: E731
+        with opener() as existing, local.open("rb") as written:
+            while chunk := written.read(_COMPARE_BYTES):
+                if existing.read(len(chunk)) != chunk:
+                    return False
+        return True
 
     def _remove_partition(self, folder: str) -> None:
         if self.s3 is None:
@@ -310,7 +247,10 @@ def export_changed(
     """Rewrite the Parquet partitions changed since the last export (all with ``full``).
 
     Exports of one database run one at a time: one started while another runs waits for it
-    (saying so at INFO), then rewrites only what is still due.
+    (saying so at INFO), then rewrites only what is still due. Every partition exported is
+    written from SQL; a file that comes out byte for byte the same as the one in place is left
+    there, so ``full`` after no change writes nothing (and still puts back a deleted or
+    altered file).
 
     Args:
         engine: The SQL store's engine.
@@ -335,6 +275,8 @@ def export_changed(
         # A deferred (read-only) transaction on SQLite: the export must not block writers.
         with engine.connect().execution_options(recarchive_read_only=True) as connection:
             due = due_partitions(connection, full)
+            # With ``full``: the partitions whose mark is due even without it.
+            changed = due_partitions(connection, False).keys() if full else due.keys()
             connection.rollback()
         for month, version in due.items():
             still_locked()
@@ -363,7 +305,11 @@ def export_changed(
                 ) from exc
             report.rows += rows
             report.partitions.append(month)
-            if version is not None:
+            kept = {(table, month) for table in TABLE_SCHEMAS} <= target.unchanged
+            if kept:
+                report.unchanged.append(month)
+            # A kept partition that was not due is recorded already: nothing to write.
+            if version is not None and not (kept and month not in changed):
                 with engine.begin() as connection:
                     record_exported(connection, month, version)
     report.seconds = time.monotonic() - started
