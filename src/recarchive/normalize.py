@@ -26,6 +26,12 @@ ZERO_DATE = datetime(1, 1, 1, tzinfo=UTC)
 
 _MISSING = object()
 
+#: ``raw_json``'s encoder, built once (``json.dumps`` with these arguments builds one per call).
+#: Sorted keys: the same payload always gives the same text, so "unchanged" is exact.
+#: NaN/Infinity are allowed: an unknown field holding one (json.loads accepts them) must not
+#: fail the recording; known numeric fields are checked to be finite.
+_RAW_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
 #: A UUID already in canonical form (the usual case) needs no parsing.
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -67,7 +73,7 @@ def _normalize(
 ) -> NormalizedRecording:
     # Rows are read from the redacted payload: every column (SQL, Parquet) holds exactly the
     # text raw_json and the sidecar hold, with signed URLs and passwords already cut.
-    redacted = redact_payload(payload)
+    redacted: dict[str, Any] = _redact(payload)
     payload = redacted
     recording_id = _uuid(payload, "id")
     created_at = _required_time(payload, "createdAt")
@@ -76,14 +82,13 @@ def _normalize(
     _read_fields(payload, _TOP_FIELDS, "", recording)
     recording["created_at"] = created_at
     recording["updated_at"] = updated_at
-    recording["ended_at"] = _opt(payload, "endedAt", _time)
-    recording["started_at"] = _opt(payload, "startedAt", _time)
+    ended = payload.get("endedAt")
+    recording["ended_at"] = None if ended is None else _time(ended, "endedAt")
+    started = payload.get("startedAt")
+    recording["started_at"] = None if started is None else _time(started, "startedAt")
     recording["created_month"] = f"{created_at.year:04d}-{created_at.month:02d}"
     recording["fetched_at"] = fetched_at.astimezone(UTC)
-    # Sorted keys: the same payload always gives the same text, so "unchanged" is exact.
-    # NaN/Infinity are allowed: an unknown field holding one (json.loads accepts them) must
-    # not fail the recording; known numeric fields are checked to be finite.
-    recording["raw_json"] = json.dumps(redacted, sort_keys=True, separators=(",", ":"))
+    recording["raw_json"] = _RAW_JSON.encode(redacted)
     parties = [
         party for role in PARTY_ROLES if (party := _party(payload, role, recording_id)) is not None
     ]
@@ -101,12 +106,20 @@ def _normalize(
 
 
 def _party(payload: Mapping[str, Any], role: str, recording_id: str) -> dict[str, Any] | None:
-    side = _opt(payload, role, _object)
+    # The payload is the redacted copy: its objects are plain dicts (the exact type check is
+    # the hot path; anything else is refused by _object, naming the field).
+    side = payload.get(role)
     if side is None:
         return None
+    if type(side) is not dict:
+        side = _object(side, role)
     party: dict[str, Any] = {"recording_id": recording_id, "role": role}
     for group, fields in _PARTY_GROUPS:
-        data = _opt(side, group, _object, role) or {}
+        data = side.get(group)
+        if data is None:
+            data = {}
+        elif type(data) is not dict:
+            data = _object(data, f"{role}.{group}")
         _read_fields(data, fields, f"{role}.{group}", party)
     return party
 
@@ -131,12 +144,11 @@ def _read_fields(
                 field = _path(parent, key)
                 raise PayloadError(f"required field {field} is missing", field=field)
             row[column] = None
-            continue
-        kind = type(value)
-        # Hot path: a clean ASCII string or a bool needs no conversion.
-        if (kind is str and reader is _str and _clean_text(value)) or (
-            kind is bool and reader is _bool
-        ):
+        # Hot path, inlined: a clean ASCII string or a bool needs no conversion (one call
+        # less per field than asking _plain).
+        elif (
+            type(value) is str and reader is _str and value.isascii() and "\x00" not in value
+        ) or (type(value) is bool and reader is _bool):
             row[column] = value
         else:
             row[column] = reader(value, _path(parent, key))
@@ -159,17 +171,6 @@ def _req(
     if value is _MISSING or value is None:
         raise PayloadError(f"required field {field} is missing", field=field)
     return convert(value, field)
-
-
-def _opt(
-    data: Mapping[str, Any], key: str, convert: Callable[[Any, str], T], parent: str = ""
-) -> T | None:
-    value = data.get(key)
-    if value is None:
-        return None
-    if _plain(value, convert):
-        return value  # type: ignore[no-any-return]
-    return convert(value, _path(parent, key))
 
 
 def _plain(value: Any, convert: Callable[[Any, str], Any]) -> bool:
@@ -232,9 +233,11 @@ def _object(value: Any, field: str) -> Mapping[str, Any]:
 
 
 def _uuid(data: Mapping[str, Any], key: str) -> str:
-    text = _req(data, key, _str)
-    if _CANONICAL_UUID.fullmatch(text):
+    text = data.get(key)
+    # A canonical UUID (the usual case) is clean ASCII already: no further checks.
+    if type(text) is str and _CANONICAL_UUID.fullmatch(text):
         return text
+    text = _req(data, key, _str)
     try:
         return str(uuid.UUID(text))
     except ValueError as exc:
@@ -243,13 +246,17 @@ def _uuid(data: Mapping[str, Any], key: str) -> str:
 
 def _time(value: Any, field: str) -> datetime | None:
     """Parse an ISO 8601 timestamp to UTC; the zero date means "not set" (``None``)."""
-    text = _str(value, field)
+    text = value if type(value) is str and value.isascii() and "\x00" not in value else None
+    if text is None:
+        text = _str(value, field)
     try:
         parsed = datetime.fromisoformat(text)
-        if parsed.tzinfo is None:
-            # Bird always sends UTC; a timestamp without offset is read as UTC too.
-            parsed = parsed.replace(tzinfo=UTC)
-        parsed = parsed.astimezone(UTC)
+        # Bird sends "...Z", parsed as UTC itself: nothing to convert (the usual case).
+        if parsed.tzinfo is not UTC:
+            if parsed.tzinfo is None:
+                # Bird always sends UTC; a timestamp without offset is read as UTC too.
+                parsed = parsed.replace(tzinfo=UTC)
+            parsed = parsed.astimezone(UTC)
     except (ValueError, OverflowError) as exc:
         raise PayloadError(f"{field} is not an ISO 8601 timestamp", field=field) from exc
     return None if parsed == ZERO_DATE else parsed
@@ -316,25 +323,47 @@ _PARTY_GROUPS: tuple[tuple[str, tuple[tuple[str, str, Reader, bool], ...]], ...]
 # --- redaction -----------------------------------------------------------------------------
 
 
+#: Whether a key names a URL field, learnt per key (payloads repeat the same few dozen keys).
+#: Bounded, so hostile payloads with ever new keys cannot grow it without limit.
+_URL_KEYS: dict[Any, bool] = {}
+_URL_KEYS_MAX = 4096
+
+
+def _url_key(key: Any) -> bool:
+    """Whether ``key`` names a URL field: ``url``/``uri`` at its end, any case, plural too."""
+    is_url = type(key) is str and key.lower().rstrip("s")[-3:] in ("url", "uri")
+    if len(_URL_KEYS) < _URL_KEYS_MAX:
+        _URL_KEYS[key] = is_url
+    return is_url
+
+
 def _redact(value: Any, url_field: bool = False) -> Any:
-    # Hot path (every payload): exact type checks first, the ABC checks only as a fallback.
+    # Hot path (every payload): exact type checks first, the ABC checks only as a fallback;
+    # the strings of an object are redacted in its loop, without a call of _redact each.
     # Fields named *url* are always stripped to scheme, host and path; any other string goes
     # through the one redaction function (a signed URL inside a longer text, a password).
     kind = type(value)
     if kind is str:
         return strip_url(value) if url_field else redact(value)
     if kind is dict or (kind is not list and isinstance(value, Mapping)):
+        url_keys = _URL_KEYS
         copied: dict[Any, Any] = {}
         for key, item in value.items():
             item_kind = type(item)
-            if (
-                item_kind is str
-                or item_kind is dict
+            if item_kind is str:
+                is_url = url_keys.get(key)
+                if is_url is None:
+                    is_url = _url_key(key)
+                item = strip_url(item) if is_url else redact(item)
+            elif (
+                item_kind is dict
                 or item_kind is list
                 or (item is not None and item_kind not in _SCALARS)
             ):
-                is_url_field = type(key) is str and key.lower().rstrip("s")[-3:] in ("url", "uri")
-                item = _redact(item, is_url_field)
+                is_url = url_keys.get(key)
+                if is_url is None:
+                    is_url = _url_key(key)
+                item = _redact(item, is_url)
             copied[key] = item
         return copied
     if kind is list or isinstance(value, list | tuple):
@@ -356,4 +385,5 @@ def redact_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
     Returns:
         The redacted copy (unknown fields kept).
     """
-    return dict(_redact(payload))
+    redacted: dict[str, Any] = _redact(payload)
+    return redacted

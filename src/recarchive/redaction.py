@@ -32,7 +32,9 @@ MASK = "***"
 #: Secrets shorter than this are not registered: masking "a" everywhere would garble text.
 MIN_SECRET_LENGTH = 4
 
-_secrets: set[str] = set()
+#: Registered secrets, an immutable snapshot replaced whole on registration: :func:`redact`
+#: iterates it without the lock (iterating a set another thread adds to raises).
+_secrets: tuple[str, ...] = ()
 _secrets_lock = threading.Lock()
 
 # An absolute URL inside any text: scheme, "://", then anything up to whitespace or a quote.
@@ -62,8 +64,10 @@ def register_secret(value: str | None) -> None:
     """Mask ``value`` in everything :func:`redact` sees from now on (no-op for short values)."""
     if value is None or len(value) < MIN_SECRET_LENGTH:
         return
+    global _secrets
     with _secrets_lock:
-        _secrets.add(value)
+        if value not in _secrets:
+            _secrets = (*_secrets, value)
 
 
 def strip_url(url: str) -> str:

@@ -10,9 +10,21 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Connection, Float, Integer, String, Table, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    Float,
+    Integer,
+    String,
+    Table,
+    Text,
+    any_,
+    bindparam,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import OperationalError
 
@@ -21,11 +33,14 @@ from recarchive.store.tables import UTCDateTime
 __all__ = [
     "BATCH",
     "MAX_ERROR_CHARS",
+    "among_ids",
     "batches",
     "chunks",
     "clip_error",
     "dialect_insert",
     "executemany",
+    "insert_for",
+    "insert_returning",
     "retry_conflicts",
 ]
 
@@ -88,9 +103,41 @@ def dialect_insert(connection: Connection, table: Table) -> Any:
     Returns:
         The dialect's ``insert(table)``.
     """
-    if connection.dialect.name == "postgresql":
+    return insert_for(connection.dialect.name, table)
+
+
+def insert_for(dialect_name: str, table: Table) -> Any:
+    """:func:`dialect_insert` by dialect name, for statements built once at import.
+
+    Args:
+        dialect_name: ``"postgresql"`` or ``"sqlite"``.
+        table: The table to insert into.
+
+    Returns:
+        The dialect's ``insert(table)``.
+    """
+    if dialect_name == "postgresql":
         return postgresql.insert(table)
     return sqlite.insert(table)
+
+
+def among_ids(dialect_name: str, column: Any) -> Any:
+    """``column IN (:ids)`` as a statement built once, for an ``ids`` list bound per call.
+
+    SQLite: an expanding parameter. PostgreSQL: ``= ANY(:ids)`` with one array, where an
+    expanded list costs a typed placeholder per ID that SQLAlchemy renders and psycopg
+    parses again for every batch.
+
+    Args:
+        dialect_name: ``"postgresql"`` or ``"sqlite"``.
+        column: The column compared (its type types the array).
+
+    Returns:
+        The condition; execute its statement with ``{"ids": [...]}``.
+    """
+    if dialect_name == "postgresql":
+        return column == any_(bindparam("ids", type_=postgresql.ARRAY(column.type)))
+    return column.in_(bindparam("ids", expanding=True))
 
 
 def executemany(
@@ -107,7 +154,9 @@ def executemany(
     column: a single round trip and a short statement, where row-wise executemany costs a
     pipelined statement per row and multi-row VALUES a huge statement psycopg parses in
     Python. There, ``statement``'s own ``ON CONFLICT`` clause, compiled by SQLAlchemy, ends
-    the statement: one definition of an upsert serves both backends.
+    the statement: one definition of an upsert serves both backends. The SQL text is compiled
+    once per statement object and set of columns (pass the same statement object again to
+    reuse it).
 
     Args:
         connection: A connection inside a transaction.
@@ -119,22 +168,107 @@ def executemany(
     if not rows:
         return
     if connection.dialect.name == "postgresql":
-        _unnest_insert(connection, statement, table, rows)
+        _unnest_insert(connection, statement, table, rows, None)
         return
-    compiled = statement.compile(dialect=connection.dialect, column_keys=list(rows[0]))
-    names = list(compiled.positiontup or ())
-    # Column-wise: one list per column, converted with map() only where the column's type
-    # needs it (timestamps); sqlite3 binds str, float, int, bool and None natively.
-    columns: list[list[Any]] = []
-    for name in names:
-        values = [row[name] for row in rows]
-        column_type = table.c[name].type
-        if not isinstance(column_type, Boolean):
-            process = column_type.bind_processor(connection.dialect)
-            if process is not None:
-                values = list(map(process, values))
-        columns.append(values)
-    connection.exec_driver_sql(str(compiled), list(zip(*columns, strict=True)))
+    names = list(rows[0])
+    sql, order = _compiled(connection, statement, names)
+    # Timestamps are formatted once per distinct instant across the batch's columns: rows
+    # share the fetch or registration time, and createdAt often equals updatedAt.
+    formatted: dict[Any, Any] = {}
+    columns = [
+        _sqlite_values(connection, table.c[name].type, name, rows, formatted) for name in order
+    ]
+    connection.exec_driver_sql(sql, list(zip(*columns, strict=True)))
+
+
+def insert_returning(
+    connection: Connection,
+    statement: Any,
+    table: Table,
+    rows: list[dict[str, Any]],
+    returning: str,
+) -> list[Any]:
+    """PostgreSQL only: :func:`executemany`, returning a column of every row it wrote.
+
+    Rows it inserted or updated come back; rows an upsert's ``WHERE`` left alone do not.
+
+    Args:
+        connection: A PostgreSQL connection inside a transaction.
+        statement: As for :func:`executemany`.
+        table: The table ``statement`` inserts into.
+        rows: Row dicts keyed by column name.
+        returning: The column whose values come back.
+
+    Returns:
+        The ``returning`` values of the rows written, in no particular order.
+    """
+    if not rows:
+        return []
+    if connection.dialect.name != "postgresql":
+        raise ValueError("insert_returning is for PostgreSQL (SQLite: executemany)")
+    return _unnest_insert(connection, statement, table, rows, returning)
+
+
+#: Compiled SQL text by (statement, dialect, columns): statements built once by their module
+#: compile once, not once per batch (compiling a 22-column upsert costs a few milliseconds).
+_COMPILED: dict[tuple[Any, str, tuple[str, ...], str | None], tuple[str, tuple[str, ...]]] = {}
+#: Bound on :data:`_COMPILED`: callers that build a new statement per call only refill it.
+_COMPILED_MAX = 64
+
+
+def _compiled(
+    connection: Connection, statement: Any, names: list[str]
+) -> tuple[str, tuple[str, ...]]:
+    """SQLite: the statement's SQL text and the column order of its ``?`` parameters."""
+    key = (statement, connection.dialect.name, tuple(names), None)
+    found = _COMPILED.get(key)
+    if found is None:
+        compiled = statement.compile(dialect=connection.dialect, column_keys=names)
+        found = (str(compiled), tuple(compiled.positiontup or ()))
+        _remember(key, found)
+    return found
+
+
+def _remember(
+    key: tuple[Any, str, tuple[str, ...], str | None], value: tuple[str, tuple[str, ...]]
+) -> None:
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    _COMPILED[key] = value
+
+
+def _sqlite_values(
+    connection: Connection,
+    column_type: Any,
+    name: str,
+    rows: list[dict[str, Any]],
+    formatted: dict[Any, Any],
+) -> list[Any]:
+    """One column's values for sqlite3, converted where the column's type needs it.
+
+    sqlite3 binds str, float, int, bool and None natively; timestamps are formatted by the
+    column's own processor, once per distinct value (``formatted`` remembers them).
+    """
+    values = list(map(itemgetter(name), rows))
+    if isinstance(column_type, Boolean):
+        return values
+    process = column_type.bind_processor(connection.dialect)
+    if process is None:
+        return values
+    if not isinstance(column_type, UTCDateTime):
+        return list(map(process, values))
+    # Equal datetimes are equal instants, and the processor's text depends on the instant
+    # only (every UTCDateTime column has the same processor).
+    out = []
+    for value in values:
+        text = formatted.get(value, _UNSEEN)
+        if text is _UNSEEN:
+            text = formatted[value] = process(value)
+        out.append(text)
+    return out
+
+
+_UNSEEN = object()
 
 
 _PG_ARRAY_TYPES: dict[type, str] = {
@@ -155,11 +289,19 @@ def _pg_array_type(column: Any) -> str:
     raise TypeError(f"no array type for column {column.name} ({column.type!r})")
 
 
-def _unnest_insert(
-    connection: Connection, statement: Any, table: Table, rows: list[dict[str, Any]]
-) -> None:
+def _unnest_sql(
+    connection: Connection,
+    statement: Any,
+    table: Table,
+    names: list[str],
+    returning: str | None,
+) -> str:
+    """PostgreSQL: ``statement`` as an INSERT from bound arrays (compiled once, cached)."""
+    key = (statement, connection.dialect.name, tuple(names), returning)
+    found = _COMPILED.get(key)
+    if found is not None:
+        return found[0]
     quote = connection.dialect.identifier_preparer.quote
-    names = list(rows[0])
     target = ", ".join(quote(name) for name in names)
     arrays = ", ".join(
         f"%(p{index})b::{_pg_array_type(table.c[name])}[]" for index, name in enumerate(names)
@@ -171,9 +313,32 @@ def _unnest_insert(
     conflict = compiled.find(" ON CONFLICT ")
     if conflict >= 0:
         sql += compiled[conflict:]
+    if returning is not None:
+        sql += f" RETURNING {quote(table.c[returning].name)}"
+    _remember(key, (sql, ()))
+    return sql
+
+
+def _unnest_insert(
+    connection: Connection,
+    statement: Any,
+    table: Table,
+    rows: list[dict[str, Any]],
+    returning: str | None,
+) -> list[Any]:
+    """PostgreSQL: one ``INSERT ... SELECT * FROM unnest(...)``, one bound array per column.
+
+    One round trip per batch. ``COPY`` into a session's stage table, then an INSERT from
+    it, was measured too (issue 13): the same client CPU per row (psycopg's ``write_row``
+    per row against its array dumping per element) and three round trips instead of one,
+    so slower in wall time on a loaded machine.
+    """
+    names = list(rows[0])
+    sql = _unnest_sql(connection, statement, table, names, returning)
     # Identifiers come from our own tables; every value travels as a bound array.
-    params = {f"p{index}": [row[name] for row in rows] for index, name in enumerate(names)}
-    connection.exec_driver_sql(sql, params)
+    params = {f"p{index}": list(map(itemgetter(name), rows)) for index, name in enumerate(names)}
+    result = connection.exec_driver_sql(sql, params)
+    return list(result.scalars()) if returning is not None else []
 
 
 def retry_conflicts(work: Callable[[], None], attempts: int = 4) -> None:

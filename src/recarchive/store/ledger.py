@@ -19,10 +19,11 @@ from sqlalchemy import ColumnElement, Engine, and_, func, literal_column, or_, s
 from recarchive.model import LEDGER_STATES, LedgerEntry, LedgerState, RunStatus
 from recarchive.store.bulk import (
     BATCH,
+    among_ids,
     batches,
     chunks,
-    dialect_insert,
     executemany,
+    insert_for,
     retry_conflicts,
 )
 from recarchive.store.engine import db_now, no_jit, utc_now
@@ -46,6 +47,46 @@ DEFAULT_STALE_AFTER = timedelta(seconds=5 * HEARTBEAT_SECONDS)
 
 #: The columns of a :class:`LedgerEntry`, in its field order.
 _LEDGER_COLUMNS = tuple(archive_ledger.c[item.name] for item in fields(LedgerEntry))
+
+
+def _build_register(dialect_name: str, with_run: bool) -> Any:
+    """The insert of :meth:`Ledger.register`: new IDs only, or re-registering pending ones."""
+    insert = insert_for(dialect_name, archive_ledger)
+    if not with_run:
+        return insert.on_conflict_do_nothing(index_elements=[archive_ledger.c.recording_id])
+    # No bound parameters in the conflict clause (the bulk paths bind row values only): the
+    # state as a literal, the time as the database's own clock.
+    return insert.on_conflict_do_update(
+        index_elements=[archive_ledger.c.recording_id],
+        set_={"registered_run": insert.excluded.registered_run},
+        where=and_(
+            archive_ledger.c.state == literal_column(f"'{LedgerState.PENDING}'"),
+            archive_ledger.c.registered_run.is_distinct_from(insert.excluded.registered_run),
+            or_(
+                archive_ledger.c.lease_owner.is_(None),
+                archive_ledger.c.lease_expires_at <= func.current_timestamp(),
+            ),
+        ),
+    )
+
+
+#: Built once per dialect and variant: the bulk path compiles a statement object once.
+_REGISTER = {
+    (name, with_run): _build_register(name, with_run)
+    for name in ("sqlite", "postgresql")
+    for with_run in (False, True)
+}
+
+
+def _register_statement(dialect_name: str, with_run: bool) -> Any:
+    return _REGISTER[dialect_name, with_run]
+
+
+#: The rows of a list of IDs (bound as ``ids``), built once per dialect.
+_ENTRIES = {
+    name: select(*_LEDGER_COLUMNS).where(among_ids(name, archive_ledger.c.recording_id))
+    for name in ("sqlite", "postgresql")
+}
 
 
 def _entry(row: Any) -> LedgerEntry:
@@ -122,28 +163,7 @@ class Ledger:
         seen = 0
         now = utc_now()
         with self.engine.begin() as connection:
-            insert = dialect_insert(connection, archive_ledger)
-            if run_id is None:
-                statement = insert.on_conflict_do_nothing(
-                    index_elements=[archive_ledger.c.recording_id]
-                )
-            else:
-                # No bound parameters in the conflict clause (the bulk paths bind row values
-                # only): the state as a literal, the time as the database's own clock.
-                statement = insert.on_conflict_do_update(
-                    index_elements=[archive_ledger.c.recording_id],
-                    set_={"registered_run": insert.excluded.registered_run},
-                    where=and_(
-                        archive_ledger.c.state == literal_column(f"'{LedgerState.PENDING}'"),
-                        archive_ledger.c.registered_run.is_distinct_from(
-                            insert.excluded.registered_run
-                        ),
-                        or_(
-                            archive_ledger.c.lease_owner.is_(None),
-                            archive_ledger.c.lease_expires_at <= func.current_timestamp(),
-                        ),
-                    ),
-                )
+            statement = _register_statement(connection.dialect.name, run_id is not None)
             for batch in batches(ids, REGISTER_BATCH):
                 seen += len(batch)
                 # Sorted: overlapping registrations lock rows in one order (fewer deadlocks).
@@ -170,9 +190,9 @@ class Ledger:
         """Return the ledger rows of ``ids`` that exist, by ID."""
         entries: dict[str, LedgerEntry] = {}
         with self.engine.connect() as connection:
+            query = _ENTRIES[connection.dialect.name]
             for chunk in chunks(ids):
-                query = select(*_LEDGER_COLUMNS).where(archive_ledger.c.recording_id.in_(chunk))
-                for row in connection.execute(query):
+                for row in connection.execute(query, {"ids": list(chunk)}):
                     entries[row.recording_id] = _entry(row)
         return entries
 

@@ -14,7 +14,14 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, Engine, and_, or_, select
 
 from recarchive.model import NormalizedRecording
-from recarchive.store.bulk import chunks, dialect_insert, executemany, retry_conflicts
+from recarchive.store.bulk import (
+    among_ids,
+    chunks,
+    executemany,
+    insert_for,
+    insert_returning,
+    retry_conflicts,
+)
 from recarchive.store.partitions import mark_partitions
 from recarchive.store.tables import recording_parties, recordings
 
@@ -44,6 +51,44 @@ def _is_newer(record: NormalizedRecording, stored: _StoredVersion | None) -> boo
     if new["updated_at"] != stored.updated_at:
         return bool(new["updated_at"] > stored.updated_at)
     return bool(new["raw_json"] != stored.raw_json and new["fetched_at"] >= stored.fetched_at)
+
+
+def _build_upsert(dialect_name: str) -> Any:
+    insert = insert_for(dialect_name, recordings)
+    columns = [column.name for column in recordings.columns if column.name != "id"]
+    return insert.on_conflict_do_update(
+        index_elements=[recordings.c.id],
+        set_={name: insert.excluded[name] for name in columns},
+        # Newer wins: an older payload (a stalled run writing late) changes nothing, and
+        # neither does an identical one (same updatedAt, same content).
+        where=or_(
+            recordings.c.updated_at < insert.excluded.updated_at,
+            and_(
+                recordings.c.updated_at == insert.excluded.updated_at,
+                recordings.c.raw_json.is_distinct_from(insert.excluded.raw_json),
+                recordings.c.fetched_at <= insert.excluded.fetched_at,
+            ),
+        ),
+    )
+
+
+#: The upsert of ``recordings`` per dialect, built once: the bulk path compiles a statement
+#: object once and reuses its SQL text.
+_DIALECTS = ("sqlite", "postgresql")
+_UPSERTS = {name: _build_upsert(name) for name in _DIALECTS}
+_PARTY_INSERT = recording_parties.insert()
+# ID lists as one parameter: the statements are built and compiled once, not their 500
+# values coerced into a new expression per batch.
+_DELETE_PARTIES = {
+    name: recording_parties.delete().where(among_ids(name, recording_parties.c.recording_id))
+    for name in _DIALECTS
+}
+_STORED_VERSIONS = {
+    name: select(recordings.c.id, *(recordings.c[f] for f in _StoredVersion._fields)).where(
+        among_ids(name, recordings.c.id)
+    )
+    for name in _DIALECTS
+}
 
 
 class RecordingWrites:
@@ -85,31 +130,10 @@ class RecordingWrites:
                     months.add(previous_month[recording_id])
                 parties.extend(record.parties)
             for chunk in chunks(changed):
-                connection.execute(
-                    recording_parties.delete().where(recording_parties.c.recording_id.in_(chunk))
-                )
+                connection.execute(_DELETE_PARTIES[connection.dialect.name], {"ids": chunk})
             if parties:
-                executemany(connection, recording_parties.insert(), recording_parties, parties)
+                executemany(connection, _PARTY_INSERT, recording_parties, parties)
             mark_partitions(connection, months)
-
-    @staticmethod
-    def _upsert_statement(connection: Connection) -> Any:
-        insert = dialect_insert(connection, recordings)
-        columns = [column.name for column in recordings.columns if column.name != "id"]
-        return insert.on_conflict_do_update(
-            index_elements=[recordings.c.id],
-            set_={name: insert.excluded[name] for name in columns},
-            # Newer wins: an older payload (a stalled run writing late) changes nothing, and
-            # neither does an identical one (same updatedAt, same content).
-            where=or_(
-                recordings.c.updated_at < insert.excluded.updated_at,
-                and_(
-                    recordings.c.updated_at == insert.excluded.updated_at,
-                    recordings.c.raw_json.is_distinct_from(insert.excluded.raw_json),
-                    recordings.c.fetched_at <= insert.excluded.fetched_at,
-                ),
-            ),
-        )
 
     def _upsert_changed(
         self, connection: Connection, latest: dict[str, NormalizedRecording]
@@ -120,7 +144,8 @@ class RecordingWrites:
         On SQLite nothing can change in between (transactions begin with ``BEGIN
         IMMEDIATE``). On PostgreSQL a concurrent writer may: the upsert's own condition still
         decides, and the upsert locks each row it meets (even when it changes nothing), so
-        the party rows replaced afterwards are those of a row this transaction holds. The
+        the party rows replaced afterwards are those of a row this transaction holds: the
+        upsert returns the IDs it wrote (see :meth:`_written_by_us` for SQLite). The
         comparison is deliberately not ``FOR UPDATE``: locking existing rows first and new
         ones later deadlocked concurrent writers; one upsert over sorted IDs takes every
         row lock in the same order.
@@ -128,8 +153,9 @@ class RecordingWrites:
         ids = sorted(latest)
         stored: dict[str, _StoredVersion] = {}
         for chunk in chunks(ids):
-            query = select(recordings.c.id, *(recordings.c[f] for f in _StoredVersion._fields))
-            for row in connection.execute(query.where(recordings.c.id.in_(chunk))):
+            for row in connection.execute(
+                _STORED_VERSIONS[connection.dialect.name], {"ids": chunk}
+            ):
                 stored[row.id] = _StoredVersion(*row[1:])
         changed = [
             recording_id
@@ -137,13 +163,24 @@ class RecordingWrites:
             if _is_newer(latest[recording_id], stored.get(recording_id))
         ]
         if changed:
-            executemany(
-                connection,
-                self._upsert_statement(connection),
-                recordings,
-                [latest[recording_id].recording for recording_id in changed],
-            )
-            changed = self._written_by_us(connection, changed, latest)
+            rows = [latest[recording_id].recording for recording_id in changed]
+            statement = _UPSERTS[connection.dialect.name]
+            if connection.dialect.name == "postgresql":
+                # The rows the upsert wrote are exactly those whose row now holds our version
+                # (it locked each one, so that stays so until the commit).
+                changed = sorted(insert_returning(connection, statement, recordings, rows, "id"))
+            else:
+                executemany(connection, statement, recordings, rows)
+                # A row that was not there before is ours for sure: nothing else can write
+                # between the comparison and the insert (BEGIN IMMEDIATE holds the lock).
+                existing = [recording_id for recording_id in changed if recording_id in stored]
+                if existing:
+                    written = set(self._written_by_us(connection, existing, latest))
+                    changed = [
+                        recording_id
+                        for recording_id in changed
+                        if recording_id not in stored or recording_id in written
+                    ]
         return changed, {
             recording_id: version.created_month for recording_id, version in stored.items()
         }
@@ -152,13 +189,12 @@ class RecordingWrites:
     def _written_by_us(
         connection: Connection, candidates: list[str], latest: dict[str, NormalizedRecording]
     ) -> list[str]:
-        """The candidates whose row now holds our version.
+        """SQLite: the candidates whose row now holds our version.
 
-        The upsert's ``WHERE`` has the last word: on PostgreSQL a concurrent writer may have
-        stored a newer version between the comparison and the upsert, which then changed
-        nothing (the upsert locked every row it met, so what this reads stays until the
-        commit); on SQLite a row written by other tools may hold timestamps in another text
-        form than ours. Either way its party rows must not be replaced by ours.
+        The upsert's ``WHERE`` has the last word: a row written by other tools may hold
+        timestamps in another text form than ours, so that the upsert left it alone; its
+        party rows must not be replaced by ours. (On PostgreSQL, where a concurrent writer may
+        also have stored a newer version in between, the upsert's ``RETURNING`` tells.)
         """
         ours: list[str] = []
         for chunk in chunks(candidates):
