@@ -45,6 +45,8 @@ from tests.fixtures.prefect_deployment import (
     write_id_manifest,
 )
 
+from bench.flow_overhead import _env as overhead_env
+
 MB = 1024 * 1024
 
 
@@ -132,23 +134,14 @@ def run_flow(manifest: str, parallel: int) -> None:
 def _env(
     folder: Path, simulator_url: str, access_key: str, workspace: str, args: argparse.Namespace
 ) -> dict[str, str]:
+    # The child's environment: this one without any RECARCHIVE_ or AWS_ setting of the caller,
+    # and bench.flow_overhead's (SQLite in ``folder``, pacing lifted).
     base = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("RECARCHIVE_", "AWS_"))
     }
-    return {
-        **base,
-        "RECARCHIVE_BIRD_API_URL": simulator_url,
-        "RECARCHIVE_BIRD_ACCESS_KEY": access_key,
-        "RECARCHIVE_WORKSPACE_ID": workspace,
-        "RECARCHIVE_DATABASE_URL": f"sqlite:///{folder / 'archive.db'}",
-        "RECARCHIVE_PARQUET_ROOT": str(folder / "parquet"),
-        "RECARCHIVE_REQUESTS_PER_SECOND": "100000",
-        "RECARCHIVE_CONCURRENCY": str(args.concurrency),
-        "RECARCHIVE_CHUNK_SIZE": str(args.chunk_size),
-        "RECARCHIVE_TEMP_DIR": str(folder),
-    }
+    return {**base, **overhead_env(simulator_url, workspace, access_key, folder, args)}
 
 
 def _quarters(samples: list[float]) -> tuple[float, float]:

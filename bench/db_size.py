@@ -23,11 +23,11 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import Engine, text
 
 from bench.normalize_store import CHUNK, payloads
+from bench.postgres import postgres_server
 
 TARGET = 10_000_000
 GiB = 1024**3
@@ -202,26 +202,19 @@ def main() -> None:
     parser.add_argument("--sqlite", action="store_true", help="measure SQLite as well")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="recarchive-dbsize-"))
-    server: Any = None
     try:
         if args.sqlite:
             measure_sqlite(args.count, work)
         if args.postgres == "none":
             return
-        from tests.fixtures.postgres import PostgresServer, find_pg_bin, fresh_postgres_database
+        from tests.fixtures.postgres import fresh_postgres_database
 
-        url = args.postgres
-        if url == "auto":
-            bin_dir = find_pg_bin()
-            if bin_dir is None:
-                raise SystemExit("PostgreSQL binaries not found: ./scripts/bootstrap --postgres")
-            server = PostgresServer(bin_dir)
-            url = server.start()
-        with fresh_postgres_database(url) as database_url:
+        with (
+            postgres_server(args.postgres) as url,
+            fresh_postgres_database(url) as database_url,
+        ):
             measure_postgres(database_url, args.count, work)
     finally:
-        if server is not None:
-            server.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 

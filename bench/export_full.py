@@ -36,6 +36,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.postgres import postgres_server
+
 CHUNK = 20_000
 DAYS = 90
 BASE = datetime(2026, 9, 1, tzinfo=UTC)
@@ -322,24 +324,13 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     if args.postgres == "none":
         return
-    server = None
-    url = args.postgres
-    if url == "auto":
-        from tests.fixtures.postgres import PostgresServer, find_pg_bin
+    from tests.fixtures.postgres import fresh_postgres_database
 
-        bin_dir = find_pg_bin()
-        if bin_dir is None:
-            raise SystemExit("PostgreSQL binaries not found: ./scripts/bootstrap --postgres")
-        server = PostgresServer(bin_dir)
-        url = server.start()
-    try:
-        from tests.fixtures.postgres import fresh_postgres_database
-
-        with fresh_postgres_database(url) as database_url:
-            bench_backend("PostgreSQL", database_url, args.count, args.repeat)
-    finally:
-        if server is not None:
-            server.stop()
+    with (
+        postgres_server(args.postgres) as url,
+        fresh_postgres_database(url) as database_url,
+    ):
+        bench_backend("PostgreSQL", database_url, args.count, args.repeat)
 
 
 if __name__ == "__main__":

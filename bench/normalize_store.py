@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.postgres import postgres_server
 from recarchive.model import RECORDING_FIELDS
 
 CHUNK = 500
@@ -273,27 +274,14 @@ def main() -> None:
         )
         if args.postgres == "none":
             return
-        server = None
-        url = args.postgres
-        if url == "auto":
-            from tests.fixtures.postgres import PostgresServer, find_pg_bin
+        from tests.fixtures.postgres import fresh_postgres_database
 
-            bin_dir = find_pg_bin()
-            if bin_dir is None:
-                raise SystemExit("PostgreSQL binaries not found: ./scripts/bootstrap --postgres")
-            server = PostgresServer(bin_dir)
-            url = server.start()
-        try:
-            from tests.fixtures.postgres import fresh_postgres_database
-
-            with (
-                fresh_postgres_database(url) as pipeline_url,
-                fresh_postgres_database(url) as baseline_url,
-            ):
-                bench_backend("PostgreSQL", pipeline_url, baseline_url, args.count)
-        finally:
-            if server is not None:
-                server.stop()
+        with (
+            postgres_server(args.postgres) as url,
+            fresh_postgres_database(url) as pipeline_url,
+            fresh_postgres_database(url) as baseline_url,
+        ):
+            bench_backend("PostgreSQL", pipeline_url, baseline_url, args.count)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
