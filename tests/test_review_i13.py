@@ -12,6 +12,7 @@ import random
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -130,6 +131,9 @@ async def test_a_recording_given_twice_counts_the_outcome_that_was_applied(
     assert (applied, refused) == (["failed"], [1])
 
 
+RENEW_EVERY = 0.2
+
+
 @pytest.mark.postgres
 def test_two_runs_batches_and_renewals_over_shared_months_never_fail(
     database_url: str, store: ArchiveStore
@@ -163,9 +167,10 @@ def test_two_runs_batches_and_renewals_over_shared_months_never_fail(
         mine = owned[owner]
         try:
             for _ in range(rounds):
-                assert sorted(store.claim(mine, owner=owner, lease_seconds=60, states=WORK)) == (
-                    sorted(mine)
-                )
+                # Rows the renewer holds locked right now are skipped (SKIP LOCKED): again.
+                held: set[str] = set()
+                while len(held) < len(mine):
+                    held.update(store.claim(mine, owner=owner, lease_seconds=60, states=WORK))
                 order = list(mine)
                 rng.shuffle(order)
                 for start in range(0, len(order), 64):
@@ -175,12 +180,15 @@ def test_two_runs_batches_and_renewals_over_shared_months_never_fail(
                     )
                     assert refused == {}
         except BaseException as exc:  # reported by the assertion below
+            traceback.print_exc()
             errors.append(exc)
 
     def renewer(owner: str) -> None:
         while not stop.is_set():
             with contextlib.suppress(Exception):  # the pipeline only logs these
                 store.renew(owned[owner], owner=owner, lease_seconds=60)
+            # Far more often than the pipeline's (a third of the lease, 100 s by default).
+            stop.wait(RENEW_EVERY)
 
     threads = [threading.Thread(target=worker, args=(owner, 3)) for owner in owned]
     renewers = [threading.Thread(target=renewer, args=(owner,)) for owner in owned]
@@ -194,3 +202,45 @@ def test_two_runs_batches_and_renewals_over_shared_months_never_fail(
     assert errors == []
     entries = store.get_entries(ids)
     assert {entry.attempts for entry in entries.values()} == {3}
+
+
+async def test_a_batch_still_running_after_the_leases_went_never_writes_another_runs_rows(
+    store: ArchiveStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second cancellation stops the chunk's close() while its batch is in a thread.
+
+    The chunk then releases its leases and another run may claim the rows before the batch
+    reaches the database: the batch must find the lease gone and change nothing.
+    """
+    (recording_id,) = stored(store, 1)
+    real = store.apply_outcomes
+    in_thread = threading.Event()
+
+    def slow(outcomes: Any, *, owner: str) -> dict[str, str]:
+        in_thread.set()
+        time.sleep(0.5)
+        return real(outcomes, owner=owner)
+
+    monkeypatch.setattr(store, "apply_outcomes", slow)
+    marks = MarkBatch(store, "a", lambda: None, max_wait=60)
+
+    async def chunk() -> None:
+        async with marks:
+            await marks.add(
+                Outcome.archived(recording_id, bucket="b", key="k", size_bytes=1, sha256="ab"),
+                lambda: None,
+            )
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(chunk())
+    await asyncio.sleep(0.05)
+    task.cancel()  # the chunk's cancellation: close() sends the batch
+    await asyncio.to_thread(in_thread.wait, 5)
+    task.cancel()  # a second one, while the batch is in its thread
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    store.release([recording_id], owner="a")  # the chunk's finally
+    assert store.claim([recording_id], owner="b", lease_seconds=60, states=WORK) == [recording_id]
+    await asyncio.sleep(1.0)  # the batch has reached the database by now
+    entry = store.get_entries([recording_id])[recording_id]
+    assert (entry.state, entry.lease_owner) == ("pending", "b")
