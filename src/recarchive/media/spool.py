@@ -196,11 +196,14 @@ class BodySpool:
 
     async def _open_file(self) -> None:
         if self.path is None:
-            handle, name = await in_thread(
-                tempfile.mkstemp, prefix=temp_prefix(), suffix=MEDIA_SUFFIX, dir=self._temp_dir
+            # On the loop, not in a thread: a cancellation while a thread made the file
+            # would leave it behind, unknown to close(), in a process that is still alive.
+            handle, name = tempfile.mkstemp(
+                prefix=temp_prefix(), suffix=MEDIA_SUFFIX, dir=self._temp_dir
             )
-            os.close(handle)
             self.path = Path(name)
+            self._handle = os.fdopen(handle, "wb")
+            return
         self._handle = await in_thread(self.path.open, "wb")
 
     async def _spill(self) -> None:
