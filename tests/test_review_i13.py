@@ -103,17 +103,15 @@ async def test_the_budget_comes_back_after_a_cancel_mid_body(tmp_path: Path) -> 
     assert _files(tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True, reason="review finding: MarkBatch maps refusals by recording ID (not fixed)"
-)
 async def test_a_recording_given_twice_counts_the_outcome_that_was_applied(
     store: ArchiveStore,
 ) -> None:
     """apply_outcomes applies the first of two outcomes of one recording and refuses the second.
 
-    MarkBatch looks refusals up by recording ID, so the applied outcome is routed to
-    ``on_refused`` too: written to the ledger but never counted. The pipeline ends each item
-    once, so this is the batcher's API only.
+    MarkBatch looks refusals up by recording ID, so it never puts two outcomes of one
+    recording in one batch: the second one waits for the first one's batch. (Before, the
+    applied outcome was routed to ``on_refused`` too: written to the ledger but never counted.)
+    The pipeline ends each item once, so this is the batcher's API only.
     """
     (recording_id,) = stored(store, 1)
     applied: list[str] = []
@@ -135,6 +133,7 @@ RENEW_EVERY = 0.2
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_two_runs_batches_and_renewals_over_shared_months_never_fail(
     database_url: str, store: ArchiveStore
 ) -> None:
@@ -144,8 +143,7 @@ def test_two_runs_batches_and_renewals_over_shared_months_never_fail(
     bump overlapping partition rows; renewals lock the rows the batches update. Every batch
     must apply whole (deadlocks retried), and every partition must count every change.
     """
-    if not database_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL only")
+    assert database_url.startswith("postgresql")
     months = [datetime(2000 + n // 12, n % 12 + 1, 5, tzinfo=UTC) for n in range(40)]
     records = [
         normalize_recording(

@@ -86,6 +86,10 @@ class MarkBatch:
             StorageUnavailableError: An earlier batch, or this one, could not be applied.
         """
         self._raise_failure()
+        if any(queued.outcome.recording_id == outcome.recording_id for queued in self._pending):
+            # Refusals come back by recording ID: one recording's outcomes go in separate
+            # batches, in the order given (the first one applied ends its lease).
+            await self.flush()
         self._pending.append(_Queued(outcome, on_applied))
         if len(self._pending) >= self.max_pending:
             await self.flush()
