@@ -151,6 +151,15 @@ def measure(
     )
 
 
+def timeline(figures: Figures, step: int = 5) -> str:
+    """The simulator's API requests in ``step``-second bins, first request to last."""
+    first = min(figures.per_second)
+    bins: dict[int, int] = {}
+    for second, count in figures.per_second.items():
+        bins[(second - first) // step] = bins.get((second - first) // step, 0) + count
+    return " ".join(str(bins.get(index, 0)) for index in range(max(bins) + 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--recordings", type=int, default=1600)
@@ -223,6 +232,7 @@ def main() -> None:
                     f"{time.monotonic() - started:.0f} s with set-up",
                     flush=True,
                 )
+                print(f"  API requests per 5 s over the busy span: {timeline(figures)}", flush=True)
     finally:
         server.stop()
 
