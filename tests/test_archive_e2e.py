@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
+import recarchive.media.spool
 from recarchive.cli.app import app
 from recarchive.config import Settings
 from recarchive.ids.spool import spool_ids
@@ -422,6 +423,8 @@ def test_full_disk_stops_the_run_cleanly(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    # Small bodies wait in memory, never in a temp file: make every body take the file path.
+    monkeypatch.setattr(recarchive.media.spool, "MEMORY_BODY_BYTES", 0)
     sim = simulator_factory(recordings=4, seed=73, available_fraction=1.0)
     result = invoke("archive", *sim.dataset.ids, sim=sim)
     assert result.exit_code == 1
