@@ -11,7 +11,8 @@ own processes too, and their CPU is shown beside. Contenders:
   ``recarchive archive --skip-media`` then ``recarchive export`` (SQLite, local Parquet,
   ``RECARCHIVE_REQUESTS_PER_SECOND=100000``: the peers have no pacing); dlt's REST API source
   with a ``parallelized`` dependent resource to Parquet on the ``filesystem`` destination
-  (:mod:`bench.peer_dlt`, in a virtual environment of its own that this bench makes once in
+  and dlt's plain ``@dlt.transformer(parallelized=True)`` over a ``requests`` session (both
+  in :mod:`bench.peer_dlt`, in a virtual environment of its own that this bench makes once in
   ``--dlt-venv`` with ``pip install 'dlt[parquet]'``); a bare aiohttp loop and a bare httpx
   loop (default transport) (:mod:`bench.peer_loops`).
 - media (``--media`` recordings of ``--media-mb`` MB, and ``--small`` of ``--small-kb`` KB):
@@ -54,6 +55,8 @@ from recarchive.simulator.server import SimulatorConfig, build_dataset
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 WARM_UP_IDS = 50
+#: dlt contender kinds and the :mod:`bench.peer_dlt` variant each runs.
+DLT_VARIANTS = {"dlt": "rest_api", "dlt-transformer": "transformer"}
 
 
 @dataclass(frozen=True)
@@ -167,9 +170,10 @@ class Bench:
         boto3.client("s3", endpoint_url=self.s3[0]).create_bucket(Bucket="peers")
         return "peers"
 
-    def config(self, folder: Path, ids_file: Path) -> Path:
+    def config(self, folder: Path, ids_file: Path, variant: str = "") -> Path:
         """The JSON file the peer processes read."""
         config = {
+            "variant": variant,
             "api_url": self.sim.api_url,
             "workspace_id": self.sim.workspace_id,
             "access_key": self.sim.access_key,
@@ -209,10 +213,11 @@ class Bench:
             if not media:
                 return [[*archive, "--skip-media"], [str(BIN / "recarchive"), "export"]]
             return [archive]
-        config = str(self.config(folder, ids_file))
-        if kind == "dlt":
+        if kind in DLT_VARIANTS:
             assert self.dlt is not None
+            config = str(self.config(folder, ids_file, DLT_VARIANTS[kind]))
             return [[str(self.dlt), "-m", "bench.peer_dlt", config]]
+        config = str(self.config(folder, ids_file))
         return [[sys.executable, "-m", "bench.peer_loops", kind, config]]
 
     def run(self, kind: str, work: Work, ids: list[str]) -> Run:
@@ -242,7 +247,7 @@ class Bench:
     def check(self, kind: str, folder: Path, count: int) -> None:
         """Fail loudly when a contender did less than all of its work."""
         output = (folder / "output.log").read_text(errors="replace")
-        if kind == "dlt":
+        if kind in DLT_VARIANTS:
             rows = json.loads(output.strip().splitlines()[-1])["rows"]
             if rows != count:
                 raise RuntimeError(f"dlt loaded {rows} of {count} recordings")
@@ -352,7 +357,14 @@ def metadata_work(args: argparse.Namespace, dlt: Path | None) -> tuple[Work, lis
     recordings, ids = metadata_ids(args.ids, args.days, args.seed)
     kinds = {
         "recarchive": "`recarchive archive --skip-media` + `export`",
-        **({"dlt": f"dlt {dlt_version(dlt)} parallel transformer → Parquet"} if dlt else {}),
+        **(
+            {
+                "dlt": f"dlt {dlt_version(dlt)} REST API source, parallelized → Parquet",
+                "dlt-transformer": f"dlt {dlt_version(dlt)} parallelized transformer → Parquet",
+            }
+            if dlt
+            else {}
+        ),
         "aiohttp": "bare aiohttp loop",
         "httpx": "bare httpx loop (default transport)",
     }
