@@ -32,6 +32,7 @@ from recarchive.bird.answer import (
     Answer,
     MediaDownload,
     classify,
+    new_request,
     read_answer,
     send_for_headers,
 )
@@ -247,10 +248,13 @@ class BirdClient:
         what = f"size of the media of {recording_id} at {strip_url(location)}"
 
         async def attempt() -> SourceSize:
-            request = self._http.build_request(
-                "GET", location, headers={"Range": "bytes=0-0", "Accept-Encoding": IDENTITY}
+            # No credentials travel to the media host: new_request adds no client defaults.
+            request = new_request(
+                self._http,
+                "GET",
+                location,
+                headers={"Range": "bytes=0-0", "Accept-Encoding": IDENTITY},
             )
-            request.headers.pop("Authorization", None)
             response = await send_for_headers(self._http, request, limits=self.limits, what=what)
             try:
                 if response.status_code in (401, 403):
@@ -304,8 +308,8 @@ class BirdClient:
         async def attempt() -> Answer:
             await self.pacer.wait()
             self.stats["requests"] += 1
-            request = self._http.build_request(
-                method, url, params=params, headers=self._auth_headers()
+            request = new_request(
+                self._http, method, url, params=params, headers=self._auth_headers()
             )
             answer = await read_answer(
                 self._http, request, limits=self.limits, what=what, read_body=read_body
@@ -368,12 +372,11 @@ class BirdClient:
         what = f"media of {recording_id} from {strip_url(location)}"
 
         async def attempt() -> MediaDownload | None:
-            request = self._http.build_request(
-                "GET", location, headers={"Accept-Encoding": IDENTITY}
+            # Whatever defaults the injected client has, no credentials travel to the media
+            # host: new_request adds none of them.
+            request = new_request(
+                self._http, "GET", location, headers={"Accept-Encoding": IDENTITY}
             )
-            # Defence in depth: whatever defaults the injected client has, no credentials
-            # travel to the media host.
-            request.headers.pop("Authorization", None)
             response = await send_for_headers(self._http, request, limits=self.limits, what=what)
             if response.status_code == 200:
                 try:
