@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from recarchive.cli.dryrun import plan_list, plan_window, print_plan
 from recarchive.cli.output import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -54,6 +55,11 @@ def _settings(**overrides: Any) -> Settings:
 
 
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+DryRunOption = Annotated[
+    bool,
+    typer.Option("--dry-run", help="Show what would happen: no request, nothing written."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
 
 
 @app.command()
@@ -82,6 +88,8 @@ def archive(
     ] = False,
     chunk_size: Annotated[int | None, typer.Option(help="IDs per chunk.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight.")] = None,
+    dry_run: DryRunOption = False,
+    json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Archive the given recordings (metadata to SQL/Parquet, media to S3)."""
@@ -106,6 +114,9 @@ def archive(
             raise InputError(
                 f"--until ({end.isoformat()}) must be after --since ({start.isoformat()})"
             )
+        if dry_run:
+            plan = asyncio.run(plan_window(settings, start, end, options))
+            raise typer.Exit(print_plan(plan, as_json=json_output))
         counts = asyncio.run(_discover_and_archive(settings, start, end, options))
         raise typer.Exit(exit_code(counts))
     if not ids and not ids_file:
@@ -117,6 +128,8 @@ def archive(
             err.print(f"skipping {id_list.invalid} invalid IDs (--skip-invalid):")
             for problem in id_list.problems[:20]:
                 err.print(f"  {problem}", highlight=False, markup=False)
+        if dry_run:
+            raise typer.Exit(print_plan(plan_list(settings, id_list, options), as_json=json_output))
         counts = asyncio.run(
             _archive_list(
                 settings,
@@ -185,6 +198,8 @@ async def _discover_and_archive(
 @handle_errors
 def retry_failed_command(
     skip_media: Annotated[bool, typer.Option("--skip-media", help="Metadata only.")] = False,
+    dry_run: DryRunOption = False,
+    json_output: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Retry due failures, and look again at recordings whose media was not ready."""
@@ -193,6 +208,10 @@ def retry_failed_command(
 
     configure_logging(verbose)
     settings = _settings()
+    if dry_run:
+        from recarchive.run.dryrun import plan_retry
+
+        raise typer.Exit(print_plan(plan_retry(settings), as_json=json_output))
     with ProgressReporter(err, None) as progress:
         report = asyncio.run(
             retry_failed(settings, skip_media=skip_media, on_progress=progress.update)

@@ -9,6 +9,7 @@ DDL in ``sql/`` is adopted at the revision that DDL describes, then upgraded lik
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ __all__ = [
     "create_engine_for",
     "db_now",
     "no_jit",
+    "open_read_only",
+    "schema_revision",
     "upgrade_database",
     "utc_now",
 ]
@@ -141,6 +144,66 @@ def _sqlite_engine(url: URL) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def open_read_only(url: str) -> Engine | None:
+    """An engine that can only read ``url``'s database; ``None`` when there is no database yet.
+
+    For a dry run: nothing is created, migrated or written. SQLite opens the file read-only
+    (a missing file is ``None``: it is never created); PostgreSQL sessions are
+    ``default_transaction_read_only``, so even a bug here could not write.
+
+    Raises:
+        sqlalchemy.exc.ArgumentError: ``url`` is not a URL.
+        ValueError: The backend is neither SQLite nor PostgreSQL.
+    """
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            return None  # nothing persists there between runs: every ID is new
+        path = Path(database).expanduser()
+        if not path.is_file():
+            return None
+        # mode=ro still creates the -wal and -shm files of a WAL database when they are
+        # missing (and leaves them behind). Without a -wal file every commit is in the main
+        # file, so it is opened immutable: no side file, no lock. With one (a run is going, or
+        # one was killed), read-only through it, so its commits are seen.
+        wal = path.with_name(path.name + "-wal")
+        mode = "mode=ro" if wal.exists() else "immutable=1"
+        uri = f"file:{path.resolve().as_posix()}?{mode}"
+        engine = create_engine(
+            "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, timeout=60)
+        )
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+            dbapi_connection.isolation_level = None  # autocommit reads, no BEGIN IMMEDIATE
+
+        return engine
+    if backend in ("postgresql", "postgres"):
+        if parsed.drivername in ("postgresql", "postgres"):
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(
+            parsed, connect_args={"options": "-c default_transaction_read_only=on"}
+        )
+    raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+
+
+def schema_revision(connection: Connection) -> str | None:
+    """The schema revision of a database, read only: Alembic's, else that of hand-made DDL.
+
+    Returns:
+        The revision, or ``None`` when the database has no recarchive tables yet.
+    """
+    tables = set(inspect(connection).get_table_names())
+    if "alembic_version" in tables:
+        versions = [row[0] for row in connection.execute(text(_VERSION_QUERY))]
+        return max(versions) if versions else None
+    if {"recordings", "archive_ledger", "runs"} <= tables:
+        return _hand_made_revision(connection)
+    return None
 
 
 def _alembic_config() -> Any:

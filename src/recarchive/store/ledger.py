@@ -196,6 +196,26 @@ class Ledger:
                     entries[row.recording_id] = _entry(row)
         return entries
 
+    def held_by_live_runs(
+        self, ids: Sequence[str], *, stale_after: timedelta = DEFAULT_STALE_AFTER
+    ) -> set[str]:
+        """Those of ``ids`` whose lease a live run holds now (a claim would skip them).
+
+        Read only: a dry run's view of what another run is working on (see
+        :func:`lease_unheld`; owners that are dead processes of this host are the caller's).
+        """
+        held: set[str] = set()
+        with self.engine.connect().execution_options(recarchive_read_only=True) as connection:
+            no_jit(connection)
+            now = db_now(connection)
+            for chunk in chunks(ids):
+                query = select(archive_ledger.c.recording_id).where(
+                    archive_ledger.c.recording_id.in_(list(chunk)),
+                    ~lease_unheld(now, stale_after),
+                )
+                held.update(connection.execute(query).scalars())
+        return held
+
     # --- queries -------------------------------------------------------------------------
 
     def due_retries(
