@@ -27,6 +27,7 @@ from recarchive.cli.output import (
     print_run,
 )
 from recarchive.cli.progress import result_table
+from recarchive.cli.rebuild import rebuild_command
 from recarchive.cli.status import print_status
 from recarchive.config import Settings, load_settings
 from recarchive.errors import InputError
@@ -406,6 +407,9 @@ def db_upgrade() -> None:
     engine, _ = open_store(settings)
     engine.dispose()
     out.print(f"database is up to date: {safe_database_url(settings.database_url)}")
+
+
+app.command("rebuild")(rebuild_command)
 
 
 def main() -> None:

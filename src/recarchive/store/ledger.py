@@ -14,7 +14,7 @@ from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, func, literal_column, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, func, insert, literal_column, or_, select
 
 from recarchive.model import LEDGER_STATES, LedgerEntry, LedgerState, RunStatus
 from recarchive.store.bulk import (
@@ -195,6 +195,34 @@ class Ledger:
                 for row in connection.execute(query, {"ids": list(chunk)}):
                     entries[row.recording_id] = _entry(row)
         return entries
+
+    def restore_entries(self, entries: Sequence[LedgerEntry]) -> None:
+        """Insert ledger rows as a rebuild found them in the archive, in one transaction.
+
+        For ``rebuild`` into an empty database only: rows are inserted, never merged, so an ID
+        that is already in the ledger is an error (the caller checked the ledger is empty).
+        """
+        if not entries:
+            return
+        now = utc_now()
+        rows = [
+            {
+                "recording_id": entry.recording_id,
+                "state": entry.state,
+                "attempts": entry.attempts,
+                "last_error": entry.last_error,
+                "s3_bucket": entry.s3_bucket,
+                "s3_key": entry.s3_key,
+                "size_bytes": entry.size_bytes,
+                "sha256": entry.sha256,
+                "archived_at": entry.archived_at,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for entry in entries
+        ]
+        with self.engine.begin() as connection:
+            connection.execute(insert(archive_ledger), rows)
 
     def held_by_live_runs(
         self, ids: Sequence[str], *, stale_after: timedelta = DEFAULT_STALE_AFTER

@@ -1,0 +1,52 @@
+"""``recarchive rebuild``: SQL and Parquet from the S3 archive alone, into an empty database."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from recarchive.cli.output import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    configure_logging,
+    err,
+    handle_errors,
+    out,
+)
+from recarchive.config import load_settings
+
+
+@handle_errors
+def rebuild_command(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
+) -> None:
+    """Rebuild the SQL tables and the Parquet dataset from the S3 archive (never writes to S3).
+
+    The database must be empty (a new RECARCHIVE_DATABASE_URL). Exit 1 when some objects could
+    not be rebuilt (they are listed), else 0.
+    """
+    from recarchive.run.rebuild import rebuild
+
+    configure_logging(verbose)
+    settings = load_settings()
+    report = rebuild(settings, on_progress=lambda seen: err.print(f"looked at {seen} recordings"))
+    exported = report.export.rows if report.export else 0
+    out.print(
+        f"rebuilt {report.recordings} recordings ({report.bytes} bytes of MP3) from "
+        f"s3://{settings.s3_bucket}/{settings.s3_prefix}/; Parquet: {exported} rows exported."
+    )
+    if report.without_sidecar:
+        out.print(
+            f"{len(report.without_sidecar)} MP3s have no sidecar (a run was killed between the "
+            "two writes): registered pending at their key; `recarchive retry-failed` adopts "
+            "them without downloading them again:"
+        )
+        for recording_id in report.without_sidecar[:20]:
+            out.print(f"  {recording_id}", highlight=False)
+    for recording_id, why in report.skipped[:20]:
+        out.print(f"  not rebuilt {recording_id}: {why}", highlight=False, markup=False)
+    if len(report.skipped) > 20:
+        out.print(f"  ... and {len(report.skipped) - 20} more")
+    problems = report.skipped or report.without_sidecar
+    raise typer.Exit(EXIT_ITEMS_FAILED if problems else EXIT_OK)

@@ -1,0 +1,189 @@
+"""``rebuild``: the SQL tables and the Parquet dataset again, from the S3 archive alone.
+
+For the day the database is gone. Every recording the archive holds (an MP3 with its sidecar)
+becomes its ``recordings`` and ``recording_parties`` rows again — the sidecar is the redacted
+payload the run normalized, and normalizing it again gives the same rows — and an ``archived``
+ledger row with the key, size and SHA-256 the object carries, and when it was stored. Then the
+Parquet dataset is exported whole. Nothing is written to S3 and nothing is asked of Bird.
+
+What the archive cannot say is left to the next run: recordings whose media was not archived
+yet were never in S3 (a run fetches them again like any new ID); an MP3 without its sidecar (a
+run killed between the two writes) is listed and registered ``pending`` at its key, and the
+next run that takes it adopts the object after checking its bytes, as recovery always does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import TypeVar
+
+from recarchive.config import Settings
+from recarchive.errors import ConfigError, StorageUnavailableError
+from recarchive.export.parquet import ExportReport
+from recarchive.media.inventory import StoredRecording, iter_recordings, media_facts, read_json
+from recarchive.media.s3 import MediaStore
+from recarchive.model import LedgerEntry, LedgerState, NormalizedRecording
+from recarchive.normalize import normalize_recording
+from recarchive.redaction import describe
+from recarchive.run.clients import build_media_store, open_store, safe_database_url
+from recarchive.run.runs import export_parquet
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+BATCH = 200
+
+
+@dataclass
+class RebuildReport:
+    """What a rebuild found and wrote.
+
+    Attributes:
+        recordings: Recordings rebuilt (metadata rows and an ``archived`` ledger row each).
+        bytes: Their MP3s' total size.
+        without_sidecar: IDs with an MP3 but no sidecar: registered ``pending`` at their key,
+            so the next run given them (or ``retry-failed``) adopts the object.
+        skipped: ``(id, why)`` of objects that could not be rebuilt (an unreadable sidecar, an
+            MP3 without ``sha256`` metadata, a sidecar without its MP3).
+        export: The Parquet export that followed.
+    """
+
+    recordings: int = 0
+    bytes: int = 0
+    without_sidecar: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    export: ExportReport | None = None
+
+
+@dataclass(frozen=True)
+class _Found:
+    record: NormalizedRecording | None  # None: an MP3 without its sidecar
+    entry: LedgerEntry
+
+
+def rebuild(
+    settings: Settings, *, on_progress: Callable[[int], None] | None = None
+) -> RebuildReport:
+    """Rebuild SQL and Parquet from the S3 archive into an empty database.
+
+    Args:
+        settings: Database, bucket, prefix and workspace of the archive.
+        on_progress: Called with the number of recordings looked at so far, per batch.
+
+    Raises:
+        ConfigError: Bucket or workspace unset, or the database is not empty.
+        StorageUnavailableError: S3 or the database cannot be reached.
+    """
+    bucket = settings.require_bucket()
+    if not settings.workspace_id:
+        raise ConfigError("missing required setting: RECARCHIVE_WORKSPACE_ID")
+    workspace = settings.workspace_id
+    engine, store = open_store(settings)
+    try:
+        rows = sum(store.counts().values())
+        if rows:
+            raise ConfigError(
+                f"rebuild needs an empty database: {safe_database_url(settings.database_url)} "
+                f"has {rows} ledger rows (point RECARCHIVE_DATABASE_URL at a new one)"
+            )
+        media = build_media_store(settings, bucket=bucket)
+        report = RebuildReport()
+        fetched_at = datetime.now(UTC)
+        seen = 0
+        stored = iter_recordings(media, f"{settings.s3_prefix}/{workspace}/")
+        with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
+            for batch in _batches(stored, BATCH):
+                found = list(
+                    pool.map(lambda item: _read(media, item, workspace, fetched_at, report), batch)
+                )
+                kept = [item for item in found if item is not None]
+                store.save_metadata([item.record for item in kept if item.record is not None])
+                store.restore_entries([item.entry for item in kept])
+                whole = [item for item in kept if item.record is not None]
+                report.recordings += len(whole)
+                report.bytes += sum(item.entry.size_bytes or 0 for item in whole)
+                seen += len(batch)
+                if on_progress is not None:
+                    on_progress(seen)
+        report.export = export_parquet(settings, engine, full=True)
+        return report
+    finally:
+        engine.dispose()
+
+
+def _read(
+    media: MediaStore,
+    item: StoredRecording,
+    workspace: str,
+    fetched_at: datetime,
+    report: RebuildReport,
+) -> _Found | None:
+    """The rows of one stored recording; ``None`` (and why, in ``report``) when it has none.
+
+    ``report``'s lists are appended to from the pool's threads: ``list.append`` is atomic.
+    """
+    recording_id = item.recording_id
+    if item.media is None:
+        if item.sidecar is not None:
+            report.skipped.append((recording_id, "a sidecar without its MP3"))
+        return None
+    if item.sidecar is None:
+        # Pending at its pinned key: the next run given the ID (or retry-failed, which takes
+        # pending rows no run holds) finds the object there and adopts it once its bytes
+        # match its own sha256 metadata, without downloading it again.
+        report.without_sidecar.append(recording_id)
+        return _Found(None, _entry(recording_id, LedgerState.PENDING, media.bucket, item.media))
+    try:
+        facts = media_facts(media, item.media)
+        if facts is None:
+            report.skipped.append((recording_id, "its MP3 disappeared during the rebuild"))
+            return None
+        if not facts.sha256:
+            report.skipped.append((recording_id, "its MP3 has no sha256 metadata"))
+            return None
+        record = normalize_recording(
+            read_json(media, item.sidecar), workspace_id=workspace, fetched_at=fetched_at
+        )
+    except StorageUnavailableError:
+        raise  # S3 refuses us altogether (credentials, no bucket): no point in going on
+    except Exception as exc:  # one recording's objects, whatever raised: the others go on
+        report.skipped.append((recording_id, describe(exc)))
+        return None
+    if record.id != recording_id:
+        report.skipped.append((recording_id, f"its sidecar describes {record.id}"))
+        return None
+    entry = replace(
+        _entry(recording_id, LedgerState.ARCHIVED, media.bucket, item.media),
+        size_bytes=facts.size,
+        sha256=facts.sha256,
+        archived_at=facts.archived_at,
+    )
+    return _Found(record, entry)
+
+
+def _entry(recording_id: str, state: LedgerState, bucket: str, key: str) -> LedgerEntry:
+    return LedgerEntry(
+        recording_id=recording_id,
+        state=state,
+        attempts=0,
+        last_error=None,
+        next_attempt_at=None,
+        s3_bucket=bucket,
+        s3_key=key,
+        size_bytes=None,
+        sha256=None,
+        archived_at=None,
+        lease_owner=None,
+        lease_expires_at=None,
+    )
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
