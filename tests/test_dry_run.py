@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import insert, text, update
+from sqlalchemy.exc import DBAPIError
 from typer.testing import CliRunner, Result
 
 from recarchive.cli.app import app
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.archive import ArchiveStore
-from recarchive.store.engine import create_engine_for
+from recarchive.store.engine import create_engine_for, open_read_only
 from recarchive.store.tables import archive_ledger, runs
 from tests.fixtures.simulator import SimulatorFactory
 
@@ -294,3 +295,33 @@ def test_window_dry_run_requests_only_list_pages(
     )
     assert plan["counts"]["new"] == expected > 0
     assert not (tmp_path / "db").exists()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_dry_run_on_postgresql_reads_in_read_only_sessions(
+    invoke: Invoke, sim: SimulatorServer, database_url: str
+) -> None:
+    ids = sim.dataset.ids[:30]
+    # An empty database: every ID is new, and still no table afterwards.
+    empty = invoke("archive", *ids, "--dry-run", "--json", RECARCHIVE_DATABASE_URL=database_url)
+    assert empty.exit_code == 0, empty.output
+    assert json.loads(empty.stdout)["counts"]["new"] == len(ids)
+    engine = create_engine_for(database_url)
+    with engine.connect() as connection:
+        assert not connection.execute(text("SELECT to_regclass('archive_ledger')")).scalar()
+    engine.dispose()
+
+    assert invoke("archive", *ids[:20], RECARCHIVE_DATABASE_URL=database_url).exit_code == 0
+    sim.clear_requests()
+    result = invoke("archive", *ids, "--dry-run", "--json", RECARCHIVE_DATABASE_URL=database_url)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert sim.requests == []
+    assert plan["counts"]["new"] == 10
+    assert plan["counts"]["already_archived"] + plan["counts"]["media_recheck"] == 20
+
+    read_only = open_read_only(database_url)
+    assert read_only is not None
+    with read_only.connect() as connection, pytest.raises(DBAPIError, match="read-only"):
+        connection.execute(text("CREATE TABLE dry_run_wrote (x int)"))
+    read_only.dispose()
