@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -68,13 +70,22 @@ def write_ids(path: Path, ids: list[str]) -> str:
     return str(path)
 
 
-def snapshot(folder: Path, s3: S3Client, bucket: str) -> dict[str, Any]:
-    """Every file under ``folder`` (name → SHA-256) and every object of ``bucket`` (key → ETag)."""
-    files = {
+def data_files(folder: Path) -> dict[str, str]:
+    """Every file under ``folder``, name → SHA-256, but SQLite's -wal/-shm side files.
+
+    Opening a WAL database read only may create those (store.engine.open_read_only says why
+    that is preferred to an ``immutable`` read); the database file itself must not change.
+    """
+    return {
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and not path.name.endswith(("-wal", "-shm"))
     }
+
+
+def snapshot(folder: Path, s3: S3Client, bucket: str) -> dict[str, Any]:
+    """Every data file under ``folder`` and every object of ``bucket`` (key → ETag)."""
+    files = data_files(folder)
     listing = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
     return {"files": files, "objects": {item["Key"]: item["ETag"] for item in listing}}
 
@@ -257,13 +268,13 @@ def test_dry_run_refuses_a_schema_it_does_not_read_and_leaves_it(
     with engine.begin() as connection:
         connection.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
     engine.dispose()
-    files = {path.name: path.read_bytes() for path in database.parent.iterdir()}
+    files = data_files(database.parent)
     sim.clear_requests()
 
     result = invoke("archive", *ids, "--dry-run")
     assert result.exit_code == 2
     assert words in result.output and f"revision {revision}" in result.output
-    assert {path.name: path.read_bytes() for path in database.parent.iterdir()} == files
+    assert data_files(database.parent) == files
     assert sim.requests == []
 
 
@@ -317,11 +328,72 @@ def test_dry_run_on_postgresql_reads_in_read_only_sessions(
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert sim.requests == []
+    engine = create_engine_for(database_url)
+    with engine.connect() as connection:
+        states: dict[str, int] = dict(
+            connection.execute(
+                text("SELECT state, count(*) FROM archive_ledger GROUP BY state")
+            ).all()
+        )
+    engine.dispose()
     assert plan["counts"]["new"] == 10
-    assert plan["counts"]["already_archived"] + plan["counts"]["media_recheck"] == 20
+    assert plan["counts"]["already_archived"] == states.get("archived", 0)
+    assert plan["counts"]["media_recheck"] == states.get("metadata_only", 0)
+    assert plan["to_fetch"] == 10 + states.get("metadata_only", 0)
 
     read_only = open_read_only(database_url)
     assert read_only is not None
     with read_only.connect() as connection, pytest.raises(DBAPIError, match="read-only"):
         connection.execute(text("CREATE TABLE dry_run_wrote (x int)"))
     read_only.dispose()
+
+
+def _dead_local_owner() -> str:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return f"{socket.gethostname()}:{child.pid}:deadbeef"
+
+
+def _killed_run(database: Path, ids: list[str]) -> None:
+    """A run of this host killed a moment ago: running, fresh heartbeat, leases on ``ids``."""
+    engine = create_engine_for(f"sqlite:///{database}")
+    owner, now = _dead_local_owner(), datetime.now(UTC)
+    with engine.begin() as connection:
+        run_id = connection.execute(
+            insert(runs)
+            .values(
+                kind="archive",
+                status="running",
+                started_at=now,
+                heartbeat_at=now,
+                owner=owner,
+                params="{}",
+            )
+            .returning(runs.c.id)
+        ).scalar_one()
+    ArchiveStore(engine).register(ids, run_id=run_id)
+    with engine.begin() as connection:
+        connection.execute(
+            update(archive_ledger)
+            .where(archive_ledger.c.recording_id.in_(ids[: len(ids) // 2]))
+            .values(lease_owner=owner, lease_expires_at=now + timedelta(hours=1))
+        )
+    engine.dispose()
+
+
+@pytest.mark.parametrize("command", ["retry-failed", "archive"])
+def test_dry_run_counts_what_the_run_takes_after_a_local_kill(
+    invoke: Invoke, tmp_path: Path, sim: SimulatorServer, command: str
+) -> None:
+    # The real run first finishes the killed run's row as interrupted and takes its rows
+    # (pending, half of them still leased to the dead process); the dry run must agree.
+    ids = sim.dataset.ids
+    assert invoke("archive", "--skip-media", *ids[:3]).exit_code in (0, 1)
+    _killed_run(tmp_path / "db" / "archive.db", ids[10:30])
+    args = [command] if command == "retry-failed" else [command, *ids[10:30]]
+    dry = invoke(*args, "--dry-run", "--json")
+    plan = json.loads(dry.stdout.strip().splitlines()[-1])
+    assert plan["counts"]["pending"] == 20 and plan["counts"]["busy"] == 0
+    sim.clear_requests()
+    assert invoke(*args, "--skip-media").exit_code in (0, 1)
+    assert len(distinct_fetched(sim)) == plan["to_fetch"] == 20

@@ -8,7 +8,7 @@ S3 is never written to.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +17,10 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
+import recarchive.run.rebuild as rebuild_module
 from recarchive.cli.app import app
+from recarchive.errors import RetryableError
+from recarchive.media.inventory import StoredRecording, iter_recordings
 from recarchive.media.keys import sidecar_key
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.engine import create_engine_for
@@ -59,6 +62,11 @@ def invoke(env: dict[str, str]) -> Invoke:
         return CliRunner().invoke(app, list(args), env={**env, **extra}, catch_exceptions=False)
 
     return run
+
+
+def words(result: Result) -> str:
+    """The output with its line wrapping undone (rich wraps at the terminal's width)."""
+    return " ".join(result.output.split())
 
 
 def sql_rows(database: Path, query: str) -> list[dict[str, Any]]:
@@ -120,7 +128,7 @@ def test_rebuild_from_the_archive_alone_gives_back_every_row(
     sim.clear_requests()
     result = invoke("rebuild")
     assert result.exit_code == 0, result.output
-    assert f"rebuilt {len(original['ledger'])} recordings" in result.output
+    assert f"rebuilt {len(original['ledger'])} recordings" in words(result)
 
     assert sim.requests == []  # nothing asked of Bird
     assert bucket_state(s3_client, s3_bucket) == objects  # nothing written to S3
@@ -143,8 +151,8 @@ def test_rebuild_refuses_a_database_that_is_not_empty(
     assert invoke("archive", *sim.dataset.ids[:3]).exit_code == 0
     result = invoke("rebuild")
     assert result.exit_code == 2
-    assert "rebuild needs an empty database" in result.output
-    assert "3 ledger rows" in result.output
+    assert "rebuild needs an empty database" in words(result)
+    assert "3 ledger rows, 3 recordings and runs of archive" in words(result)
 
 
 def test_an_mp3_without_its_sidecar_is_listed_and_adopted_by_the_next_run(
@@ -158,10 +166,11 @@ def test_an_mp3_without_its_sidecar_is_listed_and_adopted_by_the_next_run(
     )[0]["s3_key"]
     s3_client.delete_object(Bucket=s3_bucket, Key=sidecar_key(key))  # a run killed in between
     shutil.rmtree(tmp_path / "db")
+    shutil.rmtree(tmp_path / "parquet")
     result = invoke("rebuild")
     assert result.exit_code == 1
-    assert "1 MP3s have no sidecar" in result.output and ids[0] in result.output
-    assert f"rebuilt {len(ids) - 1} recordings" in result.output
+    assert "1 MP3s have no sidecar" in words(result) and ids[0] in result.output
+    assert f"rebuilt {len(ids) - 1} recordings" in words(result)
 
     sim.clear_requests()
     assert invoke("retry-failed").exit_code == 0  # takes the pending row no run holds
@@ -173,3 +182,106 @@ def test_an_mp3_without_its_sidecar_is_listed_and_adopted_by_the_next_run(
     )
     assert ledger == [{"state": "archived", "s3_key": key}]
     s3_client.head_object(Bucket=s3_bucket, Key=sidecar_key(key))  # and its sidecar is back
+
+
+def parquet_ids(parquet: Path) -> set[str]:
+    table = ds.dataset(parquet / "recordings", format="parquet", partitioning="hive").to_table()
+    return set(table.column("id").to_pylist())
+
+
+def test_a_parquet_dataset_that_survived_is_not_replaced_unless_asked(
+    invoke: Invoke, tmp_path: Path, sim: SimulatorServer
+) -> None:
+    # Only the database is lost. The dataset holds metadata-only recordings, which have no
+    # object in S3: a full export of the rebuilt SQL would drop them.
+    assert invoke("archive", *sim.dataset.ids).exit_code == 0
+    parquet = tmp_path / "parquet"
+    before = parquet_ids(parquet)
+    shutil.rmtree(tmp_path / "db")
+    refused = invoke("rebuild")
+    assert refused.exit_code == 2
+    assert "--overwrite-parquet" in words(refused)
+    assert parquet_ids(parquet) == before
+    shutil.rmtree(tmp_path / "db")
+    result = invoke("rebuild", "--overwrite-parquet")
+    assert result.exit_code == 0, result.output
+    assert parquet_ids(parquet) < before  # what it was told to do: the archived ones only
+    assert "list their window again" in words(result)
+
+
+def test_rebuild_with_an_empty_s3_prefix_finds_the_archive(
+    invoke: Invoke, tmp_path: Path, sim: SimulatorServer
+) -> None:
+    ids = sim.dataset.available_ids()[:5]
+    assert invoke("archive", *ids, RECARCHIVE_S3_PREFIX="").exit_code == 0
+    shutil.rmtree(tmp_path / "db")
+    shutil.rmtree(tmp_path / "parquet")
+    result = invoke("rebuild", RECARCHIVE_S3_PREFIX="")
+    assert result.exit_code == 0, result.output
+    assert "rebuilt 5 recordings" in words(result)
+
+
+def test_an_interrupted_rebuild_is_continued_by_running_it_again(
+    invoke: Invoke, tmp_path: Path, sim: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert invoke("archive", *sim.dataset.ids).exit_code == 0
+    database = tmp_path / "db" / "archive.db"
+    original = everything(database, tmp_path / "parquet")
+    shutil.rmtree(database.parent)
+    shutil.rmtree(tmp_path / "parquet")
+    real = iter_recordings
+
+    def breaks(*args: Any, **kwargs: Any) -> Iterator[StoredRecording]:
+        for number, item in enumerate(real(*args, **kwargs)):
+            if number == 60:
+                raise RetryableError("list: SlowDown (HTTP 503)")
+            yield item
+
+    monkeypatch.setattr(rebuild_module, "BATCH", 50)
+    monkeypatch.setattr("recarchive.run.rebuild.iter_recordings", breaks)
+    first = invoke("rebuild")
+    assert first.exit_code != 0
+    assert sql_rows(database, "SELECT status FROM runs") == [{"status": "failed"}]
+    assert 0 < len(sql_rows(database, "SELECT recording_id FROM archive_ledger")) < 100
+    monkeypatch.undo()
+    again = invoke("rebuild")
+    assert again.exit_code == 0, again.output
+    assert everything(database, tmp_path / "parquet") == original
+    statuses = sql_rows(database, "SELECT status FROM runs ORDER BY id")
+    assert statuses == [{"status": "failed"}, {"status": "succeeded"}]
+    # Once a rebuild succeeded, the database is no longer one to rebuild into.
+    assert invoke("rebuild").exit_code == 2
+
+
+@pytest.mark.parametrize("same_size", [False, True], ids=["shorter-body", "same-size-body"])
+def test_with_verify_an_object_that_does_not_match_its_sha256_is_not_archived(
+    invoke: Invoke,
+    tmp_path: Path,
+    sim: SimulatorServer,
+    s3_client: S3Client,
+    s3_bucket: str,
+    same_size: bool,
+) -> None:
+    ids = sim.dataset.available_ids()[:3]
+    assert invoke("archive", *ids).exit_code == 0
+    database = tmp_path / "db" / "archive.db"
+    row = sql_rows(
+        database, f"SELECT s3_key, size_bytes FROM archive_ledger WHERE recording_id = '{ids[0]}'"
+    )[0]
+    head = s3_client.head_object(Bucket=s3_bucket, Key=row["s3_key"])
+    # Replaced behind recarchive's back, its metadata kept: only a read of the bytes can tell.
+    body = b"\xff" * row["size_bytes"] if same_size else b"ID3 damaged body"
+    s3_client.put_object(Bucket=s3_bucket, Key=row["s3_key"], Body=body, Metadata=head["Metadata"])
+    shutil.rmtree(tmp_path / "db")
+    shutil.rmtree(tmp_path / "parquet")
+    trusting = invoke("rebuild", "--overwrite-parquet")  # control: the metadata is trusted
+    assert trusting.exit_code == 0
+    assert "verify --deep" in words(trusting)
+    deep = invoke("verify", "--deep")
+    assert deep.exit_code == 1 and ids[0] in deep.output  # ... and verify --deep finds it
+    shutil.rmtree(tmp_path / "db")
+    result = invoke("rebuild", "--verify", "--overwrite-parquet")
+    assert result.exit_code == 1
+    assert "do not match its sha256 metadata" in words(result)
+    state = sql_rows(database, f"SELECT state FROM archive_ledger WHERE recording_id = '{ids[0]}'")
+    assert state == [{"state": "pending"}]  # the adopt path hashes it again before anything

@@ -19,23 +19,48 @@ from recarchive.config import load_settings
 
 @handle_errors
 def rebuild_command(
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Hash every MP3 against its sha256 metadata (reads the archive)."
+        ),
+    ] = False,
+    overwrite_parquet: Annotated[
+        bool,
+        typer.Option("--overwrite-parquet", help="Export even if the Parquet root holds files."),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details.")] = False,
 ) -> None:
-    """Rebuild the SQL tables and the Parquet dataset from the S3 archive (never writes to S3).
+    """Rebuild the SQL tables and the Parquet dataset from the S3 archive alone.
 
-    The database must be empty (a new RECARCHIVE_DATABASE_URL). Exit 1 when some objects could
-    not be rebuilt (they are listed), else 0.
+    The media bucket is only read. The database must be empty (a new RECARCHIVE_DATABASE_URL),
+    or hold only a rebuild that stopped, which is then continued. A Parquet root that holds
+    files is refused unless --overwrite-parquet. Exit 1 when some objects could not be rebuilt
+    (they are listed), else 0.
     """
     from recarchive.run.rebuild import rebuild
 
     configure_logging(verbose)
     settings = load_settings()
-    report = rebuild(settings, on_progress=lambda seen: err.print(f"looked at {seen} recordings"))
+    report = rebuild(
+        settings,
+        verify=verify,
+        overwrite_parquet=overwrite_parquet,
+        on_progress=lambda seen: err.print(f"looked at {seen} recordings"),
+    )
     exported = report.export.rows if report.export else 0
     out.print(
         f"rebuilt {report.recordings} recordings ({report.bytes} bytes of MP3) from "
         f"s3://{settings.s3_bucket}/{settings.s3_prefix}/; Parquet: {exported} rows exported."
     )
+    if report.first_created and report.last_created:
+        out.print(
+            f"Rebuilt recordings were created from {report.first_created:%Y-%m-%d} to "
+            f"{report.last_created:%Y-%m-%d}. Recordings whose media was never archived are not "
+            "in S3: list their window again (`recarchive archive --since ... --until ...`)."
+        )
+    if not verify and report.recordings:
+        out.print("Object metadata was trusted: `recarchive verify --deep` checks every byte.")
     if report.without_sidecar:
         out.print(
             f"{len(report.without_sidecar)} MP3s have no sidecar (a run was killed between the "

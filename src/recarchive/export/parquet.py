@@ -236,6 +236,30 @@ def _s3_filesystem(endpoint_url: str | None) -> pafs.S3FileSystem:
 # --- entry point ---------------------------------------------------------------------------
 
 
+def partition_files(root: str, *, s3_endpoint_url: str | None = None) -> int:
+    """How many partition files a dataset at ``root`` holds (0 when there is none yet).
+
+    ``rebuild`` asks before it exports: a dataset that survived the database may hold rows the
+    archive cannot give back.
+
+    Raises:
+        StorageUnavailableError: The root cannot be listed.
+    """
+    target = _Target(root, s3_endpoint_url)
+    filesystem = target.s3 or pafs.LocalFileSystem()
+    try:
+        found = filesystem.get_file_info(
+            pafs.FileSelector(target.base, allow_not_found=True, recursive=True)
+        )
+    except OSError as exc:
+        raise StorageUnavailableError(
+            f"cannot list the Parquet root {root}: {type(exc).__name__}"
+        ) from exc
+    return sum(
+        1 for info in found if info.type == pafs.FileType.File and info.path.endswith(".parquet")
+    )
+
+
 def export_changed(
     engine: Engine,
     root: str,

@@ -19,9 +19,16 @@ def media_key(prefix: str, workspace_id: str, recording_id: str, created_at: dat
     if created_at.tzinfo is None:
         created_at = created_at.replace(tzinfo=UTC)
     day = created_at.astimezone(UTC)
-    path = f"{workspace_id}/{day:%Y/%m/%d}/{recording_id}.mp3"
+    return f"{workspace_prefix(prefix, workspace_id)}{day:%Y/%m/%d}/{recording_id}.mp3"
+
+
+def workspace_prefix(prefix: str, workspace_id: str) -> str:
+    """The key prefix every object of a workspace starts with: ``{prefix}/{workspaceId}/``.
+
+    An empty prefix gives ``{workspaceId}/`` (no leading slash), as :func:`media_key` does.
+    """
     prefix = prefix.strip("/")
-    return f"{prefix}/{path}" if prefix else path
+    return f"{prefix}/{workspace_id}/" if prefix else f"{workspace_id}/"
 
 
 def sidecar_key(key: str) -> str:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
-from recarchive.leases import dead_local_owners, run_owner
+from recarchive.leases import dead_local_owners, local_owner_dead, run_owner
 from recarchive.model import LedgerEntry, LedgerState
 from recarchive.run.clients import safe_database_url
 from recarchive.run.context import ChunkOptions
@@ -39,7 +39,7 @@ CATEGORIES: dict[str, str] = {
     "busy": "leased by a live run: left to it",
     "already_archived": "archived: skipped without a request",
     "missing": "404 before: skipped without a request",
-    "not_due": "failed or metadata only, not due yet (or out of attempts): not taken",
+    "not_due": "failed or metadata only, not due yet, out of attempts or leased: not taken",
 }
 FETCHED = frozenset({"new", "pending", "media_recheck", "failed_retry", "refresh"})
 _BY_STATE = {
@@ -200,14 +200,23 @@ def plan_retry(settings: Settings) -> DryRunPlan:
         return plan
     store = ArchiveStore(engine)
     try:
+        # The real run first finishes the runs of this host's dead processes as interrupted
+        # (their leases and pending rows then count as free): seen the same way here.
+        dead = store.dead_run_owners(local_owner_dead)
         due = store.due_retries(
-            limit=2**62, max_attempts=settings.item_max_attempts, stale_after=DEFAULT_STALE_AFTER
+            limit=2**62,
+            max_attempts=settings.item_max_attempts,
+            stale_after=DEFAULT_STALE_AFTER,
+            dead_owners=dead,
         )
         seen = {LedgerState.FAILED: 0, LedgerState.METADATA_ONLY: 0}
         for start in range(0, len(due), 5000):
             for recording_id, entry in store.get_entries(due[start : start + 5000]).items():
                 state = LedgerState(entry.state)
-                plan.add(_BY_STATE[state], recording_id)
+                category = _BY_STATE.get(state)
+                if category is None:
+                    continue  # finished by another run since the query: not taken
+                plan.add(category, recording_id)
                 if state in seen:
                     seen[state] += 1
         totals = store.counts()

@@ -14,6 +14,7 @@ next run that takes it adopts the object after checking its bytes, as recovery a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator
@@ -23,20 +24,25 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from recarchive.config import Settings
-from recarchive.errors import ConfigError, StorageUnavailableError
-from recarchive.export.parquet import ExportReport
+from recarchive.errors import ConfigError, RecarchiveError, StorageUnavailableError
+from recarchive.export.parquet import ExportReport, partition_files
+from recarchive.leases import run_owner
 from recarchive.media.inventory import StoredRecording, iter_recordings, media_facts, read_json
+from recarchive.media.keys import workspace_prefix
 from recarchive.media.s3 import MediaStore
-from recarchive.model import LedgerEntry, LedgerState, NormalizedRecording
+from recarchive.model import LedgerEntry, LedgerState, NormalizedRecording, RunStatus
 from recarchive.normalize import normalize_recording
 from recarchive.redaction import describe
 from recarchive.run.clients import build_media_store, open_store, safe_database_url
 from recarchive.run.runs import export_parquet
+from recarchive.store.archive import ArchiveStore
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 BATCH = 200
+#: The ``runs`` kind of a rebuild.
+REBUILD = "rebuild"
 
 
 @dataclass
@@ -49,8 +55,11 @@ class RebuildReport:
         without_sidecar: IDs with an MP3 but no sidecar: registered ``pending`` at their key,
             so the next run given them (or ``retry-failed``) adopts the object.
         skipped: ``(id, why)`` of objects that could not be rebuilt (an unreadable sidecar, an
-            MP3 without ``sha256`` metadata, a sidecar without its MP3).
+            MP3 without ``sha256`` metadata or not matching it, a sidecar without its MP3).
         export: The Parquet export that followed.
+        first_created: The earliest ``createdAt`` rebuilt (recordings never archived from
+            then on are not in S3: listing the window again finds them).
+        last_created: The latest.
     """
 
     recordings: int = 0
@@ -58,6 +67,8 @@ class RebuildReport:
     without_sidecar: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     export: ExportReport | None = None
+    first_created: datetime | None = None
+    last_created: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -67,16 +78,29 @@ class _Found:
 
 
 def rebuild(
-    settings: Settings, *, on_progress: Callable[[int], None] | None = None
+    settings: Settings,
+    *,
+    verify: bool = False,
+    overwrite_parquet: bool = False,
+    on_progress: Callable[[int], None] | None = None,
 ) -> RebuildReport:
     """Rebuild SQL and Parquet from the S3 archive into an empty database.
 
+    A rebuild that stopped (a lost connection, a kill) is continued by running it again: the
+    database then holds only what that rebuild wrote, its ``runs`` row says so, and rows
+    already written are kept.
+
     Args:
         settings: Database, bucket, prefix and workspace of the archive.
+        verify: Hash every MP3 and compare it with its ``sha256`` metadata before it counts
+            as archived (a full read of the archive); without it the metadata is trusted, as
+            ``verify`` without ``--deep`` does.
+        overwrite_parquet: Export even when the Parquet root holds files already.
         on_progress: Called with the number of recordings looked at so far, per batch.
 
     Raises:
-        ConfigError: Bucket or workspace unset, or the database is not empty.
+        ConfigError: Bucket or workspace unset, the database is not empty, or the Parquet
+            root holds a dataset and ``overwrite_parquet`` is not set.
         StorageUnavailableError: S3 or the database cannot be reached.
     """
     bucket = settings.require_bucket()
@@ -85,35 +109,104 @@ def rebuild(
     workspace = settings.workspace_id
     engine, store = open_store(settings)
     try:
-        rows = sum(store.counts().values())
-        if rows:
-            raise ConfigError(
-                f"rebuild needs an empty database: {safe_database_url(settings.database_url)} "
-                f"has {rows} ledger rows (point RECARCHIVE_DATABASE_URL at a new one)"
-            )
-        media = build_media_store(settings, bucket=bucket)
+        continuing = _check_empty(store, settings)
+        if not (overwrite_parquet or continuing):  # a continued rebuild may have exported
+            _check_no_dataset(settings)
+        run_id = store.start_run(REBUILD, {"bucket": bucket, "verify": verify}, owner=run_owner())
         report = RebuildReport()
-        fetched_at = datetime.now(UTC)
-        seen = 0
-        stored = iter_recordings(media, f"{settings.s3_prefix}/{workspace}/")
-        with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
-            for batch in _batches(stored, BATCH):
-                found = list(
-                    pool.map(lambda item: _read(media, item, workspace, fetched_at, report), batch)
-                )
-                kept = [item for item in found if item is not None]
-                store.save_metadata([item.record for item in kept if item.record is not None])
-                store.restore_entries([item.entry for item in kept])
-                whole = [item for item in kept if item.record is not None]
-                report.recordings += len(whole)
-                report.bytes += sum(item.entry.size_bytes or 0 for item in whole)
-                seen += len(batch)
-                if on_progress is not None:
-                    on_progress(seen)
-        report.export = export_parquet(settings, engine, full=True)
+        try:
+            _restore(
+                settings,
+                store,
+                build_media_store(settings, bucket=bucket),
+                workspace,
+                verify,
+                report,
+                on_progress,
+            )
+            report.export = export_parquet(settings, engine, full=True)
+        except BaseException as exc:
+            reason = describe(exc) if isinstance(exc, RecarchiveError) else type(exc).__name__
+            with contextlib.suppress(Exception):
+                store.finish_run(run_id, status=RunStatus.FAILED, counts={}, error=reason)
+            raise
+        status = (
+            RunStatus.PARTIAL if report.skipped or report.without_sidecar else RunStatus.SUCCEEDED
+        )
+        store.finish_run(run_id, status=status, counts={"archived": report.recordings})
         return report
     finally:
         engine.dispose()
+
+
+def _check_empty(store: ArchiveStore, settings: Settings) -> bool:
+    """Refuse a database with rows, unless all it holds is an unfinished rebuild's.
+
+    Returns:
+        Whether an unfinished rebuild is being continued.
+    """
+    kinds = store.run_kinds()
+    continuing = bool(kinds) and all(
+        kind == REBUILD and status != RunStatus.SUCCEEDED for kind, status in kinds
+    )
+    if continuing:
+        logger.warning("continuing the rebuild that stopped in this database")
+        return True
+    ledger, recordings = sum(store.counts().values()), store.recording_count()
+    if ledger or recordings or kinds:
+        raise ConfigError(
+            f"rebuild needs an empty database: {safe_database_url(settings.database_url)} "
+            f"has {ledger} ledger rows, {recordings} recordings and runs of "
+            f"{', '.join(sorted({kind for kind, _ in kinds})) or 'no kind'} "
+            "(point RECARCHIVE_DATABASE_URL at a new one)"
+        )
+    return False
+
+
+def _check_no_dataset(settings: Settings) -> None:
+    """Refuse to replace a Parquet dataset that survived: it may hold what S3 cannot give back."""
+    files = partition_files(settings.parquet_root, s3_endpoint_url=settings.s3_endpoint_url)
+    if files:
+        raise ConfigError(
+            f"the Parquet root {settings.parquet_root} holds {files} partition files: they may "
+            "hold recordings the archive cannot give back (metadata only, failed). Point "
+            "RECARCHIVE_PARQUET_ROOT at a new root, or pass --overwrite-parquet"
+        )
+
+
+def _restore(
+    settings: Settings,
+    store: ArchiveStore,
+    media: MediaStore,
+    workspace: str,
+    verify: bool,
+    report: RebuildReport,
+    on_progress: Callable[[int], None] | None,
+) -> None:
+    fetched_at = datetime.now(UTC)
+    seen = 0
+    listed = workspace_prefix(settings.s3_prefix, workspace)
+    with ThreadPoolExecutor(max_workers=settings.concurrency) as pool:
+        for batch in _batches(iter_recordings(media, listed), BATCH):
+            found = list(
+                pool.map(
+                    lambda item: _read(media, item, workspace, fetched_at, verify, report), batch
+                )
+            )
+            kept = [item for item in found if item is not None]
+            store.save_metadata([item.record for item in kept if item.record is not None])
+            store.restore_entries([item.entry for item in kept])
+            for item in kept:
+                if item.record is None:
+                    continue
+                report.recordings += 1
+                report.bytes += item.entry.size_bytes or 0
+                created = item.record.created_at
+                report.first_created = min(report.first_created or created, created)
+                report.last_created = max(report.last_created or created, created)
+            seen += len(batch)
+            if on_progress is not None:
+                on_progress(seen)
 
 
 def _read(
@@ -121,6 +214,7 @@ def _read(
     item: StoredRecording,
     workspace: str,
     fetched_at: datetime,
+    verify: bool,
     report: RebuildReport,
 ) -> _Found | None:
     """The rows of one stored recording; ``None`` (and why, in ``report``) when it has none.
@@ -146,6 +240,15 @@ def _read(
         if not facts.sha256:
             report.skipped.append((recording_id, "its MP3 has no sha256 metadata"))
             return None
+        if facts.size != item.media_size or (
+            verify and media.hash_object(item.media) != (facts.size, facts.sha256)
+        ):
+            # Registered pending at its key: the run that takes it hashes the object again and
+            # adopts it only if it matches, else leaves it for an operator (recovery's rule).
+            report.skipped.append(
+                (recording_id, "its MP3's bytes do not match its sha256 metadata: left pending")
+            )
+            return _Found(None, _entry(recording_id, LedgerState.PENDING, media.bucket, item.media))
         record = normalize_recording(
             read_json(media, item.sidecar), workspace_id=workspace, fetched_at=fetched_at
         )

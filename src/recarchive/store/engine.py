@@ -160,19 +160,9 @@ def open_read_only(url: str) -> Engine | None:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:") or database.startswith("file:"):
-            return None  # nothing persists there between runs: every ID is new
-        path = Path(database).expanduser()
-        if not path.is_file():
-            return None
-        # mode=ro still creates the -wal and -shm files of a WAL database when they are
-        # missing (and leaves them behind). Without a -wal file every commit is in the main
-        # file, so it is opened immutable: no side file, no lock. With one (a run is going, or
-        # one was killed), read-only through it, so its commits are seen.
-        wal = path.with_name(path.name + "-wal")
-        mode = "mode=ro" if wal.exists() else "immutable=1"
-        uri = f"file:{path.resolve().as_posix()}?{mode}"
+        uri = _read_only_sqlite_uri(parsed.database or "")
+        if uri is None:
+            return None  # no database yet (or one that never persists): every ID is new
         engine = create_engine(
             "sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, timeout=60)
         )
@@ -185,10 +175,36 @@ def open_read_only(url: str) -> Engine | None:
     if backend in ("postgresql", "postgres"):
         if parsed.drivername in ("postgresql", "postgres"):
             parsed = parsed.set(drivername="postgresql+psycopg")
+        # Added to the URL's own ``options`` (a search_path, say), which connect_args replaces.
+        given = parsed.query.get("options", "")
+        options = " ".join(
+            [*([given] if isinstance(given, str) else given), "-c default_transaction_read_only=on"]
+        ).strip()
         return create_engine(
-            parsed, connect_args={"options": "-c default_transaction_read_only=on"}
+            parsed.difference_update_query(["options"]), connect_args={"options": options}
         )
     raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
+
+
+def _read_only_sqlite_uri(database: str) -> str | None:
+    """The read-only ``file:`` URI of a SQLite database path or URI; ``None`` if it has no file.
+
+    ``mode=ro``: the file itself is never written. SQLite may create the -wal and -shm side
+    files of a WAL database that has none (they hold no data of ours, and the next writer uses
+    and removes them). ``immutable=1`` would avoid them, but reads without locks: a run
+    starting meanwhile could make it read wrong rows.
+    """
+    if database.startswith("file:"):
+        path_part, _, query = database.removeprefix("file:").partition("?")
+        if not path_part or "mode=memory" in query or not Path(path_part).is_file():
+            return None
+        return f"{database}{'&' if query else '?'}mode=ro"
+    if database in ("", ":memory:"):
+        return None
+    path = Path(database).expanduser()
+    if not path.is_file():
+        return None
+    return f"file:{path.resolve().as_posix()}?mode=ro"
 
 
 def schema_revision(connection: Connection) -> str | None:

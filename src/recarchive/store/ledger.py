@@ -9,12 +9,12 @@ on the database's clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, func, insert, literal_column, or_, select
+from sqlalchemy import ColumnElement, Engine, and_, func, literal_column, or_, select
 
 from recarchive.model import LEDGER_STATES, LedgerEntry, LedgerState, RunStatus
 from recarchive.store.bulk import (
@@ -93,12 +93,23 @@ def _entry(row: Any) -> LedgerEntry:
     return LedgerEntry(**row._mapping)
 
 
-def _live_run(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
-    """``runs`` rows of runs alive now: running, with a heartbeat newer than ``stale_after``."""
-    return and_(runs.c.status == RunStatus.RUNNING, runs.c.heartbeat_at > now - stale_after)
+def _live_run(
+    now: datetime, stale_after: timedelta, dead_owners: Collection[str] = ()
+) -> ColumnElement[bool]:
+    """``runs`` rows of runs alive now: running, with a heartbeat newer than ``stale_after``.
+
+    ``dead_owners``: owners known dead although their row still says running (a dry run's view
+    of what the real run's :meth:`~recarchive.store.runs.RunsTable.interrupt_dead_runs` does).
+    """
+    alive = and_(runs.c.status == RunStatus.RUNNING, runs.c.heartbeat_at > now - stale_after)
+    if not dead_owners:
+        return alive
+    return and_(alive, or_(runs.c.owner.is_(None), runs.c.owner.not_in(list(dead_owners))))
 
 
-def lease_unheld(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
+def lease_unheld(
+    now: datetime, stale_after: timedelta, dead_owners: Collection[str] = ()
+) -> ColumnElement[bool]:
     """No live run holds the row's lease: none, expired, or its owner's run is over or dead.
 
     An owner without a ``runs`` row (a bare chunk, a test) is trusted until its lease
@@ -108,13 +119,17 @@ def lease_unheld(now: datetime, stale_after: timedelta) -> ColumnElement[bool]:
     Args:
         now: The database's time (:func:`~recarchive.store.engine.db_now`).
         stale_after: How old a running run's heartbeat may be before it counts as dead.
+        dead_owners: Owners to count as dead whatever their ``runs`` row says.
 
     Returns:
         A condition on ``archive_ledger`` rows.
     """
     owner_run_gone = (
         select(runs.c.id)
-        .where(runs.c.owner == archive_ledger.c.lease_owner, ~_live_run(now, stale_after))
+        .where(
+            runs.c.owner == archive_ledger.c.lease_owner,
+            ~_live_run(now, stale_after, dead_owners),
+        )
         .exists()
     )
     return or_(
@@ -196,14 +211,17 @@ class Ledger:
                     entries[row.recording_id] = _entry(row)
         return entries
 
-    def restore_entries(self, entries: Sequence[LedgerEntry]) -> None:
+    def restore_entries(self, entries: Sequence[LedgerEntry]) -> int:
         """Insert ledger rows as a rebuild found them in the archive, in one transaction.
 
-        For ``rebuild`` into an empty database only: rows are inserted, never merged, so an ID
-        that is already in the ledger is an error (the caller checked the ledger is empty).
+        For ``rebuild``: a row whose ID is in the ledger already (an interrupted rebuild that
+        is continued, or one ID stored under two keys) is kept as it is, never overwritten.
+
+        Returns:
+            The rows inserted.
         """
         if not entries:
-            return
+            return 0
         now = utc_now()
         rows = [
             {
@@ -222,7 +240,11 @@ class Ledger:
             for entry in entries
         ]
         with self.engine.begin() as connection:
-            connection.execute(insert(archive_ledger), rows)
+            statement = insert_for(connection.dialect.name, archive_ledger)
+            statement = statement.on_conflict_do_nothing(
+                index_elements=[archive_ledger.c.recording_id]
+            ).returning(archive_ledger.c.recording_id)
+            return len(connection.execute(statement, rows).all())
 
     def held_by_live_runs(
         self, ids: Sequence[str], *, stale_after: timedelta = DEFAULT_STALE_AFTER
@@ -247,7 +269,12 @@ class Ledger:
     # --- queries -------------------------------------------------------------------------
 
     def due_retries(
-        self, *, limit: int, max_attempts: int, stale_after: timedelta = DEFAULT_STALE_AFTER
+        self,
+        *,
+        limit: int,
+        max_attempts: int,
+        stale_after: timedelta = DEFAULT_STALE_AFTER,
+        dead_owners: Collection[str] = (),
     ) -> list[str]:
         """Recordings ``retry-failed`` should take now, oldest due first.
 
@@ -264,6 +291,7 @@ class Ledger:
             limit: Most IDs to return.
             max_attempts: Failed recordings with this many attempts are not retried.
             stale_after: How old a running run's heartbeat may be before it counts as dead.
+            dead_owners: Owners of runs to count as dead whatever their ``runs`` row says.
 
         Returns:
             IDs without a live lease (database clock), due as described.
@@ -273,7 +301,10 @@ class Ledger:
             now = db_now(connection)
             registered_run_alive = (
                 select(runs.c.id)
-                .where(runs.c.id == archive_ledger.c.registered_run, _live_run(now, stale_after))
+                .where(
+                    runs.c.id == archive_ledger.c.registered_run,
+                    _live_run(now, stale_after, dead_owners),
+                )
                 .exists()
             )
             query = (
@@ -291,7 +322,7 @@ class Ledger:
                         ),
                         and_(archive_ledger.c.state == LedgerState.PENDING, ~registered_run_alive),
                     ),
-                    lease_unheld(now, stale_after),
+                    lease_unheld(now, stale_after, dead_owners),
                 )
                 .order_by(
                     archive_ledger.c.next_attempt_at.is_(None),

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, and_, or_, select
+from sqlalchemy import Connection, Engine, and_, func, or_, select
 
 from recarchive.model import NormalizedRecording
 from recarchive.store.bulk import (
@@ -96,6 +96,12 @@ class RecordingWrites:
 
     #: Set by :class:`~recarchive.store.archive.ArchiveStore`.
     engine: Engine
+
+    def recording_count(self) -> int:
+        """How many ``recordings`` rows there are."""
+        with self.engine.connect() as connection:
+            query = select(func.count()).select_from(recordings)
+            return int(connection.execute(query).scalar_one())
 
     def save_metadata(self, records: Sequence[NormalizedRecording]) -> None:
         """Upsert recordings and their parties in one transaction; mark changed partitions.

@@ -45,6 +45,12 @@ class RunsTable:
             )
             return int(result.scalar_one())
 
+    def run_kinds(self) -> set[tuple[str, str]]:
+        """The distinct ``(kind, status)`` pairs of the ``runs`` rows (``rebuild`` asks)."""
+        with self.engine.connect() as connection:
+            found = connection.execute(select(runs.c.kind, runs.c.status).distinct())
+            return {(str(kind), str(status)) for kind, status in found}
+
     def beat(self, run_id: int) -> None:
         """Record that run ``run_id`` is alive now (database clock); see :meth:`due_retries`."""
         with self.engine.begin() as connection:
@@ -106,6 +112,19 @@ class RunsTable:
                     )
                 )
         return dead
+
+    def dead_run_owners(self, owner_is_dead: Callable[[str], bool]) -> set[str]:
+        """Owners of ``running`` rows whose process is gone, read only.
+
+        What :meth:`interrupt_dead_runs` would finish: a dry run sees them as the real run will.
+        """
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(runs.c.owner).where(
+                    runs.c.status == RunStatus.RUNNING, runs.c.owner.is_not(None)
+                )
+            ).scalars()
+            return {owner for owner in rows if owner_is_dead(owner)}
 
     def last_runs(self, limit: int) -> list[dict[str, Any]]:
         """The newest runs as dicts: id, kind, status, started_at, finished_at, counts, error."""
