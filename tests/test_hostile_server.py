@@ -41,11 +41,13 @@ from tests.fixtures.hostile import (
     endless,
     good_media,
     good_payload,
+    hostile_bird,
     leaked,
     md5_hex,
     raw,
     response,
     run_chunk,
+    stall,
     trickle,
 )
 
@@ -239,6 +241,18 @@ CASES: dict[str, Case] = {
         ),
         "failed",
         "more than the limit",
+    ),
+    # Nothing arrives any more: no speed check can run, only the transport's read timeout
+    # (the request's timeout extension, bird.answer.new_request) ends the wait.
+    "media-stalls-mid-body": Case(
+        lambda rid, _: Script(
+            media=stall(
+                response(200, [*AUDIO, ("Content-Length", str(MEDIA_SIZE))], content_length=False),
+                half(rid),
+            )
+        ),
+        "failed",
+        "ReadTimeout",
     ),
     "media-trickles": Case(
         lambda rid, _: Script(
@@ -553,3 +567,40 @@ async def test_one_hostile_answer_fails_one_recording(
 
 # Cases whose unexpected library exception is logged at DEBUG with its (redacted) traceback.
 TRACEBACK_LOGGED: frozenset[str] = frozenset()
+
+
+async def test_no_client_default_and_no_cookie_ever_travels(hostile: HostileServer) -> None:
+    # The injected client's own headers and cookies, and cookies the API sets, never go out:
+    # requests carry exactly what BirdClient gives them (bird.answer.new_request). The
+    # transport keeps no cookie jar either (bird.http), which this test cannot show: aiohttp's
+    # default jar already ignores cookies of IP-address hosts such as 127.0.0.1.
+    from recarchive.bird.http import build_http_client
+
+    rid = str(uuid.uuid4())
+    cookie = [("Set-Cookie", "session=api-cookie-123; Path=/")]
+    hostile.scripts[rid] = Script(
+        metadata=raw(
+            response(200, [("Content-Type", "application/json"), *cookie], payload_bytes(rid))
+        ),
+        redirect=raw(response(307, [("Location", hostile.media_url(rid)), *cookie])),
+    )
+    before = len(hostile.requests)
+    http = build_http_client(timeout_seconds=2.0)
+    http.headers["X-Injected-Default"] = "from-the-client"
+    http.cookies.set("injected", "client-cookie-456")
+    try:
+        bird = hostile_bird(hostile, http)
+        assert (await bird.get_recording(rid))["id"] == rid
+        await bird.get_recording(rid)  # a second request, after the cookie was set
+        async with bird.open_media(rid) as media:
+            assert b"".join([chunk async for chunk in media.iter_bytes()]) == good_media(rid)
+    finally:
+        await http.aclose()
+    seen = [request for request in hostile.requests[before:] if rid in request.path]
+    assert [request.path.startswith("/media/") for request in seen].count(True) == 1
+    for request in seen:
+        assert "cookie" not in request.headers, request
+        assert "x-injected-default" not in request.headers, request
+        assert request.headers.get("user-agent") == "recarchive", request
+        if request.path.startswith("/media/"):
+            assert "authorization" not in request.headers, request

@@ -43,18 +43,18 @@ def _aiohttp_transport(
     limits: httpx.Limits, connect_check: Callable[[str, list[str]], None] | None
 ) -> AiohttpTransport:
     transport = AiohttpTransport(limits=limits)
-    if connect_check is None:
-        return transport
 
     def session() -> aiohttp.ClientSession:
-        # What AiohttpTransport builds itself (same TLS context and pool), plus the resolver.
+        # What AiohttpTransport builds itself (same TLS context and pool), plus the resolver
+        # and no cookie jar: Bird authenticates by a header, and a cookie one host set must
+        # never travel to another (the media host).
         connector = aiohttp.TCPConnector(
             limit=limits.max_connections or 0,
             keepalive_timeout=limits.keepalive_expiry,
             ssl=transport.ssl_context,
-            resolver=GuardedResolver(connect_check),
+            resolver=GuardedResolver(connect_check) if connect_check is not None else None,
         )
-        return aiohttp.ClientSession(connector=connector)
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     transport.client = session
     return transport
