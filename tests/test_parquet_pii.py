@@ -28,6 +28,7 @@ from typer.testing import CliRunner, Result
 
 from recarchive.cli.app import app
 from recarchive.config import MIN_PII_KEY_LENGTH, Settings
+from recarchive.errors import ConfigError
 from recarchive.export.parquet import export_changed
 from recarchive.export.pii import METADATA_KEY, PII_COLUMNS, PiiPolicy, pseudonym
 from recarchive.export.schema import PARTIES_SCHEMA, TABLE_SCHEMAS
@@ -441,6 +442,11 @@ def test_pii_mode_spellings(given: str, mode: str) -> None:
     settings = Settings(parquet_pii=given, pii_key=KEY)
     assert settings.parquet_pii == mode
     assert KEY not in repr(settings) and KEY not in repr(PiiPolicy.from_settings(settings))
+
+
+def test_a_hash_policy_needs_a_key() -> None:
+    with pytest.raises(ConfigError, match="RECARCHIVE_PII_KEY"):
+        PiiPolicy("hash")
 
 
 def test_the_pii_key_never_reaches_logs_output_parquet_or_the_database(

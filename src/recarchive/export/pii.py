@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recarchive.config import ParquetPii, Settings
+from recarchive.errors import ConfigError
 from recarchive.model import PARTY_ROLES
 
 __all__ = [
@@ -120,14 +121,14 @@ class PiiPolicy:
         key: The PII key (``hash`` only; required there).
 
     Raises:
-        ValueError: ``hash`` without a key.
+        ConfigError: ``hash`` without a key (settings check this first, naming the variables).
     """
 
     __slots__ = ("_hash", "_key", "mode")
 
     def __init__(self, mode: ParquetPii = "raw", key: bytes | None = None) -> None:
         if mode == "hash" and not key:
-            raise ValueError("the hash mode needs a key")
+            raise ConfigError("RECARCHIVE_PARQUET_PII=hash needs RECARCHIVE_PII_KEY")
         self.mode: ParquetPii = mode
         self._key = key if mode == "hash" else None
         self._hash = _hasher(key) if key and mode == "hash" else None
