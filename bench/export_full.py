@@ -15,6 +15,10 @@ printed; under contention the CPU time is the steadier figure.
 - ``recarchive export --full`` into an empty root (``--repeat`` times, root removed between);
 - ``recarchive export --full`` again with nothing changed, and plain ``recarchive export``:
   how many partition files each replaced (a file counts as written if its inode changed);
+- ``recarchive export --full`` with ``RECARCHIVE_PARQUET_PII=hash`` into an empty root of its
+  own, alternating with the raw one (``--repeat`` times): the cost of hashing the callers'
+  columns; then a plain export that switches the raw root to ``hash`` (every file replaced)
+  and one more with nothing changed (none);
 - the baseline: a bare DB-API ``SELECT`` of the same rows (the export's own SQL text) →
   ``pa.array`` per column (types inferred) → ``pq.write_table`` (zstd), per month and table;
   no type conversion, no media columns worked out, no temp file, lock or partition marks.
@@ -41,6 +45,8 @@ from bench.postgres import postgres_server
 CHUNK = 20_000
 DAYS = 90
 BASE = datetime(2026, 9, 1, tzinfo=UTC)
+#: RECARCHIVE_PII_KEY of the hash runs (a benchmark's, not a secret).
+PII_KEY = "bench-pii-key-0123456789abcdef0123456789"
 STATUSES = ["available"] * 6 + ["completed", "accepted", "ongoing", "paused"]
 
 
@@ -252,12 +258,19 @@ def bench_backend(name: str, url: str, count: int, repeat: int, fill_first: bool
             parties_sql,
             *months,
         ]
-        full, base = [], []
+        hash_env = {
+            **env,
+            "RECARCHIVE_PARQUET_PII": "hash",
+            "RECARCHIVE_PII_KEY": PII_KEY,
+            "RECARCHIVE_PARQUET_ROOT": str(work / "parquet-hash"),
+        }
+        full, base, hashed = [], [], []
         for _ in range(repeat):
-            shutil.rmtree(work / "parquet", ignore_errors=True)
-            shutil.rmtree(work / "baseline", ignore_errors=True)
+            for folder in ("parquet", "baseline", "parquet-hash"):
+                shutil.rmtree(work / folder, ignore_errors=True)
             base.append(_child(baseline_argv, env))
             full.append(_child([*cli, "export", "--full"], env))
+            hashed.append(_child([*cli, "export", "--full"], hash_env))
         before = _inodes(work / "parquet")
         again = _child([*cli, "export", "--full"], env)
         after_full = _inodes(work / "parquet")
@@ -265,6 +278,14 @@ def bench_backend(name: str, url: str, count: int, repeat: int, fill_first: bool
         after_plain = _inodes(work / "parquet")
         written_full = sum(after_full.get(k) != v for k, v in before.items())
         written_plain = sum(after_plain.get(k) != v for k, v in after_full.items())
+        # The raw root switched to hash by a plain export, then one more with nothing changed.
+        switch_env = {**hash_env, "RECARCHIVE_PARQUET_ROOT": str(work / "parquet")}
+        switched = _child([*cli, "export"], switch_env)
+        after_switch = _inodes(work / "parquet")
+        settled = _child([*cli, "export"], switch_env)
+        written_switch = sum(after_switch.get(k) != v for k, v in after_plain.items())
+        settled_inodes = _inodes(work / "parquet")
+        written_settled = sum(settled_inodes.get(k) != v for k, v in after_switch.items())
         sizes = sum(Path(p).stat().st_size for p in before) / 1e6
 
         def line(label: str, runs: list[dict[str, Any]]) -> float:
@@ -283,6 +304,8 @@ def bench_backend(name: str, url: str, count: int, repeat: int, fill_first: bool
         full_s = line("export --full (empty root), whole process", full)
         base_s = line("baseline bare SELECT -> pa.array -> write_table, whole process", base)
         print(f"ratio baseline/export CPU: {base_s / full_s:.2f}   ({sizes:.1f} MB of Parquet)")
+        hash_s = line("export --full, RECARCHIVE_PARQUET_PII=hash, whole process", hashed)
+        print(f"ratio hash/raw export CPU: {hash_s / full_s:.2f}")
         print(
             f"export --full again, nothing changed: {again['seconds']:.2f}s wall, "
             f"{again['cpu']:.2f}s CPU, peak RSS {again['rss_mb']:.0f} MB, "
@@ -292,6 +315,12 @@ def bench_backend(name: str, url: str, count: int, repeat: int, fill_first: bool
             f"export (plain) again, nothing changed: {plain['seconds']:.2f}s wall, "
             f"{plain['cpu']:.2f}s CPU, "
             f"{written_plain} of {len(before)} files replaced  ({plain['out']})"
+        )
+        print(
+            f"export (plain), raw -> hash: {switched['seconds']:.2f}s wall, "
+            f"{switched['cpu']:.2f}s CPU, {written_switch} of {len(before)} files replaced; "
+            f"again, nothing changed: {settled['seconds']:.2f}s wall, "
+            f"{written_settled} of {len(before)} files replaced"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

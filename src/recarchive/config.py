@@ -21,6 +21,12 @@ ENV_PREFIX = "RECARCHIVE_"
 AuthScheme = Literal["AccessKey", "Bearer"]
 ServerSideEncryption = Literal["AES256", "aws:kms"]
 ChecksumMode = Literal["when_supported", "when_required"]
+#: What the Parquet dataset shows of callers (recarchive.export.pii).
+ParquetPii = Literal["raw", "hash", "drop"]
+#: Shortest ``RECARCHIVE_PII_KEY``: the hashes hide phone numbers, a space small enough to
+#: enumerate, so the key's secrecy is all that protects them; 32 characters is what a
+#: 128-bit random key takes in hex (``openssl rand -hex 16``), the least that resists a search.
+MIN_PII_KEY_LENGTH = 32
 
 
 class Settings(BaseSettings):
@@ -56,6 +62,9 @@ class Settings(BaseSettings):
     media_low_speed_seconds: float = Field(default=60.0, gt=0)
     #: Comma-separated host names or addresses (see :attr:`media_allowed_host_set`).
     media_allowed_hosts: str | None = None
+    # Privacy-aware analyst data (issue 14): raw, hash or drop the callers' columns in Parquet.
+    parquet_pii: ParquetPii = "raw"
+    pii_key: SecretStr | None = None
 
     # --- tuning --------------------------------------------------------------------------
     s3_sse_kms_key_id: str | None = None
@@ -112,6 +121,36 @@ class Settings(BaseSettings):
         if value is not None and not Path(value).is_dir():
             raise ValueError(f"{value!r} is not an existing folder")
         return value
+
+    @field_validator("parquet_pii", mode="before")
+    @classmethod
+    def _pii_mode(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip().lower() or "raw"
+        return value
+
+    @field_validator("pii_key", mode="before")
+    @classmethod
+    def _pii_key_long_enough(cls, value: Any) -> Any:
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if secret == "":
+            return None
+        # The message never quotes the value: it is a secret.
+        if isinstance(secret, str) and len(secret) < MIN_PII_KEY_LENGTH:
+            raise ValueError(
+                f"must be at least {MIN_PII_KEY_LENGTH} characters, e.g. "
+                "`openssl rand -hex 32` (it is all that keeps hashed phone numbers unreadable)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _pii_key_with_hash(self) -> Settings:
+        if self.parquet_pii == "hash" and self.pii_key is None:
+            raise ValueError(
+                "RECARCHIVE_PARQUET_PII=hash needs RECARCHIVE_PII_KEY (a secret of at least "
+                f"{MIN_PII_KEY_LENGTH} characters, e.g. `openssl rand -hex 32`)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batch_within_the_rate(self) -> Settings:
@@ -210,7 +249,8 @@ def load_settings(**overrides: Any) -> Settings:
 def register_settings_secrets(settings: Settings) -> None:
     """Tell :mod:`recarchive.redaction` the secrets of ``settings``, so no sink shows them.
 
-    The access key, and the password of the database URL (in its user info or its query).
+    The access key, the PII key, and the password of the database URL (in its user info or
+    its query).
     """
     # SQLAlchemy's URL parser, imported here: ``recarchive query`` never needs SQLAlchemy.
     from sqlalchemy.engine import make_url
@@ -218,6 +258,8 @@ def register_settings_secrets(settings: Settings) -> None:
 
     if settings.bird_access_key is not None:
         register_secret(settings.bird_access_key.get_secret_value())
+    if settings.pii_key is not None:
+        register_secret(settings.pii_key.get_secret_value())
     try:
         url = make_url(settings.database_url)
     except ArgumentError:

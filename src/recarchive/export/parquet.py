@@ -8,6 +8,9 @@ memory holds one row group, not the table; a file that comes out byte for byte t
 one in place is left alone. Which partitions are due is kept in the ``export_partitions`` table
 (:mod:`recarchive.store.partitions`): its ``version`` grows with every change, and the export
 records the version it wrote only if the partition did not change again while it was writing.
+A file also records the PII policy it was written under (:mod:`recarchive.export.pii`): a
+partition whose files carry another is due too, so a change of ``RECARCHIVE_PARQUET_PII`` or of
+its key rewrites every partition on the next export, and one interrupted picks up where it was.
 
 Exports of one database run one at a time (:func:`recarchive.export.lock.export_lock`), and
 the pipeline keeps writing while an export runs.
@@ -19,6 +22,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.export.lock import EXPORT_LOCK_TIMEOUT, export_lock
+from recarchive.export.pii import METADATA_KEY, RAW, PiiPolicy
 from recarchive.export.rows import party_batches as _party_batches
 from recarchive.export.rows import recording_batches as _recording_batches
 from recarchive.export.schema import (
@@ -49,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 #: Rows per Parquet row group: large enough for DuckDB's and Athena's scans.
 ROW_GROUP_ROWS = 128 * 1024
+#: A partition folder's name.
+_MONTH_FOLDER = re.compile(r"created_month=(\d{4}-\d{2})")
 #: Bytes compared at a time between a new partition file and the one in place.
 _COMPARE_BYTES = 1024 * 1024
 
@@ -89,13 +96,15 @@ def _mark_again(engine: Engine, month: str) -> None:
 class _Target:
     """Where partition files go: a local folder or an S3 prefix."""
 
-    def __init__(self, root: str, s3_endpoint_url: str | None) -> None:
+    def __init__(self, root: str, s3_endpoint_url: str | None, tag: str | None) -> None:
         self.s3: pafs.S3FileSystem | None = None
         if root.startswith("s3://"):
             self.s3 = _s3_filesystem(s3_endpoint_url)
             self.base = root.removeprefix("s3://").rstrip("/")
         else:
             self.base = str(Path(root))
+        #: The PII policy's tag every file written gets (``None``: no metadata, ``raw``).
+        self.tag = tag
         #: ``(table, month)`` of the files :meth:`write` found identical and left in place.
         self.unchanged: set[tuple[str, str]] = set()
 
@@ -127,7 +136,7 @@ class _Target:
         # Not ending in .parquet: readers globbing *.parquet never see a file being written.
         temp = Path(temp_dir) / f".{FILE_NAME}.{uuid.uuid4().hex}.tmp"
         try:
-            rows = _write_file(temp, TABLE_SCHEMAS[table], batches)
+            rows = _write_file(temp, TABLE_SCHEMAS[table], batches, self.tag)
             before_replace()
             if rows == 0:
                 if not self._exists(f"{folder}/{FILE_NAME}"):
@@ -149,6 +158,36 @@ class _Target:
             return rows
         finally:
             temp.unlink(missing_ok=True)
+
+    def stale(self) -> set[str]:
+        """Months with a partition file in place written under another PII policy.
+
+        One listing per table and one footer read per file. A file that cannot be read as
+        Parquet counts as stale: rewriting it from SQL is what it needs anyway.
+        """
+        fs: pafs.FileSystem = self.s3 or pafs.LocalFileSystem()
+        base = self.base if self.s3 else Path(self.base).absolute().as_posix()
+        months: set[str] = set()
+        for table in TABLE_SCHEMAS:
+            selector = pafs.FileSelector(f"{base}/{table}", allow_not_found=True, recursive=True)
+            for info in fs.get_file_info(selector):
+                folder, _, name = info.path.rpartition("/")
+                found = _MONTH_FOLDER.fullmatch(folder.rpartition("/")[2])
+                if info.type != pafs.FileType.File or name != FILE_NAME or not found:
+                    continue
+                month = found.group(1)
+                if month in months:
+                    continue
+                try:
+                    with fs.open_input_file(info.path) as handle:
+                        metadata = pq.read_metadata(handle).metadata or {}
+                except pa.ArrowInvalid:
+                    months.add(month)
+                    continue
+                tag = metadata.get(METADATA_KEY.encode())
+                if (tag.decode() if tag is not None else None) != self.tag:
+                    months.add(month)
+        return months
 
     def _exists(self, path: str) -> bool:
         if self.s3 is None:
@@ -185,11 +224,16 @@ class _Target:
             self.s3.delete_dir(folder)
 
 
-def _write_file(path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch]) -> int:
+def _write_file(
+    path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch], tag: str | None
+) -> int:
     rows = 0
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
     with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        if tag is not None:
+            # File metadata, not the Arrow schema's: readers see the same schema in every mode.
+            writer.add_key_value_metadata({METADATA_KEY: tag})
         for batch in batches:
             pending.append(batch)
             pending_rows += batch.num_rows
@@ -267,6 +311,7 @@ def export_changed(
     s3_endpoint_url: str | None = None,
     full: bool = False,
     lock_timeout: float = EXPORT_LOCK_TIMEOUT,
+    pii: PiiPolicy = RAW,
 ) -> ExportReport:
     """Rewrite the Parquet partitions changed since the last export (all with ``full``).
 
@@ -282,6 +327,8 @@ def export_changed(
         s3_endpoint_url: S3-compatible endpoint for ``s3://`` roots.
         full: Rewrite every partition present in SQL.
         lock_timeout: Seconds to wait for another export of the same database.
+        pii: What the files show of callers (``RECARCHIVE_PARQUET_PII``); partitions written
+            under another policy are rewritten whatever ``full`` says.
 
     Returns:
         Rows and partitions written.
@@ -292,29 +339,39 @@ def export_changed(
         ConfigError: The S3 endpoint setting is not a URL.
     """
     started = time.monotonic()
-    target = _Target(root, s3_endpoint_url)
+    target = _Target(root, s3_endpoint_url, pii.tag)
     report = ExportReport(rows=0)
     with export_lock(engine, lock_timeout) as still_locked:
+        try:
+            stale = target.stale()
+        except OSError as exc:
+            raise StorageUnavailableError(
+                f"could not read the Parquet partitions under {root}: {exc}"
+            ) from exc
         # Read under the lock: what a previous export wrote and marked is not due any more.
         # A deferred (read-only) transaction on SQLite: the export must not block writers.
         with engine.connect().execution_options(recarchive_read_only=True) as connection:
             due = due_partitions(connection, full)
             # With ``full``: the partitions whose mark is due even without it.
-            changed = due_partitions(connection, False).keys() if full else due.keys()
+            changed = set(due_partitions(connection, False) if full else due)
+            if behind := stale - due.keys():
+                logger.info(
+                    "%d Parquet partitions were written under another PII mode or key than "
+                    "%s: rewriting them",
+                    len(behind),
+                    pii.mode,
+                )
+                versions = due_partitions(connection, True)
+                due = dict(sorted({**due, **{m: versions.get(m) for m in behind}}.items()))
             connection.rollback()
         for month, version in due.items():
             still_locked()
             try:
                 with engine.connect().execution_options(recarchive_read_only=True) as connection:
-                    rows = target.write(
-                        "recordings", month, _recording_batches(connection, month), still_locked
-                    )
-                    target.write(
-                        "recording_parties",
-                        month,
-                        _party_batches(connection, month),
-                        still_locked,
-                    )
+                    recordings = pii.apply("recordings", _recording_batches(connection, month))
+                    rows = target.write("recordings", month, recordings, still_locked)
+                    parties = pii.apply("recording_parties", _party_batches(connection, month))
+                    target.write("recording_parties", month, parties, still_locked)
                     connection.rollback()
                 # The lock may have been lost between the check and the replace: then this
                 # (perhaps older) file may have replaced a newer export's, so the month is

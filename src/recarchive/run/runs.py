@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from recarchive.config import Settings
 from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
 from recarchive.export.parquet import ExportReport, export_changed
+from recarchive.export.pii import PiiPolicy
 from recarchive.ids.spool import IdList
 from recarchive.leases import active_owner, local_owner_dead, run_owner
 from recarchive.model import RunCounts, RunStatus
@@ -426,5 +427,9 @@ def raise_for_export(report: RunReport) -> None:
 def export_parquet(settings: Settings, engine: Engine, *, full: bool = False) -> ExportReport:
     """Rewrite the Parquet partitions changed since the last export."""
     return export_changed(
-        engine, settings.parquet_root, s3_endpoint_url=settings.s3_endpoint_url, full=full
+        engine,
+        settings.parquet_root,
+        s3_endpoint_url=settings.s3_endpoint_url,
+        full=full,
+        pii=PiiPolicy.from_settings(settings),
     )
