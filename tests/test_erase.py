@@ -31,7 +31,7 @@ from recarchive.normalize import normalize_recording
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.engine import create_engine_for
-from recarchive.store.erasures import ErasureOutcome
+from recarchive.store.erasures import ErasureOutcome, ErasureRequest
 from recarchive.store.tables import archive_ledger, recording_parties, recordings
 from tests.fixtures.simulator import SimulatorFactory
 from tests.test_normalize import make_payload
@@ -496,14 +496,11 @@ def test_begin_erasure_is_one_transaction_and_erased_rows_are_never_leased(
     victim, other = records[0].id, records[1].id
     store.register([victim, other])
     assert (
-        store.begin_erasure(victim, owner="someone", reason="r", requested_by="u", at_source=False)
-        is None
+        store.begin_erasure(ErasureRequest(victim, "r", "u", "someone", at_source=False)) is None
     )  # without the lease: nothing changes
     assert store.get_entries([victim])[victim].state == "pending"
     assert store.claim([victim], owner="eraser", lease_seconds=60, states=CLAIMABLE_STATES)
-    record = store.begin_erasure(
-        victim, owner="eraser", reason="r", requested_by="u", at_source=True
-    )
+    record = store.begin_erasure(ErasureRequest(victim, "r", "u", "eraser", at_source=True))
     assert record is not None and record.outcome == "erasing" and record.sql_rows_deleted >= 1
     assert record.created_month == records[0].recording["created_month"]
     entry = store.get_entries([victim])[victim]
@@ -523,10 +520,7 @@ def test_begin_erasure_is_one_transaction_and_erased_rows_are_never_leased(
     )
     assert claimed == [other]
     assert victim not in store.due_retries(limit=10, max_attempts=8)  # erased is never due
-    assert (
-        store.begin_erasure(victim, owner="eraser", reason="r", requested_by="u", at_source=False)
-        is None
-    )
+    assert store.begin_erasure(ErasureRequest(victim, "r", "u", "eraser", at_source=False)) is None
     store.finish_erasure(record.id, outcome=ErasureOutcome.ERASED, s3_versions_deleted=2)
     store.finish_erasure(record.id, outcome=ErasureOutcome.ERASED, s3_versions_deleted=1)
     (done,) = store.erasure_log(victim)

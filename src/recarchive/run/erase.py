@@ -50,7 +50,7 @@ from recarchive.run.clients import (
     open_store,
     shared_permits,
 )
-from recarchive.store.erasures import ErasureOutcome, ErasureRecord
+from recarchive.store.erasures import ErasureOutcome, ErasureRecord, ErasureRequest
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
@@ -190,6 +190,9 @@ class _Eraser:
         self, entry: LedgerEntry, record: ErasureRecord | None, resuming: bool
     ) -> ErasureResult | _Started:
         recording_id, store = entry.recording_id, self.store
+        request = ErasureRequest(
+            recording_id, self.reason, self.user, self.owner, at_source=self.bird is not None
+        )
         try:
             found = self._objects(entry)
             refusals = self._refusals(entry, found)
@@ -202,33 +205,14 @@ class _Eraser:
             if resuming and record is not None:
                 store.finish_erasure(record.id, outcome=ErasureOutcome.ERASING, detail=message)
             else:
-                record = store.record_refusal(
-                    recording_id,
-                    owner=self.owner,
-                    reason=self.reason,
-                    requested_by=self.user,
-                    detail=message,
-                    at_source=self.bird is not None,
-                )
+                record = store.record_refusal(request, detail=message)
             return ErasureResult(recording_id, "refused", message, record)
         if not resuming:
-            record = store.begin_erasure(
-                recording_id,
-                owner=self.owner,
-                reason=self.reason,
-                requested_by=self.user,
-                at_source=self.bird is not None,
-            )
+            record = store.begin_erasure(request)
             if record is None:
                 return ErasureResult(recording_id, "busy", "lost its lease: nothing erased")
         elif record is None:
-            record = store.reopen_erasure(
-                recording_id,
-                owner=self.owner,
-                reason=self.reason,
-                requested_by=self.user,
-                at_source=self.bird is not None,
-            )
+            record = store.reopen_erasure(request)
         deleted = 0
         try:
             if entry.s3_key is not None and entry.s3_bucket is not None:

@@ -32,7 +32,7 @@ from recarchive.store.engine import utc_now
 from recarchive.store.partitions import mark_partitions_of
 from recarchive.store.tables import archive_ledger, erasures, recording_parties, recordings
 
-__all__ = ["ErasureOutcome", "ErasureRecord", "Erasures"]
+__all__ = ["ErasureOutcome", "ErasureRecord", "ErasureRequest", "Erasures"]
 
 
 class ErasureOutcome(StrEnum):
@@ -44,6 +44,25 @@ class ErasureOutcome(StrEnum):
     ERASED = "erased"
     #: Nothing was deleted: a retention lock, a legal hold, or a run held the recording.
     REFUSED = "refused"
+
+
+@dataclass(frozen=True)
+class ErasureRequest:
+    """Who asks to erase which recording, and why.
+
+    Attributes:
+        recording_id: The recording.
+        reason: Why (the operator's words; no personal data belongs here).
+        requested_by: The OS user who asked.
+        owner: The erasing process's lease owner name (``host:pid:random``).
+        at_source: Bird's copy is to be deleted too.
+    """
+
+    recording_id: str
+    reason: str
+    requested_by: str
+    owner: str
+    at_source: bool
 
 
 @dataclass(frozen=True)
@@ -86,22 +105,17 @@ class Erasures:
     #: Set by :class:`~recarchive.store.archive.ArchiveStore`.
     engine: Engine
 
-    def begin_erasure(
-        self, recording_id: str, *, owner: str, reason: str, requested_by: str, at_source: bool
-    ) -> ErasureRecord | None:
+    def begin_erasure(self, request: ErasureRequest) -> ErasureRecord | None:
         """Make the ledger row a tombstone and delete the SQL rows, in one transaction.
 
         Args:
-            recording_id: The recording; ``owner`` holds its lease.
-            owner: The erasing process's lease owner name.
-            reason: Why (the operator's words; no personal data belongs here).
-            requested_by: The OS user who asked.
-            at_source: Bird's copy is to be deleted too.
+            request: The erasure; ``request.owner`` holds the recording's lease.
 
         Returns:
             The new ``erasing`` row, or ``None`` (nothing changed) when ``owner`` does not
             hold the lease or the row is erased already.
         """
+        recording_id, owner = request.recording_id, request.owner
         with self.engine.begin() as connection:
             row = connection.execute(
                 select(_ledger.state, _ledger.lease_owner).where(
@@ -127,7 +141,7 @@ class Erasures:
                 .where(_ledger.recording_id == recording_id, _ledger.lease_owner == owner)
                 .values(
                     state=LedgerState.ERASED,
-                    last_error=clip_error(tombstone_reason(reason)),
+                    last_error=clip_error(tombstone_reason(request.reason)),
                     next_attempt_at=None,
                     # What the media was like is the recording's, not the tombstone's.
                     size_bytes=None,
@@ -139,57 +153,29 @@ class Erasures:
             )
             return self._insert(
                 connection,
-                recording_id=recording_id,
-                outcome=ErasureOutcome.ERASING,
-                reason=reason,
-                requested_by=requested_by,
-                owner=owner,
+                request,
+                ErasureOutcome.ERASING,
                 requested_at=now,
                 created_month=month,
                 sql_rows_deleted=deleted,
-                at_source=at_source,
             )
 
-    def reopen_erasure(
-        self, recording_id: str, *, owner: str, reason: str, requested_by: str, at_source: bool
-    ) -> ErasureRecord:
+    def reopen_erasure(self, request: ErasureRequest) -> ErasureRecord:
         """An ``erasing`` row for a tombstone that has none (a ledger erased by hand)."""
         with self.engine.begin() as connection:
-            return self._insert(
-                connection,
-                recording_id=recording_id,
-                outcome=ErasureOutcome.ERASING,
-                reason=reason,
-                requested_by=requested_by,
-                owner=owner,
-                requested_at=utc_now(),
-                at_source=at_source,
-            )
+            return self._insert(connection, request, ErasureOutcome.ERASING, requested_at=utc_now())
 
-    def record_refusal(
-        self,
-        recording_id: str,
-        *,
-        owner: str,
-        reason: str,
-        requested_by: str,
-        detail: str,
-        at_source: bool,
-    ) -> ErasureRecord:
+    def record_refusal(self, request: ErasureRequest, *, detail: str) -> ErasureRecord:
         """Record an erasure that was refused; nothing of the recording was deleted."""
         now = utc_now()
         with self.engine.begin() as connection:
             return self._insert(
                 connection,
-                recording_id=recording_id,
-                outcome=ErasureOutcome.REFUSED,
-                reason=reason,
+                request,
+                ErasureOutcome.REFUSED,
                 detail=clip_error(detail),
-                requested_by=requested_by,
-                owner=owner,
                 requested_at=now,
                 finished_at=now,
-                at_source=at_source,
             )
 
     def finish_erasure(
@@ -261,9 +247,21 @@ class Erasures:
         return {**dict.fromkeys(ErasureOutcome, 0), **found}
 
     @staticmethod
-    def _insert(connection: Connection, **values: Any) -> ErasureRecord:
+    def _insert(
+        connection: Connection, request: ErasureRequest, outcome: ErasureOutcome, **values: Any
+    ) -> ErasureRecord:
         erasure_id = connection.execute(
-            insert(erasures).values(**values).returning(erasures.c.id)
+            insert(erasures)
+            .values(
+                recording_id=request.recording_id,
+                outcome=outcome,
+                reason=request.reason,
+                requested_by=request.requested_by,
+                owner=request.owner,
+                at_source=request.at_source,
+                **values,
+            )
+            .returning(erasures.c.id)
         ).scalar_one()
         row = connection.execute(select(*_COLUMNS).where(erasures.c.id == erasure_id)).one()
         return _record(row)
