@@ -132,7 +132,7 @@ def summary_table(counts: RunCounts, title: str = "Summary") -> Table:
     }
     if counts.erased:
         # Shown only when there are some: erased recordings are skipped, never fetched again.
-        cells["erased (skipped)"] = str(counts.erased)
+        cells["erased"] = str(counts.erased)
     for column in cells:
         table.add_column(column, justify="right")
     table.add_row(*cells.values())
