@@ -311,6 +311,9 @@ def test_erase_removes_everything_and_leaves_tombstones(archive: Archive) -> Non
     assert archive.parquet_ids() == set(archive.ids) - set(victims)
     status = json.loads(archive.invoke("status", "--json").stdout)
     assert status["states"]["erased"] == 3 and status["states"]["archived"] == 17
+    assert status["erasures"] == {"erasing": 0, "erased": 3, "refused": 0}
+    shown = archive.invoke("status").stdout
+    assert "erased" in shown and "Erasures" in shown
 
     # Again: reported as already erased, exit 0, nothing asked anywhere.
     archive.sim.clear_requests()

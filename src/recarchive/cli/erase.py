@@ -46,8 +46,8 @@ def erase_command(
 ) -> None:
     """Erase recordings everywhere: S3 (every version), SQL, Parquet, and Bird with --at-source.
 
-    Leaves a tombstone (ledger state ``erased``, ``{id}.erased.json`` in S3) so that no later
-    run fetches them again, and a row per erasure in the ``erasures`` table. A recording under
+    Leaves a tombstone (ledger state erased, {id}.erased.json in S3) so that no later run
+    fetches them again, and a row per erasure in the erasures table. A recording under
     a COMPLIANCE retention or a legal hold is refused (nothing of it deleted; exit 1).
     """
     from recarchive.ids.read import collect_ids, raise_for_problems
