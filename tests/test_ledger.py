@@ -58,6 +58,7 @@ def test_register_is_idempotent_and_pending(store: ArchiveStore) -> None:
         "archived": 0,
         "missing": 0,
         "failed": 0,
+        "erased": 0,
     }
     assert set(store.counts()) == set(LEDGER_STATES)
     assert store.get_entries(ids(1, start=5000)) == {}

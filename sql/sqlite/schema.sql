@@ -1,4 +1,4 @@
--- recarchive schema for SQLite (revision 0004; keep in step with
+-- recarchive schema for SQLite (revision 0006; keep in step with
 -- src/recarchive/store/tables.py and src/recarchive/store/migrations/, tests/test_schema.py checks it).
 --
 -- The application creates and upgrades its schema itself with Alembic
@@ -92,6 +92,7 @@ CREATE TABLE runs (
     error TEXT,
     owner VARCHAR(255),
     heartbeat_at DATETIME,
+    erased INTEGER DEFAULT 0 NOT NULL,
     PRIMARY KEY (id)
 );
 CREATE INDEX ix_runs_owner ON runs (owner);
@@ -122,3 +123,24 @@ CREATE TABLE request_permits (
     next_free FLOAT NOT NULL,
     PRIMARY KEY (name)
 );
+
+-- One row per erasure asked for (recarchive erase): who, when, why, what was deleted.
+CREATE TABLE erasures (
+    id INTEGER NOT NULL,
+    recording_id VARCHAR(36) NOT NULL,
+    outcome VARCHAR(16) NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT,
+    requested_by VARCHAR(255) NOT NULL,
+    owner VARCHAR(255) NOT NULL,
+    requested_at DATETIME NOT NULL,
+    finished_at DATETIME,
+    created_month VARCHAR(7),
+    s3_versions_deleted INTEGER DEFAULT 0 NOT NULL,
+    sql_rows_deleted INTEGER DEFAULT 0 NOT NULL,
+    parquet_partitions_rewritten INTEGER DEFAULT 0 NOT NULL,
+    parquet_versions_deleted INTEGER DEFAULT 0 NOT NULL,
+    at_source BOOLEAN NOT NULL,
+    PRIMARY KEY (id)
+);
+CREATE INDEX ix_erasures_recording_id ON erasures (recording_id);

@@ -24,12 +24,42 @@ class LedgerState(StrEnum):
     ARCHIVED = "archived"
     MISSING = "missing"
     FAILED = "failed"
+    #: A tombstone: erased on request (``recarchive erase``), never fetched again.
+    ERASED = "erased"
 
 
 #: Every ledger state, in the order reports list them.
 LEDGER_STATES: Final[tuple[LedgerState, ...]] = tuple(LedgerState)
 #: States a run works on: not done yet, or worth another attempt.
 WORK_STATES: Final = frozenset({LedgerState.PENDING, LedgerState.METADATA_ONLY, LedgerState.FAILED})
+#: States a lease may be taken on: every state but ``erased``, whose row no run touches again.
+CLAIMABLE_STATES: Final = frozenset(LEDGER_STATES) - {LedgerState.ERASED}
+
+
+def skip_counter(state: str, *, refresh: bool) -> str | None:
+    """The :class:`RunCounts` counter of a recording a run skips without any request.
+
+    ``archived`` and ``missing`` rows are skipped unless ``--refresh``; an ``erased`` row is
+    skipped always (a tombstone is never fetched again, whatever the flags).
+
+    Args:
+        state: The recording's ledger state.
+        refresh: The run re-fetches metadata of every given ID.
+
+    Returns:
+        The counter's name, or ``None`` when the run works on the recording.
+    """
+    if state == LedgerState.ERASED:
+        return "erased"
+    if refresh:
+        return None
+    return _SKIPPED_UNLESS_REFRESH.get(state)
+
+
+_SKIPPED_UNLESS_REFRESH: Final[dict[str, str]] = {
+    LedgerState.ARCHIVED: "already_archived",
+    LedgerState.MISSING: "missing",
+}
 
 
 class RunStatus(StrEnum):
@@ -158,6 +188,7 @@ class RunCounts:
         missing: 404 at Bird.
         failed: Retries exhausted or terminal error.
         busy: Held by another run's lease; left to that run.
+        erased: Erased on request before this run (a tombstone): skipped without a request.
         bytes_uploaded: Media bytes written to S3 by this run.
         failures: ``(recording_id, error)`` of the first failures, for the report.
     """
@@ -170,6 +201,7 @@ class RunCounts:
     failed: int = 0
     busy: int = 0
     bytes_uploaded: int = 0
+    erased: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, other: RunCounts) -> None:
@@ -197,6 +229,7 @@ class RunCounts:
             + self.missing
             + self.failed
             + self.busy
+            + self.erased
         )
 
     @property

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from recarchive.cli.dryrun import plan_list, plan_window, print_plan
+from recarchive.cli.erase import erase_command
 from recarchive.cli.output import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -49,6 +50,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.command("erase")(erase_command)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -240,9 +242,12 @@ def status(
         runs = store.last_runs(limit=min(limit, 10))
         failures = store.failed_entries(limit=limit) if failed else []
         missing = store.failed_entries(limit=limit, state=LedgerState.MISSING) if failed else []
+        erasures = store.erasure_counts()
     finally:
         engine.dispose()
-    print_status(counts, runs, failures if failed else None, missing, as_json=as_json)
+    print_status(
+        counts, runs, failures if failed else None, missing, as_json=as_json, erasures=erasures
+    )
 
 
 @app.command()

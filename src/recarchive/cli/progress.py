@@ -121,25 +121,21 @@ class ProgressReporter:
 def summary_table(counts: RunCounts, title: str = "Summary") -> Table:
     """Return the run summary as a rich table."""
     table = Table(title=title, show_header=True, header_style="bold")
-    for column in (
-        "requested",
-        "archived",
-        "already archived",
-        "media pending",
-        "missing",
-        "failed",
-        "bytes",
-    ):
+    cells = {
+        "requested": str(counts.requested),
+        "archived": str(counts.archived),
+        "already archived": str(counts.already_archived),
+        "media pending": str(counts.metadata_only),
+        "missing": str(counts.missing),
+        "failed": str(counts.failed),
+        "bytes": human_bytes(counts.bytes_uploaded),
+    }
+    if counts.erased:
+        # Shown only when there are some: erased recordings are skipped, never fetched again.
+        cells["erased"] = str(counts.erased)
+    for column in cells:
         table.add_column(column, justify="right")
-    table.add_row(
-        str(counts.requested),
-        str(counts.archived),
-        str(counts.already_archived),
-        str(counts.metadata_only),
-        str(counts.missing),
-        str(counts.failed),
-        human_bytes(counts.bytes_uploaded),
-    )
+    table.add_row(*cells.values())
     return table
 
 

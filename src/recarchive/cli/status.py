@@ -1,4 +1,4 @@
-"""What ``recarchive status`` prints: ledger counts, recent runs, failed and missing IDs."""
+"""What ``recarchive status`` prints: ledger counts, erasures, recent runs, failed, missing."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def print_status(
     missing: Sequence[LedgerEntry],
     *,
     as_json: bool,
+    erasures: dict[str, int] | None = None,
 ) -> None:
     """Print the status, as tables or (``as_json``) as one JSON document.
 
@@ -31,9 +32,13 @@ def print_status(
         failures: The ``failed`` rows, or ``None`` when ``--failed`` was not asked for.
         missing: The ``missing`` rows (shown with ``--failed`` only).
         as_json: One JSON document instead of tables.
+        erasures: ``erasures`` rows per outcome (``erasing`` ones are unfinished: running the
+            same ``erase`` again resumes them); the ``erased`` ledger state is in ``counts``.
     """
     if as_json:
         doc: dict[str, Any] = {"states": counts, "runs": runs}
+        if erasures is not None:
+            doc["erasures"] = erasures
         if failures is not None:
             doc["failed"] = [
                 {
@@ -54,6 +59,11 @@ def print_status(
     for state in LEDGER_STATES:
         table.add_row(state, str(counts.get(state, 0)))
     out.print(table)
+    if erasures and any(erasures.values()):
+        erasures_table = Table("outcome", "erasures", title="Erasures (the erasures table)")
+        for outcome, number in erasures.items():
+            erasures_table.add_row(str(outcome), str(number))
+        out.print(erasures_table)
     if runs:
         runs_table = Table(*RUN_COLUMNS, title="Recent runs")
         for run in runs:

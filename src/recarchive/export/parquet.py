@@ -289,7 +289,7 @@ def partition_files(root: str, *, s3_endpoint_url: str | None = None) -> int:
     Raises:
         StorageUnavailableError: The root cannot be listed.
     """
-    target = _Target(root, s3_endpoint_url)
+    target = _Target(root, s3_endpoint_url, None)
     filesystem = target.s3 or pafs.LocalFileSystem()
     try:
         found = filesystem.get_file_info(

@@ -33,5 +33,22 @@ def workspace_prefix(prefix: str, workspace_id: str) -> str:
 
 def sidecar_key(key: str) -> str:
     """Return the key of the metadata sidecar beside the media object ``key``."""
-    stem = key[: -len(".mp3")] if key.endswith(".mp3") else key
-    return f"{stem}.json"
+    return f"{_stem(key)}.json"
+
+
+def _stem(key: str) -> str:
+    return key[: -len(".mp3")] if key.endswith(".mp3") else key
+
+
+def object_prefix(key: str) -> str:
+    """The key prefix of every object of the recording whose MP3 is at ``key``.
+
+    ``{stem}.``: the MP3, its sidecar, its transcriptions and its erasure tombstone; no other
+    recording's (a recording ID is a fixed-length UUID).
+    """
+    return f"{_stem(key)}."
+
+
+def tombstone_key(key: str) -> str:
+    """Return the key of the erasure tombstone where the sidecar of ``key`` was."""
+    return f"{_stem(key)}.erased.json"

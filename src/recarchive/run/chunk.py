@@ -41,7 +41,7 @@ from recarchive.errors import (
 from recarchive.leases import release_dead_leases
 from recarchive.media.keys import media_key
 from recarchive.media.transfer import archive_media
-from recarchive.model import LEDGER_STATES, WORK_STATES, LedgerState, RunCounts
+from recarchive.model import CLAIMABLE_STATES, WORK_STATES, LedgerState, RunCounts, skip_counter
 from recarchive.normalize import normalize_recording
 from recarchive.redaction import describe
 from recarchive.run.context import ArchiveContext, ChunkOptions, ProgressCallback
@@ -61,7 +61,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ALL_STATES = frozenset(LEDGER_STATES)
 AVAILABLE = "available"
 
 
@@ -127,11 +126,10 @@ class _Chunk:
             entries = await asyncio.to_thread(self._register, ids)
         wanted: list[str] = []
         for recording_id in ids:
-            state = entries[recording_id].state
-            if state == LedgerState.ARCHIVED and not self.options.refresh:
-                self._outcome(already_archived=1)
-            elif state == LedgerState.MISSING and not self.options.refresh:
-                self._outcome(missing=1)
+            # archived and missing (unless --refresh) and erased (always): no request at all.
+            skipped = skip_counter(entries[recording_id].state, refresh=self.options.refresh)
+            if skipped is not None:
+                self._outcome(**{skipped: 1})
             else:
                 wanted.append(recording_id)
         if not wanted:
@@ -142,7 +140,7 @@ class _Chunk:
                 store.release,
                 own_owner=ctx.owner,
             )
-        states = ALL_STATES if self.options.refresh else WORK_STATES
+        states = CLAIMABLE_STATES if self.options.refresh else WORK_STATES
         with ledger_errors("could not claim"):
             claimed = store.claim(
                 wanted, owner=ctx.owner, lease_seconds=ctx.lease_seconds, states=states

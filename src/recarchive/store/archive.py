@@ -2,7 +2,8 @@
 
 Each table job is its own class over the shared ``engine`` (:mod:`~recarchive.store.recordings`,
 :mod:`~recarchive.store.ledger`, :mod:`~recarchive.store.claims`,
-:mod:`~recarchive.store.outcomes`, :mod:`~recarchive.store.runs`); this class only puts them
+:mod:`~recarchive.store.outcomes`, :mod:`~recarchive.store.runs`,
+:mod:`~recarchive.store.erasures`); this class only puts them
 together, so callers hold one store and never mind which module answers a call.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 from sqlalchemy import Engine
 
 from recarchive.store.claims import LedgerClaims
+from recarchive.store.erasures import Erasures
 from recarchive.store.ledger import Ledger
 from recarchive.store.outcomes import LedgerOutcomes
 from recarchive.store.recordings import RecordingWrites
@@ -19,8 +21,8 @@ from recarchive.store.runs import RunsTable
 __all__ = ["ArchiveStore"]
 
 
-class ArchiveStore(RecordingWrites, Ledger, LedgerClaims, LedgerOutcomes, RunsTable):
-    """Recordings, ledger and runs in one SQL database.
+class ArchiveStore(RecordingWrites, Ledger, LedgerClaims, LedgerOutcomes, RunsTable, Erasures):
+    """Recordings, ledger, runs and erasures in one SQL database.
 
     Args:
         engine: Engine from :func:`~recarchive.store.engine.create_engine_for`, schema

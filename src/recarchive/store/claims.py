@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import ColumnElement, Engine, bindparam, or_, select, update
 
 from recarchive.errors import LedgerStateError
+from recarchive.model import LedgerState
 from recarchive.store.bulk import chunks, retry_conflicts
 from recarchive.store.engine import db_now, no_jit
 from recarchive.store.ledger import DEFAULT_STALE_AFTER, lease_unheld
@@ -44,11 +45,14 @@ class LedgerClaims:
             ids: Canonical recording IDs (registered).
             owner: This run's lease owner name.
             lease_seconds: Lease length.
-            states: States worth claiming.
+            states: States worth claiming (``erased`` is never claimed).
 
         Returns:
             The IDs now leased to ``owner``.
         """
+        # An erased row (a tombstone) is never leased, whatever a caller asks for: no run
+        # fetches it again, and ``erase`` itself leases only rows it has not erased yet.
+        states = [state for state in states if state != LedgerState.ERASED]
         if not ids or not states:
             return []
         claimed: list[str] = []
@@ -63,7 +67,7 @@ class LedgerClaims:
             for chunk in chunks(ids):
                 where = (
                     archive_ledger.c.recording_id.in_(chunk),
-                    archive_ledger.c.state.in_(list(states)),
+                    archive_ledger.c.state.in_(states),
                     self._lease_free(owner, now),
                 )
                 if postgres:

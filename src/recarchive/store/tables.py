@@ -231,6 +231,33 @@ request_permits = Table(
     Column("next_free", Float(53), nullable=False),
 )
 
+erasures = Table(
+    "erasures",
+    metadata,
+    # One row per erasure asked for (revision 0006): the audit record of ``recarchive erase``.
+    # No personal data: the recording's ID, month and counts, never its numbers or names.
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("recording_id", String(36), nullable=False),
+    # ``erasing`` (started: SQL done, S3 or Parquet maybe not yet), ``erased``, ``refused``.
+    Column("outcome", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    # Why it was refused, or what is left to do.
+    Column("detail", Text),
+    # The OS user who asked, and the ``host:pid:random`` name of the process that did it.
+    Column("requested_by", String(255), nullable=False),
+    Column("owner", String(255), nullable=False),
+    Column("requested_at", UTCDateTime, nullable=False),
+    Column("finished_at", UTCDateTime),
+    # The Parquet partition the recording was in (its rows are rewritten without it).
+    Column("created_month", String(7)),
+    Column("s3_versions_deleted", Integer, nullable=False, server_default="0"),
+    Column("sql_rows_deleted", Integer, nullable=False, server_default="0"),
+    Column("parquet_partitions_rewritten", Integer, nullable=False, server_default="0"),
+    Column("parquet_versions_deleted", Integer, nullable=False, server_default="0"),
+    Column("at_source", Boolean, nullable=False),
+    Index("ix_erasures_recording_id", "recording_id"),
+)
+
 #: Tables in creation order (children after parents).
 TABLES = (
     recordings,
@@ -240,4 +267,5 @@ TABLES = (
     export_partitions,
     listed_windows,
     request_permits,
+    erasures,
 )
