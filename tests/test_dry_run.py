@@ -118,7 +118,8 @@ def mixed_ledger(invoke: Invoke, tmp_path: Path, sim: SimulatorServer) -> dict[s
         "failed_not_due": ids[340:380],
         "orphan_pending": ids[380:430],
         "live_pending": ids[430:450],
-        "new": ids[450:1000],
+        "erased": ids[450:470],
+        "new": ids[470:1000],
     }
     result = invoke("archive", "--ids-file", write_ids(tmp_path / "earlier.txt", groups["earlier"]))
     assert result.exit_code in (0, 1), result.output
@@ -130,6 +131,7 @@ def mixed_ledger(invoke: Invoke, tmp_path: Path, sim: SimulatorServer) -> dict[s
         *groups["failed_not_due"],
         *groups["orphan_pending"],
         *groups["live_pending"],
+        *groups["erased"],
     ]
     store.register(registered)
     now = datetime.now(UTC)
@@ -156,6 +158,11 @@ def mixed_ledger(invoke: Invoke, tmp_path: Path, sim: SimulatorServer) -> dict[s
             update(ledger)
             .where(ledger.c.recording_id.in_(groups["live_pending"]))
             .values(lease_owner=LIVE_OWNER, lease_expires_at=now + timedelta(hours=1))
+        )
+        connection.execute(
+            update(ledger)
+            .where(ledger.c.recording_id.in_(groups["erased"]))
+            .values(state="erased", last_error="erased on request: test")
         )
     engine.dispose()
     return groups
@@ -189,6 +196,7 @@ def test_archive_dry_run_sends_nothing_writes_nothing_and_counts_what_the_run_do
         "busy": len(groups["live_pending"]),
         "already_archived": earlier.count("archived"),
         "missing": earlier.count("missing"),
+        "erased": len(groups["erased"]),
         "not_due": 0,
     }
     assert earlier.count("archived") > 100 and earlier.count("missing") > 0  # a mixed ledger
@@ -203,6 +211,7 @@ def test_archive_dry_run_sends_nothing_writes_nothing_and_counts_what_the_run_do
     assert len(distinct_fetched(sim)) == plan["to_fetch"]
     assert run["already_archived"] == expected["already_archived"]
     assert run["busy"] == expected["busy"]
+    assert run["erased"] == expected["erased"]
     assert run["missing"] >= expected["missing"]  # plus the new IDs that answer 404
 
 

@@ -285,3 +285,26 @@ def test_with_verify_an_object_that_does_not_match_its_sha256_is_not_archived(
     assert "do not match its sha256 metadata" in words(result)
     state = sql_rows(database, f"SELECT state FROM archive_ledger WHERE recording_id = '{ids[0]}'")
     assert state == [{"state": "pending"}]  # the adopt path hashes it again before anything
+
+
+def test_an_erased_recording_stays_erased_through_a_rebuild(
+    invoke: Invoke, tmp_path: Path, sim: SimulatorServer
+) -> None:
+    ids = sim.dataset.available_ids()[:4]
+    assert invoke("archive", *ids).exit_code == 0
+    erased = invoke("erase", ids[0], "--reason", "caller asked (ticket 42)")
+    assert erased.exit_code == 0, erased.output
+    shutil.rmtree(tmp_path / "db")
+    shutil.rmtree(tmp_path / "parquet")
+    result = invoke("rebuild")
+    assert result.exit_code == 0, result.output
+    assert "1 erased recordings kept as tombstones" in words(result)
+    database = tmp_path / "db" / "archive.db"
+    row = sql_rows(
+        database, f"SELECT state, last_error FROM archive_ledger WHERE recording_id = '{ids[0]}'"
+    )
+    assert row == [{"state": "erased", "last_error": "erased on request: caller asked (ticket 42)"}]
+    assert sql_rows(database, f"SELECT id FROM recordings WHERE id = '{ids[0]}'") == []
+    sim.clear_requests()
+    assert invoke("archive", *ids).exit_code == 0
+    assert not [r for r in sim.requests if ids[0] in r.path]  # never asked for again

@@ -53,6 +53,8 @@ def rebuild_command(
         f"rebuilt {report.recordings} recordings ({report.bytes} bytes of MP3) from "
         f"s3://{settings.s3_bucket}/{settings.s3_prefix}/; Parquet: {exported} rows exported."
     )
+    if report.erased:
+        out.print(f"{report.erased} erased recordings kept as tombstones (never fetched again).")
     if report.first_created and report.last_created:
         out.print(
             f"Rebuilt recordings were created from {report.first_created:%Y-%m-%d} to "

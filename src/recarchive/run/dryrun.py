@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.leases import dead_local_owners, local_owner_dead, run_owner
-from recarchive.model import LedgerEntry, LedgerState
+from recarchive.model import LedgerEntry, LedgerState, skip_counter
 from recarchive.run.clients import safe_database_url
 from recarchive.run.context import ChunkOptions
 from recarchive.store.archive import ArchiveStore
@@ -39,6 +39,7 @@ CATEGORIES: dict[str, str] = {
     "busy": "leased by a live run: left to it",
     "already_archived": "archived: skipped without a request",
     "missing": "404 before: skipped without a request",
+    "erased": "erased on request: a tombstone, never fetched again",
     "not_due": "failed or metadata only, not due yet, out of attempts or leased: not taken",
 }
 FETCHED = frozenset({"new", "pending", "media_recheck", "failed_retry", "refresh"})
@@ -179,12 +180,12 @@ def _read_chunk(
 def _archive_category(entry: LedgerEntry | None, held: set[str], options: ChunkOptions) -> str:
     if entry is None:
         return "new"
-    state = entry.state
-    if state in (LedgerState.ARCHIVED, LedgerState.MISSING) and not options.refresh:
-        return "already_archived" if state == LedgerState.ARCHIVED else "missing"
+    skipped = skip_counter(entry.state, refresh=options.refresh)  # the real run's own rule
+    if skipped is not None:
+        return skipped
     if entry.recording_id in held:
         return "busy"
-    return _BY_STATE.get(LedgerState(state), "refresh")
+    return _BY_STATE.get(LedgerState(entry.state), "refresh")
 
 
 def plan_retry(settings: Settings) -> DryRunPlan:

@@ -36,6 +36,7 @@ from recarchive.redaction import describe
 from recarchive.run.clients import build_media_store, open_store, safe_database_url
 from recarchive.run.runs import export_parquet
 from recarchive.store.archive import ArchiveStore
+from recarchive.store.erasures import tombstone_reason
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class RebuildReport:
 
     Attributes:
         recordings: Recordings rebuilt (metadata rows and an ``archived`` ledger row each).
+        erased: Tombstones restored (``erased`` ledger rows, from ``.erased.json``).
         bytes: Their MP3s' total size.
         without_sidecar: IDs with an MP3 but no sidecar: registered ``pending`` at their key,
             so the next run given them (or ``retry-failed``) adopts the object.
@@ -63,6 +65,7 @@ class RebuildReport:
     """
 
     recordings: int = 0
+    erased: int = 0
     bytes: int = 0
     without_sidecar: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
@@ -222,6 +225,8 @@ def _read(
     ``report``'s lists are appended to from the pool's threads: ``list.append`` is atomic.
     """
     recording_id = item.recording_id
+    if item.tombstone is not None:
+        return _tombstone(media, item, report)
     if item.media is None:
         if item.sidecar is not None:
             report.skipped.append((recording_id, "a sidecar without its MP3"))
@@ -267,6 +272,37 @@ def _read(
         archived_at=facts.archived_at,
     )
     return _Found(record, entry)
+
+
+def _tombstone(media: MediaStore, item: StoredRecording, report: RebuildReport) -> _Found:
+    """The ``erased`` ledger row of an erased recording, from its ``.erased.json`` marker.
+
+    The tombstone is what keeps every later run from fetching the recording again, so it is
+    restored even when its marker cannot be read (the reason is then unknown).
+    """
+    reason = "unknown (its tombstone could not be read)"
+    try:
+        reason = str(read_json(media, item.tombstone or "").get("reason") or reason)
+    except Exception as exc:  # the row is restored whatever the marker says
+        report.skipped.append((item.recording_id, f"tombstone unreadable: {describe(exc)}"))
+    left = [key for key in (item.media, item.sidecar, *item.others) if key]
+    if left:
+        # An erasure stopped between its tombstone and its deletes: the audit table that would
+        # let `erase` resume it is gone with the database.
+        report.skipped.append(
+            (item.recording_id, f"erased, but {len(left)} objects remain: delete them by hand")
+        )
+    report.erased += 1
+    entry = replace(
+        _entry(
+            item.recording_id,
+            LedgerState.ERASED,
+            media.bucket,
+            f"{item.folder}{item.recording_id}.mp3",
+        ),
+        last_error=tombstone_reason(reason),
+    )
+    return _Found(None, entry)
 
 
 def _entry(recording_id: str, state: LedgerState, bucket: str, key: str) -> LedgerEntry:
