@@ -21,6 +21,7 @@ ENV_PREFIX = "RECARCHIVE_"
 AuthScheme = Literal["AccessKey", "Bearer"]
 ServerSideEncryption = Literal["AES256", "aws:kms"]
 ChecksumMode = Literal["when_supported", "when_required"]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(BaseSettings):
@@ -76,6 +77,12 @@ class Settings(BaseSettings):
     item_max_attempts: int = Field(default=8, ge=1)
     temp_dir: str | None = None
 
+    # --- insight (issue 15): monitoring and logs -----------------------------------------
+    #: A Prometheus textfile written at the end of each run (run/metrics.py); unset: none.
+    metrics_file: str | None = None
+    #: ``text`` (default) or ``json``: one JSON object per log line (cli/logs.py).
+    log_format: LogFormat = "text"
+
     @field_validator("bird_api_url", "s3_endpoint_url")
     @classmethod
     def _absolute_http_url(cls, value: str | None) -> str | None:
@@ -100,6 +107,7 @@ class Settings(BaseSettings):
         "s3_sse_kms_key_id",
         "temp_dir",
         "media_allowed_hosts",
+        "metrics_file",
         mode="before",
     )
     @classmethod
