@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from recarchive.cli.app import app
 from recarchive.store.engine import create_engine_for
 from tests.fixtures.simulator import SimulatorFactory
+from tests.test_run_json import contract_env
 
 TIMESTAMPS = ("created_at", "updated_at", "started_at", "ended_at", "fetched_at", "archived_at")
 BOOLEANS = ("stereo", "transcription", "originator_number_anonymous")
@@ -38,17 +39,8 @@ def archive(
     simulator_factory: SimulatorFactory, tmp_path: Path, s3_endpoint: str, s3_bucket: str
 ) -> Iterator[Archive]:
     sim = simulator_factory(recordings=30, seed=11, faults="notready", available_fraction=1.0)
-    database = f"sqlite:///{tmp_path / 'archive.db'}"
-    env = {
-        "RECARCHIVE_DATABASE_URL": database,
-        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
-        "RECARCHIVE_S3_BUCKET": s3_bucket,
-        "RECARCHIVE_S3_ENDPOINT_URL": s3_endpoint,
-        "RECARCHIVE_REQUESTS_PER_SECOND": "1000",
-        "RECARCHIVE_BIRD_API_URL": sim.api_url,
-        "RECARCHIVE_BIRD_ACCESS_KEY": sim.config.access_key,
-        "RECARCHIVE_WORKSPACE_ID": sim.config.workspace_id,
-    }
+    env = contract_env(tmp_path, sim, s3_bucket, s3_endpoint)
+    database = env["RECARCHIVE_DATABASE_URL"]
     result = CliRunner().invoke(app, ["archive", *sim.dataset.ids], env=env)
     assert result.exit_code == 0, result.output
     engine = create_engine_for(database)

@@ -8,6 +8,7 @@ contract's environment variables.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,7 @@ from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
 from recarchive.cli.app import app
+from recarchive.simulator.server import SimulatorServer
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.engine import create_engine_for
 from tests.fixtures.simulator import SimulatorFactory
@@ -47,6 +49,23 @@ RUN_KEYS = {
     "export",
     "export_error",
 }
+
+
+def contract_env(
+    tmp_path: Path, sim: SimulatorServer, bucket: str | None = None, endpoint: str | None = None
+) -> dict[str, str]:
+    """The contract's variables for a run on loopback: SQLite and local Parquet in tmp_path."""
+    env = {
+        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'archive.db'}",
+        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
+        "RECARCHIVE_REQUESTS_PER_SECOND": "1000",
+        "RECARCHIVE_BIRD_API_URL": sim.api_url,
+        "RECARCHIVE_BIRD_ACCESS_KEY": sim.config.access_key,
+        "RECARCHIVE_WORKSPACE_ID": sim.config.workspace_id,
+    }
+    if bucket is not None and endpoint is not None:
+        env |= {"RECARCHIVE_S3_BUCKET": bucket, "RECARCHIVE_S3_ENDPOINT_URL": endpoint}
+    return env
 
 
 def invoke(env: dict[str, str], *args: str) -> Result:
@@ -86,17 +105,8 @@ def test_archive_json_and_metrics_match_the_run(
     sim = simulator_factory(recordings=40, seed=5, faults="404,notready", available_fraction=1.0)
     metrics = tmp_path / "textfile" / "recarchive.prom"
     metrics.parent.mkdir()
-    env = {
-        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'archive.db'}",
-        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
-        "RECARCHIVE_S3_BUCKET": s3_bucket,
-        "RECARCHIVE_S3_ENDPOINT_URL": s3_endpoint,
-        "RECARCHIVE_REQUESTS_PER_SECOND": "1000",
-        "RECARCHIVE_BIRD_API_URL": sim.api_url,
-        "RECARCHIVE_BIRD_ACCESS_KEY": sim.config.access_key,
-        "RECARCHIVE_WORKSPACE_ID": sim.config.workspace_id,
-        "RECARCHIVE_METRICS_FILE": str(metrics),
-    }
+    env = contract_env(tmp_path, sim, s3_bucket, s3_endpoint)
+    env["RECARCHIVE_METRICS_FILE"] = str(metrics)
     ids = sim.dataset.ids
     result = invoke(env, "archive", "--json", *ids)
     doc = only_json(result)
@@ -174,15 +184,24 @@ def test_unwritable_metrics_file_is_a_warning_not_a_failed_run(
     simulator_factory: SimulatorFactory, tmp_path: Path
 ) -> None:
     sim = simulator_factory(recordings=5, seed=3)
-    env = {
-        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'archive.db'}",
-        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
-        "RECARCHIVE_BIRD_API_URL": sim.api_url,
-        "RECARCHIVE_BIRD_ACCESS_KEY": sim.config.access_key,
-        "RECARCHIVE_WORKSPACE_ID": sim.config.workspace_id,
-        "RECARCHIVE_METRICS_FILE": str(tmp_path / "no-such-folder" / "recarchive.prom"),
-    }
+    env = contract_env(tmp_path, sim)
+    env["RECARCHIVE_METRICS_FILE"] = str(tmp_path / "no-such-folder" / "recarchive.prom")
     result = invoke(env, "archive", "--skip-media", "--json", *sim.dataset.ids)
     assert result.exit_code == 0, result.output
     assert only_json(result)["counts"]["metadata_only"] == 5
     assert "could not write the metrics file" in result.stderr
+
+
+def test_archive_since_until_json(simulator_factory: SimulatorFactory, tmp_path: Path) -> None:
+    sim = simulator_factory(recordings=120, seed=43, available_fraction=1.0)
+    since, until = datetime(2025, 4, 9, tzinfo=UTC), datetime(2025, 4, 11, tzinfo=UTC)
+    expected = sim.dataset.ids_created_between(since, until)
+    assert expected
+    env = contract_env(tmp_path, sim)
+    args = ("archive", "--skip-media", "--json", "--since", "2025-04-09", "--until", "2025-04-11")
+    result = invoke(env, *args)
+    doc = only_json(result)
+    assert result.exit_code == doc["exit_code"] == 0
+    assert doc["counts"]["requested"] == doc["counts"]["metadata_only"] == len(expected)
+    assert doc["invalid_ids"] == 0 and doc["failures"] == []
+    assert "found" in result.stderr  # the listing's messages are on stderr

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
+from recarchive.model import RUN_COUNT_COLUMNS
 from recarchive.redaction import describe
 from recarchive.run.outcome import Outcome, run_outcome
 
@@ -31,14 +32,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: The outcomes a recording can reach in a run: the label values of ``recordings``.
-RECORDING_OUTCOMES: Final = (
-    "archived",
-    "already_archived",
-    "metadata_only",
-    "missing",
-    "failed",
-    "busy",
+#: The outcomes a recording can reach in a run (every counter of ``RunCounts`` but the total
+#: and the bytes): the label values of ``recarchive_last_run_recordings``.
+RECORDING_OUTCOMES: Final = tuple(
+    name for name in RUN_COUNT_COLUMNS if name not in {"requested", "bytes_uploaded"}
 )
 
 #: Every metric of the file: name -> (help, extra label beside ``kind``, or ``None``).
