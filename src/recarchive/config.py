@@ -27,6 +27,7 @@ ParquetPii = Literal["raw", "hash", "drop"]
 #: enumerate, so the key's secrecy is all that protects them; 32 characters is what a
 #: 128-bit random key takes in hex (``openssl rand -hex 16``), the least that resists a search.
 MIN_PII_KEY_LENGTH = 32
+LogFormat = Literal["text", "json"]
 
 
 class Settings(BaseSettings):
@@ -85,6 +86,12 @@ class Settings(BaseSettings):
     item_max_attempts: int = Field(default=8, ge=1)
     temp_dir: str | None = None
 
+    # --- insight (issue 15): monitoring and logs -----------------------------------------
+    #: A Prometheus textfile written at the end of each run (run/metrics.py); unset: none.
+    metrics_file: str | None = None
+    #: ``text`` (default) or ``json``: one JSON object per log line (cli/logs.py).
+    log_format: LogFormat = "text"
+
     @field_validator("bird_api_url", "s3_endpoint_url")
     @classmethod
     def _absolute_http_url(cls, value: str | None) -> str | None:
@@ -109,6 +116,7 @@ class Settings(BaseSettings):
         "s3_sse_kms_key_id",
         "temp_dir",
         "media_allowed_hosts",
+        "metrics_file",
         mode="before",
     )
     @classmethod

@@ -9,35 +9,37 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from recarchive.cli.ddl import ddl
 from recarchive.cli.dryrun import plan_list, plan_window, print_plan
 from recarchive.cli.erase import erase_command
+from recarchive.cli.logs import apply_log_format
 from recarchive.cli.output import (
-    EXIT_ITEMS_FAILED,
-    EXIT_OK,
     configure_logging,
     err,
     exit_code,
     handle_errors,
     out,
-    print_run,
 )
 from recarchive.cli.progress import result_table
 from recarchive.cli.rebuild import rebuild_command
 from recarchive.cli.status import print_status
+from recarchive.cli.summary import finish_run, finish_verify
 from recarchive.config import Settings, load_settings
 from recarchive.errors import InputError
 from recarchive.ids.window import parse_when
-from recarchive.model import LedgerState, RunCounts
+from recarchive.model import LedgerState
 
 if TYPE_CHECKING:
     from recarchive.ids.spool import IdList
     from recarchive.run.context import ChunkOptions
+    from recarchive.run.runs import RunReport
 
 
 app = typer.Typer(
@@ -51,10 +53,13 @@ app = typer.Typer(
 db_app = typer.Typer(help="Database maintenance.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.command("erase")(erase_command)
+app.command("ddl")(ddl)
 
 
 def _settings(**overrides: Any) -> Settings:
-    return load_settings(**overrides)
+    settings = load_settings(**overrides)
+    apply_log_format(settings.log_format)
+    return settings
 
 
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
@@ -62,7 +67,10 @@ DryRunOption = Annotated[
     bool,
     typer.Option("--dry-run", help="Show what would happen: no request, nothing written."),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")]
+JsonOption = Annotated[
+    bool,
+    typer.Option("--json", help="The summary (or --dry-run's plan) as one JSON object on stdout."),
+]
 
 
 @app.command()
@@ -120,8 +128,8 @@ def archive(
         if dry_run:
             plan = asyncio.run(plan_window(settings, start, end, options))
             raise typer.Exit(print_plan(plan, as_json=json_output))
-        counts = asyncio.run(_discover_and_archive(settings, start, end, options))
-        raise typer.Exit(exit_code(counts))
+        report, invalid = asyncio.run(_discover_and_archive(settings, start, end, options))
+        raise typer.Exit(finish_run(report, "archive", as_json=json_output, invalid_ids=invalid))
     if not ids and not ids_file:
         raise InputError("no IDs given: pass IDs, --ids-file PATH (or -), or --since/--until")
     with collect_ids(ids or [], ids_file or [], spool_dir=settings.temp_dir) as id_list:
@@ -133,7 +141,7 @@ def archive(
                 err.print(f"  {problem}", highlight=False, markup=False)
         if dry_run:
             raise typer.Exit(print_plan(plan_list(settings, id_list, options), as_json=json_output))
-        counts = asyncio.run(
+        report = asyncio.run(
             _archive_list(
                 settings,
                 id_list,
@@ -145,7 +153,7 @@ def archive(
                 },
             )
         )
-    raise typer.Exit(exit_code(counts))
+    raise typer.Exit(finish_run(report, "archive", as_json=json_output))
 
 
 async def _archive_list(
@@ -154,21 +162,20 @@ async def _archive_list(
     options: ChunkOptions,
     params: dict[str, Any],
     kind: str = "archive",
-) -> RunCounts:
+) -> RunReport:
     from recarchive.cli.progress import ProgressReporter
     from recarchive.run.runs import archive_ids
 
     with ProgressReporter(err, len(id_list)) as progress:
-        report = await archive_ids(
+        return await archive_ids(
             settings, id_list, options, kind=kind, params=params, on_progress=progress.update
         )
-    print_run(report)
-    return report.counts
 
 
 async def _discover_and_archive(
     settings: Settings, since: datetime, until: datetime, options: ChunkOptions
-) -> RunCounts:
+) -> tuple[RunReport, int]:
+    """Archive a window's IDs; returns the report and the listed IDs that were not valid."""
     from recarchive.ids.window import Window
     from recarchive.run.inputs import discover_window
 
@@ -182,7 +189,7 @@ async def _discover_and_archive(
             err.print(f"{id_list.invalid} listed IDs are not valid recording IDs:", markup=False)
             for problem in id_list.problems:
                 err.print(f"  {problem}", markup=False, highlight=False)
-        counts = await _archive_list(
+        report = await _archive_list(
             settings,
             id_list,
             options,
@@ -193,8 +200,7 @@ async def _discover_and_archive(
                 "skip_media": options.skip_media,
             },
         )
-        counts.failed += id_list.invalid
-        return counts
+        return report, id_list.invalid
 
 
 @app.command("retry-failed")
@@ -219,8 +225,7 @@ def retry_failed_command(
         report = asyncio.run(
             retry_failed(settings, skip_media=skip_media, on_progress=progress.update)
         )
-    print_run(report)
-    raise typer.Exit(exit_code(report.counts))
+    raise typer.Exit(finish_run(report, "retry-failed", as_json=json_output))
 
 
 @app.command()
@@ -263,12 +268,14 @@ def verify(
         ),
     ] = False,
     verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Check every archived recording against S3: exists, size, SHA-256."""
     from recarchive.run.verify import run_verify
 
     configure_logging(verbose)
     settings = _settings()
+    started = time.monotonic()
     report = asyncio.run(
         run_verify(
             settings,
@@ -277,17 +284,9 @@ def verify(
             console=err,
         )
     )
-    out.print(
-        f"verified {report.checked} archived recordings: {report.ok} ok, "
-        f"{len(report.problems)} problems"
-    )
-    for problem in report.problems[:100]:
-        out.print(
-            f"  {problem.recording_id} {problem.key}: {problem.problem}",
-            highlight=False,
-            markup=False,
-        )
-    raise typer.Exit(EXIT_ITEMS_FAILED if report.problems else EXIT_OK)
+    seconds = time.monotonic() - started
+    deep = deep or delete_source_after_verify
+    raise typer.Exit(finish_verify(report, as_json=as_json, deep=deep, seconds=seconds))
 
 
 @app.command()

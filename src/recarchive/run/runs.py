@@ -325,6 +325,9 @@ async def recorded_run(
         _finish_quietly(
             store, run_id, status=RunStatus.FAILED, counts=counts.as_dict(), error=reason
         )
+        seconds = time.monotonic() - started
+        stopped = RunReport(run_id, kind, RunStatus.FAILED, counts, None, seconds, reason)
+        _publish_metrics(settings, stopped, stopped=True)
         raise
     finally:
         heart.cancel()
@@ -340,7 +343,18 @@ async def recorded_run(
     with ledger_errors("could not finish the run"):
         store.finish_run(run_id, status=status, counts=counts.as_dict(), error=export_error)
     seconds = time.monotonic() - started
-    return RunReport(run_id, kind, status, counts, report, seconds, export_error)
+    finished = RunReport(run_id, kind, status, counts, report, seconds, export_error)
+    _publish_metrics(settings, finished)
+    return finished
+
+
+def _publish_metrics(settings: Settings, report: RunReport, *, stopped: bool = False) -> None:
+    """Write ``RECARCHIVE_METRICS_FILE`` (if set) for a run that ended, CLI and flows alike."""
+    if settings.metrics_file:
+        # Imported here: run/metrics.py uses run/outcome.py, which imports this module.
+        from recarchive.run.metrics import write_run_metrics
+
+        write_run_metrics(settings.metrics_file, report, stopped=stopped)
 
 
 def _finish_quietly(store: ArchiveStore, run_id: int, **values: Any) -> None:
