@@ -133,9 +133,14 @@ def drop(request: web.Request) -> NoReturn:
 
 
 class HideDroppedConnections(logging.Filter):
-    """Keep aiohttp from logging our deliberate connection drops as server errors."""
+    """Keep aiohttp from logging dropped connections as server errors.
+
+    Ours (a fault's deliberate drop) and the client's: a run that stops (a full disk, Ctrl-C)
+    closes its connections mid-answer, and aiohttp then logs "Error handling request" with
+    the reset's traceback, which lands in the output of the CLI that stopped.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Let a record through unless its exception is a :class:`DroppedConnection`."""
+        """Let a record through unless its exception is a dropped connection."""
         exc = record.exc_info[1] if record.exc_info else None
-        return not isinstance(exc, DroppedConnection)
+        return not isinstance(exc, (DroppedConnection, ConnectionResetError, BrokenPipeError))
