@@ -484,7 +484,7 @@ async def test_check_existing_downloads_when_nothing_is_stored(
 async def test_failed_read_back_fails_the_archive_even_with_the_sidecar_written(
     store: MediaStore, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def wrong(key: str, *, size: int, sha256_hex: str) -> None:
+    def wrong(key: str, *, size: int, sha256_hex: str, retention: object = None) -> None:
         raise MediaIntegrityError("stored sha256 metadata differs")
 
     monkeypatch.setattr(store, "verify_stored", wrong)

@@ -18,7 +18,7 @@ from alembic import op
 from recarchive.store.tables import UTCDateTime
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
