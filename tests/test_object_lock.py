@@ -460,12 +460,14 @@ def slow_restores() -> Iterator[Callable[[str, str], None]]:
     Yields a function that marks the restore of one object (of the in-process moto server)
     in progress; it stays so until the test ends.
     """
-    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.models import DEFAULT_ACCOUNT_ID
     from moto.moto_api import state_manager
     from moto.s3.models import s3_backends
 
     def in_progress(bucket: str, key: str) -> None:
-        s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(bucket, key).status = "IN_PROGRESS"
+        stored = s3_backends[DEFAULT_ACCOUNT_ID]["aws"].get_object(bucket, key)
+        assert stored is not None
+        stored.status = "IN_PROGRESS"
 
     state_manager.set_transition("s3::keyrestore", {"progression": "manual", "times": 10**9})
     try:
