@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -265,6 +266,7 @@ def test_compliance_archive_locks_every_version_from_created_at(
     env: dict[str, str],
     lock_bucket: str,
     s3_client: S3Client,
+    s3_fault_proxy: FaultProxy,
 ) -> None:
     sim = simulator_factory(recordings=21, seed=14, available_fraction=1.0)
     ids = sim.dataset.ids
@@ -279,6 +281,18 @@ def test_compliance_archive_locks_every_version_from_created_at(
     }
     result = invoke("archive", *ids, sim=sim, **settings)
     assert result.exit_code == 0, result.output
+    # The lock and the class ride on the writes themselves: per recording still one PUT of
+    # the MP3, its read-back HEAD and one PUT of the sidecar; per run one lock check.
+    asked = Counter(
+        (info.method, info.target.split("?")[0].rsplit(".", 1)[-1])
+        for info, _ in s3_fault_proxy.log
+    )
+    assert asked == {
+        ("PUT", "mp3"): 21,
+        ("HEAD", "mp3"): 21,
+        ("PUT", "json"): 21,
+        ("GET", f"/{lock_bucket}"): 1,  # ?object-lock
+    }
     ledger = ledger_locks(env)
     for recording_id in ids:
         key = key_of(sim, recording_id)
