@@ -84,14 +84,16 @@ def set_holds(settings: Settings, ids: Sequence[str], *, on: bool) -> HoldReport
                 report.not_archived[recording_id] = str(entry.state)
             else:
                 archived.append(entry)
-        media = build_media_store(settings, bucket=archived[0].s3_bucket) if archived else None
+        if not archived:
+            return report
+        # One client for every bucket the rows name (each row keeps the bucket it was put in).
+        s3 = build_media_store(settings, bucket=archived[0].s3_bucket).s3
         for bucket in sorted({entry.s3_bucket or "" for entry in archived}):
-            assert media is not None
-            check_object_lock(media.s3, bucket)  # exit 2 before any hold changes
+            check_object_lock(s3, bucket)  # exit 2 before any hold changes
         try:
             for entry in archived:
-                assert media is not None and entry.s3_bucket and entry.s3_key
-                _hold_one(media.s3, entry.recording_id, entry.s3_bucket, entry.s3_key, report)
+                assert entry.s3_bucket and entry.s3_key  # archived rows name both
+                _hold_one(s3, entry.recording_id, entry.s3_bucket, entry.s3_key, report)
         finally:
             # What S3 confirmed is recorded, also when a fatal error stopped the rest.
             store.record_legal_hold(report.done, on=on)
