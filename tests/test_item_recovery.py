@@ -16,6 +16,7 @@ import pytest
 from recarchive.bird.limits import AnswerLimits
 from recarchive.config import Settings
 from recarchive.errors import MediaIntegrityError
+from recarchive.media.locks import NO_RETENTION, Retention
 from recarchive.media.s3 import MediaStore
 from recarchive.run.clients import open_store
 from tests.fixtures.hostile import HostileServer, Script, good_payload, raw, response, run_chunk
@@ -40,11 +41,13 @@ class ReadBackFailsOnce(MediaStore):
 
     failed = False
 
-    def verify_stored(self, key: str, *, size: int, sha256_hex: str) -> None:
+    def verify_stored(
+        self, key: str, *, size: int, sha256_hex: str, retention: Retention = NO_RETENTION
+    ) -> None:
         if not ReadBackFailsOnce.failed:
             ReadBackFailsOnce.failed = True
             raise MediaIntegrityError(f"{key}: read-back failed (injected)")
-        super().verify_stored(key, size=size, sha256_hex=sha256_hex)
+        super().verify_stored(key, size=size, sha256_hex=sha256_hex, retention=retention)
 
 
 def metadata_created(recording_id: str, created_at: str) -> Any:

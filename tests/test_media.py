@@ -31,6 +31,7 @@ from recarchive.errors import (
     TransportError,
 )
 from recarchive.media.keys import sidecar_key
+from recarchive.media.locks import NO_LOCK, NO_RETENTION, Retention
 from recarchive.media.s3 import MediaStore
 from recarchive.media.spool import BUDGET
 from recarchive.media.transfer import (
@@ -359,6 +360,7 @@ class HashingStore:
 
     bucket = "fake"
     multipart_threshold = 64 * MiB
+    retention = NO_LOCK
 
     def __init__(self) -> None:
         self.uploaded: tuple[int, str] | None = None
@@ -374,14 +376,23 @@ class HashingStore:
         return "uploaded"
 
     def store_file(
-        self, key: str, path: Path, *, size: int, sha256_hex: str, confirmed_by: str | None = None
+        self,
+        key: str,
+        path: Path,
+        *,
+        size: int,
+        sha256_hex: str,
+        confirmed_by: str | None = None,
+        retention: Retention = NO_RETENTION,
     ) -> str:
         return self.upload_file(key, path, size=size, sha256_hex=sha256_hex)
 
-    def verify_stored(self, key: str, *, size: int, sha256_hex: str) -> None:
+    def verify_stored(
+        self, key: str, *, size: int, sha256_hex: str, retention: Retention = NO_RETENTION
+    ) -> None:
         assert self.uploaded == (size, sha256_hex)
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    def put_bytes(self, key: str, data: bytes, *, retention: Retention = NO_RETENTION) -> None:
         pass
 
 
@@ -484,7 +495,7 @@ async def test_check_existing_downloads_when_nothing_is_stored(
 async def test_failed_read_back_fails_the_archive_even_with_the_sidecar_written(
     store: MediaStore, temp_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def wrong(key: str, *, size: int, sha256_hex: str) -> None:
+    def wrong(key: str, *, size: int, sha256_hex: str, retention: Retention) -> None:
         raise MediaIntegrityError("stored sha256 metadata differs")
 
     monkeypatch.setattr(store, "verify_stored", wrong)
@@ -497,9 +508,9 @@ async def test_temp_file_names_carry_host_and_pid(store: MediaStore, temp_dir: P
     seen: list[str] = []
     real = store.store_file
 
-    def spy(key: str, path: Path, *, size: int, sha256_hex: str, confirmed_by: str | None) -> str:
+    def spy(key: str, path: Path, **found: Any) -> str:
         seen.append(path.name)
-        return real(key, path, size=size, sha256_hex=sha256_hex, confirmed_by=confirmed_by)
+        return real(key, path, **found)
 
     store.store_file = spy  # type: ignore[method-assign,assignment]
     await archive(FakeBird(good(mp3(20_000))), store, temp_dir, memory_limit=0)

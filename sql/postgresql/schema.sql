@@ -51,7 +51,9 @@ CREATE TABLE recording_parties (
     CONSTRAINT fk_recording_parties_recording FOREIGN KEY(recording_id) REFERENCES recordings (id) ON DELETE CASCADE
 );
 
--- One row per requested recording: state, attempts, media location, lease.
+-- One row per requested recording: state, attempts, media location, lease; and the Object
+-- Lock of its objects: lock_mode (NULL: none), retain_until (createdAt + retention days, kept
+-- also when it had passed at the write: then lock_mode is NULL), the legal hold and its time.
 -- state: pending | metadata_only | archived | missing | failed
 CREATE TABLE archive_ledger (
     recording_id VARCHAR(36) NOT NULL,
@@ -69,6 +71,10 @@ CREATE TABLE archive_ledger (
     created_at TIMESTAMP WITH TIME ZONE NOT NULL,
     updated_at TIMESTAMP WITH TIME ZONE NOT NULL,
     registered_run INTEGER,
+    lock_mode VARCHAR(16),
+    retain_until TIMESTAMP WITH TIME ZONE,
+    legal_hold BOOLEAN DEFAULT false NOT NULL,
+    legal_hold_at TIMESTAMP WITH TIME ZONE,
     PRIMARY KEY (recording_id)
 );
 CREATE INDEX ix_archive_ledger_state_next_attempt ON archive_ledger (state, next_attempt_at);

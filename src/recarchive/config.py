@@ -28,6 +28,18 @@ ParquetPii = Literal["raw", "hash", "drop"]
 #: 128-bit random key takes in hex (``openssl rand -hex 16``), the least that resists a search.
 MIN_PII_KEY_LENGTH = 32
 LogFormat = Literal["text", "json"]
+ObjectLockMode = Literal["GOVERNANCE", "COMPLIANCE"]
+#: Storage classes an MP3 may be written in (S3's names; GLACIER and DEEP_ARCHIVE need a
+#: restore before a read, see ``verify --deep --restore``).
+StorageClass = Literal[
+    "STANDARD",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER_IR",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+]
 
 
 class Settings(BaseSettings):
@@ -66,6 +78,11 @@ class Settings(BaseSettings):
     # Privacy-aware analyst data (issue 14): raw, hash or drop the callers' columns in Parquet.
     parquet_pii: ParquetPii = "raw"
     pii_key: SecretStr | None = None
+    # Retention locks and storage classes (issue 14): a lock mode and its days go together;
+    # retain-until is createdAt + days. The storage class applies to MP3s only.
+    s3_object_lock_mode: ObjectLockMode | None = None
+    s3_retention_days: int | None = Field(default=None, ge=1, le=36_500)
+    s3_storage_class: StorageClass | None = None
 
     # --- tuning --------------------------------------------------------------------------
     s3_sse_kms_key_id: str | None = None
@@ -117,6 +134,9 @@ class Settings(BaseSettings):
         "temp_dir",
         "media_allowed_hosts",
         "metrics_file",
+        "s3_object_lock_mode",
+        "s3_retention_days",
+        "s3_storage_class",
         mode="before",
     )
     @classmethod
@@ -169,6 +189,17 @@ class Settings(BaseSettings):
                 "RECARCHIVE_RATE_LIMIT_BATCH must be at most RECARCHIVE_REQUESTS_PER_SECOND "
                 f"({self.requests_per_second:g}), not {self.rate_limit_batch}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lock_mode_with_days(self) -> Settings:
+        # Retention is createdAt + days: a mode without days would fall back to the bucket's
+        # default retention, counted from the upload instead; days without a mode lock nothing.
+        mode, days = env_name("s3_object_lock_mode"), env_name("s3_retention_days")
+        if self.s3_object_lock_mode is not None and self.s3_retention_days is None:
+            raise ValueError(f"{mode} is set but {days} is not: set both, or neither")
+        if self.s3_retention_days is not None and self.s3_object_lock_mode is None:
+            raise ValueError(f"{days} is set but {mode} is not: set both, or neither")
         return self
 
     @property

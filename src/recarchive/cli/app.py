@@ -19,6 +19,7 @@ import typer
 from recarchive.cli.ddl import ddl
 from recarchive.cli.dryrun import plan_list, plan_window, print_plan
 from recarchive.cli.erase import erase_command
+from recarchive.cli.hold import hold_command
 from recarchive.cli.logs import apply_log_format
 from recarchive.cli.output import (
     configure_logging,
@@ -128,6 +129,10 @@ def archive(
         if dry_run:
             plan = asyncio.run(plan_window(settings, start, end, options))
             raise typer.Exit(print_plan(plan, as_json=json_output))
+        if not skip_media:  # the bucket's Object Lock, before the window's list requests
+            from recarchive.run.clients import check_media_bucket
+
+            check_media_bucket(settings)
         report, invalid = asyncio.run(_discover_and_archive(settings, start, end, options))
         raise typer.Exit(finish_run(report, "archive", as_json=json_output, invalid_ids=invalid))
     if not ids and not ids_file:
@@ -244,6 +249,7 @@ def status(
     engine, store = open_store(_settings())
     try:
         counts = store.counts()
+        locks = store.lock_counts()
         runs = store.last_runs(limit=min(limit, 10))
         failures = store.failed_entries(limit=limit) if failed else []
         missing = store.failed_entries(limit=limit, state=LedgerState.MISSING) if failed else []
@@ -251,7 +257,13 @@ def status(
     finally:
         engine.dispose()
     print_status(
-        counts, runs, failures if failed else None, missing, as_json=as_json, erasures=erasures
+        counts,
+        runs,
+        failures if failed else None,
+        missing,
+        as_json=as_json,
+        erasures=erasures,
+        locks=locks,
     )
 
 
@@ -266,6 +278,10 @@ def verify(
             help="After a deep verification of an object succeeds, delete that "
             "recording's media at Bird. Implies --deep. Irreversible.",
         ),
+    ] = False,
+    restore: Annotated[
+        bool,
+        typer.Option("--restore", help="Ask S3 to restore objects that need it. Implies --deep."),
     ] = False,
     verbose: VerboseOption = False,
     as_json: JsonOption = False,
@@ -282,10 +298,11 @@ def verify(
             deep=deep or delete_source_after_verify,
             delete_source=delete_source_after_verify,
             console=err,
+            restore=restore,
         )
     )
     seconds = time.monotonic() - started
-    deep = deep or delete_source_after_verify
+    deep = deep or delete_source_after_verify or restore
     raise typer.Exit(finish_verify(report, as_json=as_json, deep=deep, seconds=seconds))
 
 
@@ -399,6 +416,9 @@ def demo(
     configure_logging(False)
     counts = run_demo(out, recordings=recordings, data_dir=data_dir)
     raise typer.Exit(exit_code(counts))
+
+
+app.command("hold")(hold_command)
 
 
 @db_app.command("upgrade")

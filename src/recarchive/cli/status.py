@@ -11,6 +11,14 @@ from rich.table import Table
 from recarchive.cli.output import out
 from recarchive.model import LEDGER_STATES, LedgerEntry
 
+#: How ``status`` names the Object Lock counts (the JSON keys are the keys of ``locks``).
+LOCK_LABELS = {
+    "held": "legal hold on",
+    "locked": "under retention",
+    "lock_expired": "retention run out",
+    "written_without_retention": "written without retention (createdAt + days had passed)",
+}
+
 #: The columns of the recent-runs table, in the order shown.
 RUN_COLUMNS = ("id", "kind", "status", "started_at", "archived", "failed", "missing")
 
@@ -23,6 +31,7 @@ def print_status(
     *,
     as_json: bool,
     erasures: dict[str, int] | None = None,
+    locks: dict[str, int] | None = None,
 ) -> None:
     """Print the status, as tables or (``as_json``) as one JSON document.
 
@@ -34,11 +43,15 @@ def print_status(
         as_json: One JSON document instead of tables.
         erasures: ``erasures`` rows per outcome (``erasing`` ones are unfinished: running the
             same ``erase`` again resumes them); the ``erased`` ledger state is in ``counts``.
+        locks: Archived recordings by Object Lock state
+            (:meth:`~recarchive.store.locks.LedgerLocks.lock_counts`).
     """
     if as_json:
         doc: dict[str, Any] = {"states": counts, "runs": runs}
         if erasures is not None:
             doc["erasures"] = erasures
+        if locks is not None:
+            doc["object_lock"] = locks
         if failures is not None:
             doc["failed"] = [
                 {
@@ -64,6 +77,11 @@ def print_status(
         for outcome, number in erasures.items():
             erasures_table.add_row(str(outcome), str(number))
         out.print(erasures_table)
+    if locks is not None and any(locks.values()):
+        lock_table = Table("object lock", "recordings", title="Object Lock (archived)")
+        for name, value in locks.items():
+            lock_table.add_row(LOCK_LABELS.get(name, name), str(value))
+        out.print(lock_table)
     if runs:
         runs_table = Table(*RUN_COLUMNS, title="Recent runs")
         for run in runs:

@@ -96,17 +96,25 @@ def finish_verify(report: VerifyReport, *, as_json: bool, deep: bool, seconds: f
                     {"id": p.recording_id, "key": p.key, "problem": p.problem}
                     for p in report.problems
                 ],
+                # Objects --deep could not read before a restore (not problems): needs
+                # restore, restore in progress, restore requested.
+                "restores": [
+                    {"id": r.recording_id, "key": r.key, "state": r.problem}
+                    for r in report.restores
+                ],
             }
         )
         return code
     out.print(
         f"verified {report.checked} archived recordings: {report.ok} ok, "
         f"{len(report.problems)} problems"
+        + (f", {len(report.restores)} in an archive class (not read)" if report.restores else "")
     )
-    for problem in report.problems[:100]:
+    for problem in [*report.problems[:100], *report.restores[:100]]:
         out.print(
             f"  {problem.recording_id} {problem.key}: {problem.problem}",
             highlight=False,
             markup=False,
+            soft_wrap=True,  # one line per object, for grep
         )
     return code

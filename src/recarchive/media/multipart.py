@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
-    from recarchive.media.s3 import ObjectInfo
+    from recarchive.media.objects import ObjectInfo
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +130,20 @@ class MultipartUploads:
         return f"s3://{self.bucket}/{key}"
 
     def upload(
-        self, key: str, path: Path, *, size: int, content_type: str, metadata: dict[str, str]
+        self,
+        key: str,
+        path: Path,
+        *,
+        size: int,
+        content_type: str,
+        metadata: dict[str, str],
+        args: dict[str, Any] | None = None,
     ) -> None:
         """Write ``path`` to ``key`` in parts, unless the key exists (``IfNoneMatch="*"``).
 
-        Open uploads of ``key`` are the caller's to abort first (:meth:`abort_open`).
+        Open uploads of ``key`` are the caller's to abort first (:meth:`abort_open`). ``args``
+        go to ``CreateMultipartUpload``: the storage class and the retention (S3 applies them
+        to the completed object; moto ignores them there, see ``MediaStore.verify_stored``).
 
         Raises:
             ClientError: As botocore raised it (``PreconditionFailed`` when the key exists).
@@ -142,13 +151,10 @@ class MultipartUploads:
             MediaIntegrityError: The file is shorter than ``size``.
         """
         sha256_hex = metadata["sha256"]
+        # The retention's own ChecksumAlgorithm (lock_args) is the SHA256 given here anyway.
+        extra = {**(args or {}), **self._sse_args, "ChecksumAlgorithm": "SHA256"}
         created = self.s3.create_multipart_upload(
-            Bucket=self.bucket,
-            Key=key,
-            ContentType=content_type,
-            ChecksumAlgorithm="SHA256",
-            Metadata=metadata,
-            **self._sse_args,
+            Bucket=self.bucket, Key=key, ContentType=content_type, Metadata=metadata, **extra
         )
         upload_id = created["UploadId"]
         try:

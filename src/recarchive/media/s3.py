@@ -24,14 +24,15 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from recarchive.errors import MediaConflictError, MediaIntegrityError, ServerError
+from recarchive.media import locks
 from recarchive.media.multipart import MultipartUploads
+from recarchive.media.objects import ObjectInfo, lock_args, object_info, object_metadata
 from recarchive.media.s3client import (
     READ_BLOCK,
     MiB,
@@ -44,35 +45,11 @@ from recarchive.media.s3client import (
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
+__all__ = ["MEDIA_CONTENT_TYPE", "MediaStore", "ObjectInfo", "UploadOutcome"]
+
 MEDIA_CONTENT_TYPE = "audio/mpeg"
 
 UploadOutcome = Literal["uploaded", "already_present"]
-#: User metadata naming what confirmed the downloaded body's end (see bird.integrity).
-CONFIRMED_BY = "confirmed-by"
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """What a HEAD tells about a stored object.
-
-    Attributes:
-        size: Content length in bytes.
-        sha256: Hex SHA-256 from the ``sha256`` user metadata, ``None`` if absent.
-        confirmed_by: The ``confirmed-by`` user metadata: what confirmed the download's end
-            (``content-length``, ``chunked``, a checksum); ``None`` for objects stored before
-            recarchive recorded it.
-    """
-
-    size: int
-    sha256: str | None
-    confirmed_by: str | None = None
-
-
-def _metadata(sha256_hex: str, confirmed_by: str | None) -> dict[str, str]:
-    metadata = {"sha256": sha256_hex}
-    if confirmed_by:
-        metadata[CONFIRMED_BY] = confirmed_by
-    return metadata
 
 
 class MediaStore:
@@ -86,6 +63,9 @@ class MediaStore:
         kms_key_id: KMS key for ``aws:kms`` (``None``: the account's default key).
         multipart_threshold: Files of at least this size go up as a multipart upload.
         multipart_chunk_size: Part size of multipart uploads (S3's minimum is 5 MiB).
+        storage_class: Storage class of MP3s (``None``: the bucket's default); sidecars and
+            manifests always stay in the default class.
+        retention: The lock mode and days of MP3s and sidecars (see :mod:`~.locks`).
     """
 
     def __init__(
@@ -97,6 +77,8 @@ class MediaStore:
         kms_key_id: str | None = None,
         multipart_threshold: int = 64 * MiB,
         multipart_chunk_size: int = 16 * MiB,
+        storage_class: str | None = None,
+        retention: locks.RetentionPolicy = locks.NO_LOCK,
     ) -> None:
         if multipart_chunk_size <= 0 or multipart_threshold <= 0:
             raise ValueError("multipart sizes must be positive")
@@ -106,6 +88,8 @@ class MediaStore:
         self.kms_key_id = kms_key_id
         self.multipart_threshold = multipart_threshold
         self.multipart_chunk_size = multipart_chunk_size
+        self.storage_class = storage_class
+        self.retention = retention
         self._multipart = MultipartUploads(
             s3,
             bucket=bucket,
@@ -128,6 +112,8 @@ class MediaStore:
             kms_key_id=self.kms_key_id,
             multipart_threshold=self.multipart_threshold,
             multipart_chunk_size=self.multipart_chunk_size,
+            storage_class=self.storage_class,
+            retention=self.retention,
         )
 
     def _uri(self, key: str) -> str:
@@ -139,6 +125,13 @@ class MediaStore:
         args: dict[str, Any] = {"ServerSideEncryption": self.sse}
         if self.sse == "aws:kms" and self.kms_key_id:
             args["SSEKMSKeyId"] = self.kms_key_id
+        return args
+
+    def _media_args(self, retention: locks.Retention) -> dict[str, Any]:
+        """An MP3's storage class and retention arguments (sidecars: :meth:`put_bytes`)."""
+        args = lock_args(retention)
+        if self.storage_class:
+            args["StorageClass"] = self.storage_class
         return args
 
     # --- reads -----------------------------------------------------------------------------
@@ -158,12 +151,7 @@ class MediaStore:
             raise translate_error(exc, f"head {self._uri(key)}") from exc
         except BotoCoreError as exc:
             raise translate_error(exc, f"head {self._uri(key)}") from exc
-        metadata = response.get("Metadata") or {}
-        return ObjectInfo(
-            size=int(response["ContentLength"]),
-            sha256=metadata.get("sha256"),
-            confirmed_by=metadata.get(CONFIRMED_BY),
-        )
+        return object_info(response)
 
     def hash_object(self, key: str) -> tuple[int, str]:
         """Download ``key`` as a stream and return ``(size, hex SHA-256)`` of its bytes.
@@ -239,8 +227,17 @@ class MediaStore:
 
     # --- writes ----------------------------------------------------------------------------
 
-    def put_bytes(self, key: str, data: bytes, content_type: str = "application/json") -> None:
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/json",
+        *,
+        retention: locks.Retention = locks.NO_RETENTION,
+    ) -> None:
         """Write a small object (the metadata sidecar); an existing one is overwritten.
+
+        With ``retention`` it is locked too; never given the MP3s' class (``rebuild`` reads it).
 
         Raises:
             RetryableError: Transient S3 failure after botocore's retries.
@@ -251,6 +248,7 @@ class MediaStore:
             data,
             ContentType=content_type,
             ChecksumSHA256=base64.b64encode(hashlib.sha256(data).digest()).decode(),
+            **lock_args(retention),
         )
 
     def _put(self, key: str, data: bytes, **args: Any) -> None:
@@ -291,7 +289,14 @@ class MediaStore:
         return outcome
 
     def store_file(
-        self, key: str, path: Path, *, size: int, sha256_hex: str, confirmed_by: str | None = None
+        self,
+        key: str,
+        path: Path,
+        *,
+        size: int,
+        sha256_hex: str,
+        confirmed_by: str | None = None,
+        retention: locks.Retention = locks.NO_RETENTION,
     ) -> UploadOutcome:
         """Write ``path`` to ``key`` unless the key exists; no read-back (see :meth:`upload_file`).
 
@@ -310,24 +315,31 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
-        metadata = _metadata(sha256_hex, confirmed_by)
+        metadata = object_metadata(sha256_hex, confirmed_by)
+        args = self._media_args(retention)
         if size < self.multipart_threshold:
             # A file object, not bytes: botocore streams it and seeks back to retry.
             with path.open("rb") as body:
                 return self._store(
-                    key, size, sha256_hex, lambda: self._single_put(key, body, metadata)
+                    key, size, sha256_hex, lambda: self._single_put(key, body, metadata, args)
                 )
 
         def multipart() -> None:
             self.abort_open_uploads(key)
             self._multipart.upload(
-                key, path, size=size, content_type=MEDIA_CONTENT_TYPE, metadata=metadata
+                key, path, size=size, content_type=MEDIA_CONTENT_TYPE, metadata=metadata, args=args
             )
 
         return self._store(key, size, sha256_hex, multipart)
 
     def store_bytes(
-        self, key: str, data: bytes | bytearray, *, sha256_hex: str, confirmed_by: str | None = None
+        self,
+        key: str,
+        data: bytes | bytearray,
+        *,
+        sha256_hex: str,
+        confirmed_by: str | None = None,
+        retention: locks.Retention = locks.NO_RETENTION,
     ) -> UploadOutcome:
         """Like :meth:`store_file` for a body held in memory: always one ``put_object``.
 
@@ -338,9 +350,10 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
-        metadata = _metadata(sha256_hex, confirmed_by)
+        metadata = object_metadata(sha256_hex, confirmed_by)
+        args = self._media_args(retention)
         return self._store(
-            key, len(data), sha256_hex, lambda: self._single_put(key, data, metadata)
+            key, len(data), sha256_hex, lambda: self._single_put(key, data, metadata, args)
         )
 
     def _store(
@@ -372,7 +385,11 @@ class MediaStore:
         return self._multipart.abort_open(key)
 
     def _single_put(
-        self, key: str, body: IO[bytes] | bytes | bytearray, metadata: dict[str, str]
+        self,
+        key: str,
+        body: IO[bytes] | bytes | bytearray,
+        metadata: dict[str, str],
+        args: dict[str, Any],
     ) -> None:
         checksum = base64.b64encode(bytes.fromhex(metadata["sha256"])).decode()
         self.s3.put_object(
@@ -384,6 +401,7 @@ class MediaStore:
             ChecksumSHA256=checksum,
             IfNoneMatch="*",
             Metadata=metadata,
+            **args,
             **self._sse_args(),
         )
 
@@ -400,8 +418,18 @@ class MediaStore:
             f"({size} bytes); not overwritten"
         ) from cause
 
-    def verify_stored(self, key: str, *, size: int, sha256_hex: str) -> None:
+    def verify_stored(
+        self,
+        key: str,
+        *,
+        size: int,
+        sha256_hex: str,
+        retention: locks.Retention = locks.NO_RETENTION,
+    ) -> None:
         """HEAD ``key`` and check its size and ``sha256`` metadata against the upload.
+
+        With ``retention``, an object without it (a server that ignored a multipart upload's
+        lock, as moto does) gets it now.
 
         Raises:
             MediaIntegrityError: Missing, or another size or hash than expected.
@@ -419,3 +447,4 @@ class MediaStore:
             raise MediaIntegrityError(
                 f"{self._uri(key)}: stored sha256 metadata {info.sha256} != {sha256_hex}"
             )
+        locks.ensure_retention(self.s3, self.bucket, key, retention, shown=info)

@@ -21,12 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from recarchive.errors import MediaConflictError, MediaIntegrityError, RetryableError
 from recarchive.media import spool as body_spool
 from recarchive.media.keys import sidecar_key
+from recarchive.media.locks import NO_RETENTION, Retention, restore_state
 from recarchive.media.spool import BodySpool, in_thread
 
 if TYPE_CHECKING:
@@ -77,6 +79,7 @@ class MediaResult:
         size_bytes: Size of the MP3.
         sha256: Hex SHA-256 of its bytes.
         outcome: ``uploaded`` by this call, or ``already_present`` (same bytes were there).
+        retention: The retention the MP3 and sidecar were written with (the ledger keeps it).
     """
 
     bucket: str
@@ -84,6 +87,7 @@ class MediaResult:
     size_bytes: int
     sha256: str
     outcome: Literal["uploaded", "already_present"]
+    retention: Retention = NO_RETENTION
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,7 @@ async def archive_media(
     retry_delay: float = RETRY_BASE_DELAY,
     check_existing: bool = False,
     memory_limit: int | None = None,
+    created_at: datetime | None = None,
 ) -> MediaResult:
     """Download a recording's MP3, verify it, store it at ``key`` with its sidecar.
 
@@ -191,6 +196,8 @@ async def archive_media(
             and is then compared by hash (the upload is create-only).
         memory_limit: Largest body kept in memory instead of a temp file (``0``: always a
             temp file; ``None``: :data:`recarchive.media.spool.MEMORY_BODY_BYTES`).
+        created_at: The recording's ``createdAt``: with a lock mode, the MP3 and the sidecar
+            are retained until it + the retention days (required then).
 
     Returns:
         Where and what was stored.
@@ -203,8 +210,11 @@ async def archive_media(
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
+    if created_at is None and media.retention.mode is not None:
+        raise ValueError("a lock mode needs the recording's createdAt")
+    retention = media.retention.for_created(created_at) if created_at else NO_RETENTION
     if check_existing:
-        stored = await _stored_copy(media, key, sidecar)
+        stored = await _stored_copy(media, key, sidecar, retention)
         if stored is not None:
             return stored
     # A body in memory goes up in one PUT: never one of multipart size.
@@ -213,7 +223,11 @@ async def archive_media(
     spool = BodySpool(temp_dir, memory_limit=min(memory_limit, media.multipart_threshold - 1))
     try:
         downloaded = await _download_with_retries(bird, recording_id, spool, attempts, retry_delay)
-        found = {"sha256_hex": downloaded.sha256, "confirmed_by": downloaded.confirmed_by}
+        found = {
+            "sha256_hex": downloaded.sha256,
+            "confirmed_by": downloaded.confirmed_by,
+            "retention": retention,
+        }
         if spool.data is not None:
             outcome = await in_thread(media.store_bytes, key, spool.data, **found)
         else:
@@ -226,13 +240,15 @@ async def archive_media(
         # needed any more, and the file never outlives this call (see BodySpool.close).
         await spool.close()
     if outcome == "uploaded":
-        await _verify_and_write_sidecar(media, key, sidecar, downloaded)
+        await _verify_and_write_sidecar(media, key, sidecar, downloaded, retention)
     else:
-        await in_thread(media.put_bytes, sidecar_key(key), sidecar)
-    return MediaResult(media.bucket, key, downloaded.size, downloaded.sha256, outcome)
+        await in_thread(media.put_bytes, sidecar_key(key), sidecar, retention=retention)
+    return MediaResult(media.bucket, key, downloaded.size, downloaded.sha256, outcome, retention)
 
 
-async def _stored_copy(media: MediaStore, key: str, sidecar: bytes) -> MediaResult | None:
+async def _stored_copy(
+    media: MediaStore, key: str, sidecar: bytes, retention: Retention
+) -> MediaResult | None:
     """Return the object a crashed or failed earlier run already stored, if any.
 
     Objects are only ever written with their ``sha256`` metadata after the bytes were hashed,
@@ -240,7 +256,9 @@ async def _stored_copy(media: MediaStore, key: str, sidecar: bytes) -> MediaResu
     ignores the upload checksum can keep a damaged body), so the object's bytes are hashed
     once more before they count: this path is rare (recovery only) and must never turn a
     damaged object into an ``archived`` one. The sidecar is written again because the crash
-    may have come between the two writes.
+    may have come between the two writes. An object in an archive storage class (GLACIER,
+    DEEP_ARCHIVE) cannot be read without a restore: its HEAD is trusted instead — S3, the
+    only store with those classes, checked the upload's ``ChecksumSHA256`` itself.
 
     Raises:
         MediaConflictError: The object's bytes do not match its own metadata; it is left
@@ -249,25 +267,29 @@ async def _stored_copy(media: MediaStore, key: str, sidecar: bytes) -> MediaResu
     info = await in_thread(media.head, key)
     if info is None or not info.sha256:
         return None
-    size, digest = await in_thread(media.hash_object, key)
+    if restore_state(info.storage_class, info.restore) is not None:
+        size, digest = info.size, info.sha256
+    else:
+        size, digest = await in_thread(media.hash_object, key)
     if digest != info.sha256 or size != info.size:
         raise MediaConflictError(
             f"{key} exists but its bytes (sha256 {digest}, {size} bytes) do not match its "
             f"sha256 metadata {info.sha256} ({info.size} bytes); left untouched"
         )
     logger.info("media of %s is in S3 already (an earlier run stored it)", key)
-    await in_thread(media.put_bytes, sidecar_key(key), sidecar)
+    await in_thread(media.put_bytes, sidecar_key(key), sidecar, retention=retention)
     return MediaResult(
         bucket=media.bucket,
         key=key,
         size_bytes=info.size,
         sha256=info.sha256,
         outcome="already_present",
+        retention=retention,
     )
 
 
 async def _verify_and_write_sidecar(
-    media: MediaStore, key: str, sidecar: bytes, downloaded: _Downloaded
+    media: MediaStore, key: str, sidecar: bytes, downloaded: _Downloaded, retention: Retention
 ) -> None:
     """The read-back HEAD and the sidecar PUT at once: two round trips in the time of one.
 
@@ -275,9 +297,10 @@ async def _verify_and_write_sidecar(
     the read-back fails the recording is not archived, and the attempt that archives it
     writes the sidecar again.
     """
+    found = {"size": downloaded.size, "sha256_hex": downloaded.sha256, "retention": retention}
     results = await asyncio.gather(
-        in_thread(media.verify_stored, key, size=downloaded.size, sha256_hex=downloaded.sha256),
-        in_thread(media.put_bytes, sidecar_key(key), sidecar),
+        in_thread(media.verify_stored, key, **found),
+        in_thread(media.put_bytes, sidecar_key(key), sidecar, retention=retention),
         return_exceptions=True,
     )
     for result in results:

@@ -366,13 +366,8 @@ class _Chunk:
         assert media is not None
         try:
             if key != wanted or bucket != media.bucket:
-                logger.info(
-                    "media of %s stays at its pinned key s3://%s/%s (now it would be %s)",
-                    record.id,
-                    bucket,
-                    key,
-                    wanted,
-                )
+                pinned = f"s3://{bucket}/{key}"
+                logger.info("media of %s stays at pinned %s (not %s)", record.id, pinned, wanted)
                 media = media.for_bucket(bucket)
             sidecar = json.dumps(record.redacted_payload, sort_keys=True).encode()
             result = await archive_media(
@@ -386,6 +381,7 @@ class _Chunk:
                 retry_delay=self.ctx.media_retry_delay,
                 # A row this run created cannot have an object of a crashed run behind it.
                 check_existing=record.id not in self.fresh,
+                created_at=record.created_at,  # retain-until is createdAt + days
             )
             uploaded = result.outcome == "uploaded"
         except FatalError:
@@ -415,6 +411,8 @@ class _Chunk:
                 key=result.key,
                 size_bytes=result.size_bytes,
                 sha256=result.sha256,
+                lock_mode=result.retention.mode,
+                retain_until=result.retention.retain_until,
             ),
             functools.partial(
                 self._outcome, archived=1, bytes_uploaded=result.size_bytes if uploaded else 0

@@ -85,6 +85,7 @@ def build_media_store(settings: Settings, *, bucket: str | None = None) -> Media
         ConfigError: No ``bucket`` given and the setting is not set.
     """
     # Imported here: boto3 costs about half a second, and --skip-media runs never need it.
+    from recarchive.media.locks import RetentionPolicy
     from recarchive.media.s3 import MediaStore
     from recarchive.media.s3client import build_s3_client
 
@@ -101,7 +102,40 @@ def build_media_store(settings: Settings, *, bucket: str | None = None) -> Media
         kms_key_id=settings.s3_sse_kms_key_id,
         multipart_threshold=settings.s3_multipart_threshold_bytes,
         multipart_chunk_size=settings.s3_multipart_chunk_bytes,
+        storage_class=settings.s3_storage_class,
+        retention=RetentionPolicy(settings.s3_object_lock_mode, settings.s3_retention_days),
     )
+
+
+#: Buckets whose Object Lock this process saw enabled: it can never be disabled again, so
+#: one request per bucket and process is enough (``archive --since`` checks before listing,
+#: and its run's context then does not ask again).
+_LOCKED_BUCKETS: set[tuple[str | None, str]] = set()
+
+
+def check_media_bucket(settings: Settings, media: MediaStore | None = None) -> None:
+    """Fail before any Bird request when a lock mode is set on a bucket without Object Lock.
+
+    Without ``RECARCHIVE_S3_OBJECT_LOCK_MODE`` this only requires the bucket setting (no
+    request). With it, one ``GetObjectLockConfiguration`` of the media bucket.
+
+    Args:
+        settings: The run's settings.
+        media: The run's media store, when built already (else one is built).
+
+    Raises:
+        ConfigError: No bucket set, or the bucket has no Object Lock while a mode is set.
+    """
+    bucket = settings.require_bucket() if media is None else media.bucket
+    if settings.s3_object_lock_mode is None:
+        return
+    if (settings.s3_endpoint_url, bucket) in _LOCKED_BUCKETS:
+        return
+    from recarchive.media.locks import check_object_lock
+
+    media = media or build_media_store(settings)
+    check_object_lock(media.s3, bucket)
+    _LOCKED_BUCKETS.add((settings.s3_endpoint_url, bucket))
 
 
 def redirect_policy(settings: Settings) -> RedirectPolicy:
@@ -195,6 +229,8 @@ async def open_archive_context(
     """
     workspace_id, _ = settings.require_bird()
     media = None if skip_media else build_media_store(settings)
+    if media is not None:
+        check_media_bucket(settings, media)  # before the first Bird request
     http = build_bird_http(settings)
     try:
         with active_owner(run_owner()) as owner:

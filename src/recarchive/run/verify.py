@@ -116,7 +116,12 @@ async def delete_source_if_same(
 
 
 async def run_verify(
-    settings: Settings, *, deep: bool, delete_source: bool, console: Console
+    settings: Settings,
+    *,
+    deep: bool,
+    delete_source: bool,
+    console: Console,
+    restore: bool = False,
 ) -> VerifyReport:
     """Verify every archived recording; with ``delete_source``, delete verified media at Bird.
 
@@ -129,11 +134,13 @@ async def run_verify(
         deep: Download and hash every object instead of trusting its metadata.
         delete_source: Delete verified recordings at Bird (irreversible).
         console: Where progress lines go.
+        restore: Ask S3 to restore objects whose storage class needs it (implies ``deep``);
+            they are reported, not counted as problems, either way.
 
     Returns:
         The merged report of all batches.
     """
-    deep = deep or delete_source
+    deep = deep or delete_source or restore
     if delete_source:
         settings.require_bird()
     engine, store = open_store(settings)
@@ -154,10 +161,12 @@ async def run_verify(
                 deep=deep,
                 concurrency=settings.concurrency,
                 want_md5=delete_source,
+                restore=restore,
             )
             total.checked += report.checked
             total.ok += report.ok
             total.problems.extend(report.problems)
+            total.restores.extend(report.restores)
             console.print(
                 f"verified {total.checked} ({len(total.problems)} problems)", highlight=False
             )

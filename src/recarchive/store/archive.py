@@ -2,8 +2,8 @@
 
 Each table job is its own class over the shared ``engine`` (:mod:`~recarchive.store.recordings`,
 :mod:`~recarchive.store.ledger`, :mod:`~recarchive.store.claims`,
-:mod:`~recarchive.store.outcomes`, :mod:`~recarchive.store.runs`,
-:mod:`~recarchive.store.erasures`); this class only puts them
+:mod:`~recarchive.store.outcomes`, :mod:`~recarchive.store.locks`,
+:mod:`~recarchive.store.runs`, :mod:`~recarchive.store.erasures`); this class only puts them
 together, so callers hold one store and never mind which module answers a call.
 """
 
@@ -14,6 +14,7 @@ from sqlalchemy import Engine
 from recarchive.store.claims import LedgerClaims
 from recarchive.store.erasures import Erasures
 from recarchive.store.ledger import Ledger
+from recarchive.store.locks import LedgerLocks
 from recarchive.store.outcomes import LedgerOutcomes
 from recarchive.store.recordings import RecordingWrites
 from recarchive.store.runs import RunsTable
@@ -21,7 +22,9 @@ from recarchive.store.runs import RunsTable
 __all__ = ["ArchiveStore"]
 
 
-class ArchiveStore(RecordingWrites, Ledger, LedgerClaims, LedgerOutcomes, RunsTable, Erasures):
+class ArchiveStore(
+    RecordingWrites, Ledger, LedgerClaims, LedgerOutcomes, LedgerLocks, RunsTable, Erasures
+):
     """Recordings, ledger, runs and erasures in one SQL database.
 
     Args:

@@ -41,6 +41,7 @@ HEAD_REVISION = "0006"
 #: from the DDL of some revision is adopted at the newest revision whose column it has.
 REVISION_MARKERS: tuple[tuple[str, str, str], ...] = (
     ("0006", "erasures", "outcome"),
+    ("0005", "archive_ledger", "legal_hold"),
     ("0004", "request_permits", "next_free"),
     ("0003", "runs", "heartbeat_at"),
     ("0002", "runs", "owner"),

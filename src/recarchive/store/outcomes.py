@@ -66,6 +66,9 @@ class Outcome:
         key: ``archived``: the S3 key (it must be the pinned one).
         size_bytes: ``archived``: the object's size.
         sha256: ``archived``: the hex SHA-256 of its bytes.
+        lock_mode: ``archived``: the Object Lock mode its objects carry (``None``: none).
+        retain_until: ``archived``: ``createdAt`` + the retention days, also when it had
+            passed and the objects carry no retention (``None``: no lock mode configured).
     """
 
     recording_id: str
@@ -76,6 +79,8 @@ class Outcome:
     key: str | None = None
     size_bytes: int | None = None
     sha256: str | None = None
+    lock_mode: str | None = None
+    retain_until: datetime | None = None
 
     @classmethod
     def metadata_only(
@@ -103,9 +108,17 @@ class Outcome:
 
     @classmethod
     def archived(
-        cls, recording_id: str, *, bucket: str, key: str, size_bytes: int, sha256: str
+        cls,
+        recording_id: str,
+        *,
+        bucket: str,
+        key: str,
+        size_bytes: int,
+        sha256: str,
+        lock_mode: str | None = None,
+        retain_until: datetime | None = None,
     ) -> Outcome:
-        """The media is in S3 at its pinned key and verified."""
+        """The media is in S3 at its pinned key and verified (with its retention, if any)."""
         return cls(
             recording_id,
             LedgerState.ARCHIVED,
@@ -113,6 +126,8 @@ class Outcome:
             key=key,
             size_bytes=size_bytes,
             sha256=sha256,
+            lock_mode=lock_mode,
+            retain_until=retain_until,
         )
 
 
@@ -255,6 +270,8 @@ def _row_values(outcome: Outcome, now: datetime) -> dict[str, Any]:
         "b_size": outcome.size_bytes,
         "b_sha256": outcome.sha256,
         "b_archived_at": now if archived else None,
+        "b_lock_mode": outcome.lock_mode,
+        "b_retain_until": outcome.retain_until,
     }
 
 
@@ -270,6 +287,8 @@ def _set_clause(source: Any, now: datetime) -> dict[str, Any]:
         "size_bytes": func.coalesce(source["b_size"], _ledger.size_bytes),
         "sha256": func.coalesce(source["b_sha256"], _ledger.sha256),
         "archived_at": func.coalesce(source["b_archived_at"], _ledger.archived_at),
+        "lock_mode": func.coalesce(source["b_lock_mode"], _ledger.lock_mode),
+        "retain_until": func.coalesce(source["b_retain_until"], _ledger.retain_until),
         "lease_owner": None,
         "lease_expires_at": None,
         "updated_at": now,
@@ -303,6 +322,8 @@ _BIND_TYPES: dict[str, Any] = {
     "b_size": BigInteger(),
     "b_sha256": Text(),
     "b_archived_at": UTCDateTime(),
+    "b_lock_mode": Text(),
+    "b_retain_until": UTCDateTime(),
 }
 
 

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
 )
 
 from recarchive.model import RUN_COUNT_COLUMNS
@@ -163,6 +164,13 @@ archive_ledger = Table(
     # The run that registered the row last (revision 0003): a ``pending`` row is left to it
     # while that run is alive, and taken by ``retry-failed`` once it is not.
     Column("registered_run", Integer),
+    # Object Lock of the recording's MP3 and sidecar (revision 0005): the mode they carry
+    # (NULL: none), createdAt + the retention days (also when it had passed at the write, so
+    # the objects carry none), and the S3 legal hold `recarchive hold` set, with its time.
+    Column("lock_mode", String(16)),
+    Column("retain_until", UTCDateTime),
+    Column("legal_hold", Boolean, nullable=False, server_default=false()),
+    Column("legal_hold_at", UTCDateTime),
     # due_retries and the per-state counts.
     Index("ix_archive_ledger_state_next_attempt", "state", "next_attempt_at"),
 )

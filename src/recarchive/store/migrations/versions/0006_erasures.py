@@ -6,7 +6,7 @@
   state needs no column: ``state`` is a string).
 
 Revision ID: 0006
-Revises: 0004 (re-chained onto 0005 when issue 14's branches are merged)
+Revises: 0005 (re-chained onto the Object Lock revision when issue 14's branches met)
 Create Date: 2026-12-01
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from recarchive.store.tables import UTCDateTime
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

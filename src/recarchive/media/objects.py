@@ -1,0 +1,74 @@
+"""What a stored media object is: what its HEAD tells, and the arguments it is written with.
+
+Pure helpers of :class:`~recarchive.media.s3.MediaStore`: the ``sha256`` and ``confirmed-by``
+user metadata, the retention arguments of a write, and the fields of a HEAD answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from recarchive.media.locks import Retention
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.type_defs import HeadObjectOutputTypeDef
+
+#: User metadata naming what confirmed the downloaded body's end (see bird.integrity).
+CONFIRMED_BY = "confirmed-by"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a HEAD tells about a stored object.
+
+    Attributes:
+        size: Content length in bytes.
+        sha256: Hex SHA-256 from the ``sha256`` user metadata, ``None`` if absent.
+        confirmed_by: The ``confirmed-by`` user metadata: what confirmed the download's end
+            (``content-length``, ``chunked``, a checksum); ``None`` for objects stored before
+            recarchive recorded it.
+        storage_class: ``StorageClass`` (``None``: STANDARD). restore: the ``Restore`` header.
+        lock_mode: ``ObjectLockMode``. retain_until: ``ObjectLockRetainUntilDate``.
+    """
+
+    size: int
+    sha256: str | None
+    confirmed_by: str | None = None
+    storage_class: str | None = None
+    restore: str | None = None
+    lock_mode: str | None = None
+    retain_until: datetime | None = None
+
+
+def lock_args(retention: Retention) -> dict[str, Any]:
+    """The retention arguments of a write (none without a retention)."""
+    args = retention.put_args()
+    if args:
+        # S3 wants Content-MD5 or x-amz-sdk-checksum-algorithm on a write with a retention;
+        # the x-amz-checksum-sha256 we send alone does not count (moto checks this too).
+        args["ChecksumAlgorithm"] = "SHA256"
+    return args
+
+
+def object_metadata(sha256_hex: str, confirmed_by: str | None) -> dict[str, str]:
+    """The user metadata of an MP3: its SHA-256, and what confirmed its download's end."""
+    metadata = {"sha256": sha256_hex}
+    if confirmed_by:
+        metadata[CONFIRMED_BY] = confirmed_by
+    return metadata
+
+
+def object_info(response: HeadObjectOutputTypeDef) -> ObjectInfo:
+    """The :class:`ObjectInfo` of a ``HeadObject`` answer."""
+    metadata = response.get("Metadata") or {}
+    return ObjectInfo(
+        size=int(response["ContentLength"]),
+        sha256=metadata.get("sha256"),
+        confirmed_by=metadata.get(CONFIRMED_BY),
+        storage_class=response.get("StorageClass"),
+        restore=response.get("Restore"),
+        lock_mode=response.get("ObjectLockMode"),
+        retain_until=response.get("ObjectLockRetainUntilDate"),
+    )
