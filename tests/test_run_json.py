@@ -33,6 +33,7 @@ COUNT_KEYS = {
     "missing",
     "failed",
     "busy",
+    "erased",
 }
 RUN_KEYS = {
     "schema",
