@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 import pytest
+from botocore.exceptions import ClientError
 from sqlalchemy import func, select, text, update
 from typer.testing import CliRunner, Result
 
@@ -264,7 +265,6 @@ def test_erase_refuses_what_s3_would_refuse_and_erases_the_rest(
 def test_moto_enforces_compliance_and_legal_holds_on_versions(archive: Archive) -> None:
     # What the refusals above rely on, shown on the server itself: deleting a version under
     # COMPLIANCE fails, even with the governance bypass; so does one under a legal hold.
-    from botocore.exceptions import ClientError
 
     retain("COMPLIANCE")(archive, archive.ids[2])
     legal_hold(archive, archive.ids[3])
@@ -578,7 +578,6 @@ def lock_every_version(archive: Archive, mode: str) -> dict[str, str]:
 def test_twenty_locked_recordings_refused_or_erased_with_the_bypass(
     archive: Archive, mode: str
 ) -> None:
-    from botocore.exceptions import ClientError
 
     dates = lock_every_version(archive, mode)
     for recording_id in archive.ids:
@@ -612,3 +611,67 @@ def test_twenty_locked_recordings_refused_or_erased_with_the_bypass(
     assert again.exit_code == 0, again.output
     assert archive.sim.requests == []
     assert "erased" in again.output  # the summary shows the skipped tombstones
+
+
+@pytest.mark.parametrize("mode", ["COMPLIANCE", "GOVERNANCE"])
+def test_twenty_recordings_archived_under_a_lock_setting_then_erased_or_refused(
+    simulator_factory: SimulatorFactory,
+    s3_client: S3Client,
+    tmp_path: Path,
+    s3_endpoint: str,
+    mode: str,
+) -> None:
+    # The case end to end, the lock written by recarchive itself from its settings
+    # (RECARCHIVE_S3_OBJECT_LOCK_MODE, RECARCHIVE_S3_RETENTION_DAYS = 7 years from createdAt).
+    bucket = f"recarchive-lock-e2e-{os.getpid()}-{mode.lower()}"
+    s3_client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    sim = simulator_factory(recordings=20, seed=15, available_fraction=1.0)
+    env = {
+        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'archive.db'}",
+        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
+        "RECARCHIVE_S3_BUCKET": bucket,
+        "RECARCHIVE_S3_ENDPOINT_URL": s3_endpoint,
+        "RECARCHIVE_REQUESTS_PER_SECOND": "1000",
+        "RECARCHIVE_S3_OBJECT_LOCK_MODE": mode,
+        "RECARCHIVE_S3_RETENTION_DAYS": str(7 * 365 + 2),
+    }
+    archive = Archive(sim, env, s3_client, bucket, list(sim.dataset.ids))
+    first = archive.invoke("archive", *archive.ids)
+    assert first.exit_code == 0, first.output
+    dates = {}
+    for recording_id in archive.ids:
+        until = archive.created_at(recording_id) + SEVEN_YEARS
+        dates[recording_id] = until.date().isoformat()
+        versions = archive.versions(recording_id)
+        assert len(versions) == 2  # the MP3 and its sidecar
+        for key, version, _marker in versions:
+            head = s3_client.head_object(Bucket=bucket, Key=key, VersionId=version)
+            assert head["ObjectLockMode"] == mode
+            assert head["ObjectLockRetainUntilDate"].date().isoformat() == dates[recording_id]
+            with pytest.raises(ClientError):  # deleting any version fails
+                s3_client.delete_object(Bucket=bucket, Key=key, VersionId=version)
+    before = {rid: archive.versions(rid) for rid in archive.ids}
+
+    code, results = archive.erase(*archive.ids)
+    assert code == 1
+    for recording_id in archive.ids:
+        assert results[recording_id]["result"] == "refused"
+        assert dates[recording_id] in results[recording_id]["message"]
+    assert {rid: archive.versions(rid) for rid in archive.ids} == before
+    assert archive.parquet_ids() == set(archive.ids)
+
+    code, results = archive.erase(*archive.ids, "--bypass-governance")
+    if mode == "COMPLIANCE":
+        assert code == 1 and {r["result"] for r in results.values()} == {"refused"}
+        assert {rid: archive.versions(rid) for rid in archive.ids} == before
+        return
+    assert code == 0, results
+    for recording_id in archive.ids:
+        remaining = [key for key, _, _ in archive.versions(recording_id)]
+        assert remaining == [tombstone_key(archive.key(recording_id))]
+        assert archive.sql_rows(recording_id) == 0
+    assert archive.parquet_ids() == set()
+    sim.clear_requests()
+    again = archive.invoke("archive", *archive.ids)
+    assert again.exit_code == 0, again.output
+    assert sim.requests == []
