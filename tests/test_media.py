@@ -17,6 +17,7 @@ import tracemalloc
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -204,11 +205,19 @@ async def test_archive_stores_media_and_sidecar_and_removes_temp(
     result = await archive(bird, store, temp_dir)
     digest = hashlib.sha256(data).hexdigest()
     assert result == MediaResult(
-        bucket=store.bucket, key=KEY, size_bytes=len(data), sha256=digest, outcome="uploaded"
+        bucket=store.bucket,
+        key=KEY,
+        size_bytes=len(data),
+        sha256=digest,
+        outcome="uploaded",
+        archived_at=result.archived_at,
     )
     assert stored(store) == data
     assert stored(store, sidecar_key(KEY)) == SIDECAR
-    assert store.head(KEY) is not None and store.head(KEY).sha256 == digest  # type: ignore[union-attr]
+    info = store.head(KEY)
+    assert info is not None and info.sha256 == digest
+    # The object says when it was archived: the instant the ledger keeps (rebuild reads it).
+    assert result.archived_at is not None and info.archived_at == result.archived_at
     assert leftovers(temp_dir) == []
 
 
@@ -384,6 +393,7 @@ class HashingStore:
         sha256_hex: str,
         confirmed_by: str | None = None,
         retention: Retention = NO_RETENTION,
+        archived_at: datetime | None = None,
     ) -> str:
         return self.upload_file(key, path, size=size, sha256_hex=sha256_hex)
 

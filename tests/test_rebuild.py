@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 Invoke = Callable[..., Result]
 #: Ledger columns a rebuild restores; the others are run history (attempts, leases, when the
 #: row was registered or last touched, which run registered it).
-LEDGER_COLUMNS = "recording_id, state, s3_bucket, s3_key, size_bytes, sha256"
+LEDGER_COLUMNS = "recording_id, state, s3_bucket, s3_key, size_bytes, sha256, archived_at"
 
 
 @pytest.fixture
@@ -102,7 +102,6 @@ def everything(database: Path, parquet: Path) -> dict[str, list[dict[str, Any]]]
         rows = [row for row in table.to_pylist() if row[key] in ids]
         for row in rows:
             row.pop("fetched_at", None)
-            row.pop("archived_at", None)
         result[f"parquet_{name}"] = sorted(rows, key=lambda row: (row[key], row.get("role", "")))
     return result
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from recarchive.errors import PayloadError
+from recarchive.media.objects import ARCHIVED_AT
 from recarchive.media.s3client import is_not_found, translate_error
 
 if TYPE_CHECKING:
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
 _UUID = "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 #: The object names of one recording, by what they are.
 _NAME = re.compile(rf"^(?P<id>{_UUID})(?P<kind>\.mp3|\.json|\.erased\.json|\.transcription\..+)$")
-#: User metadata naming when the MP3 was stored (written from this release on).
-ARCHIVED_AT = "archived-at"
 #: Largest sidecar read back: the API's metadata limit is far below this.
 SIDECAR_MAX_BYTES = 16 * 1024 * 1024
 

@@ -7,7 +7,7 @@ user metadata, the retention arguments of a write, and the fields of a HEAD answ
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from recarchive.media.locks import Retention
@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 
 #: User metadata naming what confirmed the downloaded body's end (see bird.integrity).
 CONFIRMED_BY = "confirmed-by"
+#: User metadata: when the MP3 was archived (ISO 8601, UTC), the ledger's ``archived_at``;
+#: ``rebuild`` reads it back (objects written before it was recorded have none).
+ARCHIVED_AT = "archived-at"
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class ObjectInfo:
             recarchive recorded it.
         storage_class: ``StorageClass`` (``None``: STANDARD). restore: the ``Restore`` header.
         lock_mode: ``ObjectLockMode``. retain_until: ``ObjectLockRetainUntilDate``.
+        archived_at: The ``archived-at`` user metadata (``None``: absent or unreadable).
     """
 
     size: int
@@ -40,6 +44,7 @@ class ObjectInfo:
     restore: str | None = None
     lock_mode: str | None = None
     retain_until: datetime | None = None
+    archived_at: datetime | None = None
 
 
 def lock_args(retention: Retention) -> dict[str, Any]:
@@ -52,12 +57,27 @@ def lock_args(retention: Retention) -> dict[str, Any]:
     return args
 
 
-def object_metadata(sha256_hex: str, confirmed_by: str | None) -> dict[str, str]:
-    """The user metadata of an MP3: its SHA-256, and what confirmed its download's end."""
+def object_metadata(
+    sha256_hex: str, confirmed_by: str | None, archived_at: datetime | None = None
+) -> dict[str, str]:
+    """The user metadata of an MP3: its SHA-256, what confirmed its download's end, and when."""
     metadata = {"sha256": sha256_hex}
     if confirmed_by:
         metadata[CONFIRMED_BY] = confirmed_by
+    if archived_at is not None:
+        metadata[ARCHIVED_AT] = archived_at.astimezone(UTC).isoformat()
     return metadata
+
+
+def _moment(value: str | None) -> datetime | None:
+    """An ISO 8601 time of user metadata, aware UTC; ``None`` when absent or not one."""
+    if not value:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def object_info(response: HeadObjectOutputTypeDef) -> ObjectInfo:
@@ -71,4 +91,5 @@ def object_info(response: HeadObjectOutputTypeDef) -> ObjectInfo:
         restore=response.get("Restore"),
         lock_mode=response.get("ObjectLockMode"),
         retain_until=response.get("ObjectLockRetainUntilDate"),
+        archived_at=_moment(metadata.get(ARCHIVED_AT)),
     )

@@ -5,9 +5,8 @@ as ``ChecksumSHA256`` (so real S3 rejects corrupted bodies) and as the ``sha256`
 metadata (so a HEAD can later tell what the object should hold) — and is read back with a
 HEAD before it counts as stored. The HEAD proves the object exists with the size and metadata
 we sent; it cannot prove the bytes: S3 itself refuses a body that does not match its
-``ChecksumSHA256`` (SeaweedFS does too, tests/test_s3_integrity.py), but moto accepts wrong
-checksums silently, and there only a full read (``verify --deep``, or the
-recovery path's re-hash) sees a corrupted body.
+``ChecksumSHA256`` (SeaweedFS too, tests/test_s3_integrity.py); moto accepts wrong checksums,
+and there only a full read (``verify --deep``, recovery's re-hash) sees a corrupted body.
 
 Retries of single S3 requests (5xx, ``SlowDown``, dropped connections) belong to botocore's
 ``standard`` retry mode configured in :func:`~recarchive.media.s3client.build_s3_client`; this
@@ -24,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
@@ -297,15 +297,14 @@ class MediaStore:
         sha256_hex: str,
         confirmed_by: str | None = None,
         retention: locks.Retention = locks.NO_RETENTION,
+        archived_at: datetime | None = None,
     ) -> UploadOutcome:
         """Write ``path`` to ``key`` unless the key exists; no read-back (see :meth:`upload_file`).
 
-        Below ``multipart_threshold`` one ``put_object``, else a multipart upload whose parts
-        are streamed from the file one at a time (memory does not grow with the file). Both
-        send the SHA-256 checksum and write only if the key does not exist
-        (``IfNoneMatch="*"``). Before a multipart upload, open uploads of exactly this key are
-        aborted: the caller holds the ledger lease of the recording, so they are leftovers of a
-        run that was killed mid-upload (they would otherwise stay, and be billed, forever).
+        Below ``multipart_threshold`` one ``put_object``, else a multipart upload streamed
+        from the file part by part. Both send the SHA-256 checksum and write only if the key
+        does not exist (``IfNoneMatch="*"``). Open uploads of exactly this key are aborted
+        first: the caller holds the recording's lease, so they are a killed run's leftovers.
 
         An ``"uploaded"`` object counts as stored only after :meth:`verify_stored`; an
         ``"already_present"`` one was checked by its HEAD (size and ``sha256`` metadata).
@@ -315,7 +314,7 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
-        metadata = object_metadata(sha256_hex, confirmed_by)
+        metadata = object_metadata(sha256_hex, confirmed_by, archived_at)
         args = self._media_args(retention)
         if size < self.multipart_threshold:
             # A file object, not bytes: botocore streams it and seeks back to retry.
@@ -340,6 +339,7 @@ class MediaStore:
         sha256_hex: str,
         confirmed_by: str | None = None,
         retention: locks.Retention = locks.NO_RETENTION,
+        archived_at: datetime | None = None,
     ) -> UploadOutcome:
         """Like :meth:`store_file` for a body held in memory: always one ``put_object``.
 
@@ -350,7 +350,7 @@ class MediaStore:
             RetryableError: Transient S3 failure after botocore's retries.
             StorageUnavailableError: Access denied, no such bucket, bad credentials.
         """
-        metadata = object_metadata(sha256_hex, confirmed_by)
+        metadata = object_metadata(sha256_hex, confirmed_by, archived_at)
         args = self._media_args(retention)
         return self._store(
             key, len(data), sha256_hex, lambda: self._single_put(key, data, metadata, args)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
@@ -80,6 +80,9 @@ class MediaResult:
         sha256: Hex SHA-256 of its bytes.
         outcome: ``uploaded`` by this call, or ``already_present`` (same bytes were there).
         retention: The retention the MP3 and sidecar were written with (the ledger keeps it).
+        archived_at: When it was archived, as its ``archived-at`` metadata says (the ledger
+            keeps the same instant, so ``rebuild`` gives it back); ``None``: unknown, an older
+            object found in place.
     """
 
     bucket: str
@@ -88,6 +91,7 @@ class MediaResult:
     sha256: str
     outcome: Literal["uploaded", "already_present"]
     retention: Retention = NO_RETENTION
+    archived_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -223,10 +227,12 @@ async def archive_media(
     spool = BodySpool(temp_dir, memory_limit=min(memory_limit, media.multipart_threshold - 1))
     try:
         downloaded = await _download_with_retries(bird, recording_id, spool, attempts, retry_delay)
+        archived_at = datetime.now(UTC)
         found = {
             "sha256_hex": downloaded.sha256,
             "confirmed_by": downloaded.confirmed_by,
             "retention": retention,
+            "archived_at": archived_at,
         }
         if spool.data is not None:
             outcome = await in_thread(media.store_bytes, key, spool.data, **found)
@@ -243,7 +249,15 @@ async def archive_media(
         await _verify_and_write_sidecar(media, key, sidecar, downloaded, retention)
     else:
         await in_thread(media.put_bytes, sidecar_key(key), sidecar, retention=retention)
-    return MediaResult(media.bucket, key, downloaded.size, downloaded.sha256, outcome, retention)
+    return MediaResult(
+        media.bucket,
+        key,
+        downloaded.size,
+        downloaded.sha256,
+        outcome,
+        retention,
+        archived_at if outcome == "uploaded" else None,
+    )
 
 
 async def _stored_copy(
@@ -285,6 +299,7 @@ async def _stored_copy(
         sha256=info.sha256,
         outcome="already_present",
         retention=retention,
+        archived_at=info.archived_at,
     )
 
 

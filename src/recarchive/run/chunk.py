@@ -413,6 +413,7 @@ class _Chunk:
                 sha256=result.sha256,
                 lock_mode=result.retention.mode,
                 retain_until=result.retention.retain_until,
+                archived_at=result.archived_at,
             ),
             functools.partial(
                 self._outcome, archived=1, bytes_uploaded=result.size_bytes if uploaded else 0

@@ -69,6 +69,8 @@ class Outcome:
         lock_mode: ``archived``: the Object Lock mode its objects carry (``None``: none).
         retain_until: ``archived``: ``createdAt`` + the retention days, also when it had
             passed and the objects carry no retention (``None``: no lock mode configured).
+        archived_at: ``archived``: when, as the object's ``archived-at`` metadata says
+            (``None``: the database's time when the outcome is applied).
     """
 
     recording_id: str
@@ -81,6 +83,7 @@ class Outcome:
     sha256: str | None = None
     lock_mode: str | None = None
     retain_until: datetime | None = None
+    archived_at: datetime | None = None
 
     @classmethod
     def metadata_only(
@@ -117,6 +120,7 @@ class Outcome:
         sha256: str,
         lock_mode: str | None = None,
         retain_until: datetime | None = None,
+        archived_at: datetime | None = None,
     ) -> Outcome:
         """The media is in S3 at its pinned key and verified (with its retention, if any)."""
         return cls(
@@ -128,6 +132,7 @@ class Outcome:
             sha256=sha256,
             lock_mode=lock_mode,
             retain_until=retain_until,
+            archived_at=archived_at,
         )
 
 
@@ -269,7 +274,7 @@ def _row_values(outcome: Outcome, now: datetime) -> dict[str, Any]:
         "b_key": outcome.key,
         "b_size": outcome.size_bytes,
         "b_sha256": outcome.sha256,
-        "b_archived_at": now if archived else None,
+        "b_archived_at": (outcome.archived_at or now) if archived else None,
         "b_lock_mode": outcome.lock_mode,
         "b_retain_until": outcome.retain_until,
     }
