@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from recarchive.cli.app import app
 from recarchive.store.engine import create_engine_for
+from tests.fixtures.cli import contract_env
 from tests.fixtures.simulator import SimulatorFactory
-from tests.test_run_json import contract_env
 
 TIMESTAMPS = ("created_at", "updated_at", "started_at", "ended_at", "fetched_at", "archived_at")
 BOOLEANS = ("stereo", "transcription", "originator_number_anonymous")

@@ -12,7 +12,6 @@ import hashlib
 import json
 import socket
 import subprocess
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,19 +19,17 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from sqlalchemy import insert, text, update
 from sqlalchemy.exc import DBAPIError
-from typer.testing import CliRunner, Result
 
-from recarchive.cli.app import app
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.engine import create_engine_for, open_read_only
 from recarchive.store.tables import archive_ledger, runs
+from tests.fixtures.cli import Invoke, cli_invoker, contract_env
 from tests.fixtures.simulator import SimulatorFactory
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
-Invoke = Callable[..., Result]
 LIVE_OWNER = "other-host:4242:live0001"
 
 
@@ -45,24 +42,13 @@ def sim(simulator_factory: SimulatorFactory) -> SimulatorServer:
 
 @pytest.fixture
 def env(tmp_path: Path, s3_bucket: str, s3_endpoint: str, sim: SimulatorServer) -> dict[str, str]:
-    return {
-        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'archive.db'}",
-        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
-        "RECARCHIVE_S3_BUCKET": s3_bucket,
-        "RECARCHIVE_S3_ENDPOINT_URL": s3_endpoint,
-        "RECARCHIVE_REQUESTS_PER_SECOND": "1000",
-        "RECARCHIVE_BIRD_API_URL": sim.api_url,
-        "RECARCHIVE_BIRD_ACCESS_KEY": sim.config.access_key,
-        "RECARCHIVE_WORKSPACE_ID": sim.config.workspace_id,
-    }
+    database = tmp_path / "db" / "archive.db"
+    return contract_env(tmp_path, sim, s3_bucket, s3_endpoint, database=database)
 
 
 @pytest.fixture
 def invoke(env: dict[str, str]) -> Invoke:
-    def run(*args: str, **extra: str) -> Result:
-        return CliRunner().invoke(app, list(args), env={**env, **extra}, catch_exceptions=False)
-
-    return run
+    return cli_invoker(env)
 
 
 def write_ids(path: Path, ids: list[str]) -> str:

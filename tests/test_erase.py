@@ -555,64 +555,6 @@ def test_which_states_a_run_skips_without_a_request(
 # --- the issue's end-to-end case ------------------------------------------------------------
 
 
-def lock_every_version(archive: Archive, mode: str) -> dict[str, str]:
-    """``mode`` retention until ``createdAt`` + 7 years on every version of every recording."""
-    dates = {}
-    for recording_id in archive.ids:
-        until = archive.created_at(recording_id) + SEVEN_YEARS
-        for key, version, _marker in archive.versions(recording_id):
-            archive.s3.put_object_retention(
-                Bucket=archive.bucket,
-                Key=key,
-                VersionId=version,
-                Retention={
-                    "Mode": "COMPLIANCE" if mode == "COMPLIANCE" else "GOVERNANCE",
-                    "RetainUntilDate": until,
-                },
-            )
-        dates[recording_id] = until.date().isoformat()
-    return dates
-
-
-@pytest.mark.parametrize("mode", ["COMPLIANCE", "GOVERNANCE"])
-def test_twenty_locked_recordings_refused_or_erased_with_the_bypass(
-    archive: Archive, mode: str
-) -> None:
-
-    dates = lock_every_version(archive, mode)
-    for recording_id in archive.ids:
-        key, version = _mp3_version(archive, recording_id)
-        with pytest.raises(ClientError):  # S3 itself refuses (moto enforces it)
-            archive.s3.delete_object(Bucket=archive.bucket, Key=key, VersionId=version)
-    before = {rid: archive.versions(rid) for rid in archive.ids}
-
-    code, results = archive.erase(*archive.ids)
-    assert code == 1
-    for recording_id in archive.ids:
-        assert results[recording_id]["result"] == "refused"
-        assert dates[recording_id] in results[recording_id]["message"]
-        assert archive.versions(recording_id) == before[recording_id]
-    assert archive.parquet_ids() == set(archive.ids)
-
-    code, results = archive.erase(*archive.ids, "--bypass-governance")
-    if mode == "COMPLIANCE":
-        assert code == 1 and {r["result"] for r in results.values()} == {"refused"}
-        assert {rid: archive.versions(rid) for rid in archive.ids} == before
-        return
-    assert code == 0, results
-    for recording_id in archive.ids:
-        assert [key for key, _, _ in archive.versions(recording_id)] == [
-            tombstone_key(archive.key(recording_id))
-        ]
-        assert archive.sql_rows(recording_id) == 0
-    assert archive.parquet_ids() == set()
-    archive.sim.clear_requests()
-    again = archive.invoke("archive", *archive.ids)
-    assert again.exit_code == 0, again.output
-    assert archive.sim.requests == []
-    assert "erased" in again.output  # the summary shows the skipped tombstones
-
-
 @pytest.mark.parametrize("mode", ["COMPLIANCE", "GOVERNANCE"])
 def test_twenty_recordings_archived_under_a_lock_setting_then_erased_or_refused(
     simulator_factory: SimulatorFactory,

@@ -8,28 +8,27 @@ S3 is never written to.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow.dataset as ds
 import pytest
 from sqlalchemy import text
-from typer.testing import CliRunner, Result
+from typer.testing import Result
 
 import recarchive.run.rebuild as rebuild_module
-from recarchive.cli.app import app
 from recarchive.errors import RetryableError
 from recarchive.media.inventory import StoredRecording, iter_recordings
 from recarchive.media.keys import sidecar_key
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.engine import create_engine_for
+from tests.fixtures.cli import Invoke, cli_invoker, contract_env
 from tests.fixtures.simulator import SimulatorFactory
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
 
-Invoke = Callable[..., Result]
 #: Ledger columns a rebuild restores; the others are run history (attempts, leases, when the
 #: row was registered or last touched, which run registered it).
 LEDGER_COLUMNS = "recording_id, state, s3_bucket, s3_key, size_bytes, sha256, archived_at"
@@ -44,24 +43,13 @@ def sim(simulator_factory: SimulatorFactory) -> SimulatorServer:
 
 @pytest.fixture
 def env(tmp_path: Path, s3_bucket: str, s3_endpoint: str, sim: SimulatorServer) -> dict[str, str]:
-    return {
-        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'db' / 'archive.db'}",
-        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
-        "RECARCHIVE_S3_BUCKET": s3_bucket,
-        "RECARCHIVE_S3_ENDPOINT_URL": s3_endpoint,
-        "RECARCHIVE_REQUESTS_PER_SECOND": "1000",
-        "RECARCHIVE_BIRD_API_URL": sim.api_url,
-        "RECARCHIVE_BIRD_ACCESS_KEY": sim.config.access_key,
-        "RECARCHIVE_WORKSPACE_ID": sim.config.workspace_id,
-    }
+    database = tmp_path / "db" / "archive.db"
+    return contract_env(tmp_path, sim, s3_bucket, s3_endpoint, database=database)
 
 
 @pytest.fixture
 def invoke(env: dict[str, str]) -> Invoke:
-    def run(*args: str, **extra: str) -> Result:
-        return CliRunner().invoke(app, list(args), env={**env, **extra}, catch_exceptions=False)
-
-    return run
+    return cli_invoker(env)
 
 
 def words(result: Result) -> str:

@@ -17,9 +17,9 @@ from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
 from recarchive.cli.app import app
-from recarchive.simulator.server import SimulatorServer
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.engine import create_engine_for
+from tests.fixtures.cli import contract_env
 from tests.fixtures.simulator import SimulatorFactory
 
 if TYPE_CHECKING:
@@ -50,23 +50,6 @@ RUN_KEYS = {
     "export",
     "export_error",
 }
-
-
-def contract_env(
-    tmp_path: Path, sim: SimulatorServer, bucket: str | None = None, endpoint: str | None = None
-) -> dict[str, str]:
-    """The contract's variables for a run on loopback: SQLite and local Parquet in tmp_path."""
-    env = {
-        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'archive.db'}",
-        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
-        "RECARCHIVE_REQUESTS_PER_SECOND": "1000",
-        "RECARCHIVE_BIRD_API_URL": sim.api_url,
-        "RECARCHIVE_BIRD_ACCESS_KEY": sim.config.access_key,
-        "RECARCHIVE_WORKSPACE_ID": sim.config.workspace_id,
-    }
-    if bucket is not None and endpoint is not None:
-        env |= {"RECARCHIVE_S3_BUCKET": bucket, "RECARCHIVE_S3_ENDPOINT_URL": endpoint}
-    return env
 
 
 def invoke(env: dict[str, str], *args: str) -> Result:
