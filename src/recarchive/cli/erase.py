@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from recarchive.cli.logs import apply_log_format
 from recarchive.cli.output import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -57,6 +58,7 @@ def erase_command(
     if not reason.strip():
         raise InputError("--reason must say why the recordings are erased")
     settings = load_settings()
+    apply_log_format(settings.log_format)
     with collect_ids(ids, [], spool_dir=settings.temp_dir) as id_list:
         raise_for_problems(id_list)
         report = asyncio.run(

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from recarchive.cli.logs import apply_log_format
 from recarchive.cli.output import EXIT_ITEMS_FAILED, EXIT_OK, configure_logging, handle_errors, out
 from recarchive.config import load_settings
 
@@ -31,6 +32,7 @@ def hold_command(
     if on is None:
         raise InputError("say --on (set the legal hold) or --off (clear it)")
     settings = load_settings()
+    apply_log_format(settings.log_format)
     with collect_ids(ids, spool_dir=settings.temp_dir) as id_list:
         raise_for_problems(id_list)
         report = set_holds(settings, list(id_list), on=on)

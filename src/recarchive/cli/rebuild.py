@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from recarchive.cli.logs import apply_log_format
 from recarchive.cli.output import (
     EXIT_ITEMS_FAILED,
     EXIT_OK,
@@ -42,6 +43,7 @@ def rebuild_command(
 
     configure_logging(verbose)
     settings = load_settings()
+    apply_log_format(settings.log_format)
     report = rebuild(
         settings,
         verify=verify,
@@ -60,6 +62,11 @@ def rebuild_command(
             f"Rebuilt recordings were created from {report.first_created:%Y-%m-%d} to "
             f"{report.last_created:%Y-%m-%d}. Recordings whose media was never archived are not "
             "in S3: list their window again (`recarchive archive --since ... --until ...`)."
+        )
+    if report.unhashed:
+        out.print(
+            f"{len(report.unhashed)} MP3s are in an archive storage class and were not hashed "
+            "(`recarchive verify --restore` makes them readable, then `verify --deep`)."
         )
     if not verify and report.recordings:
         out.print("Object metadata was trusted: `recarchive verify --deep` checks every byte.")

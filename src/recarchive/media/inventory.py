@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from recarchive.errors import PayloadError
+from recarchive.media.locks import restore_state
 from recarchive.media.objects import ARCHIVED_AT
 from recarchive.media.s3client import is_not_found, translate_error
 
@@ -140,11 +141,20 @@ class MediaFacts:
         size: Content length.
         sha256: The ``sha256`` user metadata (``None`` on an object recarchive did not write).
         archived_at: The ``archived-at`` user metadata, else the object's ``LastModified``.
+        lock_mode: ``ObjectLockMode`` (``None``: no retention).
+        retain_until: ``ObjectLockRetainUntilDate``.
+        legal_hold: ``ObjectLockLegalHoldStatus`` is ``ON``.
+        unreadable: Why its bytes cannot be read now (``"needs restore"``, ``"restore in
+            progress"``: an archive storage class), ``None`` when they can.
     """
 
     size: int
     sha256: str | None
     archived_at: datetime
+    lock_mode: str | None = None
+    retain_until: datetime | None = None
+    legal_hold: bool = False
+    unreadable: str | None = None
 
 
 def media_facts(media: MediaStore, key: str) -> MediaFacts | None:
@@ -168,4 +178,12 @@ def media_facts(media: MediaStore, key: str) -> MediaFacts | None:
         # Unparseable: not ours to trust, so LastModified stands.
         with contextlib.suppress(ValueError):
             stored = datetime.fromisoformat(written).astimezone(UTC)
-    return MediaFacts(int(response["ContentLength"]), metadata.get("sha256"), stored)
+    return MediaFacts(
+        int(response["ContentLength"]),
+        metadata.get("sha256"),
+        stored,
+        lock_mode=response.get("ObjectLockMode"),
+        retain_until=response.get("ObjectLockRetainUntilDate"),
+        legal_hold=response.get("ObjectLockLegalHoldStatus") == "ON",
+        unreadable=restore_state(response.get("StorageClass"), response.get("Restore")),
+    )

@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Literal
 
 from recarchive.config import Settings
 from recarchive.errors import AuthError, NotFoundError, RecarchiveError
-from recarchive.export.parquet import ExportReport, export_changed
+from recarchive.export.parquet import ExportReport
 from recarchive.export.schema import TABLE_SCHEMAS
 from recarchive.leases import active_owner, release_dead_leases, run_owner
-from recarchive.media.keys import object_prefix, tombstone_key
+from recarchive.media.keys import media_key, object_prefix, tombstone_key
 from recarchive.media.versions import ObjectVersions, StoredVersion
 from recarchive.model import CLAIMABLE_STATES, LedgerEntry, LedgerState
 from recarchive.redaction import describe, redact
@@ -50,6 +50,7 @@ from recarchive.run.clients import (
     open_store,
     shared_permits,
 )
+from recarchive.run.runs import export_parquet
 from recarchive.store.erasures import ErasureOutcome, ErasureRecord, ErasureRequest
 
 if TYPE_CHECKING:
@@ -208,15 +209,18 @@ class _Eraser:
                 record = store.record_refusal(request, detail=message)
             return ErasureResult(recording_id, "refused", message, record)
         if not resuming:
-            record = store.begin_erasure(request)
+            record = store.begin_erasure(request, key_if_none=self._key_if_none(entry))
             if record is None:
                 return ErasureResult(recording_id, "busy", "lost its lease: nothing erased")
+            entry = store.get_entries([recording_id])[recording_id]  # with the key pinned now
         elif record is None:
             record = store.reopen_erasure(request)
         deleted = 0
         try:
             if entry.s3_key is not None and entry.s3_bucket is not None:
                 self._put_tombstone(entry, record)
+                # Parts of an upload a killed run left open hold audio too.
+                self.media(entry.s3_bucket).abort_open_uploads(entry.s3_key)
                 versions = self.versions(entry.s3_bucket)
                 for version in found:
                     versions.delete(version, bypass_governance=self.bypass)
@@ -238,6 +242,21 @@ class _Eraser:
         if at_source:
             message += ", media deleted at Bird"
         return _Started(ErasureResult(recording_id, "erased", message, record), record)
+
+    def _key_if_none(self, entry: LedgerEntry) -> tuple[str, str] | None:
+        """The key a recording without one would have had, for its tombstone.
+
+        ``createdAt`` gives it; ``None`` when the metadata was never fetched or no bucket is set.
+        """
+        if entry.s3_key is not None or not self.settings.s3_bucket:
+            return None
+        created_at = self.store.created_at_of(entry.recording_id)
+        if created_at is None or not self.settings.workspace_id:
+            return None
+        key = media_key(
+            self.settings.s3_prefix, self.settings.workspace_id, entry.recording_id, created_at
+        )
+        return self.settings.s3_bucket, key
 
     def _objects(self, entry: LedgerEntry) -> list[StoredVersion]:
         """Every version of the recording's objects but its tombstone (none without a key)."""
@@ -305,9 +324,9 @@ class _Eraser:
             return None
         settings = self.settings
         try:
-            report = export_changed(
-                self.store.engine, settings.parquet_root, s3_endpoint_url=settings.s3_endpoint_url
-            )
+            # With the PII policy of the settings, as every export: without it the raw values
+            # would go back into every partition that holds hashes (review finding).
+            report = export_parquet(settings, self.store.engine)
             months = {item.record.created_month for item in started if item.record.created_month}
             purged = {month: self._purge_old_versions(month) for month in sorted(months)}
         except RecarchiveError as exc:

@@ -62,6 +62,8 @@ class RebuildReport:
         first_created: The earliest ``createdAt`` rebuilt (recordings never archived from
             then on are not in S3: listing the window again finds them).
         last_created: The latest.
+        unhashed: ``(id, why)`` of MP3s ``--verify`` could not read (an archive storage class):
+            their metadata is trusted; ``verify --restore`` makes them readable.
     """
 
     recordings: int = 0
@@ -72,12 +74,15 @@ class RebuildReport:
     export: ExportReport | None = None
     first_created: datetime | None = None
     last_created: datetime | None = None
+    unhashed: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class _Found:
     record: NormalizedRecording | None  # None: an MP3 without its sidecar
     entry: LedgerEntry
+    #: The Object Lock columns the object's HEAD gives (lock_mode, retain_until, legal_hold).
+    lock: dict[str, object] = field(default_factory=dict)
 
 
 def rebuild(
@@ -198,7 +203,10 @@ def _restore(
             )
             kept = [item for item in found if item is not None]
             store.save_metadata([item.record for item in kept if item.record is not None])
-            store.restore_entries([item.entry for item in kept])
+            store.restore_entries(
+                [item.entry for item in kept],
+                extra={item.entry.recording_id: item.lock for item in kept if item.lock},
+            )
             for item in kept:
                 if item.record is None:
                     continue
@@ -245,8 +253,12 @@ def _read(
         if not facts.sha256:
             report.skipped.append((recording_id, "its MP3 has no sha256 metadata"))
             return None
+        hashed = verify and facts.unreadable is None
+        if verify and facts.unreadable is not None:
+            # An archive class: its bytes cannot be read until restored (`verify --restore`).
+            report.unhashed.append((recording_id, facts.unreadable))
         if facts.size != item.media_size or (
-            verify and media.hash_object(item.media) != (facts.size, facts.sha256)
+            hashed and media.hash_object(item.media) != (facts.size, facts.sha256)
         ):
             # Registered pending at its key: the run that takes it hashes the object again and
             # adopts it only if it matches, else leaves it for an operator (recovery's rule).
@@ -271,7 +283,12 @@ def _read(
         sha256=facts.sha256,
         archived_at=facts.archived_at,
     )
-    return _Found(record, entry)
+    lock: dict[str, object] = {
+        "lock_mode": facts.lock_mode,
+        "retain_until": facts.retain_until,
+        "legal_hold": facts.legal_hold,
+    }
+    return _Found(record, entry, lock)
 
 
 def _tombstone(media: MediaStore, item: StoredRecording, report: RebuildReport) -> _Found:

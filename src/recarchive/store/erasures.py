@@ -94,6 +94,10 @@ def _record(row: Any) -> ErasureRecord:
     return ErasureRecord(**row._mapping)
 
 
+class _LeaseLost(Exception):
+    """Raised inside a transaction to roll it back: the lease went before its last write."""
+
+
 def tombstone_reason(reason: str) -> str:
     """The ledger's ``last_error`` of an erased recording: why it was erased."""
     return f"erased on request: {reason}"
@@ -105,60 +109,80 @@ class Erasures:
     #: Set by :class:`~recarchive.store.archive.ArchiveStore`.
     engine: Engine
 
-    def begin_erasure(self, request: ErasureRequest) -> ErasureRecord | None:
+    def begin_erasure(
+        self, request: ErasureRequest, *, key_if_none: tuple[str, str] | None = None
+    ) -> ErasureRecord | None:
         """Make the ledger row a tombstone and delete the SQL rows, in one transaction.
 
         Args:
             request: The erasure; ``request.owner`` holds the recording's lease.
+            key_if_none: ``(bucket, key)`` pinned on a row without an S3 key (a recording
+                erased before its media was archived), so its tombstone has a place in S3 too
+                and a ``rebuild`` finds it.
 
         Returns:
             The new ``erasing`` row, or ``None`` (nothing changed) when ``owner`` does not
             hold the lease or the row is erased already.
         """
         recording_id, owner = request.recording_id, request.owner
-        with self.engine.begin() as connection:
-            row = connection.execute(
-                select(_ledger.state, _ledger.lease_owner).where(
-                    _ledger.recording_id == recording_id
+        try:
+            with self.engine.begin() as connection:
+                row = connection.execute(
+                    select(_ledger.state, _ledger.lease_owner).where(
+                        _ledger.recording_id == recording_id
+                    )
+                ).first()
+                if row is None or row.state == LedgerState.ERASED or row.lease_owner != owner:
+                    return None
+                month = connection.execute(
+                    select(recordings.c.created_month).where(recordings.c.id == recording_id)
+                ).scalar()
+                # Before the rows go: the mark looks the month up from the recordings row.
+                mark_partitions_of(connection, [recording_id])
+                deleted = connection.execute(
+                    delete(recording_parties).where(
+                        recording_parties.c.recording_id == recording_id
+                    )
+                ).rowcount
+                deleted += connection.execute(
+                    delete(recordings).where(recordings.c.id == recording_id)
+                ).rowcount
+                now = utc_now()
+                pinned = {}
+                if key_if_none is not None:
+                    pinned = {
+                        "s3_bucket": func.coalesce(_ledger.s3_bucket, key_if_none[0]),
+                        "s3_key": func.coalesce(_ledger.s3_key, key_if_none[1]),
+                    }
+                updated = connection.execute(
+                    update(archive_ledger)
+                    .where(_ledger.recording_id == recording_id, _ledger.lease_owner == owner)
+                    .values(
+                        **pinned,
+                        state=LedgerState.ERASED,
+                        last_error=clip_error(tombstone_reason(request.reason)),
+                        next_attempt_at=None,
+                        # What the media was like is the recording's, not the tombstone's.
+                        size_bytes=None,
+                        sha256=None,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
                 )
-            ).first()
-            if row is None or row.state == LedgerState.ERASED or row.lease_owner != owner:
-                return None
-            month = connection.execute(
-                select(recordings.c.created_month).where(recordings.c.id == recording_id)
-            ).scalar()
-            # Before the rows go: the mark looks the month up from the recordings row.
-            mark_partitions_of(connection, [recording_id])
-            deleted = connection.execute(
-                delete(recording_parties).where(recording_parties.c.recording_id == recording_id)
-            ).rowcount
-            deleted += connection.execute(
-                delete(recordings).where(recordings.c.id == recording_id)
-            ).rowcount
-            now = utc_now()
-            connection.execute(
-                update(archive_ledger)
-                .where(_ledger.recording_id == recording_id, _ledger.lease_owner == owner)
-                .values(
-                    state=LedgerState.ERASED,
-                    last_error=clip_error(tombstone_reason(request.reason)),
-                    next_attempt_at=None,
-                    # What the media was like is the recording's, not the tombstone's.
-                    size_bytes=None,
-                    sha256=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=now,
+                if updated.rowcount != 1:
+                    # The lease went between the read and the update: undo the deletes above.
+                    raise _LeaseLost
+                return self._insert(
+                    connection,
+                    request,
+                    ErasureOutcome.ERASING,
+                    requested_at=now,
+                    created_month=month,
+                    sql_rows_deleted=deleted,
                 )
-            )
-            return self._insert(
-                connection,
-                request,
-                ErasureOutcome.ERASING,
-                requested_at=now,
-                created_month=month,
-                sql_rows_deleted=deleted,
-            )
+        except _LeaseLost:
+            return None
 
     def reopen_erasure(self, request: ErasureRequest) -> ErasureRecord:
         """An ``erasing`` row for a tombstone that has none (a ledger erased by hand)."""

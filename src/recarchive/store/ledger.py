@@ -9,7 +9,7 @@ on the database's clock.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import fields
 from datetime import datetime, timedelta
 from typing import Any
@@ -211,11 +211,17 @@ class Ledger:
                     entries[row.recording_id] = _entry(row)
         return entries
 
-    def restore_entries(self, entries: Sequence[LedgerEntry]) -> int:
+    def restore_entries(
+        self,
+        entries: Sequence[LedgerEntry],
+        *,
+        extra: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> int:
         """Insert ledger rows as a rebuild found them in the archive, in one transaction.
 
         For ``rebuild``: a row whose ID is in the ledger already (an interrupted rebuild that
         is continued, or one ID stored under two keys) is kept as it is, never overwritten.
+        ``extra`` gives more columns per ID (the Object Lock columns its objects carry).
 
         Returns:
             The rows inserted.
@@ -234,8 +240,12 @@ class Ledger:
                 "size_bytes": entry.size_bytes,
                 "sha256": entry.sha256,
                 "archived_at": entry.archived_at,
+                "lock_mode": None,
+                "retain_until": None,
+                "legal_hold": False,
                 "created_at": now,
                 "updated_at": now,
+                **((extra or {}).get(entry.recording_id) or {}),
             }
             for entry in entries
         ]

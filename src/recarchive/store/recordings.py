@@ -97,6 +97,13 @@ class RecordingWrites:
     #: Set by :class:`~recarchive.store.archive.ArchiveStore`.
     engine: Engine
 
+    def created_at_of(self, recording_id: str) -> datetime | None:
+        """The ``createdAt`` of a recording whose metadata is stored, else ``None``."""
+        with self.engine.connect() as connection:
+            query = select(recordings.c.created_at).where(recordings.c.id == recording_id)
+            value = connection.execute(query).scalar()
+        return value if isinstance(value, datetime) else None
+
     def recording_count(self) -> int:
         """How many ``recordings`` rows there are."""
         with self.engine.connect() as connection:
