@@ -133,3 +133,16 @@ def test_cli_glue_one_table_is_a_table_input_as_is() -> None:
     both = invoke("glue", RECARCHIVE_PARQUET_ROOT=ROOT)
     assert set(json.loads(both.stdout)) == {"recordings", "recording_parties"}
     assert invoke("glue", "--table", "calls", RECARCHIVE_PARQUET_ROOT=ROOT).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    "database",
+    ["x`; DROP TABLE recordings; --", "a b", "", "1abc"],
+    ids=["injection", "space", "empty", "digit-first"],
+)
+def test_a_database_that_is_not_a_name_is_refused(database: str) -> None:
+    result = CliRunner().invoke(
+        app, ["ddl", "athena", "--database", database], env={"RECARCHIVE_PARQUET_ROOT": "s3://b/p"}
+    )
+    assert result.exit_code == 2
+    assert "CREATE" not in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from enum import StrEnum
 from typing import Annotated
@@ -11,6 +12,7 @@ import typer
 
 from recarchive.cli.output import handle_errors
 from recarchive.config import load_settings
+from recarchive.errors import InputError
 
 
 class Dialect(StrEnum):
@@ -45,6 +47,9 @@ def ddl(
     from recarchive.export import ddl as tables
 
     root = tables.dataset_location(location, load_settings().parquet_root)
+    if database is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,254}", database):
+        # It goes between backticks into the DDL: a name, never more SQL.
+        raise InputError(f"--database: not an Athena database name: {database[:80]!r}")
     first_month = first_month or tables.DEFAULT_FIRST_MONTH
     if dialect is Dialect.GLUE:
         inputs = tables.glue_table_inputs(root, first_month=first_month, only=table)
