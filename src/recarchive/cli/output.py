@@ -41,6 +41,9 @@ def configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
     )
+    # The root's level decides: a flow in this process sets recarchive's logger to INFO to
+    # forward its records (flows/tasks.py), which would otherwise print INFO lines here.
+    logging.getLogger("recarchive").setLevel(logging.NOTSET)
     # httpx logs full request URLs at INFO: a presigned media URL's query is a credential.
     for noisy in (
         "httpx",
