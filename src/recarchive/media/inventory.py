@@ -9,7 +9,6 @@ million recordings cost one page of memory at a time; nothing here writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from recarchive.errors import PayloadError
 from recarchive.media.locks import restore_state
-from recarchive.media.objects import ARCHIVED_AT
+from recarchive.media.objects import object_info
 from recarchive.media.s3client import is_not_found, translate_error
 
 if TYPE_CHECKING:
@@ -171,19 +170,14 @@ def media_facts(media: MediaStore, key: str) -> MediaFacts | None:
         raise translate_error(exc, f"head s3://{media.bucket}/{key}") from exc
     except BotoCoreError as exc:
         raise translate_error(exc, f"head s3://{media.bucket}/{key}") from exc
-    metadata = response.get("Metadata") or {}
-    stored = response["LastModified"].astimezone(UTC)
-    written = metadata.get(ARCHIVED_AT)
-    if written:
-        # Unparseable: not ours to trust, so LastModified stands.
-        with contextlib.suppress(ValueError):
-            stored = datetime.fromisoformat(written).astimezone(UTC)
+    info = object_info(response)  # the fields every HEAD of an MP3 is read for
     return MediaFacts(
-        int(response["ContentLength"]),
-        metadata.get("sha256"),
-        stored,
-        lock_mode=response.get("ObjectLockMode"),
-        retain_until=response.get("ObjectLockRetainUntilDate"),
+        info.size,
+        info.sha256,
+        # Absent or unparseable: not ours to trust, so LastModified stands.
+        info.archived_at or response["LastModified"].astimezone(UTC),
+        lock_mode=info.lock_mode,
+        retain_until=info.retain_until,
         legal_hold=response.get("ObjectLockLegalHoldStatus") == "ON",
-        unreadable=restore_state(response.get("StorageClass"), response.get("Restore")),
+        unreadable=restore_state(info.storage_class, info.restore),
     )
