@@ -55,8 +55,9 @@ from recarchive.bird.http import build_http_client
 from recarchive.config import Settings
 from recarchive.ids.read import collect_ids
 from recarchive.media.transfer import archive_media
-from recarchive.run.clients import build_bird_client, build_bird_http, build_media_store, open_store
+from recarchive.run.clients import build_bird_client, build_bird_http, build_media_store
 from recarchive.run.context import ChunkOptions
+from recarchive.run.database import open_store
 from recarchive.run.runs import archive_ids
 
 MB = 1_000_000

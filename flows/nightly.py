@@ -15,8 +15,8 @@ from recarchive.ids.window import (
     plan_nightly,
     scheduled_time,
 )
-from recarchive.run.clients import open_store
 from recarchive.run.context import ChunkOptions
+from recarchive.run.database import open_store
 from recarchive.run.inputs import discover_window
 from recarchive.run.runs import archive_ids, retry_failed
 from recarchive.store.windows import last_listed_end, record_listed_window

@@ -26,8 +26,8 @@ from recarchive.cli.app import app
 from recarchive.config import Settings
 from recarchive.ids.spool import spool_ids
 from recarchive.media.keys import media_key, sidecar_key
-from recarchive.run.clients import open_store
 from recarchive.run.context import ChunkOptions
+from recarchive.run.database import open_store
 from recarchive.run.runs import archive_ids
 from recarchive.simulator.server import SimulatorServer
 from recarchive.store.archive import ArchiveStore

@@ -184,7 +184,7 @@ def test_every_command_has_help() -> None:
     ],
 )
 def test_database_urls_are_shown_without_credentials(url: str, shown: str) -> None:
-    from recarchive.run.clients import safe_database_url
+    from recarchive.run.database import safe_database_url
 
     assert safe_database_url(url) == shown
     assert "pw1" not in safe_database_url(url)

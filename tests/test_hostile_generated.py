@@ -39,7 +39,7 @@ from recarchive.config import Settings
 from recarchive.errors import AuthError
 from recarchive.media.s3 import MediaStore
 from recarchive.redaction import install_log_redaction
-from recarchive.run.clients import open_store
+from recarchive.run.database import open_store
 from tests.fixtures.hostile import (
     FAKE_DNS,
     MEDIA_SIZE,

@@ -30,7 +30,7 @@ from recarchive.bird.limits import AnswerLimits
 from recarchive.config import Settings
 from recarchive.media.s3 import MediaStore
 from recarchive.redaction import install_log_redaction
-from recarchive.run.clients import open_store
+from recarchive.run.database import open_store
 from tests.fixtures.hostile import (
     MEDIA_SIZE,
     SIGNATURE,

@@ -18,7 +18,7 @@ from recarchive.config import Settings
 from recarchive.errors import MediaIntegrityError
 from recarchive.media.locks import NO_RETENTION, Retention
 from recarchive.media.s3 import MediaStore
-from recarchive.run.clients import open_store
+from recarchive.run.database import open_store
 from tests.fixtures.hostile import HostileServer, Script, good_payload, raw, response, run_chunk
 
 if TYPE_CHECKING:

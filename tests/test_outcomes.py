@@ -28,8 +28,9 @@ from recarchive.config import Settings
 from recarchive.errors import StorageUnavailableError
 from recarchive.normalize import normalize_recording
 from recarchive.run.chunk import archive_chunk
-from recarchive.run.clients import open_archive_context, open_store
+from recarchive.run.clients import open_archive_context
 from recarchive.run.context import ChunkOptions
+from recarchive.run.database import open_store
 from recarchive.run.marks import MarkBatch
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.outcomes import Outcome

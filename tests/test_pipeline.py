@@ -14,8 +14,9 @@ from recarchive.errors import AuthError
 from recarchive.ids.read import collect_ids
 from recarchive.model import RunCounts
 from recarchive.run.chunk import _Chunk, archive_chunk
-from recarchive.run.clients import open_archive_context, open_store
+from recarchive.run.clients import open_archive_context
 from recarchive.run.context import ArchiveContext, ChunkOptions
+from recarchive.run.database import open_store
 from recarchive.run.runs import archive_ids
 from tests.fixtures.simulator import SimulatorFactory
 

@@ -243,7 +243,7 @@ def status(
     limit: Annotated[int, typer.Option(help="Rows of --failed and of recent runs.")] = 50,
 ) -> None:
     """Show ledger counts per state, recent runs, and (--failed) failed and missing recordings."""
-    from recarchive.run.clients import open_store
+    from recarchive.run.database import open_store
 
     configure_logging(False)
     engine, store = open_store(_settings())
@@ -312,8 +312,8 @@ def export(
     full: Annotated[bool, typer.Option("--full", help="Rewrite every partition.")] = False,
 ) -> None:
     """Rewrite the Parquet partitions changed since the last export."""
-    from recarchive.run.clients import open_store
-    from recarchive.run.runs import export_parquet
+    from recarchive.run.database import open_store
+    from recarchive.run.parquet import export_parquet
 
     configure_logging(False)
     settings = _settings()
@@ -425,7 +425,7 @@ app.command("hold")(hold_command)
 @handle_errors
 def db_upgrade() -> None:
     """Create or upgrade the database schema in place."""
-    from recarchive.run.clients import open_store, safe_database_url
+    from recarchive.run.database import open_store, safe_database_url
 
     settings = _settings()
     engine, _ = open_store(settings)

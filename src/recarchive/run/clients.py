@@ -1,7 +1,8 @@
 """Building the clients of a run from :class:`~recarchive.config.Settings`.
 
-This is the one place where httpx, boto3 and SQLAlchemy clients are created; everything else
-receives them. Each builder is called by the CLI or a flow at run time, never at import.
+This is the one place where httpx and boto3 clients are created (SQLAlchemy's engine:
+:mod:`~recarchive.run.database`); everything else receives them. Each builder is called by the
+CLI or a flow at run time, never at import.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from recarchive.bird.client import BirdClient
 from recarchive.bird.http import build_http_client
@@ -24,53 +23,13 @@ from recarchive.bird.ratelimit import RequestPacer, SharedPermits
 from recarchive.bird.redirect import RedirectPolicy
 from recarchive.bird.retry import RetryPolicy
 from recarchive.config import Settings
-from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.leases import active_owner, run_owner
 from recarchive.run.context import ArchiveContext
 from recarchive.store.archive import ArchiveStore
-from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.permits import RequestPermits
 
 if TYPE_CHECKING:
     from recarchive.media.s3 import MediaStore
-
-
-def safe_database_url(url: str) -> str:
-    """Return ``url`` with any password masked, for messages and logs."""
-    try:
-        parsed = make_url(url)
-        # Query parameters can carry credentials too (``?password=``, ``sslpassword``):
-        # keep their names, never their values.
-        base = parsed.set(query={}).render_as_string(hide_password=True)
-        query = "&".join(f"{key}=***" for key in parsed.query)
-        return f"{base}?{query}" if query else base
-    except ArgumentError:
-        return "<unparseable database URL>"
-
-
-def open_store(settings: Settings) -> tuple[Engine, ArchiveStore]:
-    """Create the engine, upgrade the schema in place, and return the store.
-
-    Raises:
-        ConfigError: ``RECARCHIVE_DATABASE_URL`` is not a usable SQLAlchemy URL.
-        StorageUnavailableError: The database cannot be reached or upgraded.
-    """
-    try:
-        engine = create_engine_for(settings.database_url)
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigError(
-            f"RECARCHIVE_DATABASE_URL: not a usable database URL "
-            f"({safe_database_url(settings.database_url)})"
-        ) from exc
-    try:
-        upgrade_database(engine)
-    except SQLAlchemyError as exc:
-        engine.dispose()
-        raise StorageUnavailableError(
-            f"cannot open the database {safe_database_url(settings.database_url)}: "
-            f"{type(exc).__name__}"
-        ) from exc
-    return engine, ArchiveStore(engine)
 
 
 def build_media_store(settings: Settings, *, bucket: str | None = None) -> MediaStore:
@@ -221,7 +180,8 @@ async def open_archive_context(
 
     Args:
         settings: The run's settings.
-        store: The opened SQL store (see :func:`open_store`); the caller disposes its engine.
+        store: The opened SQL store (see :func:`~recarchive.run.database.open_store`); the
+            caller disposes its engine.
         skip_media: When true, no S3 client is built and the bucket is not required.
 
     Yields:

@@ -22,8 +22,8 @@ from recarchive.config import Settings
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.leases import dead_local_owners, local_owner_dead, run_owner
 from recarchive.model import LedgerEntry, LedgerState, skip_counter
-from recarchive.run.clients import safe_database_url
 from recarchive.run.context import ChunkOptions
+from recarchive.run.database import safe_database_url
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.engine import HEAD_REVISION, open_read_only, schema_revision
 from recarchive.store.ledger import DEFAULT_STALE_AFTER

@@ -47,10 +47,10 @@ from recarchive.run.clients import (
     build_bird_client,
     build_bird_http,
     build_media_store,
-    open_store,
     shared_permits,
 )
-from recarchive.run.runs import export_parquet
+from recarchive.run.database import open_store
+from recarchive.run.parquet import export_parquet
 from recarchive.store.erasures import ErasureOutcome, ErasureRecord, ErasureRequest
 
 if TYPE_CHECKING:

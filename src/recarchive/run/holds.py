@@ -19,7 +19,8 @@ from recarchive.errors import FatalError, RecarchiveError
 from recarchive.media.keys import sidecar_key
 from recarchive.model import LedgerState
 from recarchive.redaction import describe
-from recarchive.run.clients import build_media_store, open_store
+from recarchive.run.clients import build_media_store
+from recarchive.run.database import open_store
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

@@ -20,9 +20,9 @@ from recarchive.ids.window import Window
 from recarchive.run.clients import (
     build_bird_client,
     build_bird_http,
-    open_store,
     shared_permits,
 )
+from recarchive.run.database import open_store
 
 
 async def discover_window(settings: Settings, window: Window) -> IdList:

@@ -33,8 +33,9 @@ from recarchive.media.s3 import MediaStore
 from recarchive.model import LedgerEntry, LedgerState, NormalizedRecording, RunStatus
 from recarchive.normalize import normalize_recording
 from recarchive.redaction import describe
-from recarchive.run.clients import build_media_store, open_store, safe_database_url
-from recarchive.run.runs import export_parquet
+from recarchive.run.clients import build_media_store
+from recarchive.run.database import open_store, safe_database_url
+from recarchive.run.parquet import export_parquet
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.erasures import tombstone_reason
 

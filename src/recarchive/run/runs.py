@@ -24,16 +24,17 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.config import Settings
 from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
-from recarchive.export.parquet import ExportReport, export_changed
-from recarchive.export.pii import PiiPolicy
+from recarchive.export.parquet import ExportReport
 from recarchive.ids.spool import IdList
 from recarchive.leases import active_owner, local_owner_dead, run_owner
 from recarchive.model import RunCounts, RunStatus
 from recarchive.redaction import describe
 from recarchive.run.chunk import archive_chunk
-from recarchive.run.clients import open_archive_context, open_store
+from recarchive.run.clients import open_archive_context
 from recarchive.run.context import ArchiveContext, ChunkOptions, ProgressCallback
+from recarchive.run.database import open_store
 from recarchive.run.failures import ledger_errors
+from recarchive.run.parquet import export_parquet
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.ledger import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS
 from recarchive.tempfiles import remove_orphan_temp_files
@@ -436,14 +437,3 @@ def raise_for_export(report: RunReport) -> None:
         raise StorageUnavailableError(
             f"{report.export_error}; the recordings are archived, `recarchive export` redoes it"
         )
-
-
-def export_parquet(settings: Settings, engine: Engine, *, full: bool = False) -> ExportReport:
-    """Rewrite the Parquet partitions changed since the last export."""
-    return export_changed(
-        engine,
-        settings.parquet_root,
-        s3_endpoint_url=settings.s3_endpoint_url,
-        full=full,
-        pii=PiiPolicy.from_settings(settings),
-    )

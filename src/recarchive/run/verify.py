@@ -19,9 +19,9 @@ from recarchive.run.clients import (
     build_bird_client,
     build_bird_http,
     build_media_store,
-    open_store,
     shared_permits,
 )
+from recarchive.run.database import open_store
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
