@@ -1,10 +1,13 @@
 """Temp files named after their owner process, and the sweep of those of killed processes.
 
 While a run works, it keeps media downloads (``*.mp3.part``) and its spooled ID list
-(``*.ids``) in the temp folder (``RECARCHIVE_TEMP_DIR``). A run killed with SIGKILL or by the
+(``*.ids``) in the temp folder (``RECARCHIVE_TEMP_DIR``), and an export writes each Parquet
+file first to a temp file (``*.parquet.tmp``: in the partition's folder, or for an ``s3://``
+root in the system temp folder). A run killed with SIGKILL or by the
 OOM killer cannot remove them; without a sweep, each crash would leave up to ``concurrency``
 partial MP3s and an ID list of up to millions of lines behind for good. Names are
-``recarchive-{host}-{pid}-{random}{suffix}``: the owner is in the name, so the files of a
+``recarchive-{host}-{pid}-{random}{suffix}`` (with a leading dot for Parquet temp files, which
+dataset readers skip): the owner is in the name, so the files of a
 killed process can be told apart from those of a live one and from those of other hosts
 sharing the folder.
 """
@@ -27,8 +30,12 @@ logger = logging.getLogger(__name__)
 MEDIA_SUFFIX = ".mp3.part"
 #: Suffix of a run's spooled ID list.
 IDS_SUFFIX = ".ids"
-# tempfile's random part never holds "-": the host (which may) is everything before the pid.
-_OWNED_NAME = re.compile(r"^recarchive-(?P<host>.+)-(?P<pid>[0-9]+)-[^-]*(?:\.mp3\.part|\.ids)$")
+#: Suffix of a Parquet file being written by an export.
+EXPORT_SUFFIX = ".parquet.tmp"
+# The random part never holds "-": the host (which may) is everything before the pid.
+_OWNED_NAME = re.compile(
+    r"^\.?recarchive-(?P<host>.+)-(?P<pid>[0-9]+)-[^-]*(?:\.mp3\.part|\.ids|\.parquet\.tmp)$"
+)
 
 
 def _host_tag() -> str:

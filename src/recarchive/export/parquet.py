@@ -49,11 +49,14 @@ from recarchive.export.schema import (
     TABLE_SCHEMAS,
 )
 from recarchive.store.partitions import due_partitions, mark_partitions, record_exported
+from recarchive.tempfiles import EXPORT_SUFFIX, remove_orphan_temp_files, temp_prefix
 
 logger = logging.getLogger(__name__)
 
 #: Rows per Parquet row group: large enough for DuckDB's and Athena's scans.
 ROW_GROUP_ROWS = 128 * 1024
+#: A temp file of the naming before the owner was in it (see :meth:`_Target.sweep`).
+_LEGACY_TEMP = re.compile(rf"\.{re.escape(FILE_NAME)}\.[0-9a-f]{{32}}\.tmp")
 #: A partition folder's name.
 _MONTH_FOLDER = re.compile(r"created_month=(\d{4}-\d{2})")
 #: Bytes compared at a time between a new partition file and the one in place.
@@ -111,6 +114,31 @@ class _Target:
     def folder(self, table: str, month: str) -> str:
         return f"{self.base}/{table}/created_month={month}"
 
+    def sweep(self) -> int:
+        """Remove the temp files that killed exports left behind; return how many.
+
+        A temp file holds a partition's rows, callers' numbers included: left in a partition
+        folder it outlives an ``erase`` of those recordings. Only files of processes of this
+        host that no longer exist go (:func:`~recarchive.tempfiles.remove_orphan_temp_files`),
+        and files of the naming before owners were in the names
+        (``.part-0.parquet.{hex}.tmp``), which only a version without this sweep wrote.
+        """
+        if self.s3 is not None:
+            return remove_orphan_temp_files(tempfile.gettempdir())
+        removed = 0
+        for table in TABLE_SCHEMAS:
+            try:
+                folders = [e.path for e in os.scandir(f"{self.base}/{table}") if e.is_dir()]
+            except OSError:
+                continue  # no such table folder yet
+            for folder in folders:
+                removed += remove_orphan_temp_files(folder)
+                for legacy in Path(folder).glob(f".{FILE_NAME}.*.tmp"):
+                    if _LEGACY_TEMP.fullmatch(legacy.name):
+                        legacy.unlink(missing_ok=True)
+                        removed += 1
+        return removed
+
     def write(
         self,
         table: str,
@@ -133,8 +161,10 @@ class _Target:
             temp_dir = folder
         else:
             temp_dir = tempfile.gettempdir()
-        # Not ending in .parquet: readers globbing *.parquet never see a file being written.
-        temp = Path(temp_dir) / f".{FILE_NAME}.{uuid.uuid4().hex}.tmp"
+        # Not ending in .parquet, and hidden: readers globbing *.parquet, and pyarrow's
+        # dataset discovery (which skips "."), never see a file being written. Named after this
+        # process, so the export after a killed one removes what it left (:meth:`sweep`).
+        temp = Path(temp_dir) / f".{temp_prefix()}{uuid.uuid4().hex}{EXPORT_SUFFIX}"
         try:
             rows = _write_file(temp, TABLE_SCHEMAS[table], batches, self.tag)
             before_replace()
@@ -343,6 +373,7 @@ def export_changed(
     report = ExportReport(rows=0)
     with export_lock(engine, lock_timeout) as still_locked:
         try:
+            target.sweep()
             stale = target.stale()
         except OSError as exc:
             raise StorageUnavailableError(
