@@ -89,7 +89,7 @@ class ApiHost:
                 return response
         return None
 
-    async def _request_faults(self, request: web.Request, key: str) -> web.StreamResponse | None:
+    async def request_faults(self, request: web.Request, key: str) -> web.StreamResponse | None:
         """Apply the per-request faults of the profile; a response means "answer this"."""
         attempt = self._state.attempt(key)
         faults = self._state.faults
@@ -125,7 +125,7 @@ class ApiHost:
         if not _is_uuid(recording_id):
             return _error(422, "InvalidParameter", "recordingId must be a UUID")
         kind = "link" if wants_media else "meta"
-        fault = await self._request_faults(request, f"{kind}:{recording_id}")
+        fault = await self.request_faults(request, f"{kind}:{recording_id}")
         if fault is not None:
             return fault
         payload = self._state.dataset.payload(recording_id)
@@ -156,7 +156,7 @@ class ApiHost:
             return _error(422, "InvalidParameter", str(exc))
         if not 1 <= limit <= 99:
             return _error(422, "InvalidParameter", "limit must be between 1 and 99")
-        fault = await self._request_faults(request, f"list:{offset}:{limit}")
+        fault = await self.request_faults(request, f"list:{offset}:{limit}")
         if fault is not None:
             return fault
         status = query.get("status")

@@ -43,6 +43,8 @@ class Dataset:
         available_fraction: Share of recordings whose status is ``available``; the rest take
             the other status values in turn (media not ready yet).
         missing_fraction: Share of IDs that answer 404 (in :attr:`all_ids` only).
+        transcriptions: Whether payloads may say ``transcription: true`` (about 30 % do);
+            ``False``: every one says ``false``, the rest of the data unchanged.
 
     Attributes:
         ids: IDs of the recordings that exist, in the order they were drawn.
@@ -59,6 +61,7 @@ class Dataset:
         media_size_range: tuple[int, int] = (4_000, 400_000),
         available_fraction: float = 0.8,
         missing_fraction: float = 0.0,
+        transcriptions: bool = True,
     ) -> None:
         self.workspace_id = workspace_id
         self.seed = seed
@@ -80,6 +83,8 @@ class Dataset:
             self.ids.append(recording_id)
             available = rng.random() < available_fraction
             self._payloads[recording_id] = _payload(recording_id, index, rng, available)
+            if not transcriptions:
+                self._payloads[recording_id]["transcription"] = False
             size = math.exp(rng.uniform(math.log(low), math.log(max(high, low + 1))))
             self._media_sizes[recording_id] = int(size)
 

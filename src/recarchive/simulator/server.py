@@ -34,6 +34,7 @@ from recarchive.simulator.host import (
     RequestStats,
 )
 from recarchive.simulator.media_host import LOGGED, MediaHost
+from recarchive.simulator.transcripts import TranscriptionHost, TranscriptionStore
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,11 @@ class SimulatorConfig:
         missing_fraction: Share of the ``recordings`` IDs the API answers 404 for (seeded).
         latency_seconds: Every API request waits this long before it is answered (media
             requests do not: their time is the transfer's).
+        transcriptions: Recordings whose payload says ``transcription: true`` (about 30 %)
+            have transcriptions (:mod:`.transcripts`); off (the default, so the recordings'
+            request counts stay as they were): every payload says ``false``.
+        transcription_ready_seconds: ``accepted`` transcriptions turn ``available`` this long
+            after the start (``None``: only ``transcriptions.make_ready()`` turns them).
     """
 
     recordings: int = 300
@@ -81,6 +87,8 @@ class SimulatorConfig:
     url_ttl_seconds: float = 60.0
     missing_fraction: float = 0.0
     latency_seconds: float = 0.0
+    transcriptions: bool = False
+    transcription_ready_seconds: float | None = None
 
     def __post_init__(self) -> None:
         """Refuse settings the simulator cannot serve.
@@ -119,6 +127,7 @@ def build_dataset(config: SimulatorConfig) -> Dataset:
         media_size_range=config.media_size_range,
         available_fraction=config.available_fraction,
         missing_fraction=config.missing_fraction,
+        transcriptions=config.transcriptions,
     )
 
 
@@ -162,6 +171,7 @@ class SimulatorServer:
 
     Attributes:
         dataset: The recordings served; tests may change it while the server runs.
+        transcriptions: The recordings' transcriptions (tests may change them too).
         requests: Every request received, in the order they were answered.
         stats: The counts served at ``GET /_sim/stats``.
     """
@@ -181,6 +191,15 @@ class SimulatorServer:
         media_log = functools.partial(self._log, "media")
         self._media = MediaHost(state, media_log, lambda: self.media_url)
         self._api = ApiHost(state, self._media)
+        self.transcriptions = TranscriptionStore(
+            self.dataset, self.config.seed, self.config.transcription_ready_seconds
+        )
+        self._transcripts = TranscriptionHost(
+            self.config.workspace_id,
+            self.transcriptions,
+            self._api.request_faults,
+            lambda rid: self.dataset.payload(rid) is not None,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runners: list[web.AppRunner] = []
@@ -242,6 +261,7 @@ class SimulatorServer:
     async def _start_sites(self) -> None:
         api = web.Application(middlewares=[self._api_middleware])
         self._api.add_routes(api.router)
+        self._transcripts.add_routes(api.router)
         media = web.Application(middlewares=[self._media_middleware])
         self._media.add_routes(media.router)
         for app, attr in ((api, "port"), (media, "media_port")):
