@@ -298,11 +298,12 @@ class BirdClient:
         what: str,
         params: dict[str, str] | None = None,
         read_body: bool = True,
+        limits: AnswerLimits | None = None,
     ) -> Answer:
         """Send one API request with pacing and retries; return a 2xx or 3xx answer.
 
-        The body is read inside the attempt (a connection that breaks mid-body is retried);
-        see :func:`~recarchive.bird.answer.read_answer`.
+        The body is read inside the attempt (a connection that breaks mid-body is retried)
+        within ``limits`` (default: the client's); see :func:`~recarchive.bird.answer.read_answer`.
         """
 
         async def attempt() -> Answer:
@@ -312,7 +313,7 @@ class BirdClient:
                 self._http, method, url, params=params, headers=self._auth_headers()
             )
             answer = await read_answer(
-                self._http, request, limits=self.limits, what=what, read_body=read_body
+                self._http, request, limits=limits or self.limits, what=what, read_body=read_body
             )
             self.pacer.record_success()
             return answer

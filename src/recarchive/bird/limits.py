@@ -41,6 +41,8 @@ class AnswerLimits:
         allowed_hosts: Media hosts allowed on private, loopback or link-local addresses.
         answer_seconds: Longest an API answer may take, headers and body, and the media
             host's headers (a read timeout restarts with every byte; this does not).
+        transcription_max_bytes: A transcription's content (one format) larger than this is
+            refused; list answers of transcriptions are bound by ``metadata_max_bytes``.
     """
 
     metadata_max_bytes: int = 4 * MiB
@@ -50,6 +52,7 @@ class AnswerLimits:
     json_max_depth: int = DEFAULT_JSON_MAX_DEPTH
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     answer_seconds: float = 300.0
+    transcription_max_bytes: int = 16 * MiB
 
 
 #: zlib ``wbits`` per ``Content-Encoding`` we decode ourselves (a bounded decompression).
