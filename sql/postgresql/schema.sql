@@ -1,4 +1,4 @@
--- recarchive schema for PostgreSQL (revision 0006; keep in step with
+-- recarchive schema for PostgreSQL (revision 0007; keep in step with
 -- src/recarchive/store/tables.py and src/recarchive/store/migrations/, tests/test_schema.py checks it).
 --
 -- The application creates and upgrades its schema itself with Alembic
@@ -150,3 +150,27 @@ CREATE TABLE erasures (
     PRIMARY KEY (id)
 );
 CREATE INDEX ix_erasures_recording_id ON erasures (recording_id);
+
+-- One row per transcription of an archived recording (or "*": a listing to look at again).
+CREATE TABLE transcription_ledger (
+    recording_id VARCHAR(36) NOT NULL,
+    transcription_id VARCHAR(36) NOT NULL,
+    state VARCHAR(16) NOT NULL,
+    bird_status VARCHAR(64),
+    locale VARCHAR(35),
+    attempts INTEGER DEFAULT 0 NOT NULL,
+    last_error TEXT,
+    next_attempt_at TIMESTAMP WITH TIME ZONE,
+    s3_bucket TEXT,
+    json_key TEXT,
+    json_size BIGINT,
+    json_sha256 VARCHAR(64),
+    txt_key TEXT,
+    txt_size BIGINT,
+    txt_sha256 VARCHAR(64),
+    archived_at TIMESTAMP WITH TIME ZONE,
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL,
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL,
+    PRIMARY KEY (recording_id, transcription_id)
+);
+CREATE INDEX ix_transcription_ledger_state_next_attempt ON transcription_ledger (state, next_attempt_at);

@@ -244,6 +244,68 @@ class RunCounts:
         }
 
 
+class TranscriptionState(StrEnum):
+    """The state of one transcription in ``transcription_ledger`` (README, "Transcriptions").
+
+    ``pending``: not ready at Bird yet; ``archived``: its objects are in S3, final;
+    ``failed``: retried by ``retry-failed`` while it has a next attempt; ``unavailable``: Bird
+    gave up on it (status ``failed``): nothing to archive, final.
+    """
+
+    PENDING = "pending"
+    ARCHIVED = "archived"
+    FAILED = "failed"
+    UNAVAILABLE = "unavailable"
+
+
+#: Transcription outcomes a run counts, in the order summaries show them.
+TRANSCRIPTION_OUTCOMES: Final[tuple[str, ...]] = (
+    "archived",
+    "already_archived",
+    "pending",
+    "failed",
+    "unavailable",
+)
+
+
+@dataclass
+class TranscriptionCounts:
+    """What one run did with transcriptions (the summary and metrics; not ``runs`` columns).
+
+    Attributes:
+        recordings: Recordings whose transcriptions were listed at Bird.
+        archived: Transcriptions stored by this run (or found stored by a killed one).
+        already_archived: Listed, and ``archived`` before: no content requested.
+        pending: Not ready at Bird yet (``retry-failed`` looks again); a recording whose
+            listing was empty counts one.
+        failed: Failed this time (a listing that failed counts one).
+        unavailable: Bird gave up on them.
+        bytes_uploaded: Transcription bytes written to S3 by this run.
+        failures: ``(recording_id, error)`` of the first failures, for the report.
+    """
+
+    recordings: int = 0
+    archived: int = 0
+    already_archived: int = 0
+    pending: int = 0
+    failed: int = 0
+    unavailable: int = 0
+    bytes_uploaded: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def record_failure(self, recording_id: str, error: str) -> None:
+        """Count one failure and keep its message if there is room."""
+        self.failed += 1
+        if len(self.failures) < MAX_REPORTED_FAILURES:
+            self.failures.append((recording_id, error))
+
+    def as_dict(self) -> dict[str, int]:
+        """Counters as a plain dict (JSON summaries, metrics)."""
+        return {
+            item.name: getattr(self, item.name) for item in fields(self) if item.name != "failures"
+        }
+
+
 #: The ``runs`` count columns: every counter of :class:`RunCounts`, so a new counter cannot be
 #: left out of the table (a test checks the table has them all).
 RUN_COUNT_COLUMNS: Final[tuple[str, ...]] = tuple(

@@ -36,10 +36,11 @@ __all__ = [
 #: revision the DDL files in ``sql/`` describe; a test keeps it equal to Alembic's head and to
 #: the newest of :data:`REVISION_MARKERS`. A database already there is opened without importing
 #: Alembic at all, which saves about half a second of every command's start-up.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 #: For each revision after 0001, newest first, a column it added: a database created by hand
 #: from the DDL of some revision is adopted at the newest revision whose column it has.
 REVISION_MARKERS: tuple[tuple[str, str, str], ...] = (
+    ("0007", "transcription_ledger", "json_sha256"),
     ("0006", "erasures", "outcome"),
     ("0005", "archive_ledger", "legal_hold"),
     ("0004", "request_permits", "next_free"),

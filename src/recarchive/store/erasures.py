@@ -30,7 +30,13 @@ from recarchive.model import LedgerState
 from recarchive.store.bulk import clip_error
 from recarchive.store.engine import utc_now
 from recarchive.store.partitions import mark_partitions_of
-from recarchive.store.tables import archive_ledger, erasures, recording_parties, recordings
+from recarchive.store.tables import (
+    archive_ledger,
+    erasures,
+    recording_parties,
+    recordings,
+    transcription_ledger,
+)
 
 __all__ = ["ErasureOutcome", "ErasureRecord", "ErasureRequest", "Erasures"]
 
@@ -147,6 +153,13 @@ class Erasures:
                 deleted += connection.execute(
                     delete(recordings).where(recordings.c.id == recording_id)
                 ).rowcount
+                # Its transcriptions' rows too (not counted: sql_rows_deleted counts the
+                # recording's own rows, as before transcriptions were archived).
+                connection.execute(
+                    delete(transcription_ledger).where(
+                        transcription_ledger.c.recording_id == recording_id
+                    )
+                )
                 now = utc_now()
                 pinned = {}
                 if key_if_none is not None:

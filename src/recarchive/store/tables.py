@@ -266,6 +266,35 @@ erasures = Table(
     Index("ix_erasures_recording_id", "recording_id"),
 )
 
+transcription_ledger = Table(
+    "transcription_ledger",
+    metadata,
+    # One row per transcription of an archived recording (revision 0007), or per recording
+    # whose listing at Bird failed or was empty (transcription_id "*": looked at again).
+    Column("recording_id", String(36), primary_key=True),
+    Column("transcription_id", String(36), primary_key=True),
+    # pending (not ready at Bird), archived, failed (retried while next_attempt_at is set),
+    # unavailable (Bird gave up: final).
+    Column("state", String(16), nullable=False),
+    Column("bird_status", String(64)),
+    Column("locale", String(35)),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", Text),
+    Column("next_attempt_at", UTCDateTime),
+    Column("s3_bucket", Text),
+    # Each stored format: its key, size and SHA-256 (the txt ones NULL when Bird has none).
+    Column("json_key", Text),
+    Column("json_size", BigInteger),
+    Column("json_sha256", String(64)),
+    Column("txt_key", Text),
+    Column("txt_size", BigInteger),
+    Column("txt_sha256", String(64)),
+    Column("archived_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_transcription_ledger_state_next_attempt", "state", "next_attempt_at"),
+)
+
 #: Tables in creation order (children after parents).
 TABLES = (
     recordings,
@@ -276,4 +305,5 @@ TABLES = (
     listed_windows,
     request_permits,
     erasures,
+    transcription_ledger,
 )
