@@ -36,6 +36,14 @@ def sidecar_key(key: str) -> str:
     return f"{_stem(key)}.json"
 
 
+def transcription_key(key: str, transcription_id: str, fmt: str) -> str:
+    """Return the key of one format of a transcription beside the media object ``key``.
+
+    ``{stem}.transcription.{transcriptionId}.{fmt}`` (README, "Where things go").
+    """
+    return f"{_stem(key)}.transcription.{transcription_id}.{fmt}"
+
+
 def _stem(key: str) -> str:
     return key[: -len(".mp3")] if key.endswith(".mp3") else key
 

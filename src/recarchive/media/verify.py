@@ -14,9 +14,10 @@ verification reports it "needs restore" (or "restore in progress", from the HEAD
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from botocore.exceptions import ClientError
 
@@ -220,3 +221,89 @@ def verify_archive(
 
 def _where(entry: LedgerEntry) -> tuple[str, str | None, str | None]:
     return entry.recording_id, entry.s3_bucket, entry.s3_key
+
+
+class StoredFormatRow(Protocol):
+    """One stored format of a transcription, as its ledger row names it."""
+
+    @property
+    def key(self) -> str:
+        """Its S3 key."""
+        ...
+
+    @property
+    def size(self) -> int:
+        """Its size in bytes."""
+        ...
+
+    @property
+    def sha256(self) -> str:
+        """Its hex SHA-256."""
+        ...
+
+
+class ArchivedTranscription(Protocol):
+    """What :func:`verify_transcriptions` reads of an ``archived`` transcription ledger row."""
+
+    @property
+    def recording_id(self) -> str:
+        """The recording."""
+        ...
+
+    @property
+    def transcription_id(self) -> str:
+        """The transcription."""
+        ...
+
+    @property
+    def s3_bucket(self) -> str | None:
+        """The bucket of its objects."""
+        ...
+
+    @property
+    def formats(self) -> Mapping[str, StoredFormatRow]:
+        """Its stored formats by name."""
+        ...
+
+
+def verify_transcriptions(
+    rows: Sequence[ArchivedTranscription], media: MediaStore, *, deep: bool, concurrency: int
+) -> list[VerifyProblem]:
+    """Check archived transcriptions' objects: exist, size and ``sha256`` metadata (and bytes).
+
+    Returns:
+        The problems, named ``transcription {id}.{fmt}: ...``, in the order of ``rows``.
+
+    Raises:
+        FatalError: S3 refused access or the bucket is missing.
+    """
+    checks = [(row, fmt, stored) for row in rows for fmt, stored in sorted(row.formats.items())]
+
+    def check(item: tuple[ArchivedTranscription, str, StoredFormatRow]) -> str | None:
+        row, _fmt, stored = item
+        store = media.for_bucket(row.s3_bucket or media.bucket)
+        try:
+            info = store.head(stored.key)
+            if info is None:
+                return "missing object"
+            if info.size != stored.size or info.sha256 != stored.sha256:
+                return f"size {info.size} / sha256 metadata {_short(info.sha256)} != ledger"
+            if deep:
+                size, digest = store.hash_object(stored.key)
+                if (size, digest) != (stored.size, stored.sha256):
+                    return f"content hash {_short(digest)} != ledger {_short(stored.sha256)}"
+        except StorageUnavailableError:
+            raise
+        except (RetryableError, MediaIntegrityError) as exc:
+            return f"could not check: {exc}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        found = list(pool.map(check, checks))
+    problems: list[VerifyProblem] = []
+    for (row, fmt, stored), problem in zip(checks, found, strict=True):
+        if problem is not None:
+            text = f"transcription {row.transcription_id}.{fmt}: {problem}"
+            logger.warning("verify %s (%s): %s", row.recording_id, stored.key, text)
+            problems.append(VerifyProblem(row.recording_id, stored.key, text))
+    return problems
