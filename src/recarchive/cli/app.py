@@ -225,7 +225,8 @@ def retry_failed_command(
     if dry_run:
         from recarchive.run.dryrun import plan_retry
 
-        raise typer.Exit(print_plan(plan_retry(settings), as_json=json_output))
+        plan = plan_retry(settings, skip_media=skip_media)
+        raise typer.Exit(print_plan(plan, as_json=json_output))
     with ProgressReporter(err, None) as progress:
         report = asyncio.run(
             retry_failed(settings, skip_media=skip_media, on_progress=progress.update)

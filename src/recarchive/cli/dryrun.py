@@ -41,6 +41,10 @@ def print_plan(plan: DryRunPlan, *, as_json: bool) -> int:
     )
     if plan.invalid:
         out.print(f"{plan.invalid} listed IDs are not valid recording IDs (the run fails them).")
+    if plan.transcriptions:
+        out.print(
+            f"{plan.transcriptions} archived recordings' transcriptions would be listed again."
+        )
     return EXIT_OK
 
 

@@ -104,6 +104,14 @@ def print_run(report: RunReport) -> None:
         out.print(f"  failed {recording_id}: {error}", highlight=False, markup=False)
     if counts.failed > 20:
         out.print(f"  ... and {counts.failed - 20} more (recarchive status --failed)")
+    shown = {
+        name: n for name, n in report.transcripts.as_dict().items() if n and name != "recordings"
+    }
+    if shown:
+        words = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in shown.items())
+        out.print(f"Transcriptions: {words}.", highlight=False, markup=False)
+    for recording_id, error in report.transcripts.failures[:20]:
+        out.print(f"  failed {recording_id}: {error}", highlight=False, markup=False)
     raise_for_export(report)
 
 

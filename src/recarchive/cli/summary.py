@@ -56,6 +56,11 @@ def run_document(report: RunReport, command: str, code: int, invalid_ids: int) -
         if export is None
         else {"rows": export.rows, "partitions": list(export.partitions)},
         "export_error": report.export_error,
+        # Transcriptions (README, "Transcriptions"): counts, and the first failures.
+        "transcriptions": report.transcripts.as_dict(),
+        "transcription_failures": [
+            {"id": rid, "error": error} for rid, error in report.transcripts.failures
+        ],
     }
 
 
@@ -68,7 +73,7 @@ def finish_run(report: RunReport, command: str, *, as_json: bool, invalid_ids: i
     from recarchive.run.runs import raise_for_export
 
     code = exit_code(report.counts)
-    if invalid_ids or report.export_error:
+    if invalid_ids or report.export_error or report.transcripts.failed:
         code = EXIT_ITEMS_FAILED
     if not as_json:
         print_run(report)

@@ -5,15 +5,15 @@ holds at most one chunk of payloads in memory, and runs its items concurrently w
 bounded by the context's ``concurrency``. Its SQL work goes in batches, in threads: one metadata
 write, one pin of all media items' S3 keys before their transfers start, and the items' marks
 (:class:`~recarchive.run.marks.MarkBatch`: an item counts once its mark is confirmed).
-Retries of single HTTP requests happen in the Bird client only; here an item that still fails
-is marked ``failed`` in the ledger with the time of its next attempt (backoff across runs),
-and the run goes on. Only a :class:`FatalError` (bad credentials, unreachable ledger database,
-a full disk) stops the chunk, after marking what finished and releasing its leases.
+Retries of single HTTP requests happen in the Bird client only; an item that still fails is
+marked ``failed`` with its next attempt's time (backoff across runs), and the run goes on.
+Only a :class:`FatalError` (bad credentials, unreachable ledger database, a full disk) stops
+the chunk, after marking what finished and releasing its leases. A recording's
+transcriptions are archived before its ``archived`` mark (:mod:`recarchive.run.transcripts`).
 
-One bad recording never stops the others: every exception raised while processing one item —
-parsing, redirect, transport, its storage, a bug in a library — ends that item ``failed``
-with a redacted ``last_error``. The places that do so are :meth:`_Chunk._fetch_metadata`,
-:meth:`_Chunk._save_metadata` and :meth:`_Chunk._archive_media`.
+One bad recording never stops the others: every exception raised while processing one item
+ends that item ``failed`` with a redacted ``last_error`` (in :meth:`_Chunk._fetch_metadata`,
+:meth:`_Chunk._save_metadata` and :meth:`_Chunk._archive_media`).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from recarchive.run.failures import (
     ledger_errors,
 )
 from recarchive.run.marks import MarkBatch
+from recarchive.run.transcripts import archive_transcripts, refresh_jobs, wants_transcripts
 from recarchive.store.outcomes import Outcome
 
 if TYPE_CHECKING:
@@ -180,11 +181,10 @@ class _Chunk:
         """Return the ledger rows of ``ids``, inserting ``pending`` rows for new IDs.
 
         Rows that cannot have an object of an earlier run behind them are remembered in
-        ``fresh``: ``pending``, never attempted, unleased, and without a pinned S3 key (every
-        upload pins its key first, so no upload of this release ever started for them; a
-        killed run of an older release leaves its lease behind). For those the S3 check for
-        a crashed run's object is skipped (a create-only upload that meets an object anyway
-        compares hashes, so a wrong guess costs a download, never a duplicate).
+        ``fresh``: ``pending``, never attempted, unleased, without a pinned S3 key (every
+        upload pins its key first). For those the S3 check for a crashed run's object is
+        skipped (a create-only upload that meets one anyway compares hashes: a wrong guess
+        costs a download, never a duplicate).
         """
         store = self.ctx.store
         entries = store.get_entries(ids)
@@ -213,14 +213,12 @@ class _Chunk:
         to_archive: list[tuple[NormalizedRecording, LedgerEntry]] = []
         for record in records:
             entry = entries[record.id]
-            if entry.state == LedgerState.ARCHIVED:
-                # --refresh of an archived recording: metadata updated above, media untouched.
+            if entry.state == LedgerState.ARCHIVED:  # --refresh: metadata updated, not media
                 self._outcome(already_archived=1)
             elif self.options.skip_media or record.status != AVAILABLE or self.ctx.media is None:
                 if self.options.skip_media:
                     reason, recheck_at = "skip-media", None
-                else:
-                    # Media not ready: retry-failed looks again once this is due.
+                else:  # media not ready: retry-failed looks again once this is due
                     reason = f"status {record.status}"
                     recheck_at = datetime.now(UTC) + self.ctx.media_recheck
                 await self.marks.add(
@@ -235,6 +233,7 @@ class _Chunk:
             for record, entry in to_archive
             if record.id in pinned
         )
+        await self._gather(refresh_jobs(self.ctx, records, entries) if self.options.refresh else [])
 
     async def _pin_keys(
         self, items: list[tuple[NormalizedRecording, LedgerEntry]]
@@ -384,6 +383,10 @@ class _Chunk:
                 created_at=record.created_at,  # retain-until is createdAt + days
             )
             uploaded = result.outcome == "uploaded"
+            if wants_transcripts(record):  # before the mark: a killed run's redo does them
+                await archive_transcripts(
+                    self.ctx, record.id, bucket=bucket, key=key, created_at=record.created_at
+                )
         except FatalError:
             raise
         except NotFoundError as exc:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from recarchive.model import RunCounts
+from recarchive.model import RunCounts, TranscriptionCounts
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
@@ -54,6 +54,8 @@ class ArchiveContext:
         media_attempts: Whole downloads tried per recording when a body breaks off or
             fails verification.
         media_retry_delay: First delay between those downloads (doubles, capped).
+        transcripts: What the run did with transcriptions so far (every chunk of the run
+            adds to it; summaries and metrics, not ``runs`` columns).
     """
 
     bird: BirdClient
@@ -70,3 +72,4 @@ class ArchiveContext:
     temp_dir: Path | None = None
     media_attempts: int = 3
     media_retry_delay: float = 0.25
+    transcripts: TranscriptionCounts = field(default_factory=TranscriptionCounts)

@@ -60,6 +60,8 @@ class DryRunPlan:
         invalid: Listed IDs that are not recording IDs (a window's listing only).
         database: ``"missing"`` (no database yet: every ID new) or the schema revision read.
         samples: Up to a few IDs per category, for a person checking the plan.
+        transcriptions: ``retry-failed``: archived recordings with a due ``pending`` or
+            ``failed`` transcription, whose transcriptions its own pass lists again.
     """
 
     command: str
@@ -67,6 +69,7 @@ class DryRunPlan:
     invalid: int = 0
     database: str = "missing"
     samples: dict[str, list[str]] = field(default_factory=dict)
+    transcriptions: int = 0
 
     @property
     def requested(self) -> int:
@@ -97,6 +100,7 @@ class DryRunPlan:
             "invalid": self.invalid,
             "counts": dict(self.counts),
             "samples": {name: ids for name, ids in self.samples.items() if ids},
+            "transcriptions_due": self.transcriptions,
         }
 
 
@@ -188,7 +192,7 @@ def _archive_category(entry: LedgerEntry | None, held: set[str], options: ChunkO
     return _BY_STATE.get(LedgerState(entry.state), "refresh")
 
 
-def plan_retry(settings: Settings) -> DryRunPlan:
+def plan_retry(settings: Settings, *, skip_media: bool = False) -> DryRunPlan:
     """What ``retry-failed`` would take now, from the ledger alone.
 
     Raises:
@@ -222,6 +226,11 @@ def plan_retry(settings: Settings) -> DryRunPlan:
                     seen[state] += 1
         totals = store.counts()
         plan.counts["not_due"] = sum(totals.get(state, 0) - taken for state, taken in seen.items())
+        if not skip_media:  # the real run's transcription pass needs the media store
+            due_transcriptions = store.due_transcriptions(
+                limit=2**62, max_attempts=settings.item_max_attempts
+            )
+            plan.transcriptions = len(due_transcriptions)
     except SQLAlchemyError as exc:
         raise StorageUnavailableError(f"cannot read the ledger: {type(exc).__name__}") from exc
     finally:

@@ -1,8 +1,9 @@
 """``recarchive hold``: set or clear the S3 legal hold of archived recordings, and record it.
 
 A legal hold keeps an object version from being deleted or overwritten whatever its
-retention, until the hold is cleared. Each recording's MP3 and sidecar are held — every
-version of both — and only once S3 confirmed all of them is the hold recorded in the ledger
+retention, until the hold is cleared. Each recording's MP3, sidecar and archived
+transcription objects are held — every version of each — and only once S3 confirmed all of
+them is the hold recorded in the ledger
 (:meth:`~recarchive.store.locks.LedgerLocks.record_legal_hold`), so the ledger never claims a
 hold the objects do not have.
 """
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 from recarchive.config import Settings
 from recarchive.errors import FatalError, RecarchiveError
 from recarchive.media.keys import sidecar_key
-from recarchive.model import LedgerState
+from recarchive.model import LedgerState, TranscriptionState
 from recarchive.redaction import describe
 from recarchive.run.clients import build_media_store
 from recarchive.run.database import open_store
@@ -91,10 +92,17 @@ def set_holds(settings: Settings, ids: Sequence[str], *, on: bool) -> HoldReport
         s3 = build_media_store(settings, bucket=archived[0].s3_bucket).s3
         for bucket in sorted({entry.s3_bucket or "" for entry in archived}):
             check_object_lock(s3, bucket)  # exit 2 before any hold changes
+        transcriptions = store.transcription_rows([entry.recording_id for entry in archived])
         try:
             for entry in archived:
                 assert entry.s3_bucket and entry.s3_key  # archived rows name both
-                _hold_one(s3, entry.recording_id, entry.s3_bucket, entry.s3_key, report)
+                extra = [
+                    stored.key
+                    for row in transcriptions.get(entry.recording_id, [])
+                    if row.state == TranscriptionState.ARCHIVED
+                    for stored in row.formats.values()
+                ]
+                _hold_one(s3, entry.recording_id, entry.s3_bucket, entry.s3_key, report, extra)
         finally:
             # What S3 confirmed is recorded, also when a fatal error stopped the rest.
             store.record_legal_hold(report.done, on=on)
@@ -103,13 +111,23 @@ def set_holds(settings: Settings, ids: Sequence[str], *, on: bool) -> HoldReport
     return report
 
 
-def _hold_one(s3: S3Client, recording_id: str, bucket: str, key: str, report: HoldReport) -> None:
-    """Set or clear the hold of one recording's MP3 and sidecar; note the outcome in ``report``."""
+def _hold_one(
+    s3: S3Client,
+    recording_id: str,
+    bucket: str,
+    key: str,
+    report: HoldReport,
+    transcriptions: Sequence[str] = (),
+) -> None:
+    """Set or clear the hold of one recording's objects; note the outcome in ``report``.
+
+    The MP3, the sidecar and the ``transcriptions`` keys (its archived transcriptions').
+    """
     from recarchive.media.locks import object_versions, set_legal_hold
 
-    keys = (key, sidecar_key(key))
+    keys = (key, sidecar_key(key), *transcriptions)
     try:
-        # Both objects must exist before either is changed: no half-held recording.
+        # Every object must exist before any is changed: no half-held recording.
         missing = [each for each in keys if not object_versions(s3, bucket, each)]
         if missing:
             report.failed[recording_id] = f"no object at s3://{bucket}/{missing[0]}"

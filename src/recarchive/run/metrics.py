@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Final
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
-from recarchive.model import RUN_COUNT_COLUMNS
+from recarchive.model import RUN_COUNT_COLUMNS, TRANSCRIPTION_OUTCOMES
 from recarchive.redaction import describe
 from recarchive.run.outcome import Outcome, run_outcome
 
@@ -42,6 +42,10 @@ RECORDING_OUTCOMES: Final = tuple(
 METRICS: Final[dict[str, tuple[str, str | None]]] = {
     "recarchive_last_run_recordings": (
         "Recordings of the last run of this kind, per outcome.",
+        "outcome",
+    ),
+    "recarchive_last_run_transcriptions": (
+        "Transcriptions of the last run of this kind, per outcome.",
         "outcome",
     ),
     "recarchive_last_run_requested_recordings": (
@@ -130,6 +134,8 @@ def run_samples(
 
     for name in RECORDING_OUTCOMES:
         put("recarchive_last_run_recordings", getattr(counts, name), outcome=name)
+    for name in TRANSCRIPTION_OUTCOMES:
+        put("recarchive_last_run_transcriptions", getattr(report.transcripts, name), outcome=name)
     put("recarchive_last_run_requested_recordings", counts.requested)
     put("recarchive_last_run_uploaded_bytes", counts.bytes_uploaded)
     put("recarchive_last_run_duration_seconds", report.seconds)

@@ -46,7 +46,8 @@ def run_outcome(report: RunReport) -> Outcome:
     """The outcome of one run that returned (a run that raised is ``failed`` by Prefect)."""
     if report.export_error:
         return Outcome.FAILED
-    return Outcome.PARTIAL if report.counts.failed else Outcome.SUCCEEDED
+    failed = report.counts.failed or report.transcripts.failed
+    return Outcome.PARTIAL if failed else Outcome.SUCCEEDED
 
 
 def child_outcome(state_type: str | None, state_name: str | None) -> Outcome:

@@ -10,6 +10,10 @@ What the archive cannot say is left to the next run: recordings whose media was 
 yet were never in S3 (a run fetches them again like any new ID); an MP3 without its sidecar (a
 run killed between the two writes) is listed and registered ``pending`` at its key, and the
 next run that takes it adopts the object after checking its bytes, as recovery always does.
+
+A recording's transcription objects (``{id}.transcription.{transcriptionId}.json`` and
+``.txt``) become ``archived`` rows of the ``transcription_ledger`` again, with the key, size,
+SHA-256, ``archived-at`` and ``locale`` their metadata carries.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -29,8 +34,16 @@ from recarchive.export.parquet import ExportReport, partition_files
 from recarchive.leases import run_owner
 from recarchive.media.inventory import StoredRecording, iter_recordings, media_facts, read_json
 from recarchive.media.keys import workspace_prefix
+from recarchive.media.objects import object_info
 from recarchive.media.s3 import MediaStore
-from recarchive.model import LedgerEntry, LedgerState, NormalizedRecording, RunStatus
+from recarchive.media.transcripts import LOCALE
+from recarchive.model import (
+    LedgerEntry,
+    LedgerState,
+    NormalizedRecording,
+    RunStatus,
+    TranscriptionState,
+)
 from recarchive.normalize import normalize_recording
 from recarchive.redaction import describe
 from recarchive.run.clients import build_media_store
@@ -38,10 +51,15 @@ from recarchive.run.database import open_store, safe_database_url
 from recarchive.run.parquet import export_parquet
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.erasures import tombstone_reason
+from recarchive.store.transcriptions import StoredFormat, TranscriptionOutcome
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_TRANSCRIPTION = re.compile(
+    r"\.transcription\.(?P<id>[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})"
+    r"\.(?P<fmt>json|txt)$"
+)
 BATCH = 200
 #: The ``runs`` kind of a rebuild.
 REBUILD = "rebuild"
@@ -84,6 +102,8 @@ class _Found:
     entry: LedgerEntry
     #: The Object Lock columns the object's HEAD gives (lock_mode, retain_until, legal_hold).
     lock: dict[str, object] = field(default_factory=dict)
+    #: Its archived transcriptions, as their objects tell.
+    transcriptions: list[TranscriptionOutcome] = field(default_factory=list)
 
 
 def rebuild(
@@ -208,6 +228,7 @@ def _restore(
                 [item.entry for item in kept],
                 extra={item.entry.recording_id: item.lock for item in kept if item.lock},
             )
+            store.record_transcriptions([t for item in kept for t in item.transcriptions])
             for item in kept:
                 if item.record is None:
                     continue
@@ -289,7 +310,49 @@ def _read(
         "retain_until": facts.retain_until,
         "legal_hold": facts.legal_hold,
     }
-    return _Found(record, entry, lock)
+    return _Found(record, entry, lock, _transcriptions(media, item, report))
+
+
+def _transcriptions(
+    media: MediaStore, item: StoredRecording, report: RebuildReport
+) -> list[TranscriptionOutcome]:
+    """The ``archived`` transcription rows of one recording, from its objects' metadata.
+
+    A transcription counts when its ``.json`` carries ``sha256`` metadata (the run writes it
+    first); one that cannot be read is skipped, and the next ``--refresh`` adopts it.
+    """
+    found: dict[str, dict[str, StoredFormat]] = {}
+    facts: dict[str, tuple[datetime | None, str | None]] = {}
+    for key in item.others:
+        match = _TRANSCRIPTION.search(key)
+        if match is None:
+            continue
+        try:
+            response = media.s3.head_object(Bucket=media.bucket, Key=key)
+        except Exception as exc:  # this object only: the recording is restored regardless
+            report.skipped.append((item.recording_id, f"{key}: {type(exc).__name__}"))
+            continue
+        info = object_info(response)
+        if not info.sha256:
+            report.skipped.append((item.recording_id, f"{key} has no sha256 metadata"))
+            continue
+        found.setdefault(match["id"], {})[match["fmt"]] = StoredFormat(key, info.size, info.sha256)
+        if match["fmt"] == "json":
+            facts[match["id"]] = (info.archived_at, (response.get("Metadata") or {}).get(LOCALE))
+    return [
+        TranscriptionOutcome(
+            item.recording_id,
+            transcription_id,
+            TranscriptionState.ARCHIVED,
+            bird_status="available",
+            locale=facts[transcription_id][1],
+            bucket=media.bucket,
+            formats=formats,
+            archived_at=facts[transcription_id][0],
+        )
+        for transcription_id, formats in sorted(found.items())
+        if "json" in formats
+    ]
 
 
 def _tombstone(media: MediaStore, item: StoredRecording, report: RebuildReport) -> _Found:

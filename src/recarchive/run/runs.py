@@ -1,10 +1,9 @@
 """Whole runs: chunks of IDs through the pipeline, the ``runs`` row, and the Parquet export.
 
-The CLI calls these directly (no Prefect API needed, so the first request goes out within a
-second or two); the Prefect flows in ``flows/`` wrap the same pieces with one task per chunk,
-passed in as ``run_chunk``, and publish the :class:`RunReport` as an artifact. Prefect
-orchestrates chunks (hundreds of IDs), never single recordings, so its per-task cost does not
-grow with the number of recordings. Chunks run concurrently in one event loop
+The CLI calls these directly (no Prefect API needed: the first request goes out within a
+second or two); the flows in ``flows/`` wrap the same pieces with one Prefect task per chunk
+(``run_chunk``; chunks of hundreds of IDs, never single recordings) and publish the
+:class:`RunReport` as an artifact. Chunks run concurrently in one event loop
 (:func:`run_chunks`), so they share one HTTP connection pool and one request pacer.
 """
 
@@ -15,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -27,7 +26,7 @@ from recarchive.errors import RecarchiveError, StorageUnavailableError, first_er
 from recarchive.export.parquet import ExportReport
 from recarchive.ids.spool import IdList
 from recarchive.leases import active_owner, local_owner_dead, run_owner
-from recarchive.model import RunCounts, RunStatus
+from recarchive.model import RunCounts, RunStatus, TranscriptionCounts
 from recarchive.redaction import describe
 from recarchive.run.chunk import archive_chunk
 from recarchive.run.clients import open_archive_context
@@ -35,6 +34,7 @@ from recarchive.run.context import ArchiveContext, ChunkOptions, ProgressCallbac
 from recarchive.run.database import open_store
 from recarchive.run.failures import ledger_errors
 from recarchive.run.parquet import export_parquet
+from recarchive.run.transcripts import retry_transcripts
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.ledger import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS
 from recarchive.tempfiles import remove_orphan_temp_files
@@ -55,6 +55,7 @@ class RunReport:
         seconds: Wall time.
         export_error: Why the Parquet export failed (the run's items are done regardless;
             ``recarchive export`` redoes it), or ``None``.
+        transcripts: What the run did with transcriptions (not ``runs`` columns).
     """
 
     run_id: int
@@ -64,6 +65,7 @@ class RunReport:
     export: ExportReport | None
     seconds: float
     export_error: str | None = None
+    transcripts: TranscriptionCounts = field(default_factory=TranscriptionCounts)
 
 
 #: Where the whole list of failed and missing recordings is (reports show the first ones).
@@ -88,9 +90,10 @@ def report_table(report: RunReport) -> list[dict[str, Any]]:
     return rows
 
 
-def run_status(counts: RunCounts) -> RunStatus:
-    """Return ``succeeded`` or ``partial`` for finished counts."""
-    return RunStatus.SUCCEEDED if counts.all_ok else RunStatus.PARTIAL
+def run_status(counts: RunCounts, transcripts: TranscriptionCounts | None = None) -> RunStatus:
+    """Return ``succeeded`` or ``partial`` for finished counts (a failed transcription too)."""
+    ok = counts.all_ok and not (transcripts and transcripts.failed)
+    return RunStatus.SUCCEEDED if ok else RunStatus.PARTIAL
 
 
 ChunkRunner = Callable[[ArchiveContext, list[str], ChunkOptions], Awaitable[RunCounts]]
@@ -114,23 +117,13 @@ async def run_chunks(
     max_parallel_chunks: int = 1,
     total: RunCounts | None = None,
 ) -> RunCounts:
-    """Run ``run_chunk`` over ``chunks`` with at most ``max_parallel_chunks`` in flight.
+    """Run ``run_chunk`` over ``chunks`` (lists of IDs), ``max_parallel_chunks`` at once.
 
     Chunks are pulled from the iterator only when a slot frees up, so a backfill of millions
     of IDs holds ``max_parallel_chunks`` chunks in memory, not the whole list. A fatal error
-    in one chunk cancels the others (their leases are released by the pipeline).
-
-    Args:
-        ctx: The run's clients and settings.
-        chunks: Lists of IDs.
-        options: ``skip_media`` / ``refresh``.
-        run_chunk: How a chunk runs.
-        max_parallel_chunks: Chunks in flight at once.
-        total: Where finished chunks' counts are added as they finish (a new one when
-            ``None``): after a fatal error it still holds what the finished chunks did.
-
-    Returns:
-        ``total``.
+    in one chunk cancels the others (their leases are released by the pipeline). Finished
+    chunks' counts are added to ``total`` (a new one when ``None``) as they finish, so after
+    a fatal error it still holds what they did; it is returned.
     """
     total = RunCounts() if total is None else total
     slots = asyncio.Semaphore(max_parallel_chunks)
@@ -203,6 +196,7 @@ async def archive_ids(
                 ),
                 owner=ctx.owner,
                 register=ids,
+                transcripts=ctx.transcripts,
             )
     finally:
         engine.dispose()
@@ -229,6 +223,18 @@ async def retry_failed(
                 settings.item_max_attempts,
                 stale_after=DEFAULT_STALE_AFTER,
             )
+
+            async def work(counts: RunCounts) -> None:
+                await run_chunks(
+                    ctx,
+                    chunks,
+                    options,
+                    runner,
+                    max_parallel_chunks=max_parallel_chunks,
+                    total=counts,
+                )
+                await retry_transcripts(ctx)  # due transcriptions: a pass of their own
+
             return await recorded_run(
                 store,
                 engine,
@@ -236,15 +242,9 @@ async def retry_failed(
                 "retry-failed",
                 {"skip_media": skip_media},
                 export,
-                lambda counts: run_chunks(
-                    ctx,
-                    chunks,
-                    options,
-                    runner,
-                    max_parallel_chunks=max_parallel_chunks,
-                    total=counts,
-                ),
+                work,
                 owner=ctx.owner,
+                transcripts=ctx.transcripts,
             )
     finally:
         engine.dispose()
@@ -289,6 +289,7 @@ async def recorded_run(
     *,
     owner: str,
     register: Iterable[str] | None = None,
+    transcripts: TranscriptionCounts | None = None,
 ) -> RunReport:
     """Run ``work`` between a ``runs`` row's start and finish, then export Parquet.
 
@@ -300,9 +301,10 @@ async def recorded_run(
     With ``register``, every one of those IDs is in the ledger, registered to this run, before
     ``work`` sends its first request: a run killed at any point leaves ``pending`` rows that
     ``retry-failed`` takes once this run is no longer alive (its heartbeat, renewed while the
-    run works, stops).
+    run works, stops). ``transcripts``: the counts the work's transcriptions add to.
     """
     started = time.monotonic()
+    transcripts = TranscriptionCounts() if transcripts is None else transcripts
     try:
         for interrupted in store.interrupt_dead_runs(local_owner_dead):
             logger.warning("run %d was killed before it finished: marked interrupted", interrupted)
@@ -327,7 +329,9 @@ async def recorded_run(
             store, run_id, status=RunStatus.FAILED, counts=counts.as_dict(), error=reason
         )
         seconds = time.monotonic() - started
-        stopped = RunReport(run_id, kind, RunStatus.FAILED, counts, None, seconds, reason)
+        stopped = RunReport(
+            run_id, kind, RunStatus.FAILED, counts, None, seconds, reason, transcripts
+        )
         _publish_metrics(settings, stopped, stopped=True)
         raise
     finally:
@@ -340,11 +344,11 @@ async def recorded_run(
         except Exception as exc:
             export_error = f"Parquet export failed: {describe(exc)}"
             logger.error("%s; `recarchive export` redoes it", export_error)
-    status = run_status(counts) if export_error is None else RunStatus.PARTIAL
+    status = run_status(counts, transcripts) if export_error is None else RunStatus.PARTIAL
     with ledger_errors("could not finish the run"):
         store.finish_run(run_id, status=status, counts=counts.as_dict(), error=export_error)
     seconds = time.monotonic() - started
-    finished = RunReport(run_id, kind, status, counts, report, seconds, export_error)
+    finished = RunReport(run_id, kind, status, counts, report, seconds, export_error, transcripts)
     _publish_metrics(settings, finished)
     return finished
 
@@ -359,14 +363,10 @@ def _publish_metrics(settings: Settings, report: RunReport, *, stopped: bool = F
 
 
 def _finish_quietly(store: ArchiveStore, run_id: int, **values: Any) -> None:
-    """Finish a failed run's row if the database lets us; never hide the run's own error.
-
-    When the error is the database itself going away, the row stays ``running``; its
-    heartbeat stops, so ``retry-failed`` treats the run as dead anyway.
-    """
+    """Finish a failed run's row if the database lets us; never hide the run's own error."""
     try:
         store.finish_run(run_id, **values)
-    except SQLAlchemyError as exc:
+    except SQLAlchemyError as exc:  # the row stays running; its stopped heartbeat says dead
         logger.warning("could not record the run's end: %s", type(exc).__name__)
 
 

@@ -12,8 +12,13 @@ from rich.console import Console
 
 from recarchive.config import Settings
 from recarchive.errors import FatalError, NotFoundError
-from recarchive.media.verify import VerifiedObject, VerifyReport, verify_archive
-from recarchive.model import LedgerEntry
+from recarchive.media.verify import (
+    VerifiedObject,
+    VerifyReport,
+    verify_archive,
+    verify_transcriptions,
+)
+from recarchive.model import LedgerEntry, LedgerState, TranscriptionState
 from recarchive.redaction import describe
 from recarchive.run.clients import (
     build_bird_client,
@@ -25,6 +30,8 @@ from recarchive.run.database import open_store
 
 if TYPE_CHECKING:
     from recarchive.bird.client import BirdClient
+    from recarchive.media.s3 import MediaStore
+    from recarchive.store.archive import ArchiveStore
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +122,36 @@ async def delete_source_if_same(
     return True
 
 
+async def _check_transcriptions(
+    store: ArchiveStore,
+    media: MediaStore,
+    batch: list[LedgerEntry],
+    report: VerifyReport,
+    deep: bool,
+    concurrency: int,
+) -> None:
+    """Add the problems of the batch's archived transcriptions to ``report``.
+
+    A recording with a transcription problem no longer counts ``ok``.
+    """
+    archived = [e.recording_id for e in batch if e.state == LedgerState.ARCHIVED]
+    rows = await asyncio.to_thread(store.transcription_rows, archived)
+    stored = [
+        row
+        for found in rows.values()
+        for row in found
+        if row.state == TranscriptionState.ARCHIVED and row.formats
+    ]
+    if not stored:
+        return
+    problems = await asyncio.to_thread(
+        verify_transcriptions, stored, media, deep=deep, concurrency=concurrency
+    )
+    not_ok = {p.recording_id for p in [*report.problems, *report.restores]}
+    report.ok -= len({p.recording_id for p in problems} - not_ok)
+    report.problems.extend(problems)
+
+
 async def run_verify(
     settings: Settings,
     *,
@@ -163,6 +200,7 @@ async def run_verify(
                 want_md5=delete_source,
                 restore=restore,
             )
+            await _check_transcriptions(store, media, batch, report, deep, settings.concurrency)
             total.checked += report.checked
             total.ok += report.ok
             total.problems.extend(report.problems)
