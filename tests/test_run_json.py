@@ -49,6 +49,8 @@ RUN_KEYS = {
     "failures",
     "export",
     "export_error",
+    "transcriptions",
+    "transcription_failures",
 }
 
 
