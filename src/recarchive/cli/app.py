@@ -372,6 +372,9 @@ def simulate(
     latency: Annotated[float, typer.Option(help="Seconds each API request waits.")] = 0.0,
     missing_fraction: Annotated[float, typer.Option(help="Share of IDs answering 404.")] = 0.0,
     list_ids: Annotated[bool, typer.Option("--list-ids", help="Print all IDs and exit.")] = False,
+    transcriptions: Annotated[
+        bool, typer.Option("--transcriptions", help="About 30 % of recordings have some.")
+    ] = False,
     stats_file: Annotated[Path | None, typer.Option(help="Write /_sim/stats here on exit.")] = None,
 ) -> None:
     """Run the Bird API simulator on 127.0.0.1 until interrupted."""
@@ -392,6 +395,7 @@ def simulate(
             media_size_range=(media_size_min, media_size_max),
             latency_seconds=latency,
             missing_fraction=missing_fraction,
+            transcriptions=transcriptions,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
