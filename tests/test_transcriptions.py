@@ -240,7 +240,7 @@ def test_transcriptions_are_archived_once_across_reruns_and_retries(
         rid for (rid, _), row in ledger_rows(database_url).items() if row["state"] == "pending"
     }
     plan = invoke("retry-failed", "--dry-run", "--json")
-    assert json.loads(plan.stdout)["transcriptions_due"] == len(waiting)
+    assert json.loads(plan.stdout.strip().splitlines()[-1])["transcriptions_due"] == len(waiting)
     sim.clear_requests()
     retried = invoke("retry-failed", "--json")
     assert retried.exit_code == 0, retried.output
@@ -341,7 +341,7 @@ def test_verify_checks_and_erase_removes_the_transcriptions(
     s3_client.delete_object(Bucket=versioned_bucket, Key=key)
     broken = invoke("verify", "--json")
     assert broken.exit_code == 1
-    problems = json.loads(broken.stdout)["problems"]
+    problems = run_json(broken)["problems"]
     assert [p["key"] for p in problems] == [key]
     assert "transcription" in problems[0]["problem"] and "missing" in problems[0]["problem"]
 

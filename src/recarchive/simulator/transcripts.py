@@ -230,7 +230,7 @@ class TranscriptionStore:
 def _render(item: SimTranscription, fmt: str) -> bytes:
     """Deterministic content of one format, from the transcription's ID."""
     rng = random.Random(f"content:{item.id}")
-    segments = []
+    segments: list[dict[str, Any]] = []
     start = 0.0
     for index in range(3 + rng.randrange(12)):
         length = round(rng.uniform(0.5, 6.0), 2)
