@@ -379,3 +379,40 @@ def test_a_failed_transcription_makes_the_run_partial_in_the_metrics_file(tmp_pa
     assert samples[("recarchive_last_run_transcriptions", "pending")] == 1
     assert samples[("recarchive_last_run_transcriptions", "failed")] == 1
     assert samples[("recarchive_last_run_success", None)] == 0
+
+
+async def test_the_simulated_api_and_the_client_agree_page_by_page(
+    sim: SimulatorServer,
+    bird_client_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import httpx
+
+    import recarchive.bird.transcriptions as module
+
+    ws = f"{sim.api_url}/workspaces/{sim.config.workspace_id}"
+    async with httpx.AsyncClient() as http:
+        # The key is required, as everywhere; the workspace's list pages like the others.
+        assert (await http.get(f"{ws}/transcriptions")).status_code == 401
+        auth = {"Authorization": f"AccessKey {sim.config.access_key}"}
+        seen: list[str] = []
+        token = None
+        while True:
+            params = {"limit": "5", **({"pageToken": token} if token else {})}
+            page = (await http.get(f"{ws}/transcriptions", params=params, headers=auth)).json()
+            seen += [item["id"] for item in page["results"]]
+            token = page.get("nextPageToken")
+            if not token:
+                break
+        assert seen == [item.id for item in sim.transcriptions.all()]
+        one = sim.transcriptions.all()[0]
+        meta = (await http.get(f"{ws}/transcriptions/{one.id}", headers=auth)).json()
+        assert meta == one.document()
+    # The client follows nextPageToken (one transcription per page here).
+    monkeypatch.setattr(module, "PAGE_SIZE", 1)
+    two = next(rid for rid, items in transcriptions_of(sim).items() if len(items) == 2)
+    listed = await module.TranscriptionsClient(bird_client_factory(sim)).for_recording(two)
+    assert [t.id for t in listed] == [t.id for t in sim.transcriptions.for_recording(two)]
+    pages = [r for r in sim.api_requests() if r.path.endswith(f"{two}/transcriptions")]
+    assert len(pages) == 2 and pages[1].query.get("pageToken")
+    assert sim.transcriptions.created == []
