@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from recarchive.simulator.server import SimulatorServer
+from tests.fixtures.cli import contract_env
 from tests.fixtures.s3 import AWS_ENV
 from tests.fixtures.simulator import SimulatorFactory
 from tests.test_kill_trials import Trial, killed_at_the_end
@@ -70,13 +71,7 @@ def trial(
     env = {
         **{name: value for name, value in os.environ.items() if not name.startswith("RECARCHIVE_")},
         **AWS_ENV,
-        "RECARCHIVE_BIRD_API_URL": sim.api_url,
-        "RECARCHIVE_BIRD_ACCESS_KEY": sim.config.access_key,
-        "RECARCHIVE_WORKSPACE_ID": sim.config.workspace_id,
-        "RECARCHIVE_DATABASE_URL": f"sqlite:///{tmp_path / 'archive.db'}",
-        "RECARCHIVE_PARQUET_ROOT": str(tmp_path / "parquet"),
-        "RECARCHIVE_S3_BUCKET": s3_bucket,
-        "RECARCHIVE_S3_ENDPOINT_URL": s3_endpoint,
+        **contract_env(tmp_path, sim, s3_bucket, s3_endpoint),
         # Paced and narrow: the transcriptions' requests spread over a few seconds.
         "RECARCHIVE_REQUESTS_PER_SECOND": "15",
         "RECARCHIVE_CONCURRENCY": "3",
