@@ -101,13 +101,22 @@ def test_sigkill_amid_transcription_uploads_then_every_one_is_stored_once(
         time.sleep(delay)
     assert first.returncode == -signal.SIGKILL, trial.output("first.log")
     listed = s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])
-    stored_first = sum(1 for obj in listed if ".transcription." in obj["Key"])
+    stored_first = {obj["Key"] for obj in listed if ".transcription." in obj["Key"]}
+    recorded = {
+        row[f"{fmt}_key"]
+        for row in ledger_rows(trial.env["RECARCHIVE_DATABASE_URL"]).values()
+        for fmt in ("json", "txt")
+        if row["state"] == "archived"
+    }
+    # Objects the killed run stored but did not record: the redo must adopt them.
+    unrecorded = stored_first - recorded
 
     second = trial.start("second.log", "retry-failed")
     assert second.wait(timeout=90) == 0, trial.output("second.log")
     print(
         f"trial {number}: killed {delay:.2f} s after the first content request, with "
-        f"{stored_first} of {len(expected)} transcription objects stored"
+        f"{len(stored_first)} of {len(expected)} transcription objects stored, "
+        f"{len(unrecorded)} of them not recorded yet"
     )
 
     versions = s3_client.list_object_versions(Bucket=s3_bucket)

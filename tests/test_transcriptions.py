@@ -272,7 +272,12 @@ def test_transcriptions_are_archived_once_across_reruns_and_retries(
 
 
 def test_control_without_the_ledger_a_refresh_requests_content_again(
-    invoke: Invoke, sim: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+    invoke: Invoke,
+    sim: SimulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+    s3_client: S3Client,
+    versioned_bucket: str,
+    database_url: str,
 ) -> None:
     # The control of "a --refresh requests no content again": without the archived rows
     # (read as none), the same refresh asks Bird for every content again.
@@ -284,6 +289,9 @@ def test_control_without_the_ledger_a_refresh_requests_content_again(
     sim.clear_requests()
     assert invoke("archive", "--refresh", *ids).exit_code == 0
     assert len(content_requests(sim)) >= len(expected_objects(sim))
+    # Even then nothing is written twice: each create-only write is refused and the object
+    # adopted, as after a killed run (one version per key, the ledger unchanged).
+    assert_archive_matches(sim, s3_client, versioned_bucket, database_url)
 
 
 REBUILT_COLUMNS = (
