@@ -6,7 +6,7 @@ the pipeline. Row dicts use the SQL column names of :mod:`recarchive.store.table
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final
@@ -175,8 +175,28 @@ class LedgerEntry:
 MAX_REPORTED_FAILURES = 50
 
 
+class _Counters:
+    """What the counters of runs and of transcriptions share: failures kept, plain dicts."""
+
+    failed: int
+    failures: list[tuple[str, str]]
+
+    def record_failure(self, recording_id: str, error: str) -> None:
+        """Count one failure and keep its message if there is room."""
+        self.failed += 1
+        if len(self.failures) < MAX_REPORTED_FAILURES:
+            self.failures.append((recording_id, error))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Counters as a plain dict (for JSON, the ``runs`` row, artifacts and metrics)."""
+        assert is_dataclass(self)
+        return {
+            item.name: getattr(self, item.name) for item in fields(self) if item.name != "failures"
+        }
+
+
 @dataclass
-class RunCounts:
+class RunCounts(_Counters):
     """Outcome counters of one chunk or one whole run.
 
     Attributes:
@@ -213,12 +233,6 @@ class RunCounts:
             else:
                 setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
 
-    def record_failure(self, recording_id: str, error: str) -> None:
-        """Count one failure and keep its message if there is room."""
-        self.failed += 1
-        if len(self.failures) < MAX_REPORTED_FAILURES:
-            self.failures.append((recording_id, error))
-
     @property
     def done(self) -> int:
         """IDs that reached an outcome in this run."""
@@ -236,12 +250,6 @@ class RunCounts:
     def all_ok(self) -> bool:
         """True when no requested item ended ``failed`` or ``missing``."""
         return self.failed == 0 and self.missing == 0
-
-    def as_dict(self) -> dict[str, Any]:
-        """Counters as a plain dict (for JSON, the ``runs`` row and Prefect artifacts)."""
-        return {
-            item.name: getattr(self, item.name) for item in fields(self) if item.name != "failures"
-        }
 
 
 class TranscriptionState(StrEnum):
@@ -269,7 +277,7 @@ TRANSCRIPTION_OUTCOMES: Final[tuple[str, ...]] = (
 
 
 @dataclass
-class TranscriptionCounts:
+class TranscriptionCounts(_Counters):
     """What one run did with transcriptions (the summary and metrics; not ``runs`` columns).
 
     Attributes:
@@ -292,18 +300,6 @@ class TranscriptionCounts:
     unavailable: int = 0
     bytes_uploaded: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
-
-    def record_failure(self, recording_id: str, error: str) -> None:
-        """Count one failure and keep its message if there is room."""
-        self.failed += 1
-        if len(self.failures) < MAX_REPORTED_FAILURES:
-            self.failures.append((recording_id, error))
-
-    def as_dict(self) -> dict[str, int]:
-        """Counters as a plain dict (JSON summaries, metrics)."""
-        return {
-            item.name: getattr(self, item.name) for item in fields(self) if item.name != "failures"
-        }
 
 
 #: The ``runs`` count columns: every counter of :class:`RunCounts`, so a new counter cannot be
