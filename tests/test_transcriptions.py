@@ -424,3 +424,31 @@ async def test_the_simulated_api_and_the_client_agree_page_by_page(
     pages = [r for r in sim.api_requests() if r.path.endswith(f"{two}/transcriptions")]
     assert len(pages) == 2 and pages[1].query.get("pageToken")
     assert sim.transcriptions.created == []
+
+
+def test_transcriptions_get_the_mp3s_retention_and_its_legal_hold(
+    sim: SimulatorServer, s3_client: S3Client, s3_endpoint: str, tmp_path: Path
+) -> None:
+    bucket = f"recarchive-tlock-{uuid.uuid4().hex[:12]}"
+    s3_client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    env = contract_env(tmp_path, sim, bucket, s3_endpoint) | {
+        "RECARCHIVE_S3_OBJECT_LOCK_MODE": "GOVERNANCE",
+        "RECARCHIVE_S3_RETENTION_DAYS": "3650",  # from createdAt (2025): still running
+    }
+    invoke = cli_invoker(env)
+    assert invoke("archive", *sim.dataset.ids).exit_code == 0
+    objects = expected_objects(sim)
+    for key in objects:
+        head = s3_client.head_object(Bucket=bucket, Key=key)
+        mp3 = s3_client.head_object(Bucket=bucket, Key=key.split(".transcription.")[0] + ".mp3")
+        assert head["ObjectLockMode"] == mp3["ObjectLockMode"] == "GOVERNANCE"
+        assert head["ObjectLockRetainUntilDate"] == mp3["ObjectLockRetainUntilDate"]
+        assert head.get("StorageClass", "STANDARD") == "STANDARD"
+    recording_id = next(rid for rid in transcriptions_of(sim) if any(rid in k for k in objects))
+    held = invoke("hold", recording_id, "--on")
+    assert held.exit_code == 0, held.output
+    mine = [key for key in objects if recording_id in key]
+    assert mine
+    for key in mine:
+        hold = s3_client.get_object_legal_hold(Bucket=bucket, Key=key)["LegalHold"]["Status"]
+        assert hold == "ON"
