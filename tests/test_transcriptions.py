@@ -367,7 +367,7 @@ def test_a_failed_transcription_makes_the_run_partial_in_the_metrics_file(tmp_pa
 
     from recarchive.model import RunCounts, RunStatus, TranscriptionCounts
     from recarchive.run.metrics import write_run_metrics
-    from recarchive.run.runs import RunReport, run_status
+    from recarchive.run.runs import RunReport, report_table, run_status
 
     transcripts = TranscriptionCounts(recordings=3, archived=2, pending=1)
     transcripts.record_failure("r", "transcription t: refused")
@@ -387,6 +387,10 @@ def test_a_failed_transcription_makes_the_run_partial_in_the_metrics_file(tmp_pa
     assert samples[("recarchive_last_run_transcriptions", "pending")] == 1
     assert samples[("recarchive_last_run_transcriptions", "failed")] == 1
     assert samples[("recarchive_last_run_success", None)] == 0
+    # The flows' artifact table shows them too.
+    table = {row["item"]: row["value"] for row in report_table(report)}
+    assert table["transcriptions archived"] == 2 and table["transcriptions failed"] == 1
+    assert table["transcription failed r"] == "transcription t: refused"
 
 
 async def test_the_simulated_api_and_the_client_agree_page_by_page(

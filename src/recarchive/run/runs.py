@@ -73,7 +73,7 @@ FULL_FAILURE_LIST = "recarchive status --failed"
 
 
 def report_table(report: RunReport) -> list[dict[str, Any]]:
-    """Rows of the Prefect table artifact: the counts, then the first failures."""
+    """Rows of the Prefect table artifact: the counts, then the first failures (transcriptions')."""
     rows: list[dict[str, Any]] = [
         {"item": name, "value": value} for name, value in report.counts.as_dict().items()
     ]
@@ -86,6 +86,17 @@ def report_table(report: RunReport) -> list[dict[str, Any]]:
     rows.extend(
         {"item": f"failed {recording_id}", "value": error}
         for recording_id, error in report.counts.failures[:50]
+    )
+    # Transcriptions: their counts when there are any, and their first failures.
+    transcripts = report.transcripts
+    rows.extend(
+        {"item": f"transcriptions {name}", "value": value}
+        for name, value in transcripts.as_dict().items()
+        if value
+    )
+    rows.extend(
+        {"item": f"transcription failed {recording_id}", "value": error}
+        for recording_id, error in transcripts.failures[:50]
     )
     return rows
 
