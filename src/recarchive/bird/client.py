@@ -1,6 +1,6 @@
 """Async client of Bird's recordings API over an injected :class:`httpx.AsyncClient`.
 
-Every API request goes through :meth:`BirdClient._send`, which paces it (shared
+Every API request goes through :meth:`BirdClient.send`, which paces it (shared
 :class:`~recarchive.bird.ratelimit.RequestPacer`), retries it under a
 :class:`~recarchive.bird.retry.RetryPolicy`, and reads the answer through
 :mod:`recarchive.bird.answer`, which translates every failure into the project's error tree.
@@ -131,8 +131,8 @@ class BirdClient:
             RetryableError: Still failing after the retries.
             AuthError: The key was refused (stops the run).
         """
-        answer = await self._send("GET", self._url(recording_id), what=recording_id)
-        return self._json_object(answer, f"recording {recording_id}")
+        answer = await self.send("GET", self._url(recording_id), what=recording_id)
+        return self.json_object(answer, f"recording {recording_id}")
 
     async def list_recordings(
         self,
@@ -164,10 +164,10 @@ class BirdClient:
             page_params = dict(params)
             if token:
                 page_params["pageToken"] = token
-            answer = await self._send(
+            answer = await self.send(
                 "GET", self._base, params=page_params, what=f"list page {pages + 1}"
             )
-            body = self._json_object(answer, f"list page {pages + 1}")
+            body = self.json_object(answer, f"list page {pages + 1}")
             results = body.get("results")
             if not isinstance(results, list):
                 raise PayloadError(
@@ -230,7 +230,7 @@ class BirdClient:
         Raises:
             NotFoundError: Already gone.
         """
-        await self._send(
+        await self.send(
             "DELETE", self._url(recording_id), what=f"delete {recording_id}", read_body=False
         )
 
@@ -290,7 +290,7 @@ class BirdClient:
             "Accept-Encoding": IDENTITY,
         }
 
-    async def _send(
+    async def send(
         self,
         method: str,
         url: str,
@@ -320,7 +320,8 @@ class BirdClient:
 
         return await self._with_retries(attempt, what=what, paced=True)
 
-    def _json_object(self, answer: Answer, what: str) -> dict[str, Any]:
+    def json_object(self, answer: Answer, what: str) -> dict[str, Any]:
+        """``answer``'s body as a JSON object, strictly and within the depth limit."""
         return parse_json_object(answer.content, what, max_depth=self.limits.json_max_depth)
 
     async def _with_retries(
@@ -354,7 +355,7 @@ class BirdClient:
 
     async def _media_location(self, recording_id: str) -> str:
         what = f"media link of {recording_id}"
-        answer = await self._send("GET", self._url(recording_id, ".mp3"), what=what)
+        answer = await self.send("GET", self._url(recording_id, ".mp3"), what=what)
         if answer.status_code not in REDIRECT_STATUSES:
             raise InvalidRedirectError(
                 f"media of {recording_id}: expected a redirect, got HTTP {answer.status_code}"

@@ -1,6 +1,6 @@
 """Bird's Transcriptions API, read only: a recording's transcriptions, and their content.
 
-Every request goes through :meth:`BirdClient._send <recarchive.bird.client.BirdClient._send>`:
+Every request goes through :meth:`BirdClient.send <recarchive.bird.client.BirdClient.send>`:
 the same pacing, retry loop, status table and answer limits as the recordings' requests.
 recarchive never asks Bird to *create* a transcription (``POST
 /workspaces/{ws}/recordings/{id}/transcriptions``): this module has no call that could.
@@ -69,6 +69,8 @@ class Transcription:
         stereo: One channel per party.
         created_at: ``createdAt``, aware UTC.
         updated_at: ``updatedAt``, aware UTC.
+        problem: Why the listed object was refused, when only its ``id`` could be read: that
+            transcription fails (and is looked at again), its well-formed siblings go on.
     """
 
     id: str
@@ -78,6 +80,7 @@ class Transcription:
     stereo: bool
     created_at: datetime
     updated_at: datetime
+    problem: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -179,12 +182,12 @@ class TranscriptionsClient:
             what = f"transcriptions of {recording_id}, page {page}"
             params = {"limit": str(PAGE_SIZE), **({"pageToken": token} if token else {})}
             try:
-                answer = await self._bird._send("GET", url, params=params, what=what)
+                answer = await self._bird.send("GET", url, params=params, what=what)
             except NotFoundError:
                 if page == 1:
                     return []  # assumption 1: no transcription yet
                 raise
-            body = self._bird._json_object(answer, what)
+            body = self._bird.json_object(answer, what)
             if "results" not in body and "id" in body:
                 item = parse_transcription(body, recording_id, what)  # a bare object
                 return [item]
@@ -192,7 +195,11 @@ class TranscriptionsClient:
             if not isinstance(results, list):
                 raise PayloadError(f"{what}: 'results' is not a list", field="results")
             for raw in results:
-                item = parse_transcription(raw, recording_id, what)
+                try:
+                    item = parse_transcription(raw, recording_id, what)
+                except PayloadError as error:
+                    # One malformed object must not keep its siblings from being archived.
+                    item = _refused(raw, recording_id, error)
                 found.setdefault(item.id, item)
             next_token = body.get("nextPageToken")
             if not next_token:
@@ -205,14 +212,19 @@ class TranscriptionsClient:
             field="nextPageToken",
         )
 
-    async def content(self, transcription_id: str, fmt: str) -> bytes | None:
+    async def content(
+        self, transcription_id: str, fmt: str, recording_id: str | None = None
+    ) -> bytes | None:
         """One format of a transcription's content, checked; ``None`` when Bird has none (404).
 
         ``.json`` must be JSON (any top-level value, nested no deeper than the limit) and
-        ``.txt`` UTF-8 text: an HTML error page is never stored as a transcription.
+        ``.txt`` UTF-8 text: an HTML error page is never stored as a transcription. A JSON
+        object that names its ``id`` or ``recordingId`` must name ``transcription_id`` and
+        ``recording_id``: another transcription's content is never stored under this one's key.
 
         Raises:
-            PayloadError: Larger than ``transcription_max_bytes``, or not of its format.
+            PayloadError: Larger than ``transcription_max_bytes``, not of its format, or the
+                content of another transcription or recording.
             RetryableError: Still failing after the client's retries.
         """
         if fmt not in ARCHIVED_FORMATS:
@@ -224,12 +236,14 @@ class TranscriptionsClient:
         what = f"transcription {transcription_id}.{fmt}"
         url = f"{self._transcriptions}/{quote(transcription_id, safe='')}.{fmt}"
         try:
-            answer = await bird._send("GET", url, what=what, limits=limits)
+            answer = await bird.send("GET", url, what=what, limits=limits)
         except NotFoundError:
             return None
         data = answer.content
         if fmt == "json":
-            _check_json(data, what, bird.limits.json_max_depth)
+            document = _check_json(data, what, bird.limits.json_max_depth)
+            if isinstance(document, dict):
+                _check_identity(document, transcription_id, recording_id, what)
         else:
             try:
                 data.decode("utf-8")
@@ -238,11 +252,58 @@ class TranscriptionsClient:
         return data
 
 
-def _check_json(data: bytes, what: str, max_depth: int) -> None:
-    """Refuse a ``.json`` body that is not JSON (wrapped so an array passes the object check)."""
+def _check_json(data: bytes, what: str, max_depth: int) -> Any:
+    """Refuse a ``.json`` body that is not JSON (wrapped so an array passes the object check).
+
+    Returns:
+        The parsed document.
+    """
     try:
         text = data.decode("utf-8")
-        json.loads(text)
+        document = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"{what}: not JSON", field="<body>") from exc
     parse_json_object(b'{"content":' + data + b"}", what, max_depth=max_depth)
+    return document
+
+
+def _check_identity(
+    document: dict[str, Any], transcription_id: str, recording_id: str | None, what: str
+) -> None:
+    """Refuse content whose own ``id`` / ``recordingId`` name another transcription."""
+    for name, expected in (("id", transcription_id), ("recordingId", recording_id)):
+        if name not in document or expected is None:
+            continue
+        value = document[name]
+        try:
+            same = isinstance(value, str) and str(uuid.UUID(value)) == expected
+        except ValueError:
+            same = False
+        if not same:
+            raise PayloadError(f"{what}: its {name} is not {expected}", field=name)
+
+
+def _refused(raw: Any, recording_id: str, error: PayloadError) -> Transcription:
+    """The stand-in of a malformed listed object whose ``id`` is readable, else ``error``.
+
+    Raises:
+        PayloadError: ``error``, when the object has no readable ``id``: the whole listing
+            fails then, as nothing could name what failed.
+    """
+    if not isinstance(raw, dict):
+        raise error
+    try:
+        transcription_id = _uuid(raw.get("id"), "id", "")
+    except PayloadError:
+        raise error from None
+    never = datetime.min.replace(tzinfo=UTC)
+    return Transcription(
+        id=transcription_id,
+        recording_id=recording_id,
+        status="refused",
+        locale="",
+        stereo=False,
+        created_at=never,
+        updated_at=never,
+        problem=str(error),
+    )

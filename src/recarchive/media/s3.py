@@ -53,7 +53,7 @@ UploadOutcome = Literal["uploaded", "already_present"]
 
 
 class MediaStore:
-    """MP3 objects and their sidecars in one bucket.
+    """MP3 objects and their sidecars (and transcriptions: :mod:`~.transcripts`) in one bucket.
 
     Args:
         s3: A boto3 S3 client (see :func:`~recarchive.media.s3client.build_s3_client`); shared
@@ -63,8 +63,8 @@ class MediaStore:
         kms_key_id: KMS key for ``aws:kms`` (``None``: the account's default key).
         multipart_threshold: Files of at least this size go up as a multipart upload.
         multipart_chunk_size: Part size of multipart uploads (S3's minimum is 5 MiB).
-        storage_class: Storage class of MP3s (``None``: the bucket's default); sidecars and
-            manifests always stay in the default class.
+        storage_class: Storage class of MP3s (``None``: the bucket's default); other objects
+            stay in the default class.
         retention: The lock mode and days of MP3s and sidecars (see :mod:`~.locks`).
     """
 
@@ -94,7 +94,7 @@ class MediaStore:
             s3,
             bucket=bucket,
             part_size=multipart_chunk_size,
-            sse_args=self._sse_args(),
+            sse_args=self.sse_args(),
             head=self.head,
         )
 
@@ -119,13 +119,12 @@ class MediaStore:
     def _uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
 
-    def _sse_args(self) -> dict[str, Any]:
+    def sse_args(self) -> dict[str, Any]:
+        """The server-side encryption arguments of every write to this store."""
         if not self.sse:
             return {}
-        args: dict[str, Any] = {"ServerSideEncryption": self.sse}
-        if self.sse == "aws:kms" and self.kms_key_id:
-            args["SSEKMSKeyId"] = self.kms_key_id
-        return args
+        kms = {"SSEKMSKeyId": self.kms_key_id} if self.sse == "aws:kms" and self.kms_key_id else {}
+        return {"ServerSideEncryption": self.sse, **kms}
 
     def _media_args(self, retention: locks.Retention) -> dict[str, Any]:
         """An MP3's storage class and retention arguments (sidecars: :meth:`put_bytes`)."""
@@ -254,7 +253,7 @@ class MediaStore:
     def _put(self, key: str, data: bytes, **args: Any) -> None:
         """One overwriting ``put_object`` of ``data`` with the SSE arguments and ``args``."""
         try:
-            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **args, **self._sse_args())
+            self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, **args, **self.sse_args())
         except (ClientError, BotoCoreError) as exc:
             raise translate_error(exc, f"put {self._uri(key)}") from exc
 
@@ -319,7 +318,7 @@ class MediaStore:
         if size < self.multipart_threshold:
             # A file object, not bytes: botocore streams it and seeks back to retry.
             with path.open("rb") as body:
-                return self._store(
+                return self.store_once(
                     key, size, sha256_hex, lambda: self._single_put(key, body, metadata, args)
                 )
 
@@ -329,7 +328,7 @@ class MediaStore:
                 key, path, size=size, content_type=MEDIA_CONTENT_TYPE, metadata=metadata, args=args
             )
 
-        return self._store(key, size, sha256_hex, multipart)
+        return self.store_once(key, size, sha256_hex, multipart)
 
     def store_bytes(
         self,
@@ -352,11 +351,11 @@ class MediaStore:
         """
         metadata = object_metadata(sha256_hex, confirmed_by, archived_at)
         args = self._media_args(retention)
-        return self._store(
+        return self.store_once(
             key, len(data), sha256_hex, lambda: self._single_put(key, data, metadata, args)
         )
 
-    def _store(
+    def store_once(
         self, key: str, size: int, sha256_hex: str, write: Callable[[], None]
     ) -> UploadOutcome:
         """Run the create-only ``write``; a refused one (412) is resolved by :meth:`_existing`."""
@@ -402,7 +401,7 @@ class MediaStore:
             IfNoneMatch="*",
             Metadata=metadata,
             **args,
-            **self._sse_args(),
+            **self.sse_args(),
         )
 
     def _existing(self, key: str, *, size: int, sha256_hex: str, cause: Exception) -> UploadOutcome:

@@ -40,12 +40,15 @@ class StoredObject:
         size: Its size in bytes.
         sha256: Hex SHA-256 of its bytes.
         outcome: ``uploaded`` now, or ``already_present`` (the same bytes were there).
+        archived_at: When it was stored: now, or for an adopted object its own
+            ``archived-at`` (``None`` when it has none).
     """
 
     key: str
     size: int
     sha256: str
     outcome: UploadOutcome
+    archived_at: datetime | None = None
 
 
 def store_transcription(
@@ -57,6 +60,7 @@ def store_transcription(
     locale: str | None = None,
     retention: Retention = NO_RETENTION,
     archived_at: datetime | None = None,
+    legal_hold: bool = False,
 ) -> StoredObject:
     """Write one transcription format at ``key`` unless it exists; verify it.
 
@@ -68,6 +72,8 @@ def store_transcription(
         locale: Bird's locale, kept as metadata.
         retention: The recording's retention (its MP3's).
         archived_at: Kept as ``archived-at`` metadata.
+        legal_hold: Write it under a legal hold (its recording's hold is on: ``hold --on``
+            held the objects there were, this one comes later).
 
     Returns:
         What is stored.
@@ -83,6 +89,11 @@ def store_transcription(
     if locale:
         metadata[LOCALE] = locale
 
+    locks = lock_args(retention)
+    if legal_hold:
+        # S3 (and moto) refuse lock headers without a checksum algorithm, as lock_args says.
+        locks.update(ObjectLockLegalHoldStatus="ON", ChecksumAlgorithm="SHA256")
+
     def write() -> None:
         media.s3.put_object(
             Bucket=media.bucket,
@@ -92,15 +103,19 @@ def store_transcription(
             ChecksumSHA256=base64.b64encode(bytes.fromhex(digest)).decode(),
             IfNoneMatch="*",
             Metadata=metadata,
-            **lock_args(retention),
+            **locks,
             # The store's SSE arguments, as for every object it writes.
-            **media._sse_args(),
+            **media.sse_args(),
         )
 
     # The store's own create-only rule: a 412 is resolved by comparing the stored object's
     # sha256 metadata and size (adopted when equal, a conflict when not); other S3 errors
     # are translated there.
-    outcome = media._store(key, len(data), digest, write)
+    outcome = media.store_once(key, len(data), digest, write)
     if outcome == "uploaded":
         media.verify_stored(key, size=len(data), sha256_hex=digest, retention=retention)
-    return StoredObject(key, len(data), digest, outcome)
+        return StoredObject(key, len(data), digest, outcome, archived_at)
+    # Adopted (a killed or failed look stored it): the ledger keeps the object's own time, so
+    # a rebuild from the object gives the same row back.
+    info = media.head(key)
+    return StoredObject(key, len(data), digest, outcome, info.archived_at if info else None)

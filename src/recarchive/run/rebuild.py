@@ -49,9 +49,10 @@ from recarchive.redaction import describe
 from recarchive.run.clients import build_media_store
 from recarchive.run.database import open_store, safe_database_url
 from recarchive.run.parquet import export_parquet
+from recarchive.run.transcripts import wants_transcripts
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.erasures import tombstone_reason
-from recarchive.store.transcriptions import StoredFormat, TranscriptionOutcome
+from recarchive.store.transcriptions import LISTING, StoredFormat, TranscriptionOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,10 @@ def _restore(
                 [item.entry for item in kept],
                 extra={item.entry.recording_id: item.lock for item in kept if item.lock},
             )
-            store.record_transcriptions([t for item in kept for t in item.transcriptions])
+            rows = [t for item in kept for t in item.transcriptions]
+            store.record_transcriptions([t for t in rows if t.transcription_id != LISTING])
+            # Apart: rows that name a transcription delete their recording's listing row.
+            store.record_transcriptions([t for t in rows if t.transcription_id == LISTING])
             for item in kept:
                 if item.record is None:
                     continue
@@ -310,7 +314,20 @@ def _read(
         "retain_until": facts.retain_until,
         "legal_hold": facts.legal_hold,
     }
-    return _Found(record, entry, lock, _transcriptions(media, item, report))
+    rows = _transcriptions(media, item, report)
+    if wants_transcripts(record):
+        # What was not ready yet left no object: a listing row due now makes the next
+        # retry-failed ask Bird again (one listing; the stored ones cost no content request).
+        rows.append(
+            TranscriptionOutcome(
+                recording_id,
+                LISTING,
+                TranscriptionState.PENDING,
+                error="rebuilt from the archive: look at Bird's list again",
+                retry_at=datetime.now(UTC),
+            )
+        )
+    return _Found(record, entry, lock, rows)
 
 
 def _transcriptions(

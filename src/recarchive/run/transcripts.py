@@ -107,12 +107,17 @@ async def archive_transcripts(
     media = ctx.media.for_bucket(bucket)
     retention = ctx.media.retention.for_created(created_at) if created_at else NO_RETENTION
     outcomes: list[TranscriptionOutcome] = []
+    held: bool | None = None
     for item in listed:
         row = known.get(item.id)
         if row is not None and row.state == TranscriptionState.ARCHIVED:
             counts.already_archived += 1  # stored before: no content request
             continue
-        outcomes.append(await _one(ctx, media, key, item, row, retention))
+        if held is None:  # read once, and only when something may be written
+            with ledger_errors("could not read the legal hold"):
+                holds = await asyncio.to_thread(ctx.store.legal_holds, [recording_id])
+            held = recording_id in holds
+        outcomes.append(await _one(ctx, media, key, item, row, retention, legal_hold=held))
     await _record(ctx, outcomes, listed=[recording_id] if LISTING in known else [])
 
 
@@ -130,9 +135,14 @@ async def _one(
     item: Transcription,
     row: TranscriptionRow | None,
     retention: Retention,
+    *,
+    legal_hold: bool = False,
 ) -> TranscriptionOutcome:
     """Archive one listed transcription, or say why not."""
     counts = ctx.transcripts
+    if item.problem is not None:  # malformed in the listing: looked at again, its siblings go on
+        error = RetryableError(f"transcription {item.id} is malformed at Bird: {item.problem}")
+        return _failed(ctx, item.recording_id, item.id, row, error)
     if item.gave_up:
         counts.unavailable += 1
         return TranscriptionOutcome(
@@ -155,12 +165,13 @@ async def _one(
             retry_at=datetime.now(UTC) + ctx.media_recheck,
         )
     client = TranscriptionsClient(ctx.bird)
-    archived_at = datetime.now(UTC)
+    now = datetime.now(UTC)
+    archived_at: datetime | None = None  # the earliest stored object's: adopted ones keep theirs
     formats: dict[str, StoredFormat] = {}
     uploaded = 0
     try:
         for fmt in ARCHIVED_FORMATS:
-            data = await client.content(item.id, fmt)
+            data = await client.content(item.id, fmt, item.recording_id)
             if data is None:
                 if fmt == "json":  # assumption 3: offered for every available one
                     raise RetryableError(f"transcription {item.id}: Bird offers no .json yet")
@@ -173,14 +184,19 @@ async def _one(
                 fmt=fmt,
                 locale=item.locale,
                 retention=retention,
-                archived_at=archived_at,
+                archived_at=now,
+                legal_hold=legal_hold,
             )
             formats[fmt] = StoredFormat(stored.key, stored.size, stored.sha256)
             uploaded += stored.size if stored.outcome == "uploaded" else 0
+            stored_at = stored.archived_at or now
+            archived_at = stored_at if archived_at is None else min(archived_at, stored_at)
     except FatalError:
         raise
     except Exception as exc:  # this transcription's failure, whatever raised it
-        return _failed(ctx, item.recording_id, item.id, row, exc, item)
+        # What was stored already stays recorded (verify and erase see it; the next look
+        # adopts it).
+        return _failed(ctx, item.recording_id, item.id, row, exc, item, formats=formats)
     counts.archived += 1
     counts.bytes_uploaded += uploaded
     return TranscriptionOutcome(
@@ -191,7 +207,7 @@ async def _one(
         bird_status=item.status,
         locale=item.locale,
         formats=formats,
-        archived_at=archived_at,
+        archived_at=archived_at or now,
     )
 
 
@@ -202,6 +218,8 @@ def _failed(
     row: TranscriptionRow | None,
     exc: Exception,
     item: Transcription | None = None,
+    *,
+    formats: Mapping[str, StoredFormat] | None = None,
 ) -> TranscriptionOutcome:
     """A ``failed`` outcome with a redacted reason and, unless final, a next attempt."""
     error = describe(exc)
@@ -223,6 +241,7 @@ def _failed(
         retry_at=retry_at,
         bird_status=item.status if item is not None else None,
         locale=item.locale if item is not None else None,
+        formats=dict(formats or {}),
     )
 
 
@@ -275,9 +294,26 @@ async def retry_transcripts(ctx: ArchiveContext, *, batch: int = 500) -> None:
     async def one(recording_id: str, target: tuple[str, str, datetime]) -> None:
         bucket, key, created_at = target
         async with limit:
-            await archive_transcripts(
-                ctx, recording_id, bucket=bucket, key=key, created_at=created_at
-            )
+            # The recording's lease, as every run that works on a recording takes it: an
+            # ``erase`` meanwhile waits for it (or has made the row a tombstone, which is never
+            # leased), and a second retry-failed skips what this one does.
+            with ledger_errors("could not lease a recording for its transcriptions"):
+                claimed = await asyncio.to_thread(
+                    ctx.store.claim,
+                    [recording_id],
+                    owner=ctx.owner,
+                    lease_seconds=ctx.lease_seconds,
+                    states=[LedgerState.ARCHIVED.value],
+                )
+            if not claimed:
+                return  # another run holds it, or it is no longer archived
+            try:
+                await archive_transcripts(
+                    ctx, recording_id, bucket=bucket, key=key, created_at=created_at
+                )
+            finally:
+                with ledger_errors("could not release a recording's lease"):
+                    await asyncio.to_thread(ctx.store.release, [recording_id], owner=ctx.owner)
 
     while True:
         due = [

@@ -56,6 +56,17 @@ class LedgerLocks:
                 changed += result.rowcount
         return changed
 
+    def legal_holds(self, ids: Sequence[str]) -> set[str]:
+        """The recordings among ``ids`` whose legal hold is on (objects written later get it)."""
+        held: set[str] = set()
+        with self.engine.connect() as connection:
+            for chunk in chunks(ids):
+                query = select(_ledger.recording_id).where(
+                    _ledger.recording_id.in_(chunk), _ledger.legal_hold.is_(True)
+                )
+                held.update(connection.execute(query).scalars())
+        return held
+
     def lock_counts(self, *, now: datetime | None = None) -> dict[str, int]:
         """Archived recordings by the state of their Object Lock, at ``now`` (default: now).
 

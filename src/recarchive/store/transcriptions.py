@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, select
+from sqlalchemy import Engine, and_, delete, func, or_, select
 
 from recarchive.model import LedgerState, TranscriptionState
 from recarchive.redaction import redact
@@ -62,7 +62,7 @@ class TranscriptionRow:
         state: A :class:`~recarchive.model.TranscriptionState` value.
         bird_status: Bird's status when last looked at.
         locale: Its locale.
-        attempts: Looks that did not archive it.
+        attempts: Looks that failed (a ``pending`` look does not count).
         last_error: Why (redacted).
         next_attempt_at: When ``retry-failed`` looks again (``None``: never).
         s3_bucket: The bucket of its objects.
@@ -96,7 +96,7 @@ class TranscriptionOutcome:
         error: Why it is not archived (redacted again here).
         retry_at: When to look again (``pending`` and retryable ``failed``).
         bucket: The bucket of its objects (``archived``).
-        formats: The stored formats (``archived``).
+        formats: The stored formats (``archived``; a ``failed`` one keeps what it stored).
         archived_at: When it was archived.
     """
 
@@ -187,7 +187,8 @@ class TranscriptionLedger:
         """Recordings with a ``pending`` or ``failed`` transcription row due now.
 
         Only recordings still ``archived`` count (an erased one is never looked at again),
-        and only rows with a next attempt and fewer than ``max_attempts`` looks.
+        and only rows with a next attempt: ``pending`` ones always, ``failed`` ones while they
+        have failed fewer than ``max_attempts`` times.
         """
         moment = now or utc_now()
         query = (
@@ -197,7 +198,7 @@ class TranscriptionLedger:
                 _t.state.in_(_LOOKED_AGAIN),
                 _t.next_attempt_at.is_not(None),
                 _t.next_attempt_at <= moment,
-                _t.attempts < max_attempts,
+                or_(_t.state == TranscriptionState.PENDING.value, _t.attempts < max_attempts),
                 archive_ledger.c.state == LedgerState.ARCHIVED.value,
             )
             .group_by(_t.recording_id)
@@ -243,7 +244,10 @@ class TranscriptionLedger:
 def _upsert(connection: Any, outcome: TranscriptionOutcome, now: datetime) -> Any:
     """INSERT the outcome's row, or UPDATE the existing one unless it is ``archived``."""
     state = outcome.state
-    looks = 0 if state in (TranscriptionState.ARCHIVED, TranscriptionState.UNAVAILABLE) else 1
+    # Only failures count toward the attempt limit. A transcription still processing at Bird
+    # is looked at again without a cap, like media not ready yet: a limit on looks would drop
+    # a slow one for good, silently (tests/test_review_i15.py).
+    looks = 1 if state == TranscriptionState.FAILED else 0
     values: dict[str, Any] = {
         "recording_id": outcome.recording_id,
         "transcription_id": outcome.transcription_id,
