@@ -270,8 +270,7 @@ async def _read_limited(response: httpx.Response, limits: AnswerLimits, what: st
     """
     limit = limits.metadata_max_bytes
     refused = PayloadError(
-        f"{what}: answer larger than {limit} bytes (RECARCHIVE_METADATA_MAX_BYTES); "
-        "refused unparsed",
+        f"{what}: answer larger than {limit} bytes ({limits.body_limit_name}); refused unparsed",
         field="<body>",
     )
     announced = response.headers.get("Content-Length", "")
@@ -294,7 +293,11 @@ async def _read_limited(response: httpx.Response, limits: AnswerLimits, what: st
     except Exception as exc:
         raise TransportError(f"{what}: answer broke off ({type(exc).__name__})") from exc
     return decode_body(
-        b"".join(pieces), response.headers.get("Content-Encoding"), limit=limit, what=what
+        b"".join(pieces),
+        response.headers.get("Content-Encoding"),
+        limit=limit,
+        what=what,
+        limit_name=limits.body_limit_name,
     )
 
 

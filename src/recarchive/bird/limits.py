@@ -43,6 +43,7 @@ class AnswerLimits:
             host's headers (a read timeout restarts with every byte; this does not).
         transcription_max_bytes: A transcription's content (one format) larger than this is
             refused; list answers of transcriptions are bound by ``metadata_max_bytes``.
+        body_limit_name: What refusal messages name as the limit of an answer's body.
     """
 
     metadata_max_bytes: int = 4 * MiB
@@ -53,13 +54,21 @@ class AnswerLimits:
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
     answer_seconds: float = 300.0
     transcription_max_bytes: int = 16 * MiB
+    body_limit_name: str = "RECARCHIVE_METADATA_MAX_BYTES"
 
 
 #: zlib ``wbits`` per ``Content-Encoding`` we decode ourselves (a bounded decompression).
 _DECODERS = {"gzip": (31,), "x-gzip": (31,), "deflate": (15, -15)}
 
 
-def decode_body(raw: bytes, encoding: str | None, *, limit: int, what: str) -> bytes:
+def decode_body(
+    raw: bytes,
+    encoding: str | None,
+    *,
+    limit: int,
+    what: str,
+    limit_name: str = "RECARCHIVE_METADATA_MAX_BYTES",
+) -> bytes:
     """Undo one ``Content-Encoding`` of a metadata answer, never past ``limit`` bytes.
 
     httpx's own decoding inflates each piece whole before any size check (a 3 KB answer
@@ -83,8 +92,7 @@ def decode_body(raw: bytes, encoding: str | None, *, limit: int, what: str) -> b
             continue
         if len(out) > limit or decoder.unconsumed_tail:
             raise PayloadError(
-                f"{what}: answer inflates beyond {limit} bytes (RECARCHIVE_METADATA_MAX_BYTES); "
-                "refused",
+                f"{what}: answer inflates beyond {limit} bytes ({limit_name}); refused",
                 field="<body>",
             )
         if not decoder.eof:

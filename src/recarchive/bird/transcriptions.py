@@ -231,7 +231,9 @@ class TranscriptionsClient:
             raise ValueError(f"not an archived format: {fmt}")
         bird = self._bird
         limits = dataclasses.replace(
-            bird.limits, metadata_max_bytes=bird.limits.transcription_max_bytes
+            bird.limits,
+            metadata_max_bytes=bird.limits.transcription_max_bytes,
+            body_limit_name="the limit of a transcription's content",
         )
         what = f"transcription {transcription_id}.{fmt}"
         url = f"{self._transcriptions}/{quote(transcription_id, safe='')}.{fmt}"
