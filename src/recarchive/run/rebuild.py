@@ -229,10 +229,7 @@ def _restore(
                 [item.entry for item in kept],
                 extra={item.entry.recording_id: item.lock for item in kept if item.lock},
             )
-            rows = [t for item in kept for t in item.transcriptions]
-            store.record_transcriptions([t for t in rows if t.transcription_id != LISTING])
-            # Apart: rows that name a transcription delete their recording's listing row.
-            store.record_transcriptions([t for t in rows if t.transcription_id == LISTING])
+            store.record_transcriptions([t for item in kept for t in item.transcriptions])
             for item in kept:
                 if item.record is None:
                     continue

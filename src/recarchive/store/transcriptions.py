@@ -159,7 +159,8 @@ class TranscriptionLedger:
         """Record outcomes in one transaction; an ``archived`` row is never changed.
 
         Outcomes that name a transcription, and the recordings ``listed``, delete their
-        recording's :data:`LISTING` row: the listing worked.
+        recording's :data:`LISTING` row (the listing worked), unless this call records that
+        row itself (``rebuild`` asks for a listing beside the rows it restores).
         """
         if not outcomes and not listed:
             return
@@ -169,7 +170,9 @@ class TranscriptionLedger:
             with self.engine.begin() as connection:
                 for outcome in outcomes:
                     connection.execute(_upsert(connection, outcome, now))
+                asked = {o.recording_id for o in outcomes if o.transcription_id == LISTING}
                 named = {o.recording_id for o in outcomes if o.transcription_id != LISTING}
+                named -= asked
                 for chunk in chunks(sorted(named.union(listed))):
                     connection.execute(
                         delete(transcription_ledger).where(
