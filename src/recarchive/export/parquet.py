@@ -53,8 +53,12 @@ from recarchive.tempfiles import EXPORT_SUFFIX, remove_orphan_temp_files, temp_p
 
 logger = logging.getLogger(__name__)
 
-#: Rows per Parquet row group: large enough for DuckDB's and Athena's scans.
-ROW_GROUP_ROWS = 128 * 1024
+#: Rows per Parquet row group. A row group waits whole in memory before it is written (about
+#: 22 MB of Arrow data for ``recordings``, and the encoder's buffers again while it is written),
+#: so this bounds the export's memory whatever a partition's size: at 128k rows the export of
+#: 1M recordings peaked at 393 MB, at 32k at ~270 MB (docs/benchmarks.md). Row groups of ~2 MB
+#: compressed are still whole reads for DuckDB and Athena, and give finer min/max skipping.
+ROW_GROUP_ROWS = 32 * 1024
 #: A temp file of the naming before the owner was in it (see :meth:`_Target.sweep`).
 _LEGACY_TEMP = re.compile(rf"\.{re.escape(FILE_NAME)}\.[0-9a-f]{{32}}\.tmp")
 #: A partition folder's name.
@@ -257,6 +261,8 @@ class _Target:
 def _write_file(
     path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch], tag: str | None
 ) -> int:
+    # Row groups of exactly ROW_GROUP_ROWS rows (the last one smaller): the batches of a fetch
+    # wait in memory until a row group is full, so that is the export's working set.
     rows = 0
     pending: list[pa.RecordBatch] = []
     pending_rows = 0
@@ -268,11 +274,13 @@ def _write_file(
             pending.append(batch)
             pending_rows += batch.num_rows
             if pending_rows >= ROW_GROUP_ROWS:
-                writer.write_table(
-                    pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP_ROWS
-                )
-                rows += pending_rows
-                pending, pending_rows = [], 0
+                table = pa.Table.from_batches(pending, schema)
+                full = pending_rows - pending_rows % ROW_GROUP_ROWS
+                writer.write_table(table.slice(0, full), row_group_size=ROW_GROUP_ROWS)
+                rows += full
+                pending = table.slice(full).to_batches()
+                pending_rows -= full
+                del table
         if pending_rows or rows == 0:
             writer.write_table(
                 pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP_ROWS
