@@ -4,6 +4,10 @@ Every field shape of the seed document occurs: optional fields missing or null, 
 the zero date, anonymous numbers, conference recordings, unknown extra fields, every status
 value, and ``createdAt`` spread over several months. The same seed always gives the same IDs,
 payloads and media bytes.
+
+:class:`Dataset` draws every recording up front from one sequential RNG (what the tests'
+IDs and request counts rely on); :class:`~recarchive.simulator.lazy.LazyDataset` draws each
+one on demand (a million recordings without the memory). Both are a :class:`RecordingSet`.
 """
 
 from __future__ import annotations
@@ -12,9 +16,9 @@ import math
 import random
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from recarchive.simulator.mp3 import Mp3Source
 
@@ -32,6 +36,73 @@ def iso(moment: datetime) -> str:
     )
 
 
+class RecordingSet(Protocol):
+    """What the simulator's hosts read and tests change: a :class:`Dataset` or a lazy one."""
+
+    @property
+    def workspace_id(self) -> str:
+        """The workspace the recordings belong to."""
+
+    @property
+    def seed(self) -> int:
+        """Seed of every random choice."""
+
+    @property
+    def transcriptions(self) -> bool:
+        """Whether payloads may say ``transcription: true`` (``False``: none does)."""
+
+    @property
+    def ids(self) -> Sequence[str]:
+        """IDs of the recordings that exist, in the order they were drawn."""
+
+    @property
+    def missing_ids(self) -> Sequence[str]:
+        """IDs drawn like the others that the API answers 404 for."""
+
+    @property
+    def all_ids(self) -> Sequence[str]:
+        """Both, in the order they were drawn: the IDs a user would have."""
+
+    def payload(self, recording_id: str) -> dict[str, Any] | None:
+        """Return the current metadata of a recording, or ``None`` when it does not exist."""
+
+    def has_media(self, recording_id: str) -> bool:
+        """True when the recording exists, is ``available`` and its media was not deleted."""
+
+    def media(self, recording_id: str) -> Mp3Source:
+        """Return the media source of a recording (deterministic bytes)."""
+
+    def media_bytes(self, recording_id: str) -> bytes:
+        """Return every media byte of a recording."""
+
+    def available_ids(self) -> list[str]:
+        """IDs whose status is ``available``."""
+
+    def ids_created_between(self, since: datetime, until: datetime) -> list[str]:
+        """IDs with ``since <= createdAt < until``."""
+
+    def listing(self) -> Iterator[dict[str, Any]]:
+        """Payloads in list-endpoint order (``createdAt`` ascending, then ID)."""
+
+    def make_all_available(self) -> int:
+        """Turn every recording that is not ``available`` yet into one; return how many."""
+
+    def set_status(self, recording_id: str, status: str) -> None:
+        """Set one recording's status (its ``updatedAt`` moves on)."""
+
+    def touch(self, recording_id: str, **changes: Any) -> None:
+        """Change fields of a recording and move its ``updatedAt`` on."""
+
+    def set_media_size(self, recording_id: str, size: int) -> None:
+        """Give one recording media of exactly ``size`` bytes."""
+
+    def delete_media(self, recording_id: str) -> bool:
+        """Delete a recording's media; False when it does not exist."""
+
+    def is_deleted(self, recording_id: str) -> bool:
+        """True when the media was deleted through the DELETE endpoint."""
+
+
 class Dataset:
     """Recordings of one simulated workspace.
 
@@ -47,6 +118,7 @@ class Dataset:
             ``False``: every one says ``false``, the rest of the data unchanged.
 
     Attributes:
+        transcriptions: The ``transcriptions`` argument.
         ids: IDs of the recordings that exist, in the order they were drawn.
         missing_ids: IDs drawn like the others that the API answers 404 for.
         all_ids: Both, in the order they were drawn: the IDs a user would have.
@@ -65,6 +137,7 @@ class Dataset:
     ) -> None:
         self.workspace_id = workspace_id
         self.seed = seed
+        self.transcriptions = transcriptions
         rng = random.Random(seed)
         self._lock = threading.Lock()
         self._payloads: dict[str, dict[str, Any]] = {}
@@ -82,11 +155,10 @@ class Dataset:
                 continue
             self.ids.append(recording_id)
             available = rng.random() < available_fraction
-            self._payloads[recording_id] = _payload(recording_id, index, rng, available)
+            self._payloads[recording_id] = build_payload(recording_id, index, rng, available)
             if not transcriptions:
                 self._payloads[recording_id]["transcription"] = False
-            size = math.exp(rng.uniform(math.log(low), math.log(max(high, low + 1))))
-            self._media_sizes[recording_id] = int(size)
+            self._media_sizes[recording_id] = media_size(rng, low, high)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -94,7 +166,7 @@ class Dataset:
         """Return the current metadata of a recording, or ``None`` when it does not exist."""
         with self._lock:
             payload = self._payloads.get(recording_id)
-            return None if payload is None else _deep_copy(payload)
+            return None if payload is None else deep_copy(payload)
 
     def has_media(self, recording_id: str) -> bool:
         """True when the recording exists, is ``available`` and its media was not deleted."""
@@ -127,14 +199,14 @@ class Dataset:
             return [
                 rid
                 for rid, payload in self._payloads.items()
-                if since <= _parse(payload["createdAt"]) < until
+                if since <= parse_iso(payload["createdAt"]) < until
             ]
 
     def listing(self) -> Iterator[dict[str, Any]]:
         """Payloads in list-endpoint order (``createdAt`` ascending, then ID)."""
         with self._lock:
             ordered = sorted(self._payloads.values(), key=lambda p: (p["createdAt"], p["id"]))
-            return iter([_deep_copy(p) for p in ordered])
+            return iter([deep_copy(p) for p in ordered])
 
     # --- changing (tests and the demo) -----------------------------------------------------
 
@@ -145,7 +217,7 @@ class Dataset:
             for payload in self._payloads.values():
                 if payload["status"] != "available":
                     payload["status"] = "available"
-                    _touch(payload)
+                    touch_payload(payload)
                     changed += 1
             return changed
 
@@ -154,14 +226,14 @@ class Dataset:
         with self._lock:
             payload = self._payloads[recording_id]
             payload["status"] = status
-            _touch(payload)
+            touch_payload(payload)
 
     def touch(self, recording_id: str, **changes: Any) -> None:
         """Change fields of a recording and move its ``updatedAt`` on."""
         with self._lock:
             payload = self._payloads[recording_id]
             payload.update(changes)
-            _touch(payload)
+            touch_payload(payload)
 
     def set_media_size(self, recording_id: str, size: int) -> None:
         """Give one recording media of exactly ``size`` bytes (benchmarks: a huge file)."""
@@ -182,20 +254,43 @@ class Dataset:
             return recording_id in self._deleted
 
 
-def _parse(value: str) -> datetime:
+def media_size(rng: random.Random, low: int, high: int) -> int:
+    """Draw a media size in bytes, log-uniform between ``low`` and ``high``."""
+    return int(math.exp(rng.uniform(math.log(low), math.log(max(high, low + 1)))))
+
+
+def created_at(rng: random.Random) -> datetime:
+    """Draw a ``createdAt`` (the first draw of a payload), whole milliseconds."""
+    created = EPOCH + timedelta(seconds=rng.uniform(0, SPREAD_DAYS * 86400))
+    return created.replace(microsecond=(created.microsecond // 1000) * 1000)
+
+
+def initial_status(index: int, available: bool) -> str:
+    """The status recording ``index`` is drawn with (every value occurs, one never seen)."""
+    if available:
+        return "available"
+    if index % 8 == 6:
+        return "transcribing"  # a status value we have never seen
+    return STATUSES[index % (len(STATUSES) - 1)]
+
+
+def parse_iso(value: str) -> datetime:
+    """Parse a timestamp in Bird's format (a ``Z`` for UTC)."""
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
-def _touch(payload: dict[str, Any]) -> None:
-    updated = _parse(payload["updatedAt"]) + timedelta(minutes=1)
+def touch_payload(payload: dict[str, Any]) -> None:
+    """Move a payload's ``updatedAt`` on by a minute (what every change does)."""
+    updated = parse_iso(payload["updatedAt"]) + timedelta(minutes=1)
     payload["updatedAt"] = iso(updated)
 
 
-def _deep_copy(value: Any) -> Any:
+def deep_copy(value: Any) -> Any:
+    """Copy nested dicts and lists (payloads handed out must not alias the stored ones)."""
     if isinstance(value, dict):
-        return {key: _deep_copy(item) for key, item in value.items()}
+        return {key: deep_copy(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_deep_copy(item) for item in value]
+        return [deep_copy(item) for item in value]
     return value
 
 
@@ -241,13 +336,15 @@ def _party(rng: random.Random, index: int) -> dict[str, Any] | None:
     return party
 
 
-def _payload(recording_id: str, index: int, rng: random.Random, available: bool) -> dict[str, Any]:
-    created = EPOCH + timedelta(seconds=rng.uniform(0, SPREAD_DAYS * 86400))
-    created = created.replace(microsecond=(created.microsecond // 1000) * 1000)
+def build_payload(
+    recording_id: str, index: int, rng: random.Random, available: bool
+) -> dict[str, Any]:
+    """Draw recording ``index``'s payload from ``rng`` (its shape follows from ``index``)."""
+    created = created_at(rng)
     duration = rng.randrange(1, 3600)
     started = created + timedelta(seconds=rng.uniform(0, 5))
     conference = index % 10 == 7
-    status = "available" if available else STATUSES[index % (len(STATUSES) - 1)]
+    status = initial_status(index, available)
     payload: dict[str, Any] = {
         "id": recording_id,
         "source": "conference" if conference else "call",
@@ -286,6 +383,4 @@ def _payload(recording_id: str, index: int, rng: random.Random, available: bool)
         # Fields Bird may add later: kept in raw_json, never a failure.
         payload["sentiment"] = {"score": round(rng.uniform(-1, 1), 3), "model": "v2"}
         payload["tags"] = ["sales", "priority"]
-    elif shape == 6 and status != "available":
-        payload["status"] = "transcribing"  # a status value we have never seen
     return payload

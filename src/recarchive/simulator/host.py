@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from aiohttp import web
 
-from recarchive.simulator.dataset import Dataset
+from recarchive.simulator.dataset import RecordingSet
 from recarchive.simulator.faults import FaultProfile
 
 if TYPE_CHECKING:  # a type only: server.py imports this module
@@ -39,7 +39,7 @@ class HostState:
     """
 
     config: SimulatorConfig
-    dataset: Dataset
+    dataset: RecordingSet
     faults: FaultProfile
     attempt: Callable[[str], int]
     stats: RequestStats
