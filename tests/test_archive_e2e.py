@@ -123,7 +123,7 @@ def test_archive_ids_file_archives_everything_and_rerun_transfers_nothing(
         faults="429,500,reset,slow,truncate,expired",
         available_fraction=1.0,
     )
-    ids = sim.dataset.ids
+    ids = list(sim.dataset.ids)
     result = invoke("archive", "--ids-file", str(ids_file(tmp_path, ids)), sim=sim)
     assert result.exit_code == 0, result.output
     assert sim.leaks == []

@@ -40,7 +40,7 @@ def _api_requests(sim: SimulatorServer) -> int:
 async def test_metadata_loop_gets_every_id_once(
     simulator: SimulatorServer, tmp_path: Path, kind: str
 ) -> None:
-    ids = simulator.dataset.ids[:10]
+    ids = list(simulator.dataset.ids[:10])
     loop = peer_loops.LOOPS[kind]
     size = await loop(_config(simulator, tmp_path, ids), ids)
     expected = sum(len(json.dumps(simulator.dataset.payload(rid)).encode()) for rid in ids)
@@ -58,7 +58,7 @@ async def test_media_loop_stores_what_the_pipeline_stores(
     sim = simulator_factory(
         recordings=6, seed=3, available_fraction=1.0, media_size_range=(3000, 3300)
     )
-    ids = sim.dataset.ids
+    ids = list(sim.dataset.ids)
     config = _config(sim, tmp_path, ids, s3_endpoint=s3_endpoint, bucket=s3_bucket)
     size = await peer_loops.media(config, ids)
     assert size == sum(len(sim.dataset.media_bytes(rid)) for rid in ids)

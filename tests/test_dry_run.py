@@ -97,7 +97,7 @@ def last_run(database: Path) -> dict[str, Any]:
 
 def mixed_ledger(invoke: Invoke, tmp_path: Path, sim: SimulatorServer) -> dict[str, list[str]]:
     """Put the ledger in every state; return the IDs of each group."""
-    ids = sim.dataset.all_ids
+    ids = list(sim.dataset.all_ids)
     groups = {
         "earlier": ids[0:300],  # a real run: archived, metadata_only (media not ready), missing
         "failed_due": ids[300:340],
@@ -158,7 +158,7 @@ def test_archive_dry_run_sends_nothing_writes_nothing_and_counts_what_the_run_do
     invoke: Invoke, tmp_path: Path, sim: SimulatorServer, s3_client: S3Client, s3_bucket: str
 ) -> None:
     groups = mixed_ledger(invoke, tmp_path, sim)
-    every = sim.dataset.all_ids
+    every = list(sim.dataset.all_ids)
     ids_path = write_ids(tmp_path / "all.txt", every)
     states = ledger_states(tmp_path / "db" / "archive.db")
     before = snapshot(tmp_path, s3_client, s3_bucket)
@@ -237,7 +237,7 @@ def test_retry_failed_dry_run_takes_what_the_real_retry_takes(
 def test_dry_run_without_a_database_creates_none(
     invoke: Invoke, tmp_path: Path, sim: SimulatorServer
 ) -> None:
-    ids = sim.dataset.all_ids[:25]
+    ids = list(sim.dataset.all_ids[:25])
     result = invoke("archive", "--ids-file", write_ids(tmp_path / "ids.txt", ids), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "25 recordings: 25 would be fetched" in result.output
@@ -382,7 +382,7 @@ def test_dry_run_counts_what_the_run_takes_after_a_local_kill(
 ) -> None:
     # The real run first finishes the killed run's row as interrupted and takes its rows
     # (pending, half of them still leased to the dead process); the dry run must agree.
-    ids = sim.dataset.ids
+    ids = list(sim.dataset.ids)
     assert invoke("archive", "--skip-media", *ids[:3]).exit_code in (0, 1)
     _killed_run(tmp_path / "db" / "archive.db", ids[10:30])
     args = [command] if command == "retry-failed" else [command, *ids[10:30]]

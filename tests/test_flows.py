@@ -299,7 +299,7 @@ async def test_retry_failed_flow_archives_due_failures(
     sim = simulator_factory(recordings=40, seed=47, faults="500", available_fraction=1.0)
     use_simulator(monkeypatch, sim)
     monkeypatch.setenv("RECARCHIVE_HTTP_MAX_ATTEMPTS", "1")  # first run: 5xx are final
-    first = await archive_recordings(ids=sim.dataset.ids, chunk_size=20)
+    first = await archive_recordings(ids=list(sim.dataset.ids), chunk_size=20)
     assert first["failed"] > 0
     failed = {rid for rid, state in ledger(flow_env).items() if state == "failed"}
     # Their next attempt is minutes away; make it due now.

@@ -375,6 +375,7 @@ def simulate(
     transcriptions: Annotated[
         bool, typer.Option("--transcriptions", help="About 30 % of recordings have some.")
     ] = False,
+    lazy: Annotated[bool, typer.Option("--lazy", help="Draw recordings on demand.")] = False,
     stats_file: Annotated[Path | None, typer.Option(help="Write /_sim/stats here on exit.")] = None,
 ) -> None:
     """Run the Bird API simulator on 127.0.0.1 until interrupted."""
@@ -396,6 +397,7 @@ def simulate(
             latency_seconds=latency,
             missing_fraction=missing_fraction,
             transcriptions=transcriptions,
+            lazy=lazy,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -21,11 +21,12 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
 from recarchive.simulator.api_host import ApiHost
-from recarchive.simulator.dataset import Dataset
+from recarchive.simulator.dataset import Dataset, RecordingSet
 from recarchive.simulator.faults import FaultProfile
 from recarchive.simulator.host import (
     DroppedConnection,
@@ -33,6 +34,7 @@ from recarchive.simulator.host import (
     HostState,
     RequestStats,
 )
+from recarchive.simulator.lazy import MAX_RECORDINGS, LazyDataset
 from recarchive.simulator.media_host import LOGGED, MediaHost
 from recarchive.simulator.transcripts import TranscriptionHost, TranscriptionStore
 
@@ -71,6 +73,8 @@ class SimulatorConfig:
             request counts stay as they were): every payload says ``false``.
         transcription_ready_seconds: ``accepted`` transcriptions turn ``available`` this long
             after the start (``None``: only ``transcriptions.make_ready()`` turns them).
+        lazy: Draw each recording when asked (:class:`~recarchive.simulator.lazy.LazyDataset`):
+            millions start in seconds and stay small, but the IDs differ from the default's.
     """
 
     recordings: int = 300
@@ -89,6 +93,7 @@ class SimulatorConfig:
     latency_seconds: float = 0.0
     transcriptions: bool = False
     transcription_ready_seconds: float | None = None
+    lazy: bool = False
 
     def __post_init__(self) -> None:
         """Refuse settings the simulator cannot serve.
@@ -111,6 +116,9 @@ class SimulatorConfig:
             f"the missing fraction must be between 0 and 1: {self.missing_fraction}": (
                 not 0 <= self.missing_fraction <= 1
             ),
+            f"a lazy dataset holds fewer than 2**32 recordings: {self.recordings}": (
+                self.lazy and self.recordings >= MAX_RECORDINGS
+            ),
         }
         problems = [message for message, is_wrong in wrong.items() if is_wrong]
         if problems:
@@ -118,17 +126,31 @@ class SimulatorConfig:
         FaultProfile.parse(self.faults, self.seed)  # raises UnknownFaultError, a ValueError
 
 
-def build_dataset(config: SimulatorConfig) -> Dataset:
-    """The dataset ``config`` describes (before any fault changes a status)."""
-    return Dataset(
-        config.recordings,
-        config.seed,
-        workspace_id=config.workspace_id,
-        media_size_range=config.media_size_range,
-        available_fraction=config.available_fraction,
-        missing_fraction=config.missing_fraction,
-        transcriptions=config.transcriptions,
-    )
+def build_dataset(
+    config: SimulatorConfig, *, held_back: Callable[[str], bool] | None = None
+) -> RecordingSet:
+    """The dataset ``config`` describes: eager, or lazy with ``config.lazy``.
+
+    Args:
+        config: The simulator's settings.
+        held_back: Which ``available`` recordings the ``notready`` fault holds back (they
+            say ``completed``); ``None``: none.
+    """
+    common: dict[str, Any] = {
+        "workspace_id": config.workspace_id,
+        "media_size_range": config.media_size_range,
+        "available_fraction": config.available_fraction,
+        "missing_fraction": config.missing_fraction,
+        "transcriptions": config.transcriptions,
+    }
+    if config.lazy:  # holds them back as it draws them: no scan at start
+        return LazyDataset(config.recordings, config.seed, held_back=held_back, **common)
+    dataset = Dataset(config.recordings, config.seed, **common)
+    if held_back is not None:
+        for recording_id in dataset.available_ids():
+            if held_back(recording_id):
+                dataset.set_status(recording_id, "completed")
+    return dataset
 
 
 @dataclass(frozen=True)
@@ -179,11 +201,10 @@ class SimulatorServer:
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self.config = config or SimulatorConfig()
         self.faults = FaultProfile.parse(self.config.faults, self.config.seed)
-        self.dataset = build_dataset(self.config)
+        held_back = None
         if self.faults.active("notready"):
-            for recording_id in self.dataset.available_ids():
-                if self.faults.hits_recording("notready", recording_id):
-                    self.dataset.set_status(recording_id, "completed")
+            held_back = functools.partial(self.faults.hits_recording, "notready")
+        self.dataset = build_dataset(self.config, held_back=held_back)
         self.requests: list[RequestRecord] = []
         self._attempts: defaultdict[str, int] = defaultdict(int)
         self.stats = RequestStats()

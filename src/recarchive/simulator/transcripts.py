@@ -40,7 +40,7 @@ from typing import Any
 from aiohttp import web
 
 from recarchive.simulator.api_host import _decode_token, _encode_token, _error, _is_uuid, _json
-from recarchive.simulator.dataset import Dataset, iso
+from recarchive.simulator.dataset import RecordingSet, iso
 
 #: Content formats Bird offers, and their content types.
 FORMATS = {
@@ -112,7 +112,9 @@ class TranscriptionStore:
         fail_next: Request path -> how many 503 answers come before the real one.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, ready_seconds: float | None = None) -> None:
+    def __init__(
+        self, dataset: RecordingSet, seed: int, ready_seconds: float | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._by_id: dict[str, SimTranscription] = {}
         self._by_recording: dict[str, list[str]] = {}
@@ -121,7 +123,9 @@ class TranscriptionStore:
         self.created: list[tuple[str, Any]] = []
         self.raw_lists: dict[str, bytes] = {}
         self.fail_next: Counter[str] = Counter()
-        for recording_id in dataset.ids:
+        # Without transcriptions no payload says true: skip the scan (a lazy million would
+        # draw every payload here, at start).
+        for recording_id in dataset.ids if dataset.transcriptions else ():
             payload = dataset.payload(recording_id)
             if payload is None or not payload.get("transcription"):
                 continue
