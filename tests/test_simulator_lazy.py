@@ -1,5 +1,5 @@
 """The simulator's lazy dataset: deterministic, every ID resolves and no other, every field
-shape, changes, media, and a real server over HTTP."""
+shape, changes, media, and a real server over HTTP; plus the bounded request log."""
 
 from __future__ import annotations
 
@@ -361,6 +361,37 @@ def test_notready_fault_holds_back_lazy_recordings(
     assert held and not set(held) & set(sim.dataset.available_ids())
     assert _get(http, sim, f"/{held[0]}.mp3").status_code == 404
     assert _get(http, sim, f"/{held[0]}").json()["status"] == "completed"
+
+
+def test_without_a_request_log_the_counts_still_count(
+    http: httpx.Client, simulator_factory: SimulatorFactory
+) -> None:
+    sim = simulator_factory(recordings=20, seed=2, lazy=True, keep_requests=False)
+    for rid in sim.dataset.ids:
+        assert _get(http, sim, f"/{rid}").status_code == 200
+    stats = http.get(f"{sim.api_url}/_sim/stats").json()
+    assert stats["api"]["requests"] == 20 and stats["api"]["by_status"] == {"200": 20}
+    assert sim.requests == []
+    with pytest.raises(RuntimeError, match="keeps no request log"):
+        sim.leaks  # noqa: B018 (the property is what is tested)
+    with pytest.raises(RuntimeError):
+        sim.api_requests()
+    assert sim._attempts == {}  # no fault: no attempt worth counting
+
+
+def test_attempts_are_counted_only_for_keys_a_fault_may_hit(
+    http: httpx.Client,
+    simulator_factory: SimulatorFactory,
+) -> None:
+    sim = simulator_factory(recordings=100, seed=2, lazy=True, faults="500")
+    for rid in sim.dataset.ids:
+        assert _get(http, sim, f"/{rid}").status_code in (200, 500, 502, 503)
+    counted = set(sim._attempts)
+    may_hit = {f"meta:{rid}" for rid in sim.dataset.ids if sim.faults.may_hit(f"meta:{rid}")}
+    assert counted == may_hit and 0 < len(counted) < 30
+    # A key no fault may hit is never hit, whatever its attempt: it needs no count.
+    others = [f"meta:{rid}" for rid in sim.dataset.ids if f"meta:{rid}" not in may_hit]
+    assert not any(sim.faults.hits("500", key, attempt) for key in others for attempt in range(3))
 
 
 def test_config_refuses_a_lazy_dataset_beyond_32_bits() -> None:

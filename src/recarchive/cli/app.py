@@ -398,6 +398,7 @@ def simulate(
             missing_fraction=missing_fraction,
             transcriptions=transcriptions,
             lazy=lazy,
+            keep_requests=False,  # nothing reads its log (/_sim/stats counts): flat memory
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

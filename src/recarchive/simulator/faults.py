@@ -99,6 +99,13 @@ class FaultProfile:
             attempt == 0 or self._draw(fault, key, attempt) < 0.5
         )
 
+    def may_hit(self, key: str) -> bool:
+        """True when some active fault hits ``key``'s first attempt (so it may hit later ones).
+
+        :meth:`hits` is False on every attempt of any other key: its attempts need no count.
+        """
+        return any(self._draw(f, key, 0) < self.rates.get(f, 0.0) for f in self.faults)
+
     def hits_recording(self, fault: str, recording_id: str) -> bool:
         """Decide a per-recording fault (``404``, ``notready``), the same on every request."""
         return fault in self.faults and self._draw(fault, recording_id, 0) < self.rates.get(

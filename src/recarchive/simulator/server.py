@@ -3,9 +3,9 @@
 Both are aiohttp applications on 127.0.0.1 (their routes in :mod:`.api_host` and
 :mod:`.media_host`), run by :class:`SimulatorServer` on an event loop in a background thread,
 so a test (or the demo) can start one in-process and talk to it over real sockets; the server
-logs every request either host receives and counts them (``GET /_sim/stats`` on the API
-host; the dataset's IDs at ``GET /_sim/ids``). :func:`serve` runs one in the foreground for
-``recarchive simulate``.
+logs every request either host receives (unless told not to: ``keep_requests``) and counts
+them (``GET /_sim/stats`` on the API host; the dataset's IDs at ``GET /_sim/ids``). :func:`serve`
+runs one in the foreground for ``recarchive simulate``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import signal
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +74,8 @@ class SimulatorConfig:
             after the start (``None``: only ``transcriptions.make_ready()`` turns them).
         lazy: Draw each recording when asked (:class:`~recarchive.simulator.lazy.LazyDataset`):
             millions start in seconds and stay small, but the IDs differ from the default's.
+        keep_requests: Keep every request in :attr:`SimulatorServer.requests` (tests read it);
+            off (``recarchive simulate``): only the counts, flat over millions of requests.
     """
 
     recordings: int = 300
@@ -94,6 +95,7 @@ class SimulatorConfig:
     transcriptions: bool = False
     transcription_ready_seconds: float | None = None
     lazy: bool = False
+    keep_requests: bool = True
 
     def __post_init__(self) -> None:
         """Refuse settings the simulator cannot serve.
@@ -194,7 +196,8 @@ class SimulatorServer:
     Attributes:
         dataset: The recordings served; tests may change it while the server runs.
         transcriptions: The recordings' transcriptions (tests may change them too).
-        requests: Every request received, in the order they were answered.
+        requests: Every request received, in the order they were answered (none kept when
+            ``config.keep_requests`` is off).
         stats: The counts served at ``GET /_sim/stats``.
     """
 
@@ -206,7 +209,8 @@ class SimulatorServer:
             held_back = functools.partial(self.faults.hits_recording, "notready")
         self.dataset = build_dataset(self.config, held_back=held_back)
         self.requests: list[RequestRecord] = []
-        self._attempts: defaultdict[str, int] = defaultdict(int)
+        # Only keys some fault may hit are counted (see _attempt): bounded by the hits.
+        self._attempts: dict[str, int] = {}
         self.stats = RequestStats()
         state = HostState(self.config, self.dataset, self.faults, self._attempt, self.stats)
         media_log = functools.partial(self._log, "media")
@@ -303,22 +307,33 @@ class SimulatorServer:
 
     # --- request log ---------------------------------------------------------------------
 
+    def _kept(self) -> list[RequestRecord]:
+        if not self.config.keep_requests:
+            # An empty answer would pass a "no leaks" check without looking: refuse instead.
+            raise RuntimeError("this simulator keeps no request log (keep_requests=False)")
+        return self.requests
+
     @property
     def leaks(self) -> list[RequestRecord]:
-        """Requests to the media host that carried an ``Authorization`` header."""
-        return [r for r in self.requests if r.server == "media" and r.has_authorization]
+        """Requests to the media host that carried an ``Authorization`` header.
+
+        Raises:
+            RuntimeError: The server keeps no request log (``keep_requests`` off); so do
+                :meth:`api_requests` and :meth:`media_requests`.
+        """
+        return [r for r in self._kept() if r.server == "media" and r.has_authorization]
 
     def api_requests(self, path_suffix: str | None = None) -> list[RequestRecord]:
         """API requests, optionally only those whose path ends with ``path_suffix``."""
         return [
             r
-            for r in self.requests
+            for r in self._kept()
             if r.server == "api" and (path_suffix is None or r.path.endswith(path_suffix))
         ]
 
     def media_requests(self) -> list[RequestRecord]:
         """Requests to the media host."""
-        return [r for r in self.requests if r.server == "media"]
+        return [r for r in self._kept() if r.server == "media"]
 
     def clear_requests(self) -> None:
         """Forget the request log and the counts (tests that count a second run's requests)."""
@@ -326,6 +341,9 @@ class SimulatorServer:
         self.stats.reset()
 
     def _log(self, server: str, request: web.Request, status: int) -> None:
+        self.stats.answered(server, status)
+        if not self.config.keep_requests:
+            return
         header = request.headers.get("Authorization")
         scheme = header.split(" ", 1)[0] if header else None
         self.requests.append(
@@ -339,10 +357,14 @@ class SimulatorServer:
                 request.get(ARRIVED, time.monotonic()),
             )
         )
-        self.stats.answered(server, status)
 
     def _attempt(self, key: str) -> int:
-        attempt = self._attempts[key]
+        # The attempt number only matters to a fault that hits the key's first attempt (see
+        # FaultProfile.hits): any other key answers 0 and costs no entry, so the counter grows
+        # with the faults' hits, not with every recording (none at all without faults).
+        if not self.faults.may_hit(key):
+            return 0
+        attempt = self._attempts.get(key, 0)
         self._attempts[key] = attempt + 1
         return attempt
 
