@@ -3,8 +3,9 @@
 Run: ``.venv/bin/python -m bench.backfill_scale [--ids 1000000] [--chunk-size 500]
 [--concurrency 32] [--parallel-chunks 2]`` (not in CI: about an hour at 1M on two cores).
 
-One simulator (own process) with ``--ids`` recordings, no latency, no faults; a manifest of
-every ID from ``simulate --list-ids``; a local Prefect test server (``prefect_test_harness``,
+One simulator (own process) with ``--ids`` recordings, no latency, no faults, its dataset
+lazy (``simulate --lazy``: it starts in seconds and stays small); a manifest of every ID from
+``simulate --list-ids --lazy``; a local Prefect test server (``prefect_test_harness``,
 SQLite). Then, each in a process of its own, on a fresh SQLite ledger of its own, metadata only:
 
 1. the baseline, ``recarchive archive --skip-media --ids-file MANIFEST`` (the CLI's in-process
@@ -169,7 +170,7 @@ def main() -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     options = SimulatorOptions(
-        recordings=args.ids, seed=21, latency=0.0, rate_limit=1e9, missing_fraction=0.0
+        recordings=args.ids, seed=21, latency=0.0, rate_limit=1e9, missing_fraction=0.0, lazy=True
     )
     with tempfile.TemporaryDirectory(prefix="recarchive-bench-") as tmp:
         root = Path(tmp)
