@@ -42,6 +42,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.export.lock import EXPORT_LOCK_TIMEOUT, export_lock
 from recarchive.export.pii import METADATA_KEY, RAW, PiiPolicy
+from recarchive.export.rows import arrow_without_pandas
 from recarchive.export.rows import party_batches as _party_batches
 from recarchive.export.rows import recording_batches as _recording_batches
 from recarchive.export.schema import (
@@ -377,6 +378,7 @@ def export_changed(
         ConfigError: The S3 endpoint setting is not a URL.
     """
     started = time.monotonic()
+    arrow_without_pandas()
     target = _Target(root, s3_endpoint_url, pii.tag)
     report = ExportReport(rows=0)
     with export_lock(engine, lock_timeout) as still_locked:
