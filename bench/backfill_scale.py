@@ -237,6 +237,7 @@ def main() -> None:
         f"first quarter {first:.0f} MB, last quarter {last:.0f} MB, peak {flow.peak_mb:.0f} MB "
         f"(target flat, <= 300 MB)"
     )
+    print(f"  flow RSS samples (MB): {' '.join(f'{mb:.0f}' for mb in flow.samples_mb)}")
     print(f"  task runs {result['task_runs']} for {chunks} chunks (target equal)")
     print(
         f"  throughput: CLI {len(ids) / cli.seconds:.0f} rec/s ({cli.seconds:.0f} s, peak "
