@@ -34,6 +34,7 @@ __all__ = [
     "HEARTBEAT_SECONDS",
     "Ledger",
     "lease_unheld",
+    "state_among_listed",
 ]
 
 #: IDs per insert batch when a run registers its whole input (one transaction).
@@ -137,6 +138,18 @@ def lease_unheld(
         archive_ledger.c.lease_expires_at <= now,
         owner_run_gone,
     )
+
+
+def state_among_listed(states: Collection[str]) -> ColumnElement[bool]:
+    """``state IN states``, for a statement that names its rows by ``recording_id``.
+
+    The state is compared as an expression (``state || ''``), not as the column, so the
+    database cannot use ``ix_archive_ledger_state_next_attempt`` for it and looks the listed
+    IDs up by primary key. Given the bare column, SQLite chose that index and read every row
+    of the state: a claim of a chunk of 500 IDs read all 1,000,000 ``pending`` rows of a
+    backfill, so each chunk cost more the larger the backfill (docs/benchmarks.md).
+    """
+    return archive_ledger.c.state.concat("").in_(list(states))
 
 
 class Ledger:
