@@ -21,19 +21,14 @@ from recarchive.cli.dryrun import plan_list, plan_window, print_plan
 from recarchive.cli.erase import erase_command
 from recarchive.cli.hold import hold_command
 from recarchive.cli.logs import apply_log_format
-from recarchive.cli.output import (
-    configure_logging,
-    err,
-    exit_code,
-    handle_errors,
-    out,
-)
+from recarchive.cli.output import configure_logging, err, exit_code, handle_errors, out
 from recarchive.cli.progress import result_table
 from recarchive.cli.rebuild import rebuild_command
 from recarchive.cli.status import print_status
 from recarchive.cli.summary import finish_run, finish_verify
 from recarchive.config import Settings, load_settings
 from recarchive.errors import InputError
+from recarchive.export.pandas_lookup import skip_in_this_process
 from recarchive.ids.window import parse_when
 from recarchive.model import LedgerState
 
@@ -446,4 +441,7 @@ app.command("rebuild")(rebuild_command)
 
 def main() -> None:
     """Console-script entry point."""
+    # Only recarchive's commands run in this process, and none hands pandas objects to
+    # pyarrow: its exports may skip pyarrow's import of pandas (export/pandas_lookup.py).
+    skip_in_this_process()
     app()

@@ -41,8 +41,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.export.lock import EXPORT_LOCK_TIMEOUT, export_lock
+from recarchive.export.pandas_lookup import arrow_without_pandas
 from recarchive.export.pii import METADATA_KEY, RAW, PiiPolicy
-from recarchive.export.rows import arrow_without_pandas
 from recarchive.export.rows import party_batches as _party_batches
 from recarchive.export.rows import recording_batches as _recording_batches
 from recarchive.export.schema import (

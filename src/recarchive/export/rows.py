@@ -7,9 +7,6 @@ column-wise), not through per-value Python conversions: that was most of the exp
 
 from __future__ import annotations
 
-import importlib.abc
-import sys
-import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -23,7 +20,6 @@ from recarchive.store.tables import archive_ledger, recording_parties, recording
 
 __all__ = [
     "FETCH_ROWS",
-    "arrow_without_pandas",
     "parties_query",
     "party_batches",
     "recording_batches",
@@ -34,45 +30,6 @@ __all__ = [
 #: of rows is written page by page), so the same rows give the same bytes only at the same
 #: value: a change makes the next export rewrite every partition once.
 FETCH_ROWS = 5000
-
-
-class _RefusePandas(importlib.abc.MetaPathFinder):
-    """Makes ``import pandas`` fail, for the one import pyarrow tries (see below)."""
-
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
-        if fullname == "pandas" or fullname.startswith("pandas."):
-            raise ImportError("not imported by recarchive's export")
-
-
-_pandas_lookup_lock = threading.Lock()
-_pandas_lookup_done = False
-
-
-def arrow_without_pandas() -> None:
-    """Let pyarrow's Python conversions run without importing pandas, in this process.
-
-    ``pa.array`` of a Python sequence asks, once per process, whether pandas is importable,
-    and imports it if it is: 93 MB of RSS and 0.3 s of CPU (docs/benchmarks.md), which the
-    export never uses, in every process that exports (``archive``, ``export``, the flows) on
-    a machine that has pandas (the dev environment has, for the reader tests). This makes
-    that one lookup fail, so pyarrow remembers "no pandas" for its sequence conversions;
-    ``import pandas`` afterwards works as usual, and pyarrow's own pandas functions
-    (``Table.to_pandas``) look again and find it. When pandas is imported already, nothing is
-    done: it costs nothing more, and pyarrow keeps using it.
-    """
-    global _pandas_lookup_done  # once per process, by design of pyarrow's lookup
-    with _pandas_lookup_lock:
-        if _pandas_lookup_done or "pandas" in sys.modules:
-            return
-        finder = _RefusePandas()
-        sys.meta_path.insert(0, finder)
-        try:
-            # pyarrow's lookups, once each per process: the Python side's (any sequence) and
-            # the C++ converter's (when it first converts a value).
-            pa.array(["", None])
-        finally:
-            sys.meta_path.remove(finder)
-            _pandas_lookup_done = True
 
 
 def recordings_query(month: str) -> Select[Any]:

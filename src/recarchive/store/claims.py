@@ -19,7 +19,7 @@ from recarchive.errors import LedgerStateError
 from recarchive.model import LedgerState
 from recarchive.store.bulk import chunks, retry_conflicts
 from recarchive.store.engine import db_now, no_jit
-from recarchive.store.ledger import DEFAULT_STALE_AFTER, lease_unheld, state_among_listed
+from recarchive.store.ledger import DEFAULT_STALE_AFTER, lease_unheld, state_in_rows_by_key
 from recarchive.store.tables import archive_ledger
 
 __all__ = ["LedgerClaims"]
@@ -67,7 +67,7 @@ class LedgerClaims:
             for chunk in chunks(ids):
                 where = (
                     archive_ledger.c.recording_id.in_(chunk),
-                    state_among_listed(states),
+                    state_in_rows_by_key(states),
                     self._lease_free(owner, now),
                 )
                 if postgres:

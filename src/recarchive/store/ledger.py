@@ -34,7 +34,7 @@ __all__ = [
     "HEARTBEAT_SECONDS",
     "Ledger",
     "lease_unheld",
-    "state_among_listed",
+    "state_in_rows_by_key",
 ]
 
 #: IDs per insert batch when a run registers its whole input (one transaction).
@@ -140,14 +140,15 @@ def lease_unheld(
     )
 
 
-def state_among_listed(states: Collection[str]) -> ColumnElement[bool]:
-    """``state IN states``, for a statement that names its rows by ``recording_id``.
+def state_in_rows_by_key(states: Collection[str]) -> ColumnElement[bool]:
+    """``state IN states``, for a statement that finds its rows by ``recording_id``.
 
-    The state is compared as an expression (``state || ''``), not as the column, so the
-    database cannot use ``ix_archive_ledger_state_next_attempt`` for it and looks the listed
-    IDs up by primary key. Given the bare column, SQLite chose that index and read every row
-    of the state: a claim of a chunk of 500 IDs read all 1,000,000 ``pending`` rows of a
-    backfill, so each chunk cost more the larger the backfill (docs/benchmarks.md).
+    Those name their IDs (``recording_id IN (...)``) or page through them in key order
+    (``recording_id > ?``). The state is compared as an expression (``state || ''``), not as
+    the column, so the database cannot use ``ix_archive_ledger_state_next_attempt`` for it and
+    walks the primary key. Given the bare column, SQLite chose that index and read every row of
+    the state: a claim of a chunk of 500 IDs read all 1,000,000 ``pending`` rows of a backfill,
+    and each page of ``verify``'s walk sorted every archived row after it (docs/benchmarks.md).
     """
     return archive_ledger.c.state.concat("").in_(list(states))
 
@@ -392,7 +393,7 @@ class Ledger:
             query = (
                 select(*_LEDGER_COLUMNS)
                 .where(
-                    archive_ledger.c.state == LedgerState.ARCHIVED,
+                    state_in_rows_by_key([LedgerState.ARCHIVED.value]),
                     archive_ledger.c.recording_id > after,
                 )
                 .order_by(archive_ledger.c.recording_id)

@@ -17,7 +17,7 @@ from sqlalchemy import ColumnElement, Engine, and_, func, select, update
 from recarchive.model import LedgerState
 from recarchive.store.bulk import chunks
 from recarchive.store.engine import utc_now
-from recarchive.store.ledger import state_among_listed
+from recarchive.store.ledger import state_in_rows_by_key
 from recarchive.store.tables import archive_ledger
 
 __all__ = ["LOCK_COUNTS", "LedgerLocks"]
@@ -50,7 +50,7 @@ class LedgerLocks:
                     update(archive_ledger)
                     .where(
                         _ledger.recording_id.in_(chunk),
-                        state_among_listed([LedgerState.ARCHIVED.value]),
+                        state_in_rows_by_key([LedgerState.ARCHIVED.value]),
                     )
                     .values(legal_hold=on, legal_hold_at=now, updated_at=now)
                 )

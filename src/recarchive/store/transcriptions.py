@@ -24,7 +24,7 @@ from recarchive.model import LedgerState, TranscriptionState
 from recarchive.redaction import redact
 from recarchive.store.bulk import chunks, clip_error, dialect_insert, retry_conflicts
 from recarchive.store.engine import utc_now
-from recarchive.store.ledger import state_among_listed
+from recarchive.store.ledger import state_in_rows_by_key
 from recarchive.store.tables import archive_ledger, recordings, transcription_ledger
 
 __all__ = [
@@ -230,7 +230,7 @@ class TranscriptionLedger:
                     .join(recordings, recordings.c.id == ledger.recording_id)
                     .where(
                         ledger.recording_id.in_(chunk),
-                        state_among_listed([LedgerState.ARCHIVED.value]),
+                        state_in_rows_by_key([LedgerState.ARCHIVED.value]),
                         ledger.s3_key.is_not(None),
                     )
                 )
