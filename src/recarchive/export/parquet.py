@@ -281,7 +281,6 @@ def _write_file(
                 rows += full
                 pending = table.slice(full).to_batches()
                 pending_rows -= full
-                del table
         if pending_rows or rows == 0:
             writer.write_table(
                 pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP_ROWS

@@ -18,13 +18,7 @@ from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA, TIMESTAM
 from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
 from recarchive.store.tables import archive_ledger, recording_parties, recordings
 
-__all__ = [
-    "FETCH_ROWS",
-    "parties_query",
-    "party_batches",
-    "recording_batches",
-    "recordings_query",
-]
+__all__ = ["FETCH_ROWS", "parties_query", "party_batches", "recording_batches", "recordings_query"]
 
 #: Rows fetched from SQL per round trip. It also sets the page layout of the files (a chunk
 #: of rows is written page by page), so the same rows give the same bytes only at the same
