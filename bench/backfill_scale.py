@@ -14,7 +14,8 @@ SQLite). Then, each in a process of its own, on a fresh SQLite ledger of its own
    bench with ``PREFECT_API_URL`` set, so it reports to the test server), with the
    deployment's shared rate limiter (``RECARCHIVE_RATE_LIMIT_SHARED=true``, as ``prefect.yaml``
    sets it), its RSS sampled every ``--sample-seconds`` from ``/proc`` (the flow's process,
-   not the Prefect server's);
+   not the Prefect server's), pandas unimportable in it as in a production install (it is a
+   dev dependency; ``--dev-pandas`` lets the dev venv's pandas in);
 3. ``recarchive export --full`` of the flow's database, timed, with its peak RSS.
 
 Pacing is lifted (``RECARCHIVE_REQUESTS_PER_SECOND=100000``) in both runs. Prints the flow's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.abc
 import json
 import os
 import signal
@@ -98,8 +100,24 @@ def measure(command: list[str], env: dict[str, str], *, sample_seconds: float) -
     return Measured(seconds, usage.ru_maxrss / 1024, samples, text)
 
 
-def run_flow(manifest: str, parallel: int) -> None:
-    """Child mode: the ``backfill`` flow on ``manifest``, metadata only; print what it did."""
+class _NoPandas(importlib.abc.MetaPathFinder):
+    """``import pandas`` fails, as in a production install (pandas is a dev dependency only)."""
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        if fullname == "pandas" or fullname.startswith("pandas."):
+            raise ImportError("pandas is not installed in production (bench.backfill_scale)")
+
+
+def run_flow(manifest: str, parallel: int, *, dev_pandas: bool) -> None:
+    """Child mode: the ``backfill`` flow on ``manifest``, metadata only; print what it did.
+
+    Unless ``dev_pandas``, pandas cannot be imported in this process, as in an installation
+    without the dev dependencies (``uv tree --no-dev`` has no pandas): in the dev venv pyarrow
+    imports it at the export's first conversion (+93 MB, docs/benchmarks.md), which a
+    deployment's flow process never does.
+    """
+    if not dev_pandas:
+        sys.meta_path.insert(0, _NoPandas())
     import httpx
     from flows.backfill import backfill
     from prefect.settings import PREFECT_API_URL
@@ -125,6 +143,7 @@ def run_flow(manifest: str, parallel: int) -> None:
                 "state": state.name,
                 "counts": state.result(raise_on_failure=False),
                 "task_runs": answer.json(),
+                "pandas_imported": "pandas" in sys.modules,
             },
             default=str,
         ),
@@ -157,12 +176,17 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--parallel-chunks", type=int, default=2)
     parser.add_argument("--sample-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--dev-pandas",
+        action="store_true",
+        help="let the flow's process import pandas, as the dev venv allows (off: as in production)",
+    )
     parser.add_argument("--run-flow", metavar="MANIFEST", help=argparse.SUPPRESS)
     args = parser.parse_args()
     # A plain `kill` unwinds the context managers too: no server or worker is left behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.run_flow:
-        run_flow(args.run_flow, args.parallel_chunks)
+        run_flow(args.run_flow, args.parallel_chunks, dev_pandas=args.dev_pandas)
         return
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -214,6 +238,7 @@ def main() -> None:
                     str(manifest),
                     "--parallel-chunks",
                     str(args.parallel_chunks),
+                    *(["--dev-pandas"] if args.dev_pandas else []),
                 ],
                 flow_env,
                 sample_seconds=args.sample_seconds,
@@ -232,6 +257,10 @@ def main() -> None:
         f"{args.concurrency}, {args.parallel_chunks} chunks in parallel"
     )
     print(f"  flow state {result['state']}, counts {result['counts']}")
+    print(
+        f"  pandas importable in the flow's process: {args.dev_pandas} (production: False), "
+        f"imported: {result['pandas_imported']}"
+    )
     print(
         f"  flow process RSS: {len(flow.samples_mb)} samples every {args.sample_seconds:g} s, "
         f"first quarter {first:.0f} MB, last quarter {last:.0f} MB, peak {flow.peak_mb:.0f} MB "
