@@ -22,21 +22,22 @@ from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.tempfiles import EXPORT_SUFFIX, temp_prefix
 from tests.test_parquet import JULY, normalized
 
-# The child exports for real and SIGKILLs itself the moment the first partition's temp file is
-# whole: the worst moment, after the rows are on disk and before the file is put in place.
+# The child exports for real and SIGKILLs itself the moment the first partition's recordings
+# temp file is whole: the worst moment, after the rows are on disk and before the file is put
+# in place (the parties temp file, written side by side, is there too).
 CHILD = textwrap.dedent(
     """
     import os, signal, sys
     from recarchive.export import parquet
     from recarchive.store.engine import create_engine_for
 
-    real = parquet._write_file
+    real = parquet.PartitionFile.close
 
-    def write_then_die(*args, **kwargs):
-        real(*args, **kwargs)
+    def close_then_die(self):
+        real(self)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    parquet._write_file = write_then_die
+    parquet.PartitionFile.close = close_then_die
     parquet.export_changed(create_engine_for(sys.argv[1]), sys.argv[2])
     """
 )
@@ -60,10 +61,11 @@ def test_the_export_after_a_killed_one_removes_its_temp_file(
     )
     assert child.returncode == -signal.SIGKILL, child.stderr.decode(errors="replace")
     left = _temp_files(root)
-    assert len(left) == 1, left
-    assert pq.read_table(left[0]).num_rows == 5  # the rows are in it: this is what must go
+    assert len(left) == 2, left  # the recordings file, and its parties file being written
+    (whole,) = [path for path in left if path.parent.parent.name == "recordings"]
+    assert pq.read_table(whole).num_rows == 5  # the rows are in it: this is what must go
     # A live process's temp file (this test's own pid) must survive the sweep: the control.
-    live = left[0].with_name(f".{temp_prefix()}0{EXPORT_SUFFIX}")
+    live = whole.with_name(f".{temp_prefix()}0{EXPORT_SUFFIX}")
     live.write_bytes(b"in progress")
 
     with caplog.at_level(logging.WARNING, logger="recarchive"):

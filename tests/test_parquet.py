@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import Engine, select, text
 
 from recarchive.errors import InputError, StorageUnavailableError
-from recarchive.export import lock, parquet
+from recarchive.export import lock, parquet, partition_file
 from recarchive.export import rows as export_rows
 from recarchive.export.parquet import ExportReport, export_changed
 from recarchive.export.query import run_query
@@ -215,11 +215,14 @@ def test_failed_write_keeps_old_file_and_mark(
         [normalized(1, created=JULY, status="completed", updated=JULY + timedelta(hours=1))]
     )
 
-    def broken(*args: Any, **kwargs: Any) -> Iterator[pa.RecordBatch]:
-        yield pa.RecordBatch.from_pylist([], schema=RECORDINGS_SCHEMA)
+    def broken(*args: Any, **kwargs: Any) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
+        yield (
+            pa.RecordBatch.from_pylist([], schema=RECORDINGS_SCHEMA),
+            pa.RecordBatch.from_pylist([], schema=PARTIES_SCHEMA),
+        )
         raise OSError("disk full")
 
-    monkeypatch.setattr(parquet, "_recording_batches", broken)
+    monkeypatch.setattr(parquet, "partition_batches", broken)
     with pytest.raises(StorageUnavailableError, match="2025-07"):
         export_changed(sqlite_engine, str(root))
     assert part(root, "recordings", "2025-07").read_bytes() == old
@@ -239,9 +242,9 @@ def test_mark_survives_a_change_during_export(
     original = parquet._Target.write
     changed = {"done": False}
 
-    def write_and_change(self: Any, table: str, month: str, batches: Any, *hook: Any) -> int:
-        rows = original(self, table, month, batches, *hook)
-        if table == "recording_parties" and month == "2025-07" and not changed["done"]:
+    def write_and_change(self: Any, month: str, batches: Any, *hook: Any) -> int:
+        rows = original(self, month, batches, *hook)
+        if month == "2025-07" and not changed["done"]:
             changed["done"] = True
             # Another run stores a newer version while this export is still running.
             store.save_metadata(
@@ -273,7 +276,7 @@ def test_temp_files_are_invisible_to_readers(sqlite_engine: Engine, tmp_path: Pa
 def test_row_groups_are_bounded(
     sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(parquet, "ROW_GROUP_ROWS", 7)
+    monkeypatch.setattr(partition_file, "ROW_GROUP_ROWS", 7)
     monkeypatch.setattr(export_rows, "FETCH_ROWS", 3)
     store = ArchiveStore(sqlite_engine)
     store.save_metadata([normalized(i, created=JULY) for i in range(30)])
@@ -488,21 +491,19 @@ class PausedExport(ExportThread):
         self.release = threading.Event()
         original = parquet._Target.write
 
-        def write(
-            target: Any, table: str, month: str, batches: Iterator[pa.RecordBatch], *hook: Any
-        ) -> int:
+        def write(target: Any, month: str, batches: Iterator[Any], *hook: Any) -> int:
             pause = (
                 threading.current_thread() is self
-                and (table, month) == ("recordings", "2025-07")
+                and month == "2025-07"
                 and not self.snapshot_read.is_set()
             )
             if not pause:
-                return original(target, table, month, batches, *hook)
+                return original(target, month, batches, *hook)
             rows = list(batches)
             self.snapshot_read.set()
             if not self.release.wait(WAIT):
                 raise AssertionError("export A was never released")
-            return original(target, table, month, iter(rows), *hook)
+            return original(target, month, iter(rows), *hook)
 
         monkeypatch.setattr(parquet._Target, "write", write)
 
@@ -655,15 +656,13 @@ def test_in_memory_sqlite_exports_are_serialized_in_the_process(
         original = parquet._Target.write
         outcome: dict[str, BaseException | None] = {}
 
-        def write(
-            target: Any, table: str, month: str, batches: Iterator[pa.RecordBatch], *hook: Any
-        ) -> int:
+        def write(target: Any, month: str, batches: Iterator[Any], *hook: Any) -> int:
             if not outcome:
                 other = ExportThread("export-B", engine, tmp_path / "other", lock_timeout=0.3)
                 other.start()
                 other.join(WAIT)
                 outcome["error"] = other.error
-            return original(target, table, month, batches, *hook)
+            return original(target, month, batches, *hook)
 
         monkeypatch.setattr(parquet._Target, "write", write)
         report = export_changed(engine, str(tmp_path / "dataset"))

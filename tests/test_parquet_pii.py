@@ -387,18 +387,18 @@ def test_an_interrupted_mode_change_is_finished_by_the_next_export(
     archive(invoke, sim, "raw")
     root = tmp_path / "parquet"
     months = sorted({path.parent.name for path in files(root)})
-    real_write = parquet._Target.write
+    real_place = parquet._Target.place
     written: list[str] = []
 
-    def write_two_then_fail(self: Any, table: str, month: str, *args: Any) -> int:
+    def place_three_then_fail(self: Any, table: str, month: str, *args: Any) -> None:
         if len(written) == 3:  # the first month whole, the second's recordings file only
             raise OSError("disk full")
         written.append(f"{table}/{month}")
-        return real_write(self, table, month, *args)
+        real_place(self, table, month, *args)
 
-    monkeypatch.setattr(parquet._Target, "write", write_two_then_fail)
+    monkeypatch.setattr(parquet._Target, "place", place_three_then_fail)
     assert invoke("export", pii="hash", key=KEY).exit_code == 1
-    monkeypatch.setattr(parquet._Target, "write", real_write)
+    monkeypatch.setattr(parquet._Target, "place", real_place)
     done = {path: state for path, state in snapshot(root).items() if path.parent.name == months[0]}
     assert invoke("export", pii="hash", key=KEY).exit_code == 0
     assert {path: snapshot(root)[path] for path in done} == done  # the finished month is kept
@@ -517,7 +517,7 @@ def test_the_batch_path_equals_the_hash_of_each_value(key: bytes, values: list[s
         },
         schema=PARTIES_SCHEMA,
     )
-    (out,) = policy.apply("recording_parties", iter([batch]))
+    out = policy.batch("recording_parties", batch)
     expected = [None if value is None else pseudonym(key, value) for value in values]
     for name in PARTIES_SCHEMA.names:
         if name in PII_COLUMNS["recording_parties"]:

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, delete, select, update
 
 from recarchive.export.parquet import export_changed
 from recarchive.export.rows import parties_query, recordings_query
@@ -19,7 +19,7 @@ from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA
 from recarchive.normalize import normalize_recording
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.engine import create_engine_for, upgrade_database
-from recarchive.store.tables import export_partitions
+from recarchive.store.tables import export_partitions, recording_parties, recordings
 from tests.test_normalize import make_payload
 
 JULY = datetime(2025, 7, 10, 2, 10, 43, 130000, tzinfo=UTC)
@@ -120,6 +120,58 @@ def test_rows_equal_sqlalchemys_typed_rows(engine: Engine, tmp_path: Path) -> No
         for row in everything
         if row["ledger_state"] != "archived"
     )
+
+
+@pytest.mark.parametrize(
+    ("deleted", "blanked", "victim_rows"),
+    [
+        pytest.param(("receiver",), None, 3, id="no-receiver"),
+        pytest.param(("originator",), None, 3, id="no-originator"),
+        pytest.param(("originator", "receiver"), None, 0, id="no-party"),
+        pytest.param((), "originator", 6, id="originator-row-all-null"),
+    ],
+)
+def test_party_files_hold_exactly_the_party_rows(
+    engine: Engine,
+    tmp_path: Path,
+    deleted: tuple[str, ...],
+    blanked: str | None,
+    victim_rows: int,
+) -> None:
+    """The parties files, taken apart from the recordings query, equal the parties table's rows.
+
+    A missing party row gives no row (not one of NULLs), and a party row whose fields are all
+    NULL is still a row: the marker, not the fields, says which rows exist.
+    """
+    fill(engine)
+    victims = sorted(row.id for row in _recording_ids(engine))[3:6]
+    fields = {c.name: None for c in recording_parties.c if c.name not in ("recording_id", "role")}
+    of_victims = recording_parties.c.recording_id.in_(victims)
+    with engine.begin() as connection:
+        for role in deleted:
+            connection.execute(
+                delete(recording_parties).where(of_victims, recording_parties.c.role == role)
+            )
+        if blanked is not None:
+            connection.execute(
+                update(recording_parties)
+                .where(of_victims, recording_parties.c.role == blanked)
+                .values(fields)
+            )
+    export_changed(engine, str(tmp_path))
+    seen = 0
+    for month in MONTHS:
+        with engine.connect() as connection:
+            parties = [row._asdict() for row in connection.execute(parties_query(month))]
+        written = pq.read_table(part(tmp_path, "recording_parties", month))
+        assert written.equals(pa.Table.from_pylist(parties, schema=PARTIES_SCHEMA)), month
+        seen += sum(row["recording_id"] in victims for row in parties)
+    assert seen == victim_rows  # the change happened: the comparison above saw it
+
+
+def _recording_ids(engine: Engine) -> list[Any]:
+    with engine.connect() as connection:
+        return list(connection.execute(select(recordings.c.id)))
 
 
 def test_a_rerun_that_changed_nothing_writes_nothing(engine: Engine, tmp_path: Path) -> None:

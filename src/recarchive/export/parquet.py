@@ -42,9 +42,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from recarchive.errors import ConfigError, StorageUnavailableError
 from recarchive.export.lock import EXPORT_LOCK_TIMEOUT, export_lock
 from recarchive.export.pandas_lookup import arrow_without_pandas
+from recarchive.export.partition_file import PartitionFile
 from recarchive.export.pii import METADATA_KEY, RAW, PiiPolicy
-from recarchive.export.rows import party_batches as _party_batches
-from recarchive.export.rows import recording_batches as _recording_batches
+from recarchive.export.rows import partition_batches
 from recarchive.export.schema import (
     FILE_NAME,
     TABLE_SCHEMAS,
@@ -54,12 +54,6 @@ from recarchive.tempfiles import EXPORT_SUFFIX, remove_orphan_temp_files, temp_p
 
 logger = logging.getLogger(__name__)
 
-#: Rows per Parquet row group. A row group waits whole in memory before it is written (about
-#: 22 MB of Arrow data for ``recordings``, and the encoder's buffers again while it is written),
-#: so this bounds the export's memory whatever a partition's size: at 128k rows the export of
-#: 1M recordings peaked at 393 MB, at 32k at ~270 MB (docs/benchmarks.md). Row groups of ~2 MB
-#: compressed are still whole reads for DuckDB and Athena, and give finer min/max skipping.
-ROW_GROUP_ROWS = 32 * 1024
 #: A temp file of the naming before the owner was in it (see :meth:`_Target.sweep`).
 _LEGACY_TEMP = re.compile(rf"\.{re.escape(FILE_NAME)}\.[0-9a-f]{{32}}\.tmp")
 #: A partition folder's name.
@@ -146,12 +140,52 @@ class _Target:
 
     def write(
         self,
-        table: str,
         month: str,
-        batches: Iterator[pa.RecordBatch],
+        batches: Iterator[tuple[pa.RecordBatch, pa.RecordBatch]],
         before_replace: Callable[[], None] = lambda: None,
     ) -> int:
-        """Write one partition file whole; with no rows, remove the partition instead.
+        """Write the partition's two files whole; return its ``recordings`` rows.
+
+        ``batches`` are ``(recordings, recording_parties)`` pairs of one query
+        (:func:`~recarchive.export.rows.partition_batches`): both files are written side by
+        side to temp files, then each is put in place by :meth:`place`.
+        """
+        temps: dict[str, Path] = {}
+        writers: dict[str, PartitionFile] = {}
+        try:
+            for table, schema in TABLE_SCHEMAS.items():
+                folder = self.folder(table, month)
+                if self.s3 is None:
+                    Path(folder).mkdir(parents=True, exist_ok=True)
+                    temp_dir = folder
+                else:
+                    temp_dir = tempfile.gettempdir()
+                # Not ending in .parquet, and hidden: readers globbing *.parquet, and pyarrow's
+                # dataset discovery (which skips "."), never see a file being written. Named
+                # after this process, so the export after a killed one removes what it left
+                # (:meth:`sweep`).
+                temps[table] = temp = (
+                    Path(temp_dir) / f".{temp_prefix()}{uuid.uuid4().hex}{EXPORT_SUFFIX}"
+                )
+                writers[table] = PartitionFile(temp, schema, self.tag)
+            recordings, parties = writers.values()
+            for recording_batch, party_batch in batches:
+                recordings.add(recording_batch)
+                parties.add(party_batch)
+            counts = {table: writer.close() for table, writer in writers.items()}
+            for table, rows in counts.items():
+                self.place(table, month, temps[table], rows, before_replace)
+            return counts["recordings"]
+        finally:
+            for writer in writers.values():
+                writer.abort()
+            for temp in temps.values():
+                temp.unlink(missing_ok=True)
+
+    def place(
+        self, table: str, month: str, temp: Path, rows: int, before_replace: Callable[[], None]
+    ) -> None:
+        """Put the finished ``temp`` file of ``rows`` rows in place (none: remove the partition).
 
         ``before_replace`` runs just before the visible file changes (the export lock's
         check: an export that lost its lock must not replace a newer export's file). A file
@@ -161,38 +195,24 @@ class _Target:
         is the same as replacing it.
         """
         folder = self.folder(table, month)
-        if self.s3 is None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            temp_dir = folder
-        else:
-            temp_dir = tempfile.gettempdir()
-        # Not ending in .parquet, and hidden: readers globbing *.parquet, and pyarrow's
-        # dataset discovery (which skips "."), never see a file being written. Named after this
-        # process, so the export after a killed one removes what it left (:meth:`sweep`).
-        temp = Path(temp_dir) / f".{temp_prefix()}{uuid.uuid4().hex}{EXPORT_SUFFIX}"
-        try:
-            rows = _write_file(temp, TABLE_SCHEMAS[table], batches, self.tag)
-            before_replace()
-            if rows == 0:
-                if not self._exists(f"{folder}/{FILE_NAME}"):
-                    self.unchanged.add((table, month))
-                self._remove_partition(folder)  # the folder made above for the temp file too
-                return 0
-            if self._holds(f"{folder}/{FILE_NAME}", temp):
+        before_replace()
+        if rows == 0:
+            if not self._exists(f"{folder}/{FILE_NAME}"):
                 self.unchanged.add((table, month))
-                return rows
-            if self.s3 is None:
-                temp.replace(Path(folder) / FILE_NAME)  # atomic (os.replace)
-                _fsync_dir(Path(folder))
-            else:
-                with (
-                    temp.open("rb") as source,
-                    self.s3.open_output_stream(f"{folder}/{FILE_NAME}") as sink,
-                ):
-                    shutil.copyfileobj(source, sink, 1024 * 1024)
-            return rows
-        finally:
-            temp.unlink(missing_ok=True)
+            self._remove_partition(folder)  # the folder made for the temp file too
+            return
+        if self._holds(f"{folder}/{FILE_NAME}", temp):
+            self.unchanged.add((table, month))
+            return
+        if self.s3 is None:
+            temp.replace(Path(folder) / FILE_NAME)  # atomic (os.replace)
+            _fsync_dir(Path(folder))
+        else:
+            with (
+                temp.open("rb") as source,
+                self.s3.open_output_stream(f"{folder}/{FILE_NAME}") as sink,
+            ):
+                shutil.copyfileobj(source, sink, 1024 * 1024)
 
     def stale(self) -> set[str]:
         """Months with a partition file in place written under another PII policy.
@@ -257,38 +277,6 @@ class _Target:
             return
         with contextlib.suppress(FileNotFoundError, OSError):
             self.s3.delete_dir(folder)
-
-
-def _write_file(
-    path: Path, schema: pa.Schema, batches: Iterator[pa.RecordBatch], tag: str | None
-) -> int:
-    # Row groups of exactly ROW_GROUP_ROWS rows (the last one smaller): the batches of a fetch
-    # wait in memory until a row group is full, so that is the export's working set.
-    rows = 0
-    pending: list[pa.RecordBatch] = []
-    pending_rows = 0
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
-        if tag is not None:
-            # File metadata, not the Arrow schema's: readers see the same schema in every mode.
-            writer.add_key_value_metadata({METADATA_KEY: tag})
-        for batch in batches:
-            pending.append(batch)
-            pending_rows += batch.num_rows
-            if pending_rows >= ROW_GROUP_ROWS:
-                table = pa.Table.from_batches(pending, schema)
-                full = pending_rows - pending_rows % ROW_GROUP_ROWS
-                writer.write_table(table.slice(0, full), row_group_size=ROW_GROUP_ROWS)
-                rows += full
-                pending = table.slice(full).to_batches()
-                pending_rows -= full
-        if pending_rows or rows == 0:
-            writer.write_table(
-                pa.Table.from_batches(pending, schema), row_group_size=ROW_GROUP_ROWS
-            )
-            rows += pending_rows
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-    return rows
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -408,10 +396,11 @@ def export_changed(
             still_locked()
             try:
                 with engine.connect().execution_options(recarchive_read_only=True) as connection:
-                    recordings = pii.apply("recordings", _recording_batches(connection, month))
-                    rows = target.write("recordings", month, recordings, still_locked)
-                    parties = pii.apply("recording_parties", _party_batches(connection, month))
-                    target.write("recording_parties", month, parties, still_locked)
+                    batches = (
+                        (pii.batch("recordings", recs), pii.batch("recording_parties", parties))
+                        for recs, parties in partition_batches(connection, month)
+                    )
+                    rows = target.write(month, batches, still_locked)
                     connection.rollback()
                 # The lock may have been lost between the check and the replace: then this
                 # (perhaps older) file may have replaced a newer export's, so the month is

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Final
 
 import pyarrow as pa
@@ -154,15 +154,10 @@ class PiiPolicy:
         key_id = hmac.digest(self._key, _KEY_ID_LABEL, _DIGEST).hex()[:_KEY_ID_CHARS]
         return f"hash:hmac-{_DIGEST}:{key_id}"
 
-    def apply(self, table: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        """``batches`` of ``table`` with their PII columns hashed or nulled (``raw``: as is)."""
+    def batch(self, table: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``batch`` of ``table`` with its PII columns hashed or nulled (``raw``: as is)."""
         if self.mode == "raw":
-            yield from batches
-            return
-        for batch in batches:
-            yield self._batch(table, batch)
-
-    def _batch(self, table: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+            return batch
         indexes = [batch.schema.get_field_index(name) for name in PII_COLUMNS[table]]
         columns = list(batch.columns)
         rows = batch.num_rows

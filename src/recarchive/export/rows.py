@@ -1,8 +1,11 @@
 """The rows of one partition, read from SQL in bulk, as Arrow record batches.
 
-:mod:`recarchive.export.parquet` writes them. The rows come from the DB-API cursor in chunks
-of :data:`FETCH_ROWS` and become Arrow arrays in C++ (one struct array per chunk, cast
-column-wise), not through per-value Python conversions: that was most of the export's time.
+:mod:`recarchive.export.parquet` writes them. One query per partition gives both files' rows:
+each recording with its parties as columns (``recordings``), from which the ``recording_parties``
+rows are taken apart in Arrow, so the parties are read once, not by a second query (that one
+cost a third of the export's time), and the two files of a partition show one snapshot. The
+rows come from the DB-API cursor in chunks of :data:`FETCH_ROWS` and become Arrow arrays in C++
+(one struct array per chunk, cast column-wise), not through per-value Python conversions.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import Connection, Select, and_, select
@@ -18,7 +22,7 @@ from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA, TIMESTAM
 from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
 from recarchive.store.tables import archive_ledger, recording_parties, recordings
 
-__all__ = ["FETCH_ROWS", "parties_query", "party_batches", "recording_batches", "recordings_query"]
+__all__ = ["FETCH_ROWS", "parties_query", "partition_batches", "recordings_query"]
 
 #: Rows fetched from SQL per round trip. It also sets the page layout of the files (a chunk
 #: of rows is written page by page), so the same rows give the same bytes only at the same
@@ -27,7 +31,11 @@ FETCH_ROWS = 5000
 
 
 def recordings_query(month: str) -> Select[Any]:
-    """The ``recordings`` rows of ``month`` with their parties and ledger columns, by id."""
+    """The ``recordings`` rows of ``month`` with their parties and ledger columns, by id.
+
+    Each role's party comes as its fields and a ``{role}_role`` column: the role where the
+    recording has that party's row, NULL where it has none (its fields may all be NULL too).
+    """
     parties = {role: recording_parties.alias(role) for role in PARTY_ROLES}
     joined: Any = recordings
     for role, alias in parties.items():
@@ -49,6 +57,7 @@ def recordings_query(month: str) -> Select[Any]:
         archive_ledger.c.archived_at,
         archive_ledger.c.state,
     ]
+    columns += [parties[role].c.role.label(f"{role}_role") for role in PARTY_ROLES]
     return (
         select(*columns)
         .select_from(joined)
@@ -58,7 +67,11 @@ def recordings_query(month: str) -> Select[Any]:
 
 
 def parties_query(month: str) -> Select[Any]:
-    """The ``recording_parties`` rows of ``month``'s recordings, by recording id and role."""
+    """The ``recording_parties`` rows of ``month``'s recordings, by recording id and role.
+
+    What a partition's ``recording_parties`` file holds; the export takes those rows from
+    :func:`recordings_query`'s instead (:func:`partition_batches`), the tests compare with this.
+    """
     columns = [recording_parties.c[name] for name in PARTIES_SCHEMA.names]
     return (
         select(*columns)
@@ -92,23 +105,23 @@ def _raw_partitions(connection: Connection, query: Select[Any]) -> Iterator[Sequ
         yield [tuple(row) for row in rows]
 
 
-def recording_batches(connection: Connection, month: str) -> Iterator[pa.RecordBatch]:
-    """Record batches of :data:`RECORDINGS_SCHEMA` for ``month``, in id order."""
+def partition_batches(
+    connection: Connection, month: str
+) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
+    """Record batches of ``month``'s two files, in pairs, from one query.
+
+    Each pair: ``recordings`` rows (:data:`RECORDINGS_SCHEMA`, in id order) and the same
+    recordings' ``recording_parties`` rows (:data:`PARTIES_SCHEMA`, by recording id and role).
+    """
     sqlite = connection.dialect.name == "sqlite"
     for rows in _raw_partitions(connection, recordings_query(month)):
-        yield _with_media_columns(_batch(rows, _RECORDINGS_SQL_SCHEMA, sqlite))
+        batch = _batch(rows, _RECORDINGS_SQL_SCHEMA, sqlite)
+        yield _with_media_columns(batch), _parties_of(batch)
 
 
-def party_batches(connection: Connection, month: str) -> Iterator[pa.RecordBatch]:
-    """Record batches of :data:`PARTIES_SCHEMA` for ``month``, by recording id and role."""
-    sqlite = connection.dialect.name == "sqlite"
-    for rows in _raw_partitions(connection, parties_query(month)):
-        yield _batch(rows, PARTIES_SCHEMA, sqlite)
-
-
-#: The columns of :func:`_recordings_query` as they come from SQL: the recordings columns up to
+#: The columns of :func:`recordings_query` as they come from SQL: the recordings columns up to
 #: the party columns, then the ledger's, which :func:`_with_media_columns` turns into the
-#: media columns of :data:`RECORDINGS_SCHEMA`.
+#: media columns of :data:`RECORDINGS_SCHEMA`, then each role's marker (:func:`_parties_of`).
 _RECORDINGS_SQL_SCHEMA = pa.schema(
     [
         *list(RECORDINGS_SCHEMA)[: RECORDINGS_SCHEMA.get_field_index("media_s3_uri")],
@@ -118,8 +131,14 @@ _RECORDINGS_SQL_SCHEMA = pa.schema(
         pa.field("size_bytes", pa.int64()),
         pa.field("archived_at", TIMESTAMP),
         pa.field("state", pa.string()),
+        *(pa.field(f"{role}_role", pa.string()) for role in PARTY_ROLES),
     ]
 )
+#: Columns after the ledger's in :data:`_RECORDINGS_SQL_SCHEMA`: the roles' markers.
+_MARKERS = len(PARTY_ROLES)
+# The parties file is sorted by role within a recording, as parties_query's ORDER BY sorts:
+# _parties_of puts them in PARTY_ROLES's order.
+assert list(PARTY_ROLES) == sorted(PARTY_ROLES)
 
 
 def _driver_type(kind: pa.DataType, sqlite: bool) -> pa.DataType:
@@ -153,7 +172,8 @@ def _batch(rows: Sequence[Any], schema: pa.Schema, sqlite: bool) -> pa.RecordBat
 
 def _with_media_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
     """Turn the ledger columns into the media columns: set only for ``archived`` rows."""
-    bucket, key, sha256, size, archived_at, state = batch.columns[-6:]
+    ledger = batch.columns[: len(batch.columns) - _MARKERS]
+    bucket, key, sha256, size, archived_at, state = ledger[-6:]
     archived = pc.fill_null(pc.equal(state, LedgerState.ARCHIVED.value), False)
     located = pc.and_(
         archived,
@@ -164,7 +184,7 @@ def _with_media_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
     )
     uri = pc.binary_join_element_wise("s3://", bucket, "/", key, "")
     columns = [
-        *batch.columns[:-6],
+        *ledger[:-6],
         pc.if_else(located, uri, pa.scalar(None, pa.string())),
         *(
             pc.if_else(archived, values, pa.scalar(None, values.type))
@@ -173,3 +193,27 @@ def _with_media_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
         state,
     ]
     return pa.RecordBatch.from_arrays(columns, schema=RECORDINGS_SCHEMA)
+
+
+def _parties_of(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The ``recording_parties`` rows of ``batch``'s recordings, by recording and role.
+
+    Each role's party columns, on the rows where that role's marker says the party row exists.
+    """
+    recordings = batch.num_rows
+    roles = [batch.column(f"{role}_role") for role in PARTY_ROLES]
+    # Row i of role r is row r * recordings + i of the roles' columns end to end; taken in the
+    # order (recording, role), keeping the rows that exist.
+    order = np.arange(len(roles) * recordings).reshape(len(roles), recordings).T.ravel()
+    exists = np.concatenate([role.is_valid().to_numpy(zero_copy_only=False) for role in roles])
+    taken = pa.array(order[exists[order]], type=pa.int64())
+    ids = batch.column("id")
+    columns = [
+        pa.concat_arrays([ids] * len(roles)).take(taken),
+        pa.concat_arrays(roles).take(taken),
+    ]
+    columns += [
+        pa.concat_arrays([batch.column(f"{role}_{name}") for role in PARTY_ROLES]).take(taken)
+        for name in PARTY_FIELDS
+    ]
+    return pa.RecordBatch.from_arrays(columns, schema=PARTIES_SCHEMA)
