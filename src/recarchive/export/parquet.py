@@ -49,6 +49,7 @@ from recarchive.export.schema import (
     FILE_NAME,
     TABLE_SCHEMAS,
 )
+from recarchive.export.sqlite_stream import StreamFailed
 from recarchive.store.partitions import due_partitions, mark_partitions, record_exported
 from recarchive.tempfiles import EXPORT_SUFFIX, remove_orphan_temp_files, temp_prefix
 
@@ -330,6 +331,25 @@ def partition_files(root: str, *, s3_endpoint_url: str | None = None) -> int:
     )
 
 
+def _export_partition(
+    engine: Engine,
+    target: _Target,
+    month: str,
+    pii: PiiPolicy,
+    still_locked: Callable[[], None],
+    child_reader: bool,
+) -> int:
+    """Write ``month``'s two files from SQL; return its recordings rows."""
+    with engine.connect().execution_options(recarchive_read_only=True) as connection:
+        batches = (
+            (pii.batch("recordings", recs), pii.batch("recording_parties", parties))
+            for recs, parties in partition_batches(connection, month, child_reader=child_reader)
+        )
+        rows = target.write(month, batches, still_locked)
+        connection.rollback()
+    return rows
+
+
 def export_changed(
     engine: Engine,
     root: str,
@@ -395,13 +415,15 @@ def export_changed(
         for month, version in due.items():
             still_locked()
             try:
-                with engine.connect().execution_options(recarchive_read_only=True) as connection:
-                    batches = (
-                        (pii.batch("recordings", recs), pii.batch("recording_parties", parties))
-                        for recs, parties in partition_batches(connection, month)
+                try:
+                    rows = _export_partition(engine, target, month, pii, still_locked, True)
+                except StreamFailed as exc:
+                    logger.warning(
+                        "partition %s: %s; reading it through the database driver instead",
+                        month,
+                        exc,
                     )
-                    rows = target.write(month, batches, still_locked)
-                    connection.rollback()
+                    rows = _export_partition(engine, target, month, pii, still_locked, False)
                 # The lock may have been lost between the check and the replace: then this
                 # (perhaps older) file may have replaced a newer export's, so the month is
                 # marked changed again and the next export rewrites it.

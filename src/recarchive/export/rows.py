@@ -10,24 +10,37 @@ rows come from the DB-API cursor in chunks of :data:`FETCH_ROWS` and become Arro
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Select, and_, select
+from sqlalchemy import Connection, Select, and_, func, select
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from recarchive.export import sqlite_stream
 from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA, TIMESTAMP
 from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
+from recarchive.store.engine import read_only_sqlite_uri
 from recarchive.store.tables import archive_ledger, recording_parties, recordings
 
-__all__ = ["FETCH_ROWS", "parties_query", "partition_batches", "recordings_query"]
+__all__ = [
+    "CHILD_READER_ROWS",
+    "FETCH_ROWS",
+    "parties_query",
+    "partition_batches",
+    "recordings_query",
+]
 
 #: Rows fetched from SQL per round trip. It also sets the page layout of the files (a chunk
 #: of rows is written page by page), so the same rows give the same bytes only at the same
 #: value: a change makes the next export rewrite every partition once.
 FETCH_ROWS = 5000
+#: Recordings of a SQLite partition from which the child reader reads it. A child costs ~0.45 s
+#: of CPU to start (Python, pyarrow) and then ~13 µs per recording, where the driver's path
+#: costs ~33 µs (docs/benchmarks.md): below ~20,000 the driver's path is the cheaper one.
+CHILD_READER_ROWS = 20_000
 
 
 def recordings_query(month: str) -> Select[Any]:
@@ -106,17 +119,81 @@ def _raw_partitions(connection: Connection, query: Select[Any]) -> Iterator[Sequ
 
 
 def partition_batches(
-    connection: Connection, month: str
-) -> Iterator[tuple[pa.RecordBatch, pa.RecordBatch]]:
+    connection: Connection, month: str, *, child_reader: bool = True
+) -> Generator[tuple[pa.RecordBatch, pa.RecordBatch], None, None]:
     """Record batches of ``month``'s two files, in pairs, from one query.
 
     Each pair: ``recordings`` rows (:data:`RECORDINGS_SCHEMA`, in id order) and the same
     recordings' ``recording_parties`` rows (:data:`PARTIES_SCHEMA`, by recording id and role).
+
+    On a SQLite file, with ``child_reader`` and the ADBC driver installed, a partition of at
+    least :data:`CHILD_READER_ROWS` recordings is read by a child process
+    (:mod:`recarchive.export.sqlite_stream`) in a transaction of its own, not
+    ``connection``'s; otherwise through ``connection``'s driver.
+
+    Raises:
+        StreamFailed: The child's rows could not be read or did not check out: the batches
+            yielded so far must be thrown away (read again with ``child_reader=False``).
     """
+    uri = _child_reader_uri(connection, month) if child_reader else None
+    if uri is not None:
+        for batch in _streamed(uri, month):
+            yield _with_media_columns(batch), _parties_of(batch)
+        return
     sqlite = connection.dialect.name == "sqlite"
     for rows in _raw_partitions(connection, recordings_query(month)):
         batch = _batch(rows, _RECORDINGS_SQL_SCHEMA, sqlite)
         yield _with_media_columns(batch), _parties_of(batch)
+
+
+def _child_reader_uri(connection: Connection, month: str) -> str | None:
+    """The read-only URI the child reader opens, or ``None`` where it is not used."""
+    if connection.dialect.name != "sqlite" or not sqlite_stream.available():
+        return None
+    uri = read_only_sqlite_uri(connection.engine.url.database or "")
+    if uri is None:
+        return None
+    counted = select(func.count()).select_from(recordings)
+    rows = connection.execute(counted.where(recordings.c.created_month == month)).scalar_one()
+    return uri if rows >= CHILD_READER_ROWS else None
+
+
+def _streamed(uri: str, month: str) -> Iterator[pa.RecordBatch]:
+    """``month``'s rows of :data:`_RECORDINGS_SQL_SCHEMA`, read by the child reader."""
+    # Values rendered into the SQL text (the roles and the month, quoted by SQLAlchemy).
+    literal = {"literal_binds": True}
+    sql = str(recordings_query(month).compile(dialect=_SQLITE, compile_kwargs=literal))
+    counted = select(func.count()).select_from(recordings)
+    count_sql = counted.where(recordings.c.created_month == month).compile(
+        dialect=_SQLITE, compile_kwargs=literal
+    )
+    sql = sqlite_stream.sentinel_sql(sql, _SQLITE_DRIVER_SCHEMA)
+    streamed = sqlite_stream.stream(uri, sql, str(count_sql), batch_rows=FETCH_ROWS)
+    for batch in _rebatched(streamed, FETCH_ROWS):
+        yield pa.RecordBatch.from_arrays(
+            _cast(batch.columns, _RECORDINGS_SQL_SCHEMA), schema=_RECORDINGS_SQL_SCHEMA
+        )
+
+
+def _rebatched(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
+    """``batches`` cut again into batches of exactly ``size`` rows (the last one smaller).
+
+    The child's first batch lacks its sentinel row; batches of the driver path's size keep the
+    files byte for byte the same whichever path read them (the parties files' pages differ
+    otherwise).
+    """
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        pending.append(batch)
+        rows += batch.num_rows
+        while rows >= size:
+            table = pa.Table.from_batches(pending).combine_chunks()
+            yield table.slice(0, size).to_batches()[0]
+            rest = table.slice(size)
+            pending, rows = ([*rest.to_batches()] if rest.num_rows else []), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
 #: The columns of :func:`recordings_query` as they come from SQL: the recordings columns up to
@@ -134,6 +211,14 @@ _RECORDINGS_SQL_SCHEMA = pa.schema(
         *(pa.field(f"{role}_role", pa.string()) for role in PARTY_ROLES),
     ]
 )
+#: The types the child reader's driver gives those columns (text, integers, reals).
+_SQLITE_DRIVER_SCHEMA = pa.schema(
+    [
+        pa.field(item.name, pa.int64() if item.type == pa.bool_() else item.type)
+        for item in _RECORDINGS_SQL_SCHEMA
+    ]
+)
+_SQLITE = sqlite_dialect.dialect(paramstyle="qmark")
 #: Columns after the ledger's in :data:`_RECORDINGS_SQL_SCHEMA`: the roles' markers.
 _MARKERS = len(PARTY_ROLES)
 # The parties file is sorted by role within a recording, as parties_query's ORDER BY sorts:
@@ -159,15 +244,19 @@ def _batch(rows: Sequence[Any], schema: pa.Schema, sqlite: bool) -> pa.RecordBat
     """
     driver = pa.struct([pa.field(item.name, _driver_type(item.type, sqlite)) for item in schema])
     fields = pa.array(rows, type=driver, from_pandas=False).flatten()
-    arrays = [
+    return pa.RecordBatch.from_arrays(_cast(fields, schema), schema=schema)
+
+
+def _cast(arrays: Sequence[pa.Array], schema: pa.Schema) -> list[pa.Array]:
+    """``arrays`` cast column-wise to ``schema``'s types where the driver's type differs."""
+    return [
         values
         if values.type == item.type
         else values.cast(pa.timestamp("us")).cast(item.type)
         if item.type == TIMESTAMP
         else values.cast(item.type)
-        for values, item in zip(fields, schema, strict=True)
+        for values, item in zip(arrays, schema, strict=True)
     ]
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
 def _with_media_columns(batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -27,6 +27,7 @@ __all__ = [
     "db_now",
     "no_jit",
     "open_read_only",
+    "read_only_sqlite_uri",
     "schema_revision",
     "upgrade_database",
     "utc_now",
@@ -163,7 +164,7 @@ def open_read_only(url: str) -> Engine | None:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        uri = _read_only_sqlite_uri(parsed.database or "")
+        uri = read_only_sqlite_uri(parsed.database or "")
         if uri is None:
             return None  # no database yet (or one that never persists): every ID is new
         engine = create_engine(
@@ -189,7 +190,7 @@ def open_read_only(url: str) -> Engine | None:
     raise ValueError(f"unsupported database backend {backend!r}: use sqlite or postgresql")
 
 
-def _read_only_sqlite_uri(database: str) -> str | None:
+def read_only_sqlite_uri(database: str) -> str | None:
     """The read-only ``file:`` URI of a SQLite database path or URI; ``None`` if it has no file.
 
     ``mode=ro``: the file itself is never written. SQLite may create the -wal and -shm side

@@ -1,0 +1,212 @@
+"""A query's rows read from a SQLite file by a child process, as an Arrow stream (ADBC).
+
+The export's fast path on SQLite (:func:`recarchive.export.rows.partition_batches`). ADBC's
+SQLite driver (``adbc-driver-sqlite``) builds the rows' Arrow arrays in C: reading a partition
+of 100,000 recordings costs ~1.3 s of CPU, against ~3.3 s through ``sqlite3``'s row tuples and
+their conversion (docs/benchmarks.md); and the child reads while the export's process encodes
+the Parquet files, on another core.
+
+**Why a child process.** The driver carries its own copy of SQLite, linked in statically. Two
+copies of SQLite in one process break each other's locks: POSIX advisory locks belong to the
+process, so when one copy closes a file descriptor of the database (or of its ``-shm`` file),
+every lock the *other* copy holds on that file is gone too, and another process may then
+write, or reset the WAL index, under it (https://www.sqlite.org/howtocorrupt.html, 2.2.1).
+The export runs in processes that write the same database (``archive``, the flows), so the
+driver runs where nothing else opens it: a child that never imports Python's ``sqlite3``
+(:func:`main` refuses to run if it is loaded), on a read-only URI.
+
+**Why a sentinel row.** The driver infers each column's type from its first batch: a column
+that is all NULL there becomes ``int64``, and a later string then fails the read; with 1.13.0
+some batch sizes even dropped rows silently. So the child reads the query behind one first
+row that holds a value of each column's own type, and the parent drops it. The parent then
+checks what it got: the sentinel first, the IDs strictly ascending, and as many rows as the
+count the child read in the same transaction (one snapshot). Any doubt raises
+:class:`StreamFailed`, and the export reads that partition the slow way instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import IO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recarchive.errors import RecarchiveError
+
+__all__ = ["StreamFailed", "available", "sentinel_sql", "stream"]
+
+#: The schema metadata key of the stream that carries the child's row count.
+_ROWS_KEY = b"recarchive.rows"
+#: The first value of the ID column: the sentinel row's (no recording has an empty ID).
+_SENTINEL_ID = ""
+#: Lines of the child's stderr kept for an error message.
+_STDERR_BYTES = 2000
+
+
+class StreamFailed(RecarchiveError):
+    """The child's stream could not be read or did not check out (the caller reads otherwise)."""
+
+
+def available() -> bool:
+    """Whether the ADBC SQLite driver is installed (a user may run without it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("adbc_driver_sqlite") is not None
+
+
+def sentinel_sql(sql: str, schema: pa.Schema) -> str:
+    """``sql``'s rows behind one first row with a value of each column's type (``schema``'s).
+
+    Text and timestamps (text in SQLite) get ``''``, floats ``0.0``, integers and booleans
+    ``0``. ``sql`` must name the ID column first; its sentinel value is ``''``.
+    """
+    values = []
+    for field in schema:
+        if pa.types.is_floating(field.type):
+            values.append("0.0")
+        elif pa.types.is_integer(field.type) or pa.types.is_boolean(field.type):
+            values.append("0")
+        else:
+            values.append("''")
+    columns = ", ".join(
+        f'{value} AS "{field.name}"' for value, field in zip(values, schema, strict=True)
+    )
+    # Our own compiled query and schema names, no value of any row: nothing to inject.
+    return f"SELECT {columns} UNION ALL SELECT * FROM ({sql})"  # noqa: S608
+
+
+def stream(uri: str, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """The rows of ``sql`` (made by :func:`sentinel_sql`), read by a child, sentinel dropped.
+
+    Args:
+        uri: Read-only ``file:`` URI of the database.
+        sql: The query, its sentinel row first, its values in its text (no parameters).
+        count_sql: A query of the number of rows ``sql`` gives (without the sentinel), read in
+            the same transaction.
+        batch_rows: Rows per batch.
+
+    Yields:
+        Record batches with the driver's types (text, ``int64``, ``double``), in order.
+
+    Raises:
+        StreamFailed: The child failed, or its rows did not check out; nothing it yielded
+            before may be used.
+    """
+    request = json.dumps({"uri": uri, "sql": sql, "count_sql": count_sql, "rows": batch_rows})
+    child = subprocess.Popen(
+        [sys.executable, "-m", __name__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    finished = False
+    try:
+        with child.stdin:
+            child.stdin.write(request.encode())
+        yield from _checked(child.stdout)
+        finished = True
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise StreamFailed(_failure(child, exc)) from exc
+    finally:
+        if not finished:
+            child.kill()
+        with contextlib.suppress(OSError):
+            child.stdout.close()
+        errors = child.stderr.read()[-_STDERR_BYTES:]
+        child.stderr.close()
+        code = child.wait()
+    if code != 0:
+        raise StreamFailed(f"the SQLite reader exited with {code}: {_last_line(errors)}")
+
+
+def _checked(source: IO[bytes]) -> Iterator[pa.RecordBatch]:
+    reader = pa.ipc.open_stream(source)
+    expected = int((reader.schema.metadata or {}).get(_ROWS_KEY, b"-1"))
+    rows = 0
+    last: pa.Scalar | None = None
+    first = True
+    for batch in reader:
+        if first:
+            ids = batch.column(0)
+            if batch.num_rows == 0 or ids[0].as_py() != _SENTINEL_ID:
+                raise StreamFailed("the SQLite reader's stream did not start with its sentinel")
+            batch = batch.slice(1)
+            first = False
+        if batch.num_rows == 0:
+            continue
+        ids = batch.column(0)
+        ordered = pc.all(pc.less(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py()
+        if ordered is False or (last is not None and not last.as_py() < ids[0].as_py()):
+            raise StreamFailed("the SQLite reader's rows were not in ID order")
+        last = ids[len(ids) - 1]
+        rows += batch.num_rows
+        yield batch.replace_schema_metadata(None)
+    if first or rows != expected:
+        raise StreamFailed(f"the SQLite reader gave {rows} rows where SQL counted {expected}")
+
+
+def _failure(child: subprocess.Popen[bytes], exc: BaseException) -> str:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        child.wait(5)
+    return f"the SQLite reader failed ({type(exc).__name__}: {exc})"
+
+
+def _last_line(errors: bytes) -> str:
+    lines = errors.decode(errors="replace").strip().splitlines()
+    return lines[-1][:300] if lines else "no message"
+
+
+# --- the child ------------------------------------------------------------------------------
+
+
+def main() -> None:
+    """The child: read the request on stdin, write the Arrow stream on stdout."""
+    request = json.loads(sys.stdin.read())
+    # The driver manager's low-level API: its DB-API module imports pyarrow.dataset and, where
+    # installed, pandas and polars (1.3 s per child in the dev environment).
+    import adbc_driver_manager as adbc
+    import adbc_driver_sqlite
+
+    # See the module's docstring: Python's SQLite must not be in this process.
+    if "_sqlite3" in sys.modules:
+        raise SystemExit("recarchive: Python's sqlite3 is loaded; the ADBC reader refuses")
+    with (
+        adbc_driver_sqlite.connect(request["uri"]) as database,
+        adbc.AdbcConnection(database) as connection,
+        contextlib.ExitStack() as statements,
+    ):
+        # Autocommit off: the queries below read in one transaction, so one snapshot.
+        connection.set_autocommit(False)
+
+        def query(sql: str, batch_rows: int | None = None) -> pa.RecordBatchReader:
+            statement = statements.enter_context(adbc.AdbcStatement(connection))
+            if batch_rows is not None:
+                statement.set_options(**{"adbc.sqlite.query.batch_rows": str(batch_rows)})
+            statement.set_sql_query(sql)
+            handle, _ = statement.execute_query()
+            return pa.RecordBatchReader._import_from_c(handle.address)
+
+        query("PRAGMA busy_timeout = 60000").read_all()
+        rows = query(request["count_sql"]).read_all().column(0)[0].as_py()
+        reader = query(request["sql"], int(request["rows"]))
+        schema = reader.schema.with_metadata({_ROWS_KEY: str(int(rows)).encode()})
+        sink = pa.output_stream(sys.stdout.buffer)
+        try:
+            with pa.ipc.new_stream(sink, schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+        except BrokenPipeError:
+            raise SystemExit(1) from None  # the parent stopped reading
+        reader.close()
+        statements.close()
+        connection.rollback()
+
+
+if __name__ == "__main__":
+    main()
