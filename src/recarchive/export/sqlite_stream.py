@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -44,6 +46,8 @@ __all__ = ["StreamFailed", "available", "sentinel_sql", "stream"]
 _ROWS_KEY = b"recarchive.rows"
 #: The first value of the ID column: the sentinel row's (no recording has an empty ID).
 _SENTINEL_ID = ""
+#: Batches read ahead of the export (each ~3.5 MB of Arrow data at 5,000 recordings).
+_AHEAD_BATCHES = 2
 #: Lines of the child's stderr kept for an error message.
 _STDERR_BYTES = 2000
 
@@ -106,16 +110,20 @@ def stream(uri: str, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[p
     )
     assert child.stdin is not None and child.stdout is not None and child.stderr is not None
     finished = False
+    reading: _Ahead | None = None
     try:
         with child.stdin:
             child.stdin.write(request.encode())
-        yield from _checked(child.stdout)
+        reading = _Ahead(_checked(child.stdout), _AHEAD_BATCHES)
+        yield from reading
         finished = True
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise StreamFailed(_failure(child, exc)) from exc
     finally:
         if not finished:
-            child.kill()
+            child.kill()  # ends the reading thread's read too
+        if reading is not None:
+            reading.stop()
         with contextlib.suppress(OSError):
             child.stdout.close()
         errors = child.stderr.read()[-_STDERR_BYTES:]
@@ -123,6 +131,55 @@ def stream(uri: str, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[p
         code = child.wait()
     if code != 0:
         raise StreamFailed(f"the SQLite reader exited with {code}: {_last_line(errors)}")
+
+
+class _Ahead:
+    """Items of ``source`` taken in a thread of their own, up to ``depth`` ahead of the reader.
+
+    The child can write only as far as its pipe holds (64 KiB): read in this process's main
+    thread, between two Parquet writes, it would wait for each one. Reading the stream here
+    lets it work while the main thread encodes (pyarrow reads without the GIL).
+    """
+
+    def __init__(self, source: Iterator[pa.RecordBatch], depth: int) -> None:
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(source,), name="recarchive-export-reader", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, source: Iterator[pa.RecordBatch]) -> None:
+        try:
+            for item in source:
+                if not self._put(("item", item)):
+                    return
+            self._put(("end", None))
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(("error", exc))
+
+    def _put(self, entry: tuple[str, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __iter__(self) -> Iterator[pa.RecordBatch]:
+        while True:
+            kind, value = self._queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def stop(self) -> None:
+        """Stop taking items and wait for the thread (its source must end or be ending)."""
+        self._stop.set()
+        self._thread.join()
 
 
 def _checked(source: IO[bytes]) -> Iterator[pa.RecordBatch]:
