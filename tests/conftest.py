@@ -1,7 +1,7 @@
 """Shared pytest configuration: the real servers the suite starts on loopback.
 
 Each fixture module owns one server: the Bird simulator, the hostile HTTP server, moto's S3
-server, SeaweedFS's S3 gateway, PostgreSQL.
+server, SeaweedFS's S3 gateway, PostgreSQL; and a SQLite file database.
 In CI (``CI=true``) a fixture whose server cannot start fails the test; it never skips.
 """
 
@@ -14,4 +14,5 @@ pytest_plugins = [
     "tests.fixtures.seaweedfs",
     "tests.fixtures.hostile",
     "tests.fixtures.prefect",
+    "tests.fixtures.sqlite",
 ]

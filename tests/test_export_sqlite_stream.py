@@ -26,7 +26,6 @@ from recarchive.export import rows as export_rows
 from recarchive.export import sqlite_stream
 from recarchive.export.parquet import export_changed
 from recarchive.store.archive import ArchiveStore
-from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.tables import recording_parties, recordings
 from tests.test_parquet import AUGUST, JULY, normalized
 
@@ -37,14 +36,6 @@ FALLBACK = "reading it through the database driver instead"
 def child_for_every_partition(monkeypatch: pytest.MonkeyPatch) -> None:
     """The child reads partitions of any size here (by default only from 20,000 recordings)."""
     monkeypatch.setattr(export_rows, "CHILD_READER_ROWS", 0)
-
-
-@pytest.fixture
-def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    upgrade_database(engine)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

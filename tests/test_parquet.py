@@ -38,14 +38,6 @@ AUGUST = datetime(2025, 8, 3, 23, 59, 59, tzinfo=UTC)
 SHA = "cd" * 32
 
 
-@pytest.fixture
-def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    upgrade_database(engine)
-    yield engine
-    engine.dispose()
-
-
 def normalized(index: int, **kwargs: Any) -> Any:
     return normalize_recording(
         make_payload(index, **kwargs), workspace_id="ws-1", fetched_at=JULY + timedelta(days=1)

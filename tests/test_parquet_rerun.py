@@ -3,7 +3,6 @@ nothing (locally and on S3), and ``--full`` still puts back a deleted or altered
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,12 @@ from recarchive.export.rows import parties_query, recordings_query
 from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA
 from recarchive.normalize import normalize_recording
 from recarchive.store.archive import ArchiveStore
-from recarchive.store.engine import create_engine_for, upgrade_database
 from recarchive.store.tables import export_partitions, recording_parties, recordings
 from tests.test_normalize import make_payload
 
 JULY = datetime(2025, 7, 10, 2, 10, 43, 130000, tzinfo=UTC)
 AUGUST = datetime(2025, 8, 3, 23, 59, 59, 999999, tzinfo=UTC)
 MONTHS = ("2025-07", "2025-08")
-
-
-@pytest.fixture
-def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
-    engine = create_engine_for(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    upgrade_database(engine)
-    yield engine
-    engine.dispose()
 
 
 def part(root: Path, table: str, month: str) -> Path:
