@@ -8,24 +8,30 @@ driver's path for that partition, never in a file with the wrong rows.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import sqlite3
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, text, update
 
+from recarchive.errors import StorageUnavailableError
+from recarchive.export import partition_file, sqlite_stream
 from recarchive.export import rows as export_rows
-from recarchive.export import sqlite_stream
 from recarchive.export.parquet import export_changed
 from recarchive.store.archive import ArchiveStore
+from recarchive.store.engine import create_engine_for, read_only_sqlite_uri, upgrade_database
 from recarchive.store.tables import recording_parties, recordings
 from tests.test_parquet import AUGUST, JULY, normalized
 
@@ -249,3 +255,113 @@ def test_a_stream_given_up_early_stops_its_child(
         next(batches)
         batches.close()
     assert len(children) == 1 and children[0].returncode is not None
+
+
+# --- what the review of the child reader found (each failed before its fix) -------------------
+
+
+def test_a_path_with_uri_characters_opens_that_file_and_only_read_only(
+    tmp_path: Path, calls: list[str]
+) -> None:
+    folder = tmp_path / "runs #2"
+    folder.mkdir()
+    decoy = tmp_path / "runs "  # what an unescaped URI names: the text before "#"
+    engine = create_engine_for(f"sqlite:///{folder / 'db.sqlite'}")
+    try:
+        upgrade_database(engine)
+        fill(engine, 4)
+        export_changed(engine, str(tmp_path / "out"))
+    finally:
+        engine.dispose()
+    assert len(calls) == 2 and not decoy.exists()
+    assert pq.read_table(tmp_path / "out" / "recordings").num_rows == 4
+
+
+@pytest.mark.parametrize("name", ["a#b.db", "a?b=1.db", "a%41.db", "a b.db"])
+def test_the_read_only_uri_names_exactly_its_file(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("CREATE TABLE t (v)")
+        connection.execute("INSERT INTO t VALUES (1)")
+        connection.commit()
+    uri = read_only_sqlite_uri(str(path))
+    assert uri is not None
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as connection:
+        assert connection.execute("SELECT count(*) FROM t").fetchone() == (1,)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            connection.execute("DELETE FROM t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing else created
+
+
+@pytest.mark.timeout(120)
+def test_a_child_that_writes_much_to_stderr_does_not_hang_the_export(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: list[str]
+) -> None:
+    fill(sqlite_engine, 4)
+    monkeypatch.setenv("PYTHONVERBOSE", "1")  # every import to stderr: far more than a pipe holds
+    report = export_changed(sqlite_engine, str(tmp_path / "out"))
+    assert report.rows == 4 and len(calls) == 2
+
+
+def test_a_crashing_child_falls_back_and_says_why(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    calls: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fill(sqlite_engine)
+    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
+    monkeypatch.setattr(sqlite_stream, "sentinel_sql", lambda sql, schema: "SELECT * FROM nowhere")
+    with caplog.at_level(logging.WARNING, logger="recarchive"):
+        export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
+    assert len(calls) == 2 and caplog.text.count(FALLBACK) == 2
+    assert "no such table: nowhere" in caplog.text  # the child's own last line
+    assert files(tmp_path / "child") == expected
+
+
+def test_text_that_is_not_utf8_is_never_written(
+    sqlite_engine: Engine, tmp_path: Path, calls: list[str]
+) -> None:
+    fill(sqlite_engine, 4)
+    with sqlite_engine.begin() as connection:
+        connection.execute(text("UPDATE recordings SET conference_id = CAST(x'c328ff' AS TEXT)"))
+    with pytest.raises(StorageUnavailableError):
+        export_changed(sqlite_engine, str(tmp_path / "out"))
+    assert calls  # the child read it first, and refused it
+    assert list((tmp_path / "out").rglob("*.parquet")) == []
+
+
+def test_a_write_that_fails_stops_the_child(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(sqlite_engine, 40)
+    monkeypatch.setattr(export_rows, "FETCH_ROWS", 2)
+    children: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        children.append(real(*args, **kwargs))
+        return children[-1]
+
+    def full_disk(*args: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(partition_file.PartitionFile, "add", full_disk)
+    with pytest.raises(StorageUnavailableError, match="No space left"):
+        export_changed(sqlite_engine, str(tmp_path / "out"))
+    assert len(children) == 1 and children[0].returncode is not None
+    assert [t.name for t in threading.enumerate() if t.name == "recarchive-export-reader"] == []
+
+
+def test_the_child_does_not_import_from_the_working_directory(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: list[str]
+) -> None:
+    fill(sqlite_engine, 4)
+    stray = tmp_path / "cwd"
+    stray.mkdir()
+    (stray / "json.py").write_text("raise SystemExit('imported from the working directory')\n")
+    monkeypatch.chdir(stray)
+    report = export_changed(sqlite_engine, str(tmp_path / "out"))
+    assert report.rows == 4 and len(calls) == 2

@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -39,10 +38,10 @@ from pyarrow import fs as pafs
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from recarchive.errors import ConfigError, StorageUnavailableError
+from recarchive.errors import StorageUnavailableError
 from recarchive.export.lock import EXPORT_LOCK_TIMEOUT, export_lock
 from recarchive.export.pandas_lookup import arrow_without_pandas
-from recarchive.export.partition_file import PartitionFile
+from recarchive.export.partition_file import PartitionFile, s3_filesystem, sync_folder
 from recarchive.export.pii import METADATA_KEY, RAW, PiiPolicy
 from recarchive.export.rows import partition_batches
 from recarchive.export.schema import (
@@ -102,7 +101,7 @@ class _Target:
     def __init__(self, root: str, s3_endpoint_url: str | None, tag: str | None) -> None:
         self.s3: pafs.S3FileSystem | None = None
         if root.startswith("s3://"):
-            self.s3 = _s3_filesystem(s3_endpoint_url)
+            self.s3 = s3_filesystem(s3_endpoint_url)
             self.base = root.removeprefix("s3://").rstrip("/")
         else:
             self.base = str(Path(root))
@@ -207,7 +206,7 @@ class _Target:
             return
         if self.s3 is None:
             temp.replace(Path(folder) / FILE_NAME)  # atomic (os.replace)
-            _fsync_dir(Path(folder))
+            sync_folder(Path(folder))
         else:
             with (
                 temp.open("rb") as source,
@@ -280,30 +279,6 @@ class _Target:
             self.s3.delete_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def _s3_filesystem(endpoint_url: str | None) -> pafs.S3FileSystem:
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    if not endpoint_url:
-        return pafs.S3FileSystem(region=region)
-    parts = urlsplit(endpoint_url)
-    if not parts.scheme or not parts.netloc:
-        raise ConfigError("RECARCHIVE_S3_ENDPOINT_URL: expected a URL like http://host:port")
-    return pafs.S3FileSystem(
-        region=region,
-        endpoint_override=parts.netloc,
-        scheme=parts.scheme,
-        allow_bucket_creation=False,
-    )
-
-
 # --- entry point ---------------------------------------------------------------------------
 
 
@@ -340,10 +315,16 @@ def _export_partition(
     child_reader: bool,
 ) -> int:
     """Write ``month``'s two files from SQL; return its recordings rows."""
-    with engine.connect().execution_options(recarchive_read_only=True) as connection:
+    with (
+        engine.connect().execution_options(recarchive_read_only=True) as connection,
+        # Closed however the write ends: a child reader stops and ends its transaction.
+        contextlib.closing(
+            partition_batches(connection, month, child_reader=child_reader)
+        ) as pairs,
+    ):
         batches = (
             (pii.batch("recordings", recs), pii.batch("recording_parties", parties))
-            for recs, parties in partition_batches(connection, month, child_reader=child_reader)
+            for recs, parties in pairs
         )
         rows = target.write(month, batches, still_locked)
         connection.rollback()
@@ -431,6 +412,13 @@ def export_changed(
             except StorageUnavailableError:
                 _mark_again(engine, month)
                 raise
+            except SQLAlchemyError as exc:
+                # Rows SQL cannot give back (not UTF-8): the value after " with text " unsaid.
+                reason = str(getattr(exc, "orig", None) or type(exc).__name__)
+                raise StorageUnavailableError(
+                    f"could not read Parquet partition {month} from SQL: "
+                    f"{reason.split(' with text ', 1)[0]}"
+                ) from exc
             except OSError as exc:
                 raise StorageUnavailableError(
                     f"could not write Parquet partition {month} under {root}: {exc}"

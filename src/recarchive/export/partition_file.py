@@ -1,4 +1,4 @@
-"""A Parquet partition file being written: zstd, fixed row groups, synced when closed.
+"""A Parquet partition file being written (zstd, fixed row groups, synced), and where it goes.
 
 :mod:`recarchive.export.parquet` writes a partition's two files side by side with it, to temp
 files it then puts in place.
@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
+from recarchive.errors import ConfigError
 from recarchive.export.pii import METADATA_KEY
 
-__all__ = ["ROW_GROUP_ROWS", "PartitionFile"]
+__all__ = ["ROW_GROUP_ROWS", "PartitionFile", "s3_filesystem", "sync_folder"]
 
 #: Rows per Parquet row group. A row group waits whole in memory before it is written (about
 #: 22 MB of Arrow data for ``recordings``, and the encoder's buffers again while it is written),
@@ -77,3 +80,33 @@ class PartitionFile:
             writer, self._writer = self._writer, None
             with contextlib.suppress(Exception):
                 writer.close()
+
+
+def sync_folder(folder: Path) -> None:
+    """Sync ``folder`` itself to disk: a rename in it survives a crash (best effort)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def s3_filesystem(endpoint_url: str | None) -> pafs.S3FileSystem:
+    """The S3 filesystem partition files of ``s3://`` roots go to (``endpoint_url``: S3-compatible).
+
+    Raises:
+        ConfigError: ``endpoint_url`` is not a URL.
+    """
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    if not endpoint_url:
+        return pafs.S3FileSystem(region=region)
+    parts = urlsplit(endpoint_url)
+    if not parts.scheme or not parts.netloc:
+        raise ConfigError("RECARCHIVE_S3_ENDPOINT_URL: expected a URL like http://host:port")
+    return pafs.S3FileSystem(
+        region=region,
+        endpoint_override=parts.netloc,
+        scheme=parts.scheme,
+        allow_bucket_creation=False,
+    )

@@ -288,6 +288,9 @@ def _parties_of(batch: pa.RecordBatch) -> pa.RecordBatch:
     """The ``recording_parties`` rows of ``batch``'s recordings, by recording and role.
 
     Each role's party columns, on the rows where that role's marker says the party row exists.
+    Only the roles of :data:`~recarchive.model.PARTY_ROLES`, the only ones the pipeline writes
+    (:mod:`recarchive.normalize`): a row of another role, written into SQL by hand, is not in
+    the file (nor in the ``recordings`` file's columns).
     """
     recordings = batch.num_rows
     roles = [batch.column(f"{role}_role") for role in PARTY_ROLES]

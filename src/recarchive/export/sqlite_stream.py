@@ -31,6 +31,7 @@ import json
 import queue
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import IO, Any
@@ -102,13 +103,17 @@ def stream(uri: str, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[p
             before may be used.
     """
     request = json.dumps({"uri": uri, "sql": sql, "count_sql": count_sql, "rows": batch_rows})
+    # stderr to a file, not a pipe: a child writing more than a pipe holds there (a traceback,
+    # PYTHONVERBOSE) would wait for a reader, while this process waits for its stdout.
+    errors_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
     child = subprocess.Popen(
-        [sys.executable, "-m", __name__],
+        # -P: the working directory is not put on the child's import path.
+        [sys.executable, "-P", "-m", __name__],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=errors_file,
     )
-    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    assert child.stdin is not None and child.stdout is not None
     finished = False
     reading: _Ahead | None = None
     try:
@@ -118,7 +123,11 @@ def stream(uri: str, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[p
         yield from reading
         finished = True
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise StreamFailed(_failure(child, exc)) from exc
+        child.kill()
+        raise StreamFailed(
+            f"the SQLite reader failed ({type(exc).__name__}: {exc}; "
+            f"its last words: {_last_line(_stopped(child, errors_file))})"
+        ) from exc
     finally:
         if not finished:
             child.kill()  # ends the reading thread's read too
@@ -126,9 +135,9 @@ def stream(uri: str, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[p
             reading.stop()
         with contextlib.suppress(OSError):
             child.stdout.close()
-        errors = child.stderr.read()[-_STDERR_BYTES:]
-        child.stderr.close()
-        code = child.wait()
+        errors = _stopped(child, errors_file)
+        errors_file.close()
+        code = child.returncode
     if code != 0:
         raise StreamFailed(f"the SQLite reader exited with {code}: {_last_line(errors)}")
 
@@ -202,21 +211,32 @@ def _checked(source: IO[bytes]) -> Iterator[pa.RecordBatch]:
         if ordered is False or (last is not None and not last.as_py() < ids[0].as_py()):
             raise StreamFailed("the SQLite reader's rows were not in ID order")
         last = ids[len(ids) - 1]
+        # SQLite's TEXT may hold bytes that are not UTF-8, which the driver passes on as
+        # strings: Arrow's full validation refuses them (ArrowInvalid), as sqlite3 does.
+        batch.validate(full=True)
         rows += batch.num_rows
         yield batch.replace_schema_metadata(None)
     if first or rows != expected:
         raise StreamFailed(f"the SQLite reader gave {rows} rows where SQL counted {expected}")
 
 
-def _failure(child: subprocess.Popen[bytes], exc: BaseException) -> str:
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+def _stopped(child: subprocess.Popen[bytes], errors_file: IO[bytes]) -> bytes:
+    """Wait for ``child`` (killed after 5 s if it has not ended) and return its last stderr."""
+    try:
         child.wait(5)
-    return f"the SQLite reader failed ({type(exc).__name__}: {exc})"
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    errors_file.seek(0, 2)
+    errors_file.seek(max(0, errors_file.tell() - _STDERR_BYTES))
+    return errors_file.read()
 
 
 def _last_line(errors: bytes) -> str:
-    lines = errors.decode(errors="replace").strip().splitlines()
-    return lines[-1][:300] if lines else "no message"
+    """The end of the child's stderr, on one line (an error's message and the query's line)."""
+    lines = [line.strip() for line in errors.decode(errors="replace").splitlines()]
+    said = " | ".join([line for line in lines if line][-3:])
+    return said[-500:] if said else "nothing"
 
 
 # --- the child ------------------------------------------------------------------------------

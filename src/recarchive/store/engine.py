@@ -13,6 +13,7 @@ import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import URL, make_url
@@ -196,7 +197,8 @@ def read_only_sqlite_uri(database: str) -> str | None:
     ``mode=ro``: the file itself is never written. SQLite may create the -wal and -shm side
     files of a WAL database that has none (they hold no data of ours, and the next writer uses
     and removes them). ``immutable=1`` would avoid them, but reads without locks: a run
-    starting meanwhile could make it read wrong rows.
+    starting meanwhile could make it read wrong rows. A ``file:`` URI is taken as given (its
+    path percent-encoded already).
     """
     if database.startswith("file:"):
         path_part, _, query = database.removeprefix("file:").partition("?")
@@ -208,7 +210,9 @@ def read_only_sqlite_uri(database: str) -> str | None:
     path = Path(database).expanduser()
     if not path.is_file():
         return None
-    return f"file:{path.resolve().as_posix()}?mode=ro"
+    # Percent-encoded: in a URI a "?" or "#" of the path would end it, and SQLite would open
+    # (or create, read-write) the file named by what comes before.
+    return f"file:{quote(path.resolve().as_posix(), safe='/')}?mode=ro"
 
 
 def schema_revision(connection: Connection) -> str | None:
