@@ -133,22 +133,40 @@ def test_small_partitions_are_read_without_a_child(
     assert len(calls) == 2
 
 
-def test_a_child_that_does_not_check_out_falls_back_to_the_driver(
+@pytest.mark.parametrize(
+    ("name", "value", "reason"),
+    [
+        # The parent looks for another sentinel than the child's: every stream fails its check.
+        pytest.param(
+            "_SENTINEL_ID", "not the sentinel", "did not start with its sentinel", id="check"
+        ),
+        # The child's query fails: the warning carries the child's own last line.
+        pytest.param(
+            "sentinel_sql",
+            lambda sql, schema: "SELECT * FROM nowhere",
+            "no such table: nowhere",
+            id="crash",
+        ),
+    ],
+)
+def test_a_child_that_fails_or_does_not_check_out_falls_back_and_says_why(
     sqlite_engine: Engine,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     calls: list[str],
     caplog: pytest.LogCaptureFixture,
+    name: str,
+    value: Any,
+    reason: str,
 ) -> None:
     fill(sqlite_engine)
     expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
-    # The parent now looks for another sentinel than the child's: every stream fails its check.
-    monkeypatch.setattr(sqlite_stream, "_SENTINEL_ID", "not the sentinel")
+    monkeypatch.setattr(sqlite_stream, name, value)
     with caplog.at_level(logging.WARNING, logger="recarchive"):
         report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
     assert report.rows == 12 and len(calls) == 2
     assert caplog.text.count(FALLBACK) == 2
-    assert "did not start with its sentinel" in caplog.text
+    assert reason in caplog.text
     assert files(tmp_path / "child") == expected
 
 
@@ -301,23 +319,6 @@ def test_a_child_that_writes_much_to_stderr_does_not_hang_the_export(
     monkeypatch.setenv("PYTHONVERBOSE", "1")  # every import to stderr: far more than a pipe holds
     report = export_changed(sqlite_engine, str(tmp_path / "out"))
     assert report.rows == 4 and len(calls) == 2
-
-
-def test_a_crashing_child_falls_back_and_says_why(
-    sqlite_engine: Engine,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    calls: list[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    fill(sqlite_engine)
-    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
-    monkeypatch.setattr(sqlite_stream, "sentinel_sql", lambda sql, schema: "SELECT * FROM nowhere")
-    with caplog.at_level(logging.WARNING, logger="recarchive"):
-        export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
-    assert len(calls) == 2 and caplog.text.count(FALLBACK) == 2
-    assert "no such table: nowhere" in caplog.text  # the child's own last line
-    assert files(tmp_path / "child") == expected
 
 
 def test_text_that_is_not_utf8_is_never_written(
