@@ -153,9 +153,13 @@ def _child_reader_uri(connection: Connection, month: str) -> str | None:
     uri = read_only_sqlite_uri(connection.engine.url.database or "")
     if uri is None:
         return None
-    counted = select(func.count()).select_from(recordings)
-    rows = connection.execute(counted.where(recordings.c.created_month == month)).scalar_one()
+    rows = connection.execute(_count_query(month)).scalar_one()
     return uri if rows >= CHILD_READER_ROWS else None
+
+
+def _count_query(month: str) -> Select[Any]:
+    """The number of rows :func:`recordings_query` gives: one per recording of ``month``."""
+    return select(func.count()).select_from(recordings).where(recordings.c.created_month == month)
 
 
 def _streamed(uri: str, month: str) -> Iterator[pa.RecordBatch]:
@@ -163,11 +167,8 @@ def _streamed(uri: str, month: str) -> Iterator[pa.RecordBatch]:
     # Values rendered into the SQL text (the roles and the month, quoted by SQLAlchemy).
     literal = {"literal_binds": True}
     sql = str(recordings_query(month).compile(dialect=_SQLITE, compile_kwargs=literal))
-    counted = select(func.count()).select_from(recordings)
-    count_sql = counted.where(recordings.c.created_month == month).compile(
-        dialect=_SQLITE, compile_kwargs=literal
-    )
-    sql = sqlite_stream.sentinel_sql(sql, _SQLITE_DRIVER_SCHEMA)
+    count_sql = _count_query(month).compile(dialect=_SQLITE, compile_kwargs=literal)
+    sql = sqlite_stream.sentinel_sql(sql, _RECORDINGS_SQL_SCHEMA)
     streamed = sqlite_stream.stream(uri, sql, str(count_sql), batch_rows=FETCH_ROWS)
     for batch in _rebatched(streamed, FETCH_ROWS):
         yield pa.RecordBatch.from_arrays(
@@ -209,13 +210,6 @@ _RECORDINGS_SQL_SCHEMA = pa.schema(
         pa.field("archived_at", TIMESTAMP),
         pa.field("state", pa.string()),
         *(pa.field(f"{role}_role", pa.string()) for role in PARTY_ROLES),
-    ]
-)
-#: The types the child reader's driver gives those columns (text, integers, reals).
-_SQLITE_DRIVER_SCHEMA = pa.schema(
-    [
-        pa.field(item.name, pa.int64() if item.type == pa.bool_() else item.type)
-        for item in _RECORDINGS_SQL_SCHEMA
     ]
 )
 _SQLITE = sqlite_dialect.dialect(paramstyle="qmark")
