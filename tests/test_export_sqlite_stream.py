@@ -48,13 +48,27 @@ def child_for_every_partition(monkeypatch: pytest.MonkeyPatch) -> None:
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every child stream started (by its URI), so a test knows the child path ran."""
     started: list[str] = []
-    real = sqlite_stream.stream
+    real = sqlite_stream.Reader.stream
 
-    def spy(uri: str, *args: Any, **kwargs: Any) -> Iterator[pa.RecordBatch]:
-        started.append(uri)
-        return real(uri, *args, **kwargs)
+    def spy(reader: sqlite_stream.Reader, *args: Any, **kwargs: Any) -> Iterator[pa.RecordBatch]:
+        started.append(reader.uri)
+        return real(reader, *args, **kwargs)
 
-    monkeypatch.setattr(sqlite_stream, "stream", spy)
+    monkeypatch.setattr(sqlite_stream.Reader, "stream", spy)
+    return started
+
+
+@pytest.fixture
+def children(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen[bytes]]:
+    """Every child process started."""
+    started: list[subprocess.Popen[bytes]] = []
+    real = subprocess.Popen
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
     return started
 
 
@@ -170,6 +184,49 @@ def test_a_child_that_fails_or_does_not_check_out_falls_back_and_says_why(
     assert files(tmp_path / "child") == expected
 
 
+def test_one_child_reads_every_partition_of_an_export(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    calls: list[str],
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    fill(sqlite_engine, 40)
+    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
+    report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
+    assert report.rows == 40 and len(calls) == 2
+    # One start-up for both partitions, and the child ended cleanly at the export's end.
+    assert len(children) == 1 and children[0].returncode == 0
+    assert files(tmp_path / "child") == expected
+
+
+def test_after_a_failed_stream_the_next_partition_gets_a_new_child(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    children: list[subprocess.Popen[bytes]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fill(sqlite_engine, 40)
+    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
+    real = sqlite_stream._checked
+    seen: list[int] = []
+
+    def first_fails(source: Any) -> Iterator[pa.RecordBatch]:
+        seen.append(1)
+        if len(seen) == 1:
+            next(real(source))  # the child is mid-stream when the parent gives up
+            raise sqlite_stream.StreamFailed("made to fail")
+        return real(source)
+
+    monkeypatch.setattr(sqlite_stream, "_checked", first_fails)
+    with caplog.at_level(logging.WARNING, logger="recarchive"):
+        report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
+    assert report.rows == 40 and caplog.text.count(FALLBACK) == 1
+    assert len(children) == 2 and [child.returncode for child in children] == [-9, 0]
+    assert files(tmp_path / "child") == expected
+
+
 # --- the parent's checks, on streams made here ------------------------------------------------
 
 
@@ -245,8 +302,8 @@ def test_the_exporting_process_never_loads_adbcs_sqlite(sqlite_engine: Engine) -
         "from recarchive.export.parquet import export_changed\n"
         "from recarchive.store.engine import create_engine_for\n"
         "calls = []\n"
-        "real = sqlite_stream.stream\n"
-        "sqlite_stream.stream = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
+        "real = sqlite_stream.Reader.stream\n"
+        "sqlite_stream.Reader.stream = lambda *a, **k: calls.append(1) or real(*a, **k)\n"
         f"report = export_changed(create_engine_for({url!r}), tempfile.mkdtemp())\n"
         "print(report.rows, len(calls), sorted(m for m in sys.modules if m.startswith('adbc')))\n"
     )
@@ -256,23 +313,25 @@ def test_the_exporting_process_never_loads_adbcs_sqlite(sqlite_engine: Engine) -
 
 
 def test_a_stream_given_up_early_stops_its_child(
-    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+    sqlite_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    children: list[subprocess.Popen[bytes]],
 ) -> None:
     fill(sqlite_engine, 40)
-    children: list[subprocess.Popen[bytes]] = []
-    real = subprocess.Popen
-
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-        children.append(real(*args, **kwargs))
-        return children[-1]
-
-    monkeypatch.setattr(subprocess, "Popen", popen)
     monkeypatch.setattr(export_rows, "FETCH_ROWS", 2)
-    with sqlite_engine.connect() as connection:
-        batches = export_rows.partition_batches(connection, "2025-07")
+    reader = export_rows.child_reader(sqlite_engine)
+    assert reader is not None
+    with sqlite_engine.connect() as connection, reader:
+        batches = export_rows.partition_batches(connection, "2025-07", reader)
         next(batches)
         batches.close()
-    assert len(children) == 1 and children[0].returncode is not None
+        assert len(children) == 1 and children[0].returncode is not None
+        # The next partition gets a child of its own, and all of its rows.
+        rows = sum(
+            pair[0].num_rows
+            for pair in export_rows.partition_batches(connection, "2025-08", reader)
+        )
+    assert rows == 20 and len(children) == 2 and children[1].returncode == 0
 
 
 # --- what the review of the child reader found (each failed before its fix) -------------------
@@ -334,21 +393,17 @@ def test_text_that_is_not_utf8_is_never_written(
 
 
 def test_a_write_that_fails_stops_the_child(
-    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    children: list[subprocess.Popen[bytes]],
 ) -> None:
     fill(sqlite_engine, 40)
     monkeypatch.setattr(export_rows, "FETCH_ROWS", 2)
-    children: list[subprocess.Popen[bytes]] = []
-    real = subprocess.Popen
-
-    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-        children.append(real(*args, **kwargs))
-        return children[-1]
 
     def full_disk(*args: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(subprocess, "Popen", popen)
     monkeypatch.setattr(partition_file.PartitionFile, "add", full_disk)
     with pytest.raises(StorageUnavailableError, match="No space left"):
         export_changed(sqlite_engine, str(tmp_path / "out"))

@@ -43,12 +43,12 @@ from recarchive.export.lock import EXPORT_LOCK_TIMEOUT, export_lock
 from recarchive.export.pandas_lookup import arrow_without_pandas
 from recarchive.export.partition_file import PartitionFile, s3_filesystem, sync_folder
 from recarchive.export.pii import METADATA_KEY, RAW, PiiPolicy
-from recarchive.export.rows import partition_batches
+from recarchive.export.rows import child_reader, partition_batches
 from recarchive.export.schema import (
     FILE_NAME,
     TABLE_SCHEMAS,
 )
-from recarchive.export.sqlite_stream import StreamFailed
+from recarchive.export.sqlite_stream import Reader, StreamFailed
 from recarchive.store.partitions import due_partitions, mark_partitions, record_exported
 from recarchive.tempfiles import EXPORT_SUFFIX, remove_orphan_temp_files, temp_prefix
 
@@ -312,15 +312,13 @@ def _export_partition(
     month: str,
     pii: PiiPolicy,
     still_locked: Callable[[], None],
-    child_reader: bool,
+    reader: Reader | None,
 ) -> int:
     """Write ``month``'s two files from SQL; return its recordings rows."""
     with (
         engine.connect().execution_options(recarchive_read_only=True) as connection,
         # Closed however the write ends: a child reader stops and ends its transaction.
-        contextlib.closing(
-            partition_batches(connection, month, child_reader=child_reader)
-        ) as pairs,
+        contextlib.closing(partition_batches(connection, month, reader)) as pairs,
     ):
         batches = (
             (pii.batch("recordings", recs), pii.batch("recording_parties", parties))
@@ -369,7 +367,8 @@ def export_changed(
     arrow_without_pandas()
     target = _Target(root, s3_endpoint_url, pii.tag)
     report = ExportReport(rows=0)
-    with export_lock(engine, lock_timeout) as still_locked:
+    reader = child_reader(engine)  # its child starts at the first partition that needs it
+    with export_lock(engine, lock_timeout) as still_locked, reader or contextlib.nullcontext():
         try:
             target.sweep()
             stale = target.stale()
@@ -397,14 +396,14 @@ def export_changed(
             still_locked()
             try:
                 try:
-                    rows = _export_partition(engine, target, month, pii, still_locked, True)
+                    rows = _export_partition(engine, target, month, pii, still_locked, reader)
                 except StreamFailed as exc:
                     logger.warning(
                         "partition %s: %s; reading it through the database driver instead",
                         month,
                         exc,
                     )
-                    rows = _export_partition(engine, target, month, pii, still_locked, False)
+                    rows = _export_partition(engine, target, month, pii, still_locked, None)
                 # The lock may have been lost between the check and the replace: then this
                 # (perhaps older) file may have replaced a newer export's, so the month is
                 # marked changed again and the next export rewrites it.

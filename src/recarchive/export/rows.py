@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Select, and_, func, select
+from sqlalchemy import Connection, Engine, Select, and_, func, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from recarchive.export import sqlite_stream
@@ -28,6 +28,7 @@ from recarchive.store.tables import archive_ledger, recording_parties, recording
 __all__ = [
     "CHILD_READER_ROWS",
     "FETCH_ROWS",
+    "child_reader",
     "parties_query",
     "partition_batches",
     "recordings_query",
@@ -37,9 +38,10 @@ __all__ = [
 #: of rows is written page by page), so the same rows give the same bytes only at the same
 #: value: a change makes the next export rewrite every partition once.
 FETCH_ROWS = 5000
-#: Recordings of a SQLite partition from which the child reader reads it. A child costs ~0.45 s
-#: of CPU to start (Python, pyarrow) and then ~13 µs per recording, where the driver's path
-#: costs ~33 µs (docs/benchmarks.md): below ~20,000 the driver's path is the cheaper one.
+#: Recordings of a SQLite partition from which the child reader reads it. The child costs
+#: ~0.45 s of CPU to start (Python, pyarrow; once per export, at its first such partition) and
+#: then ~13 µs per recording, where the driver's path costs ~33 µs (docs/benchmarks.md): below
+#: ~20,000 the driver's path is the cheaper one for an export of one partition.
 CHILD_READER_ROWS = 20_000
 
 
@@ -118,26 +120,39 @@ def _raw_partitions(connection: Connection, query: Select[Any]) -> Iterator[Sequ
         yield [tuple(row) for row in rows]
 
 
+def child_reader(engine: Engine) -> sqlite_stream.Reader | None:
+    """The child reader of ``engine``'s database, or ``None`` where it is not used.
+
+    On a SQLite file with the ADBC driver installed; the child starts at its first partition
+    (:func:`partition_batches`) and serves the export's later ones.
+    """
+    if engine.dialect.name != "sqlite" or not sqlite_stream.available():
+        return None
+    uri = read_only_sqlite_uri(engine.url.database or "")
+    return sqlite_stream.Reader(uri) if uri is not None else None
+
+
 def partition_batches(
-    connection: Connection, month: str, *, child_reader: bool = True
+    connection: Connection, month: str, reader: sqlite_stream.Reader | None = None
 ) -> Generator[tuple[pa.RecordBatch, pa.RecordBatch], None, None]:
     """Record batches of ``month``'s two files, in pairs, from one query.
 
     Each pair: ``recordings`` rows (:data:`RECORDINGS_SCHEMA`, in id order) and the same
     recordings' ``recording_parties`` rows (:data:`PARTIES_SCHEMA`, by recording id and role).
 
-    On a SQLite file, with ``child_reader`` and the ADBC driver installed, a partition of at
-    least :data:`CHILD_READER_ROWS` recordings is read by a child process
+    With a ``reader`` (:func:`child_reader`), a partition of at least
+    :data:`CHILD_READER_ROWS` recordings is read by its child process
     (:mod:`recarchive.export.sqlite_stream`) in a transaction of its own, not
     ``connection``'s; otherwise through ``connection``'s driver.
 
     Raises:
         StreamFailed: The child's rows could not be read or did not check out: the batches
-            yielded so far must be thrown away (read again with ``child_reader=False``).
+            yielded so far must be thrown away (read again without a ``reader``).
     """
-    uri = _child_reader_uri(connection, month) if child_reader else None
-    if uri is not None:
-        for batch in _streamed(uri, month):
+    if reader is not None and connection.execute(_count_query(month)).scalar_one() >= (
+        CHILD_READER_ROWS
+    ):
+        for batch in _streamed(reader, month):
             yield _with_media_columns(batch), _parties_of(batch)
         return
     sqlite = connection.dialect.name == "sqlite"
@@ -146,30 +161,19 @@ def partition_batches(
         yield _with_media_columns(batch), _parties_of(batch)
 
 
-def _child_reader_uri(connection: Connection, month: str) -> str | None:
-    """The read-only URI the child reader opens, or ``None`` where it is not used."""
-    if connection.dialect.name != "sqlite" or not sqlite_stream.available():
-        return None
-    uri = read_only_sqlite_uri(connection.engine.url.database or "")
-    if uri is None:
-        return None
-    rows = connection.execute(_count_query(month)).scalar_one()
-    return uri if rows >= CHILD_READER_ROWS else None
-
-
 def _count_query(month: str) -> Select[Any]:
     """The number of rows :func:`recordings_query` gives: one per recording of ``month``."""
     return select(func.count()).select_from(recordings).where(recordings.c.created_month == month)
 
 
-def _streamed(uri: str, month: str) -> Iterator[pa.RecordBatch]:
+def _streamed(reader: sqlite_stream.Reader, month: str) -> Iterator[pa.RecordBatch]:
     """``month``'s rows of :data:`_RECORDINGS_SQL_SCHEMA`, read by the child reader."""
     # Values rendered into the SQL text (the roles and the month, quoted by SQLAlchemy).
     literal = {"literal_binds": True}
     sql = str(recordings_query(month).compile(dialect=_SQLITE, compile_kwargs=literal))
     count_sql = _count_query(month).compile(dialect=_SQLITE, compile_kwargs=literal)
     sql = sqlite_stream.sentinel_sql(sql, _RECORDINGS_SQL_SCHEMA)
-    streamed = sqlite_stream.stream(uri, sql, str(count_sql), batch_rows=FETCH_ROWS)
+    streamed = reader.stream(sql, str(count_sql), batch_rows=FETCH_ROWS)
     for batch in _rebatched(streamed, FETCH_ROWS):
         yield pa.RecordBatch.from_arrays(
             _cast(batch.columns, _RECORDINGS_SQL_SCHEMA), schema=_RECORDINGS_SQL_SCHEMA

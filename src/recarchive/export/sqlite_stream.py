@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 
 from recarchive.errors import RecarchiveError
 
-__all__ = ["StreamFailed", "available", "sentinel_sql", "stream"]
+__all__ = ["Reader", "StreamFailed", "available", "sentinel_sql"]
 
 #: The schema metadata key of the stream that carries the child's row count.
 _ROWS_KEY = b"recarchive.rows"
@@ -85,61 +85,116 @@ def sentinel_sql(sql: str, schema: pa.Schema) -> str:
     return f"SELECT {columns} UNION ALL SELECT * FROM ({sql})"  # noqa: S608
 
 
-def stream(uri: str, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
-    """The rows of ``sql`` (made by :func:`sentinel_sql`), read by a child, sentinel dropped.
+class Reader:
+    """One child process that reads query after query from one SQLite file, in order.
+
+    The child starts at the first :meth:`stream` and serves every later one (its start-up,
+    Python and pyarrow, is paid once per export, not once per partition). A stream that fails
+    or is given up early ends the child; the next :meth:`stream` starts another.
 
     Args:
         uri: Read-only ``file:`` URI of the database.
-        sql: The query, its sentinel row first, its values in its text (no parameters).
-        count_sql: A query of the number of rows ``sql`` gives (without the sentinel), read in
-            the same transaction.
-        batch_rows: Rows per batch.
-
-    Yields:
-        Record batches with the driver's types (text, ``int64``, ``double``), in order.
-
-    Raises:
-        StreamFailed: The child failed, or its rows did not check out; nothing it yielded
-            before may be used.
     """
-    request = json.dumps({"uri": uri, "sql": sql, "count_sql": count_sql, "rows": batch_rows})
-    # stderr to a file, not a pipe: a child writing more than a pipe holds there (a traceback,
-    # PYTHONVERBOSE) would wait for a reader, while this process waits for its stdout.
-    errors_file = tempfile.TemporaryFile()  # noqa: SIM115 (closed in the finally below)
-    child = subprocess.Popen(
-        # -P: the working directory is not put on the child's import path.
-        [sys.executable, "-P", "-m", __name__],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=errors_file,
-    )
-    assert child.stdin is not None and child.stdout is not None
-    finished = False
-    reading: _Ahead | None = None
-    try:
-        with child.stdin:
-            child.stdin.write(request.encode())
-        reading = _Ahead(_checked(child.stdout), _AHEAD_BATCHES)
-        yield from reading
-        finished = True
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        child.kill()
-        raise StreamFailed(
-            f"the SQLite reader failed ({type(exc).__name__}: {exc}; "
-            f"its last words: {_last_line(_stopped(child, errors_file))})"
-        ) from exc
-    finally:
-        if not finished:
-            child.kill()  # ends the reading thread's read too
-        if reading is not None:
-            reading.stop()
-        with contextlib.suppress(OSError):
-            child.stdout.close()
-        errors = _stopped(child, errors_file)
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._child: subprocess.Popen[bytes] | None = None
+        self._errors: IO[bytes] | None = None
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def stream(self, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """The rows of ``sql`` (made by :func:`sentinel_sql`), sentinel dropped.
+
+        Args:
+            sql: The query, its sentinel row first, its values in its text (no parameters).
+            count_sql: A query of the number of rows ``sql`` gives (without the sentinel),
+                read in the same transaction.
+            batch_rows: Rows per batch.
+
+        Yields:
+            Record batches with the driver's types (text, ``int64``, ``double``), in order.
+
+        Raises:
+            StreamFailed: The child failed, or its rows did not check out; nothing it yielded
+                before may be used.
+        """
+        child = self._started()
+        assert child.stdin is not None and child.stdout is not None
+        request = json.dumps(
+            {"uri": self.uri, "sql": sql, "count_sql": count_sql, "rows": batch_rows}
+        )
+        finished = False
+        failure: Exception | None = None
+        reading: _Ahead | None = None
+        try:
+            child.stdin.write(request.encode() + b"\n")
+            child.stdin.flush()
+            reading = _Ahead(_checked(child.stdout), _AHEAD_BATCHES)
+            yield from reading
+            finished = True
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            failure = exc
+        finally:
+            if not finished:
+                child.kill()  # ends the reading thread's read too
+            if reading is not None:
+                reading.stop()  # before the pipe is closed under it
+            errors = b"" if finished else self._ended(kill=True)
+        if failure is not None:
+            raise StreamFailed(
+                f"the SQLite reader failed ({type(failure).__name__}: {failure}; "
+                f"its last words: {_last_line(errors)})"
+            ) from failure
+
+    def close(self) -> None:
+        """End the child: it exits at the end of its input (killed if it has not in 5 s).
+
+        Every stream it gave was checked whole as it was read: how it exits changes nothing.
+        """
+        self._ended(kill=False)
+
+    def _started(self) -> subprocess.Popen[bytes]:
+        if self._child is None:
+            # stderr to a file, not a pipe: a child writing more than a pipe holds there (a
+            # traceback, PYTHONVERBOSE) would wait for a reader while this process waits for
+            # its stdout.
+            self._errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in _ended)
+            self._child = subprocess.Popen(
+                # -P: the working directory is not put on the child's import path.
+                [sys.executable, "-P", "-m", __name__],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._errors,
+            )
+        return self._child
+
+    def _ended(self, *, kill: bool) -> bytes:
+        """Stop the child (``kill``, or by closing its input) and return its last stderr."""
+        child, errors_file = self._child, self._errors
+        self._child = self._errors = None
+        if child is None or errors_file is None:
+            return b""
+        if kill:
+            child.kill()
+        for pipe in (child.stdin, child.stdout):
+            with contextlib.suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
+        try:
+            child.wait(5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        errors_file.seek(0, 2)
+        errors_file.seek(max(0, errors_file.tell() - _STDERR_BYTES))
+        errors = errors_file.read()
         errors_file.close()
-        code = child.returncode
-    if code != 0:
-        raise StreamFailed(f"the SQLite reader exited with {code}: {_last_line(errors)}")
+        return errors
 
 
 class _Ahead:
@@ -220,18 +275,6 @@ def _checked(source: IO[bytes]) -> Iterator[pa.RecordBatch]:
         raise StreamFailed(f"the SQLite reader gave {rows} rows where SQL counted {expected}")
 
 
-def _stopped(child: subprocess.Popen[bytes], errors_file: IO[bytes]) -> bytes:
-    """Wait for ``child`` (killed after 5 s if it has not ended) and return its last stderr."""
-    try:
-        child.wait(5)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        child.wait()
-    errors_file.seek(0, 2)
-    errors_file.seek(max(0, errors_file.tell() - _STDERR_BYTES))
-    return errors_file.read()
-
-
 def _last_line(errors: bytes) -> str:
     """The end of the child's stderr, on one line (an error's message and the query's line)."""
     lines = [line.strip() for line in errors.decode(errors="replace").splitlines()]
@@ -243,8 +286,11 @@ def _last_line(errors: bytes) -> str:
 
 
 def main() -> None:
-    """The child: read the request on stdin, write the Arrow stream on stdout."""
-    request = json.loads(sys.stdin.read())
+    """The child: for each request line on stdin, write its Arrow stream on stdout, in order.
+
+    Each request is read in a transaction of its own (its count and its rows, one snapshot).
+    The child ends at the end of its input.
+    """
     # The driver manager's low-level API: its DB-API module imports pyarrow.dataset and, where
     # installed, pandas and polars (1.3 s per child in the dev environment).
     import adbc_driver_manager as adbc
@@ -253,13 +299,27 @@ def main() -> None:
     # See the module's docstring: Python's SQLite must not be in this process.
     if "_sqlite3" in sys.modules:
         raise SystemExit("recarchive: Python's sqlite3 is loaded; the ADBC reader refuses")
-    with (
-        adbc_driver_sqlite.connect(request["uri"]) as database,
-        adbc.AdbcConnection(database) as connection,
-        contextlib.ExitStack() as statements,
-    ):
-        # Autocommit off: the queries below read in one transaction, so one snapshot.
-        connection.set_autocommit(False)
+    sink = pa.output_stream(sys.stdout.buffer)
+    with contextlib.ExitStack() as opened:
+        connection: Any = None
+        uri = None
+        for line in sys.stdin.buffer:
+            request = json.loads(line)
+            if connection is None:
+                uri = request["uri"]
+                database = opened.enter_context(adbc_driver_sqlite.connect(uri))
+                connection = opened.enter_context(adbc.AdbcConnection(database))
+                # Autocommit off: each request's queries read in one transaction.
+                connection.set_autocommit(False)
+            elif request["uri"] != uri:
+                raise SystemExit("recarchive: the ADBC reader serves one database")
+            _serve(adbc, connection, request, sink)
+            connection.rollback()  # the request's snapshot ends; the next one starts afresh
+
+
+def _serve(adbc: Any, connection: Any, request: dict[str, Any], sink: pa.NativeFile) -> None:
+    """Write the stream of one request: its count in the schema, then its rows."""
+    with contextlib.ExitStack() as statements:
 
         def query(sql: str, batch_rows: int | None = None) -> pa.RecordBatchReader:
             statement = statements.enter_context(adbc.AdbcStatement(connection))
@@ -267,22 +327,19 @@ def main() -> None:
                 statement.set_options(**{"adbc.sqlite.query.batch_rows": str(batch_rows)})
             statement.set_sql_query(sql)
             handle, _ = statement.execute_query()
-            return pa.RecordBatchReader._import_from_c(handle.address)
+            return statements.enter_context(pa.RecordBatchReader._import_from_c(handle.address))
 
         query("PRAGMA busy_timeout = 60000").read_all()
         rows = query(request["count_sql"]).read_all().column(0)[0].as_py()
         reader = query(request["sql"], int(request["rows"]))
         schema = reader.schema.with_metadata({_ROWS_KEY: str(int(rows)).encode()})
-        sink = pa.output_stream(sys.stdout.buffer)
         try:
             with pa.ipc.new_stream(sink, schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch)
+            sys.stdout.buffer.flush()
         except BrokenPipeError:
             raise SystemExit(1) from None  # the parent stopped reading
-        reader.close()
-        statements.close()
-        connection.rollback()
 
 
 if __name__ == "__main__":
