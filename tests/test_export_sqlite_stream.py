@@ -40,8 +40,10 @@ FALLBACK = "reading it through the database driver instead"
 
 @pytest.fixture(autouse=True)
 def child_for_every_partition(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The child reads partitions of any size here (by default only from 20,000 recordings)."""
+    """The child reads partitions of any size here (by default only from 1,000 recordings, in
+    exports of 20,000 or more)."""
     monkeypatch.setattr(export_rows, "CHILD_READER_ROWS", 0)
+    monkeypatch.setattr(export_rows, "CHILD_PARTITION_ROWS", 0)
 
 
 @pytest.fixture
@@ -135,16 +137,31 @@ def test_child_and_driver_write_the_same_bytes(
     assert child == driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
 
 
-def test_small_partitions_are_read_without_a_child(
+def test_a_small_export_is_read_without_a_child(
     sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, calls: list[str]
 ) -> None:
-    monkeypatch.setattr(export_rows, "CHILD_READER_ROWS", 7)  # July has 6, August 6
+    monkeypatch.setattr(export_rows, "CHILD_READER_ROWS", 13)  # July has 6, August 6
     fill(sqlite_engine)
     export_changed(sqlite_engine, str(tmp_path / "a"))
     assert calls == []
-    fill(sqlite_engine, 14)  # now 7 each
+    fill(sqlite_engine, 14)  # now 7 each: 14 together
     export_changed(sqlite_engine, str(tmp_path / "b"))
     assert len(calls) == 2
+
+
+def test_a_small_partition_is_read_without_the_child(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    calls: list[str],
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    monkeypatch.setattr(export_rows, "CHILD_PARTITION_ROWS", 7)
+    fill(sqlite_engine, 13)  # July 6, August 7
+    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
+    report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
+    assert report.rows == 13 and len(calls) == 1 and len(children) == 1
+    assert files(tmp_path / "child") == expected
 
 
 @pytest.mark.parametrize(
@@ -298,7 +315,7 @@ def test_the_exporting_process_never_loads_adbcs_sqlite(sqlite_engine: Engine) -
     code = (
         "import sys, tempfile\n"
         "from recarchive.export import rows, sqlite_stream\n"
-        "rows.CHILD_READER_ROWS = 0\n"
+        "rows.CHILD_READER_ROWS = rows.CHILD_PARTITION_ROWS = 0\n"
         "from recarchive.export.parquet import export_changed\n"
         "from recarchive.store.engine import create_engine_for\n"
         "calls = []\n"
@@ -319,7 +336,8 @@ def test_a_stream_given_up_early_stops_its_child(
 ) -> None:
     fill(sqlite_engine, 40)
     monkeypatch.setattr(export_rows, "FETCH_ROWS", 2)
-    reader = export_rows.child_reader(sqlite_engine)
+    with sqlite_engine.connect() as connection:
+        reader = export_rows.child_reader(connection, ["2025-07", "2025-08"])
     assert reader is not None
     with sqlite_engine.connect() as connection, reader:
         batches = export_rows.partition_batches(connection, "2025-07", reader)

@@ -367,8 +367,7 @@ def export_changed(
     arrow_without_pandas()
     target = _Target(root, s3_endpoint_url, pii.tag)
     report = ExportReport(rows=0)
-    reader = child_reader(engine)  # its child starts at the first partition that needs it
-    with export_lock(engine, lock_timeout) as still_locked, reader or contextlib.nullcontext():
+    with export_lock(engine, lock_timeout) as still_locked, contextlib.ExitStack() as readers:
         try:
             target.sweep()
             stale = target.stale()
@@ -391,6 +390,9 @@ def export_changed(
                 )
                 versions = due_partitions(connection, True)
                 due = dict(sorted({**due, **{m: versions.get(m) for m in behind}}.items()))
+            # Its child starts at the first partition it reads, and ends with the export.
+            if (reader := child_reader(connection, due)) is not None:
+                readers.enter_context(reader)
             connection.rollback()
         for month, version in due.items():
             still_locked()

@@ -10,22 +10,24 @@ rows come from the DB-API cursor in chunks of :data:`FETCH_ROWS` and become Arro
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Collection, Generator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Engine, Select, and_, func, select
+from sqlalchemy import Connection, Select, and_, func, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from recarchive.export import sqlite_stream
 from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA, TIMESTAMP
 from recarchive.model import PARTY_FIELDS, PARTY_ROLES, RECORDING_FIELDS, LedgerState
+from recarchive.store.bulk import chunks
 from recarchive.store.engine import read_only_sqlite_uri
 from recarchive.store.tables import archive_ledger, recording_parties, recordings
 
 __all__ = [
+    "CHILD_PARTITION_ROWS",
     "CHILD_READER_ROWS",
     "FETCH_ROWS",
     "child_reader",
@@ -38,11 +40,13 @@ __all__ = [
 #: of rows is written page by page), so the same rows give the same bytes only at the same
 #: value: a change makes the next export rewrite every partition once.
 FETCH_ROWS = 5000
-#: Recordings of a SQLite partition from which the child reader reads it. The child costs
-#: ~0.45 s of CPU to start (Python, pyarrow; once per export, at its first such partition) and
-#: then ~13 µs per recording, where the driver's path costs ~33 µs (docs/benchmarks.md): below
-#: ~20,000 the driver's path is the cheaper one for an export of one partition.
+#: Recordings of an export's due partitions, together, from which a child reader is started
+#: (SQLite): the child costs ~0.45 s of CPU to start (Python, pyarrow; once per export), then
+#: reads ~13 µs per recording where the driver's path costs ~33 µs (docs/benchmarks.md).
 CHILD_READER_ROWS = 20_000
+#: Recordings of a partition from which the child, once there is one, reads it: below, one
+#: more request (a count, a query, a stream) costs about what the driver's path saves.
+CHILD_PARTITION_ROWS = 1_000
 
 
 def recordings_query(month: str) -> Select[Any]:
@@ -120,16 +124,26 @@ def _raw_partitions(connection: Connection, query: Select[Any]) -> Iterator[Sequ
         yield [tuple(row) for row in rows]
 
 
-def child_reader(engine: Engine) -> sqlite_stream.Reader | None:
-    """The child reader of ``engine``'s database, or ``None`` where it is not used.
+def child_reader(connection: Connection, months: Collection[str]) -> sqlite_stream.Reader | None:
+    """The child reader for an export of ``months``, or ``None`` where it is not used.
 
-    On a SQLite file with the ADBC driver installed; the child starts at its first partition
-    (:func:`partition_batches`) and serves the export's later ones.
+    One on a SQLite file with the ADBC driver installed, when ``months`` hold at least
+    :data:`CHILD_READER_ROWS` recordings together; its child starts at the first partition
+    it reads (:func:`partition_batches`) and serves the export's later ones.
     """
-    if engine.dialect.name != "sqlite" or not sqlite_stream.available():
+    if connection.dialect.name != "sqlite" or not sqlite_stream.available():
         return None
-    uri = read_only_sqlite_uri(engine.url.database or "")
-    return sqlite_stream.Reader(uri) if uri is not None else None
+    uri = read_only_sqlite_uri(connection.engine.url.database or "")
+    if uri is None:
+        return None
+    total = 0
+    for chunk in chunks(sorted(months)):
+        total += connection.execute(
+            select(func.count())
+            .select_from(recordings)
+            .where(recordings.c.created_month.in_(chunk))
+        ).scalar_one()
+    return sqlite_stream.Reader(uri) if total >= CHILD_READER_ROWS else None
 
 
 def partition_batches(
@@ -141,7 +155,7 @@ def partition_batches(
     recordings' ``recording_parties`` rows (:data:`PARTIES_SCHEMA`, by recording id and role).
 
     With a ``reader`` (:func:`child_reader`), a partition of at least
-    :data:`CHILD_READER_ROWS` recordings is read by its child process
+    :data:`CHILD_PARTITION_ROWS` recordings is read by its child process
     (:mod:`recarchive.export.sqlite_stream`) in a transaction of its own, not
     ``connection``'s; otherwise through ``connection``'s driver.
 
@@ -150,7 +164,7 @@ def partition_batches(
             yielded so far must be thrown away (read again without a ``reader``).
     """
     if reader is not None and connection.execute(_count_query(month)).scalar_one() >= (
-        CHILD_READER_ROWS
+        CHILD_PARTITION_ROWS
     ):
         for batch in _streamed(reader, month):
             yield _with_media_columns(batch), _parties_of(batch)
