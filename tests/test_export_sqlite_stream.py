@@ -439,3 +439,77 @@ def test_the_child_does_not_import_from_the_working_directory(
     monkeypatch.chdir(stray)
     report = export_changed(sqlite_engine, str(tmp_path / "out"))
     assert report.rows == 4 and len(calls) == 2
+
+
+def test_a_row_that_fails_to_convert_stops_the_child_and_its_thread(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    # The failure is in this process's conversion of the child's batch, between two of the
+    # child's batches: the child's stream must be closed there, not when it is collected.
+    fill(sqlite_engine, 40)
+    monkeypatch.setattr(export_rows, "FETCH_ROWS", 2)
+    with sqlite_engine.begin() as connection:
+        connection.execute(text("UPDATE recordings SET fetched_at = 'not a time' WHERE id > ''"))
+    with pytest.raises(StorageUnavailableError, match="does not convert") as raised:
+        export_changed(sqlite_engine, str(tmp_path / "out"))
+    assert "not a time" not in str(raised.value)
+    assert [t.name for t in threading.enumerate() if t.name == "recarchive-export-reader"] == []
+    assert len(children) == 1 and children[0].returncode == -9
+    assert list((tmp_path / "out").rglob("*.parquet")) == []
+
+
+def test_a_child_that_died_between_two_partitions_is_replaced(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    children: list[subprocess.Popen[bytes]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fill(sqlite_engine, 40)
+    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
+    real = sqlite_stream.Reader.stream
+
+    def killed_after(reader: sqlite_stream.Reader, *args: Any, **kwargs: Any) -> Any:
+        yield from real(reader, *args, **kwargs)
+        children[-1].kill()  # idle, between this partition and the next
+        children[-1].wait()
+
+    monkeypatch.setattr(sqlite_stream.Reader, "stream", killed_after)
+    with caplog.at_level(logging.WARNING, logger="recarchive"):
+        report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
+    assert report.rows == 40 and FALLBACK not in caplog.text
+    assert [child.returncode for child in children] == [-9, -9]  # one for each partition
+    assert files(tmp_path / "child") == expected
+
+
+def test_a_child_that_cannot_start_falls_back_to_the_driver(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fill(sqlite_engine, 40)
+    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
+
+    def no_processes(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_processes)
+    with caplog.at_level(logging.WARNING, logger="recarchive"):
+        report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
+    assert report.rows == 40 and caplog.text.count(FALLBACK) == 2
+    assert "Resource temporarily unavailable" in caplog.text
+    assert files(tmp_path / "child") == expected
+
+
+def test_a_database_that_cannot_say_what_is_due_is_a_clear_error(
+    sqlite_engine: Engine, tmp_path: Path
+) -> None:
+    fill(sqlite_engine, 4)
+    with sqlite_engine.begin() as connection:
+        connection.execute(text("DROP TABLE export_partitions"))
+    with pytest.raises(StorageUnavailableError, match="which Parquet partitions are due"):
+        export_changed(sqlite_engine, str(tmp_path / "out"))

@@ -44,10 +44,7 @@ from recarchive.export.pandas_lookup import arrow_without_pandas
 from recarchive.export.partition_file import PartitionFile, s3_filesystem, sync_folder
 from recarchive.export.pii import METADATA_KEY, RAW, PiiPolicy
 from recarchive.export.rows import child_reader, partition_batches
-from recarchive.export.schema import (
-    FILE_NAME,
-    TABLE_SCHEMAS,
-)
+from recarchive.export.schema import FILE_NAME, TABLE_SCHEMAS
 from recarchive.export.sqlite_stream import Reader, StreamFailed
 from recarchive.store.partitions import due_partitions, mark_partitions, record_exported
 from recarchive.tempfiles import EXPORT_SUFFIX, remove_orphan_temp_files, temp_prefix
@@ -90,6 +87,14 @@ def _mark_again(engine: Engine, month: str) -> None:
             mark_partitions(connection, [month])
     except SQLAlchemyError as exc:
         logger.warning("could not mark partition %s for the next export: %s", month, exc)
+
+
+def _said(exc: Exception) -> str:
+    """What the database (or Arrow) said of a read that failed, without the value it read."""
+    if isinstance(exc, pa.ArrowInvalid):
+        return "a value that does not convert to its column's type"
+    # SQLite's error for text that is not UTF-8 quotes the text after " with text ".
+    return str(getattr(exc, "orig", None) or type(exc).__name__).split(" with text ", 1)[0]
 
 
 # --- file side -----------------------------------------------------------------------------
@@ -382,23 +387,28 @@ def export_changed(
             ) from exc
         # Read under the lock: what a previous export wrote and marked is not due any more.
         # A deferred (read-only) transaction on SQLite: the export must not block writers.
-        with engine.connect().execution_options(recarchive_read_only=True) as connection:
-            due = due_partitions(connection, full)
-            # With ``full``: the partitions whose mark is due even without it.
-            changed = set(due_partitions(connection, False) if full else due)
-            if behind := stale - due.keys():
-                logger.info(
-                    "%d Parquet partitions were written under another PII mode or key than "
-                    "%s: rewriting them",
-                    len(behind),
-                    pii.mode,
-                )
-                versions = due_partitions(connection, True)
-                due = dict(sorted({**due, **{m: versions.get(m) for m in behind}}.items()))
-            # Its child starts at the first partition it reads, and ends with the export.
-            if (reader := child_reader(connection, due)) is not None:
-                readers.enter_context(reader)
-            connection.rollback()
+        try:
+            with engine.connect().execution_options(recarchive_read_only=True) as connection:
+                due = due_partitions(connection, full)
+                # With ``full``: the partitions whose mark is due even without it.
+                changed = set(due_partitions(connection, False) if full else due)
+                if behind := stale - due.keys():
+                    logger.info(
+                        "%d Parquet partitions were written under another PII mode or key than "
+                        "%s: rewriting them",
+                        len(behind),
+                        pii.mode,
+                    )
+                    versions = due_partitions(connection, True)
+                    due = dict(sorted({**due, **{m: versions.get(m) for m in behind}}.items()))
+                # Its child starts at the first partition it reads, and ends with the export.
+                if (reader := child_reader(connection, due)) is not None:
+                    readers.enter_context(reader)
+                connection.rollback()
+        except SQLAlchemyError as exc:
+            raise StorageUnavailableError(
+                f"could not read which Parquet partitions are due: {_said(exc)}"
+            ) from exc
         for month, version in due.items():
             still_locked()
             try:
@@ -418,12 +428,10 @@ def export_changed(
             except StorageUnavailableError:
                 _mark_again(engine, month)
                 raise
-            except SQLAlchemyError as exc:
-                # Rows SQL cannot give back (not UTF-8): the value after " with text " unsaid.
-                reason = str(getattr(exc, "orig", None) or type(exc).__name__)
+            except (SQLAlchemyError, pa.ArrowInvalid) as exc:
+                # Text that is not UTF-8, or a value written by hand that does not convert.
                 raise StorageUnavailableError(
-                    f"could not read Parquet partition {month} from SQL: "
-                    f"{reason.split(' with text ', 1)[0]}"
+                    f"could not read Parquet partition {month} from SQL: {_said(exc)}"
                 ) from exc
             except OSError as exc:
                 raise StorageUnavailableError(

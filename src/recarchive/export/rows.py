@@ -10,6 +10,7 @@ rows come from the DB-API cursor in chunks of :data:`FETCH_ROWS` and become Arro
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Collection, Generator, Iterator, Sequence
 from typing import Any
 
@@ -187,11 +188,13 @@ def _streamed(reader: sqlite_stream.Reader, month: str) -> Iterator[pa.RecordBat
     sql = str(recordings_query(month).compile(dialect=_SQLITE, compile_kwargs=literal))
     count_sql = _count_query(month).compile(dialect=_SQLITE, compile_kwargs=literal)
     sql = sqlite_stream.sentinel_sql(sql, _RECORDINGS_SQL_SCHEMA)
-    streamed = reader.stream(sql, str(count_sql), batch_rows=FETCH_ROWS)
-    for batch in _rebatched(streamed, FETCH_ROWS):
-        yield pa.RecordBatch.from_arrays(
-            _cast(batch.columns, _RECORDINGS_SQL_SCHEMA), schema=_RECORDINGS_SQL_SCHEMA
-        )
+    # Closed here, not when collected: where a batch fails below (a value that does not
+    # cast) or the export stops, the child is killed and its thread stopped at once.
+    with contextlib.closing(reader.stream(sql, str(count_sql), batch_rows=FETCH_ROWS)) as rows:
+        for batch in _rebatched(rows, FETCH_ROWS):
+            yield pa.RecordBatch.from_arrays(
+                _cast(batch.columns, _RECORDINGS_SQL_SCHEMA), schema=_RECORDINGS_SQL_SCHEMA
+            )
 
 
 def _rebatched(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:

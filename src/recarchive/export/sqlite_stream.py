@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import IO, Any
 
 import pyarrow as pa
@@ -100,6 +100,8 @@ class Reader:
         self.uri = uri
         self._child: subprocess.Popen[bytes] | None = None
         self._errors: IO[bytes] | None = None
+        #: The thread reading the child's current stream, while one is open.
+        self._reading: _Ahead | None = None
 
     def __enter__(self) -> Reader:
         return self
@@ -107,7 +109,9 @@ class Reader:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def stream(self, sql: str, count_sql: str, *, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    def stream(
+        self, sql: str, count_sql: str, *, batch_rows: int
+    ) -> Generator[pa.RecordBatch, None, None]:
         """The rows of ``sql`` (made by :func:`sentinel_sql`), sentinel dropped.
 
         Args:
@@ -123,28 +127,30 @@ class Reader:
             StreamFailed: The child failed, or its rows did not check out; nothing it yielded
                 before may be used.
         """
-        child = self._started()
-        assert child.stdin is not None and child.stdout is not None
-        request = json.dumps(
-            {"uri": self.uri, "sql": sql, "count_sql": count_sql, "rows": batch_rows}
-        )
+        if self._reading is not None:
+            # One pipe, one stream at a time: a second would read the first one's bytes.
+            raise StreamFailed("the SQLite reader is still giving another query's rows")
         finished = False
         failure: Exception | None = None
-        reading: _Ahead | None = None
+        child: subprocess.Popen[bytes] | None = None
         try:
-            child.stdin.write(request.encode() + b"\n")
+            child = self._started()
+            assert child.stdin is not None and child.stdout is not None
+            request = {"uri": self.uri, "sql": sql, "count_sql": count_sql, "rows": batch_rows}
+            child.stdin.write(json.dumps(request).encode() + b"\n")
             child.stdin.flush()
-            reading = _Ahead(_checked(child.stdout), _AHEAD_BATCHES)
-            yield from reading
+            self._reading = _Ahead(_checked(child.stdout), _AHEAD_BATCHES)
+            yield from self._reading
             finished = True
         except (pa.ArrowException, OSError, ValueError) as exc:
             failure = exc
         finally:
-            if not finished:
-                child.kill()  # ends the reading thread's read too
-            if reading is not None:
-                reading.stop()  # before the pipe is closed under it
-            errors = b"" if finished else self._ended(kill=True)
+            errors = b""
+            if finished:
+                self._stop_reading()
+            elif child is not None and child is self._child:
+                # Not ended already by close() (or replaced by a later stream's child).
+                errors = self._ended(kill=True)
         if failure is not None:
             raise StreamFailed(
                 f"the SQLite reader failed ({type(failure).__name__}: {failure}; "
@@ -154,24 +160,39 @@ class Reader:
     def close(self) -> None:
         """End the child: it exits at the end of its input (killed if it has not in 5 s).
 
-        Every stream it gave was checked whole as it was read: how it exits changes nothing.
+        Every stream it gave was checked whole as it was read: how it exits changes nothing. A
+        stream still open (its reader gave up without closing it) is killed, its thread
+        stopped before the pipes close.
         """
-        self._ended(kill=False)
+        self._ended(kill=self._reading is not None)
 
     def _started(self) -> subprocess.Popen[bytes]:
+        if self._child is not None and self._child.poll() is not None:
+            self._ended(kill=False)  # it died between two streams: start another
         if self._child is None:
             # stderr to a file, not a pipe: a child writing more than a pipe holds there (a
             # traceback, PYTHONVERBOSE) would wait for a reader while this process waits for
             # its stdout.
-            self._errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in _ended)
-            self._child = subprocess.Popen(
-                # -P: the working directory is not put on the child's import path.
-                [sys.executable, "-P", "-m", __name__],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self._errors,
-            )
+            errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed in _ended)
+            try:
+                self._child = subprocess.Popen(
+                    # -P: the working directory is not put on the child's import path.
+                    [sys.executable, "-P", "-m", __name__],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=errors,
+                )
+            except BaseException:
+                errors.close()
+                raise
+            self._errors = errors
         return self._child
+
+    def _stop_reading(self) -> None:
+        """Wait for the current stream's thread (its source ended, or its child killed)."""
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            reading.stop()
 
     def _ended(self, *, kill: bool) -> bytes:
         """Stop the child (``kill``, or by closing its input) and return its last stderr."""
@@ -180,7 +201,8 @@ class Reader:
         if child is None or errors_file is None:
             return b""
         if kill:
-            child.kill()
+            child.kill()  # ends the reading thread's read too
+        self._stop_reading()  # before the pipe is closed under it
         for pipe in (child.stdin, child.stdout):
             with contextlib.suppress(OSError):
                 if pipe is not None:
