@@ -16,8 +16,9 @@ export); SQL statements sent and commits, counted by SQLAlchemy engine events in
 
 Then the marks alone, without HTTP (``--marks`` of them, in a child process each, on stored
 and leased recordings): the baseline's ``mark_metadata_only`` per recording, this code's
-``mark_metadata_only`` (a batch of one), and this code's ``apply_outcomes`` in batches of
-:data:`~recarchive.run.marks.MAX_PENDING`.
+``mark_metadata_only`` (a batch of one), and the baseline's and this code's
+``apply_outcomes`` in batches of :data:`~recarchive.run.marks.MAX_PENDING` (the baseline must
+have it).
 """
 
 from __future__ import annotations
@@ -262,7 +263,8 @@ def report_marks(backend: str, count: int, repeat: int, base_src: str, urls: Ite
     cases = [
         ("baseline, one transaction per mark", "single", base_src),
         ("batched code, one mark per call", "single", None),
-        ("batched code, apply_outcomes per 64", "batch", None),
+        ("baseline, apply_outcomes per 64", "batch", base_src),
+        ("this code, apply_outcomes per 64", "batch", None),
     ]
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in cases}
     for _ in range(repeat):

@@ -17,6 +17,7 @@ one ``executemany``.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 
 from recarchive.errors import LedgerStateError
 from recarchive.model import LedgerState
+from recarchive.store import bulk
 from recarchive.store.bulk import chunks, clip_error, retry_conflicts
 from recarchive.store.engine import utc_now
 from recarchive.store.partitions import mark_partitions_of
@@ -280,8 +282,11 @@ def _row_values(outcome: Outcome, now: datetime) -> dict[str, Any]:
     }
 
 
-def _set_clause(source: Any, now: datetime) -> dict[str, Any]:
-    """The columns every outcome sets, from ``source`` (bind parameters or unnest columns)."""
+def _set_clause(source: Any, now: Any) -> dict[str, Any]:
+    """The columns every outcome sets, from ``source`` (bind parameters or unnest columns).
+
+    ``now`` is the time of the transaction, or a bind parameter of it.
+    """
     return {
         "state": source["b_state"],
         "last_error": source["b_error"],
@@ -300,8 +305,11 @@ def _set_clause(source: Any, now: datetime) -> dict[str, Any]:
     }
 
 
-def _allowed(source: Any, owner: str) -> Any:
-    """The conditions of every transition, over ``source``'s state and key."""
+def _allowed(source: Any, owner: Any) -> Any:
+    """The conditions of every transition, over ``source``'s state and key.
+
+    ``owner`` is the lease holder, or a bind parameter of it.
+    """
     return and_(
         _ledger.lease_owner == owner,
         case(
@@ -344,18 +352,28 @@ def _update_sqlite(
     ]
     if not qualified:
         return set()
-    binds = {name: bindparam(name, type_=kind) for name, kind in _BIND_TYPES.items()}
-    statement = (
-        update(archive_ledger)
-        # The read above decided; the conditions stay in the statement all the same.
-        .where(_ledger.recording_id == binds["b_id"], _allowed(binds, owner))
-        .values(_set_clause(binds, now))
-    )
-    result = connection.execute(statement, [_row_values(outcome, now) for outcome in qualified])
-    if result.rowcount != len(qualified):
+    values = [
+        {**_row_values(outcome, now), "b_owner": owner, "b_now": now} for outcome in qualified
+    ]
+    if bulk.executemany_bound(connection, _sqlite_update(), values) != len(qualified):
         # BEGIN IMMEDIATE makes this impossible; should it happen, nothing is committed.
         raise LedgerStateError("ledger rows changed between their read and their update")
     return {outcome.recording_id for outcome in qualified}
+
+
+@functools.cache
+def _sqlite_update() -> Any:
+    """The UPDATE of :func:`_update_sqlite`: every value a bind parameter, built once."""
+    binds = {
+        name: bindparam(name, type_=kind)
+        for name, kind in {**_BIND_TYPES, "b_owner": Text(), "b_now": UTCDateTime()}.items()
+    }
+    return (
+        update(archive_ledger)
+        # The read above decided; the conditions stay in the statement all the same.
+        .where(_ledger.recording_id == binds["b_id"], _allowed(binds, binds["b_owner"]))
+        .values(_set_clause(binds, binds["b_now"]))
+    )
 
 
 def _update_postgres(
