@@ -260,9 +260,13 @@ class Bench:
         else:
             # Exit status 0 means every recording reached its end state; and, as for dlt,
             # every one of them is in the Parquet files.
-            rows = pq.read_table(folder / "parquet" / "recordings", columns=["id"]).num_rows
-            if rows != count:
-                raise RuntimeError(f"recarchive's Parquet holds {rows} of {count} recordings")
+            ids = pq.read_table(folder / "parquet" / "recordings", columns=["id"])["id"]
+            wanted = set((folder / "ids.txt").read_text().split())
+            if len(ids) != count or set(ids.to_pylist()) != wanted:
+                raise RuntimeError(
+                    f"recarchive's Parquet holds {len(ids)} rows, "
+                    f"{len(wanted & set(ids.to_pylist()))} of the {count} recordings"
+                )
 
 
 # --- datasets -------------------------------------------------------------------------------

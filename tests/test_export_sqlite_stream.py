@@ -441,24 +441,53 @@ def test_the_child_does_not_import_from_the_working_directory(
     assert report.rows == 4 and len(calls) == 2
 
 
-def test_a_row_that_fails_to_convert_stops_the_child_and_its_thread(
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("'not a time'", id="text-not-a-time"),  # ArrowInvalid
+        pytest.param("12345", id="integer-in-a-timestamp"),  # ArrowTypeError
+    ],
+)
+def test_a_value_that_does_not_convert_stops_the_child_and_is_a_clear_error(
     sqlite_engine: Engine,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     children: list[subprocess.Popen[bytes]],
+    caplog: pytest.LogCaptureFixture,
+    value: str,
 ) -> None:
-    # The failure is in this process's conversion of the child's batch, between two of the
-    # child's batches: the child's stream must be closed there, not when it is collected.
+    # The child's batch fails to convert in this process, between two of the child's
+    # batches: its stream is closed there (not when collected), the partition is read again
+    # through the driver, which cannot convert it either and says so, without the value.
     fill(sqlite_engine, 40)
     monkeypatch.setattr(export_rows, "FETCH_ROWS", 2)
     with sqlite_engine.begin() as connection:
-        connection.execute(text("UPDATE recordings SET fetched_at = 'not a time' WHERE id > ''"))
-    with pytest.raises(StorageUnavailableError, match="does not convert") as raised:
+        connection.execute(text(f"UPDATE recordings SET fetched_at = {value} WHERE id > ''"))
+    with (
+        caplog.at_level(logging.WARNING, logger="recarchive"),
+        pytest.raises(StorageUnavailableError, match="does not convert") as raised,
+    ):
         export_changed(sqlite_engine, str(tmp_path / "out"))
-    assert "not a time" not in str(raised.value)
+    assert "not a time" not in str(raised.value) and "12345" not in str(raised.value)
+    assert caplog.text.count(FALLBACK) == 1
     assert [t.name for t in threading.enumerate() if t.name == "recarchive-export-reader"] == []
     assert len(children) == 1 and children[0].returncode == -9
     assert list((tmp_path / "out").rglob("*.parquet")) == []
+
+
+def test_a_stream_read_on_after_its_reader_closed_fails_at_once(
+    sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(sqlite_engine, 40)
+    monkeypatch.setattr(export_rows, "FETCH_ROWS", 2)
+    with sqlite_engine.connect() as connection:
+        reader = export_rows.child_reader(connection, ["2025-07"])
+        assert reader is not None
+        batches = export_rows.partition_batches(connection, "2025-07", reader)
+        next(batches)
+        reader.close()
+        with pytest.raises(sqlite_stream.StreamFailed, match="closed"):
+            list(batches)  # neither the batches left in the queue nor a wait for ever
 
 
 def test_a_child_that_died_between_two_partitions_is_replaced(

@@ -32,8 +32,9 @@ from recarchive.run.clients import open_archive_context
 from recarchive.run.context import ChunkOptions
 from recarchive.run.database import open_store
 from recarchive.run.marks import MarkBatch
+from recarchive.store import bulk
 from recarchive.store.archive import ArchiveStore
-from recarchive.store.outcomes import Outcome
+from recarchive.store.outcomes import Outcome, _row_values, _sqlite_update
 from recarchive.store.tables import export_partitions
 from tests.fixtures.simulator import SimulatorFactory
 from tests.test_normalize import make_payload
@@ -325,3 +326,15 @@ async def test_a_chunk_commits_per_batch_not_per_recording(
     # batches of marks; one commit per recording would be 300 more.
     print(f"chunk of 300: {sql['commits']} commits, {sql['statements']} statements")
     assert sql["commits"] <= 15, sql
+
+
+def test_the_driver_path_refuses_rows_without_a_value_for_a_parameter(
+    sqlite_engine: Engine,
+) -> None:
+    # SQLAlchemy refuses a missing bind value; SQLite's driver path must not bind NULL for it.
+    (recording,) = stored(ArchiveStore(sqlite_engine), 1)
+    now = datetime.now(UTC)
+    row = {**_row_values(Outcome.metadata_only(recording, reason="x"), now), "b_owner": "a"}
+    del row["b_error"]
+    with sqlite_engine.begin() as connection, pytest.raises(ValueError, match="b_error"):
+        bulk.executemany_bound(connection, _sqlite_update(), [{**row, "b_now": now}])

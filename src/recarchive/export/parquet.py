@@ -91,7 +91,7 @@ def _mark_again(engine: Engine, month: str) -> None:
 
 def _said(exc: Exception) -> str:
     """What the database (or Arrow) said of a read that failed, without the value it read."""
-    if isinstance(exc, pa.ArrowInvalid):
+    if isinstance(exc, pa.ArrowInvalid | pa.ArrowTypeError):
         return "a value that does not convert to its column's type"
     # SQLite's error for text that is not UTF-8 quotes the text after " with text ".
     return str(getattr(exc, "orig", None) or type(exc).__name__).split(" with text ", 1)[0]
@@ -428,7 +428,7 @@ def export_changed(
             except StorageUnavailableError:
                 _mark_again(engine, month)
                 raise
-            except (SQLAlchemyError, pa.ArrowInvalid) as exc:
+            except (SQLAlchemyError, pa.ArrowInvalid, pa.ArrowTypeError) as exc:
                 # Text that is not UTF-8, or a value written by hand that does not convert.
                 raise StorageUnavailableError(
                     f"could not read Parquet partition {month} from SQL: {_said(exc)}"

@@ -192,9 +192,15 @@ def _streamed(reader: sqlite_stream.Reader, month: str) -> Iterator[pa.RecordBat
     # cast) or the export stops, the child is killed and its thread stopped at once.
     with contextlib.closing(reader.stream(sql, str(count_sql), batch_rows=FETCH_ROWS)) as rows:
         for batch in _rebatched(rows, FETCH_ROWS):
-            yield pa.RecordBatch.from_arrays(
-                _cast(batch.columns, _RECORDINGS_SQL_SCHEMA), schema=_RECORDINGS_SQL_SCHEMA
-            )
+            try:
+                columns = _cast(batch.columns, _RECORDINGS_SQL_SCHEMA)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+                # The driver's path reads its own way (a REAL in an INTEGER column, say):
+                # the partition is read there, which writes it or says why it cannot.
+                raise sqlite_stream.StreamFailed(
+                    f"a value of the child's rows does not convert ({type(exc).__name__})"
+                ) from exc
+            yield pa.RecordBatch.from_arrays(columns, schema=_RECORDINGS_SQL_SCHEMA)
 
 
 def _rebatched(batches: Iterator[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:

@@ -263,9 +263,17 @@ class _Ahead:
             yield value
 
     def stop(self) -> None:
-        """Stop taking items and wait for the thread (its source must end or be ending)."""
+        """Stop taking items and wait for the thread (its source must end or be ending).
+
+        A reader still iterating afterwards gets :class:`StreamFailed`, not the items left
+        nor a wait for ever.
+        """
         self._stop.set()
         self._thread.join()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._queue.put_nowait(("error", StreamFailed("the SQLite reader was closed")))
 
 
 def _checked(source: IO[bytes]) -> Iterator[pa.RecordBatch]:

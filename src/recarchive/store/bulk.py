@@ -198,6 +198,8 @@ def executemany_bound(connection: Connection, statement: Any, rows: list[dict[st
     if found is None:
         compiled = statement.compile(dialect=connection.dialect)
         order = tuple(compiled.positiontup or ())
+        if missing := [n for n in order if compiled.binds[n].required and n not in rows[0]]:
+            raise ValueError(f"the rows give no value for bind parameters {missing}")
         found = (
             str(compiled),
             [
