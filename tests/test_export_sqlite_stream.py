@@ -94,6 +94,15 @@ def fill(engine: Engine, count: int = 12) -> None:
     )
 
 
+@pytest.fixture
+def expected(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, bytes]:
+    """40 recordings in two partitions, and the files the driver's path writes of them."""
+    fill(sqlite_engine, 40)
+    return driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
+
+
 HOSTILE = [
     pytest.param({"conference_id": "Zoë ☎ 🎧 中文"}, id="unicode"),
     pytest.param({"conference_id": "a\x00b"}, id="nul-inside"),
@@ -202,14 +211,13 @@ def test_a_child_that_fails_or_does_not_check_out_falls_back_and_says_why(
 
 
 def test_one_child_reads_every_partition_of_an_export(
+    expected: dict[str, bytes],
     sqlite_engine: Engine,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     calls: list[str],
     children: list[subprocess.Popen[bytes]],
 ) -> None:
-    fill(sqlite_engine, 40)
-    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
     report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
     assert report.rows == 40 and len(calls) == 2
     # One start-up for both partitions, and the child ended cleanly at the export's end.
@@ -218,14 +226,13 @@ def test_one_child_reads_every_partition_of_an_export(
 
 
 def test_after_a_failed_stream_the_next_partition_gets_a_new_child(
+    expected: dict[str, bytes],
     sqlite_engine: Engine,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     children: list[subprocess.Popen[bytes]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fill(sqlite_engine, 40)
-    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
     real = sqlite_stream._checked
     seen: list[int] = []
 
@@ -491,14 +498,13 @@ def test_a_stream_read_on_after_its_reader_closed_fails_at_once(
 
 
 def test_a_child_that_died_between_two_partitions_is_replaced(
+    expected: dict[str, bytes],
     sqlite_engine: Engine,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     children: list[subprocess.Popen[bytes]],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fill(sqlite_engine, 40)
-    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
     real = sqlite_stream.Reader.stream
 
     def killed_after(reader: sqlite_stream.Reader, *args: Any, **kwargs: Any) -> Any:
@@ -515,13 +521,12 @@ def test_a_child_that_died_between_two_partitions_is_replaced(
 
 
 def test_a_child_that_cannot_start_falls_back_to_the_driver(
+    expected: dict[str, bytes],
     sqlite_engine: Engine,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fill(sqlite_engine, 40)
-    expected = driver_files(sqlite_engine, tmp_path / "driver", monkeypatch)
 
     def no_processes(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
         raise OSError(11, "Resource temporarily unavailable")
