@@ -190,6 +190,17 @@ def executemany_bound(connection: Connection, statement: Any, rows: list[dict[st
     of the statement itself. Each value is converted by its parameter's own type, timestamps
     once per instant, as :func:`executemany` does: SQLAlchemy's per-row parameter handling
     cost more than SQLite's update. Compiled once per statement object: build it once.
+
+    Args:
+        connection: A SQLite connection inside a transaction.
+        statement: An INSERT, UPDATE or DELETE built once (e.g. under ``functools.cache``).
+        rows: Each row's values by parameter name.
+
+    Returns:
+        The rows the statement changed, over all of ``rows``.
+
+    Raises:
+        ValueError: ``rows`` give no value for a parameter the statement has none for.
     """
     if not rows:
         return 0
