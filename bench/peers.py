@@ -261,11 +261,11 @@ class Bench:
             # Exit status 0 means every recording reached its end state; and, as for dlt,
             # every one of them is in the Parquet files.
             ids = pq.read_table(folder / "parquet" / "recordings", columns=["id"])["id"]
-            wanted = set((folder / "ids.txt").read_text().split())
-            if len(ids) != count or set(ids.to_pylist()) != wanted:
+            found, wanted = set(ids.to_pylist()), set((folder / "ids.txt").read_text().split())
+            if len(ids) != count or found != wanted:
                 raise RuntimeError(
                     f"recarchive's Parquet holds {len(ids)} rows, "
-                    f"{len(wanted & set(ids.to_pylist()))} of the {count} recordings"
+                    f"{len(wanted & found)} of the {count} recordings"
                 )
 
 

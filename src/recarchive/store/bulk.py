@@ -218,9 +218,7 @@ def executemany_bound(connection: Connection, statement: Any, rows: list[dict[st
                 for name in order
             ],
         )
-        if len(_BOUND) >= _COMPILED_MAX:
-            _BOUND.clear()
-        _BOUND[key] = found
+        _remember(key, found, _BOUND)
     sql, binds = found
     formatted: dict[Any, Any] = {}
     columns: list[Iterable[Any]] = []
@@ -282,12 +280,12 @@ def _compiled(
     return found
 
 
-def _remember(
-    key: tuple[Any, str, tuple[str, ...], str | None], value: tuple[str, tuple[str, ...]]
-) -> None:
-    if len(_COMPILED) >= _COMPILED_MAX:
-        _COMPILED.clear()
-    _COMPILED[key] = value
+def _remember(key: Any, value: Any, cache: dict[Any, Any] | None = None) -> None:
+    """Keep ``value`` in ``cache`` (:data:`_COMPILED` by default), emptied when it is full."""
+    cache = _COMPILED if cache is None else cache
+    if len(cache) >= _COMPILED_MAX:
+        cache.clear()
+    cache[key] = value
 
 
 def _sqlite_values(
