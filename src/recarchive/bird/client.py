@@ -31,6 +31,7 @@ from recarchive.bird.answer import (
     REDIRECT_STATUSES,
     Answer,
     MediaDownload,
+    child_url,
     classify,
     new_request,
     read_answer,
@@ -114,6 +115,7 @@ class BirdClient:
             self.api_url, allowed_hosts=self.limits.allowed_hosts
         )
         self._base = f"{self.api_url}/workspaces/{quote(workspace_id, safe='')}/recordings"
+        self._base_url = httpx.URL(self._base)
         self.stats: dict[str, int] = {"requests": 0, "retries": 0, "rate_limited": 0}
 
     def __repr__(self) -> str:
@@ -280,8 +282,8 @@ class BirdClient:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _url(self, recording_id: str, suffix: str = "") -> str:
-        return f"{self._base}/{quote(recording_id, safe='')}{suffix}"
+    def _url(self, recording_id: str, suffix: str = "") -> httpx.URL:
+        return child_url(self._base_url, recording_id + suffix)
 
     def _auth_headers(self) -> dict[str, str]:
         return {
@@ -293,7 +295,7 @@ class BirdClient:
     async def send(
         self,
         method: str,
-        url: str,
+        url: str | httpx.URL,
         *,
         what: str,
         params: dict[str, str] | None = None,
