@@ -33,8 +33,7 @@ from recarchive.run.outcome import (
     run_outcome,
     worst,
 )
-from recarchive.run.runner import ChunkRunner
-from recarchive.run.runs import RunReport, report_table
+from recarchive.run.runs import ChunkRunner, RunReport, report_table
 
 #: The logger every recarchive module logs under (``logging.getLogger(__name__)``).
 RECARCHIVE_LOGGER = "recarchive"

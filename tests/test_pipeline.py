@@ -1,16 +1,11 @@
 """The pipeline's chunk and the run around it: leases stay held while a slow chunk works; a
-run stopped by a fatal error still records what it did; a direct run's chunks overlap within
-one concurrency limit."""
+run stopped by a fatal error still records what it did."""
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
-import functools
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,7 +13,6 @@ from recarchive.config import Settings
 from recarchive.errors import AuthError
 from recarchive.ids.read import collect_ids
 from recarchive.model import RunCounts
-from recarchive.run import runner
 from recarchive.run.chunk import _Chunk, archive_chunk
 from recarchive.run.clients import open_archive_context
 from recarchive.run.context import ArchiveContext, ChunkOptions
@@ -170,41 +164,3 @@ async def test_every_id_of_a_run_is_in_the_ledger_before_its_first_request(
             settings, ids, ChunkOptions(skip_media=True), run_chunk=first_chunk_looks_at_the_ledger
         )
     assert seen == [12]
-
-
-@pytest.mark.parametrize("shared", [True, False], ids=["one-limit", "control-a-limit-each"])
-async def test_a_direct_run_overlaps_its_chunks_within_one_concurrency_limit(
-    simulator_factory: SimulatorFactory,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    shared: bool,
-) -> None:
-    # Two chunks in flight (run.runner.DIRECT_PARALLEL_CHUNKS): while one writes to SQL, the
-    # next one's requests go on, but never more at once than the run's concurrency. Every
-    # API request waits 0.3 s at the simulator, so the requests that arrived within any
-    # 0.25 s were all in flight together: at most 2 (a chunk) one chunk at a time, 3 (the
-    # limit) with chunks side by side, 4 in the control, where each chunk has a limit of its own.
-    if not shared:
-        monkeypatch.setattr(runner, "archive_chunk", functools.partial(own_limit, archive_chunk))
-    sim = simulator_factory(recordings=12, seed=73, latency_seconds=0.3)
-    settings = Settings(
-        bird_api_url=sim.api_url,
-        bird_access_key=sim.config.access_key,
-        workspace_id=sim.config.workspace_id,
-        database_url=f"sqlite:///{tmp_path / 'archive.db'}",
-        chunk_size=2,
-        concurrency=3,
-    )
-    with collect_ids(sim.dataset.ids, spool_dir=str(tmp_path)) as ids:
-        report = await archive_ids(settings, ids, ChunkOptions(skip_media=True))
-    assert report.counts.metadata_only == 12
-    arrivals = sorted(request.at for request in sim.api_requests())
-    together = max(bisect.bisect_left(arrivals, at + 0.25) - i for i, at in enumerate(arrivals))
-    assert together == (3 if shared else 4)
-
-
-async def own_limit(
-    run: Callable[..., Awaitable[RunCounts]], *args: Any, limit: object = None, **kwargs: Any
-) -> RunCounts:
-    """archive_chunk without the runner's shared limit: each chunk makes its own."""
-    return await run(*args, **kwargs)

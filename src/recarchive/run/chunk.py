@@ -2,9 +2,8 @@
 
 :func:`archive_chunk` is the unit that Prefect tasks wrap and that the CLI calls directly. It
 holds at most one chunk of payloads in memory, and runs its items concurrently with asyncio,
-bounded by the context's ``concurrency`` (a limit that chunks side by side may share). Its
-SQL work goes in batches, in threads: one metadata write, one pin of all media items' S3
-keys before their transfers start, and the items' marks
+bounded by the context's ``concurrency``. Its SQL work goes in batches, in threads: one metadata
+write, one pin of all media items' S3 keys before their transfers start, and the items' marks
 (:class:`~recarchive.run.marks.MarkBatch`: an item counts once its mark is confirmed).
 Retries of single HTTP requests happen in the Bird client only; an item that still fails is
 marked ``failed`` with its next attempt's time (backoff across runs), and the run goes on.
@@ -46,7 +45,12 @@ from recarchive.model import CLAIMABLE_STATES, WORK_STATES, LedgerState, RunCoun
 from recarchive.normalize import normalize_recording
 from recarchive.redaction import describe
 from recarchive.run.context import ArchiveContext, ChunkOptions, ProgressCallback
-from recarchive.run.failures import DISK_ERRNOS, RowsRefused, database_is_down, ledger_errors
+from recarchive.run.failures import (
+    DISK_ERRNOS,
+    RowsRefused,
+    database_is_down,
+    ledger_errors,
+)
 from recarchive.run.marks import MarkBatch
 from recarchive.run.transcripts import archive_transcripts, refresh_jobs, wants_transcripts
 from recarchive.store.outcomes import Outcome
@@ -66,7 +70,6 @@ async def archive_chunk(
     ids: Sequence[str],
     options: ChunkOptions = ChunkOptions(),
     on_progress: ProgressCallback | None = None,
-    limit: asyncio.Semaphore | None = None,
 ) -> RunCounts:
     """Archive one chunk of distinct, valid recording IDs.
 
@@ -75,8 +78,6 @@ async def archive_chunk(
         ids: Canonical recording IDs, no duplicates.
         options: ``skip_media`` / ``refresh``.
         on_progress: Called with a small :class:`RunCounts` delta per finished item.
-        limit: Items in flight, shared with the other chunks of this event loop that run at
-            the same time; a new one of ``ctx.concurrency`` when ``None``.
 
     Returns:
         The chunk's counts.
@@ -85,22 +86,21 @@ async def archive_chunk(
         FatalError: The run must stop (credentials refused, store unreachable). Leases taken
             by this chunk are released first, so the next run picks the items up at once.
     """
-    return await _Chunk(ctx, options, on_progress, limit).run(ids)
+    chunk = _Chunk(ctx, options, on_progress)
+    return await chunk.run(ids)
 
 
 class _Chunk:
     """State of one :func:`archive_chunk` call."""
 
     def __init__(
-        self,
-        ctx: ArchiveContext,
-        options: ChunkOptions,
-        on_progress: ProgressCallback | None,
-        limit: asyncio.Semaphore | None,
+        self, ctx: ArchiveContext, options: ChunkOptions, on_progress: ProgressCallback | None
     ) -> None:
-        self.ctx, self.options, self.on_progress = ctx, options, on_progress
+        self.ctx = ctx
+        self.options = options
+        self.on_progress = on_progress
         self.counts = RunCounts()
-        self.limit = asyncio.Semaphore(ctx.concurrency) if limit is None else limit
+        self.limit = asyncio.Semaphore(ctx.concurrency)
         # IDs whose ledger row this chunk created (see _register).
         self.fresh: set[str] = set()
         self.entries: dict[str, LedgerEntry] = {}

@@ -22,18 +22,18 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from recarchive.config import Settings
-from recarchive.errors import RecarchiveError, StorageUnavailableError
+from recarchive.errors import RecarchiveError, StorageUnavailableError, first_error
 from recarchive.export.parquet import ExportReport
 from recarchive.ids.spool import IdList
 from recarchive.leases import active_owner, local_owner_dead, run_owner
 from recarchive.model import RunCounts, RunStatus, TranscriptionCounts
 from recarchive.redaction import describe
+from recarchive.run.chunk import archive_chunk
 from recarchive.run.clients import open_archive_context
-from recarchive.run.context import ChunkOptions, ProgressCallback
+from recarchive.run.context import ArchiveContext, ChunkOptions, ProgressCallback
 from recarchive.run.database import open_store
 from recarchive.run.failures import ledger_errors
 from recarchive.run.parquet import export_parquet
-from recarchive.run.runner import ChunkRunner, chunk_runner, run_chunks
 from recarchive.run.transcripts import retry_transcripts
 from recarchive.store.archive import ArchiveStore
 from recarchive.store.ledger import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS
@@ -107,6 +107,54 @@ def run_status(counts: RunCounts, transcripts: TranscriptionCounts | None = None
     return RunStatus.SUCCEEDED if ok else RunStatus.PARTIAL
 
 
+ChunkRunner = Callable[[ArchiveContext, list[str], ChunkOptions], Awaitable[RunCounts]]
+
+
+def direct_chunk_runner(on_progress: ProgressCallback | None = None) -> ChunkRunner:
+    """A chunk runner that calls the pipeline directly (no Prefect task around it)."""
+
+    async def run(ctx: ArchiveContext, chunk: list[str], options: ChunkOptions) -> RunCounts:
+        return await archive_chunk(ctx, chunk, options, on_progress)
+
+    return run
+
+
+async def run_chunks(
+    ctx: ArchiveContext,
+    chunks: Iterable[list[str]],
+    options: ChunkOptions,
+    run_chunk: ChunkRunner,
+    *,
+    max_parallel_chunks: int = 1,
+    total: RunCounts | None = None,
+) -> RunCounts:
+    """Run ``run_chunk`` over ``chunks`` (lists of IDs), ``max_parallel_chunks`` at once.
+
+    Chunks are pulled from the iterator only when a slot frees up, so a backfill of millions
+    of IDs holds ``max_parallel_chunks`` chunks in memory, not the whole list. A fatal error
+    in one chunk cancels the others (their leases are released by the pipeline). Finished
+    chunks' counts are added to ``total`` (a new one when ``None``) as they finish, so after
+    a fatal error it still holds what they did; it is returned.
+    """
+    total = RunCounts() if total is None else total
+    slots = asyncio.Semaphore(max_parallel_chunks)
+
+    async def one(chunk: list[str]) -> None:
+        try:
+            total.add(await run_chunk(ctx, chunk, options))
+        finally:
+            slots.release()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for chunk in chunks:
+                await slots.acquire()
+                group.create_task(one(chunk))
+    except BaseExceptionGroup as group_error:
+        raise first_error(group_error) from None
+    return total
+
+
 async def archive_ids(
     settings: Settings,
     ids: IdList,
@@ -116,7 +164,7 @@ async def archive_ids(
     params: Mapping[str, Any] | None = None,
     on_progress: ProgressCallback | None = None,
     run_chunk: ChunkRunner | None = None,
-    max_parallel_chunks: int | None = None,
+    max_parallel_chunks: int = 1,
     export: bool = True,
 ) -> RunReport:
     """Archive every ID of ``ids`` in chunks, record the run, and export changed Parquet.
@@ -129,8 +177,7 @@ async def archive_ids(
         params: Run parameters recorded in ``runs`` (never secrets).
         on_progress: Progress callback per finished item (direct runs).
         run_chunk: How a chunk runs (a Prefect task in flows); the pipeline by default.
-        max_parallel_chunks: Chunks in flight at once (default: :data:`DIRECT_PARALLEL_CHUNKS`
-            when they run directly, sharing one limit of ``concurrency``; 1 for ``run_chunk``).
+        max_parallel_chunks: Chunks in flight at once.
         export: Rewrite changed Parquet partitions at the end.
 
     Returns:
@@ -139,7 +186,7 @@ async def archive_ids(
     Raises:
         FatalError: The run stopped; its ``runs`` row says ``failed`` with the reason.
     """
-    runner, parallel = chunk_runner(run_chunk, on_progress, max_parallel_chunks)
+    runner = run_chunk or direct_chunk_runner(on_progress)
     engine, store = open_store(settings)
     try:
         async with open_archive_context(settings, store, skip_media=options.skip_media) as ctx:
@@ -155,7 +202,7 @@ async def archive_ids(
                     ids.chunks(settings.chunk_size),
                     options,
                     runner,
-                    max_parallel_chunks=parallel,
+                    max_parallel_chunks=max_parallel_chunks,
                     total=counts,
                 ),
                 owner=ctx.owner,
@@ -172,11 +219,11 @@ async def retry_failed(
     skip_media: bool = False,
     on_progress: ProgressCallback | None = None,
     run_chunk: ChunkRunner | None = None,
-    max_parallel_chunks: int | None = None,
+    max_parallel_chunks: int = 1,
     export: bool = True,
 ) -> RunReport:
     """Archive again every ``failed`` recording whose next attempt is due."""
-    runner, parallel = chunk_runner(run_chunk, on_progress, max_parallel_chunks)
+    runner = run_chunk or direct_chunk_runner(on_progress)
     options = ChunkOptions(skip_media=skip_media)
     engine, store = open_store(settings)
     try:
@@ -194,7 +241,7 @@ async def retry_failed(
                     chunks,
                     options,
                     runner,
-                    max_parallel_chunks=parallel,
+                    max_parallel_chunks=max_parallel_chunks,
                     total=counts,
                 )
                 await retry_transcripts(ctx)  # due transcriptions: a pass of their own
