@@ -16,7 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recarchive.bird.answer import USER_AGENT, child_url, new_request
+from recarchive.bird.client import BirdClient
+from recarchive.errors import ClientRequestError
+from recarchive.simulator.server import SimulatorServer
 from tests.fixtures.postgres import free_port
+from tests.fixtures.simulator import BirdClientFactory
 
 CLIENT = httpx.AsyncClient(timeout=httpx.Timeout(7.0, connect=3.0))
 
@@ -27,10 +31,13 @@ BASES = [
     "http://[::1]:9/recordings",
     "https://user:secret@api.example/recordings",
     "https://api.example/a%20b/recordings",
-    "https://api.example/recordings?already=1",
 ]
 texts = st.text(st.characters(codec="utf-8"), max_size=20)
-segments = st.one_of(st.uuids().map(str), st.uuids().map(lambda u: f"{u}.mp3"), texts)
+segments = st.one_of(
+    st.uuids().map(str),
+    st.uuids().map(lambda u: f"{u}.mp3"),
+    texts.filter(lambda t: t not in {"", ".", ".."}),
+)
 headers = st.dictionaries(
     st.from_regex(r"X-[A-Za-z0-9-]{1,12}", fullmatch=True),
     st.from_regex(r"[ -~]{0,20}", fullmatch=True),
@@ -71,6 +78,63 @@ def test_child_url_is_the_parsed_url(base: str, segment: str) -> None:
         expected.netloc,
         expected.query,
     )
+
+
+@pytest.mark.parametrize(
+    ("base", "segment"),
+    [
+        pytest.param(BASES[0], "", id="empty-segment"),
+        pytest.param(BASES[0], ".", id="dot"),
+        pytest.param(BASES[0], "..", id="dot-dot"),
+        pytest.param("https://api.example/recordings?already=1", "abc", id="base-with-query"),
+        pytest.param("https://api.example/recordings?", "abc", id="base-with-empty-query"),
+        pytest.param("https://api.example/recordings#", "abc", id="base-with-empty-fragment"),
+    ],
+)
+def test_child_url_refuses_what_is_not_a_child(base: str, segment: str) -> None:
+    # httpx would resolve ".." to the parent, and put a segment after "?" into the query.
+    with pytest.raises(ValueError):
+        child_url(httpx.URL(base), segment)
+
+
+def test_a_segment_too_long_for_a_url_is_refused_as_httpx_refuses_it() -> None:
+    segment = "a" * 70_000
+    with pytest.raises(httpx.InvalidURL) as theirs:
+        httpx.URL(f"{BASES[0]}/{segment}")
+    with pytest.raises(httpx.InvalidURL) as ours:
+        child_url(httpx.URL(BASES[0]), segment)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("name", ["Host", "host", "HOST"])
+def test_a_caller_s_host_header_is_placed_as_httpx_places_it(name: str) -> None:
+    sent = {"Authorization": "AccessKey k", name: "other.example"}
+    url = child_url(httpx.URL(BASES[1]), "abc")
+    ours = new_request(CLIENT, "GET", url, headers=sent)
+    assert_same(ours, httpx_request("GET", url, sent, None))
+    assert [v for k, v in ours.headers.raw if k.lower() == b"host"] == [b"other.example"]
+
+
+@pytest.mark.parametrize("recording_id", ["", ".", ".."], ids=["empty", "dot", "dot-dot"])
+async def test_the_client_sends_nothing_for_an_id_that_names_no_recording(
+    recording_id: str, simulator: SimulatorServer, bird_client_factory: BirdClientFactory
+) -> None:
+    client: BirdClient = bird_client_factory(simulator)
+    simulator.clear_requests()
+    with pytest.raises(ClientRequestError, match="not a recording ID"):
+        await client.delete_recording(recording_id)
+    with pytest.raises(ClientRequestError, match="not a recording ID"):
+        await client.get_recording(recording_id)
+    with pytest.raises(ClientRequestError, match="not a recording ID"):
+        async with client.open_media(recording_id):
+            pass
+    assert simulator.api_requests() == []
+    # The control: a real ID goes out, to its own path.
+    real = simulator.dataset.available_ids()[0]
+    await client.get_recording(real)
+    assert [r.path for r in simulator.api_requests()] == [
+        f"/workspaces/{simulator.config.workspace_id}/recordings/{real}"
+    ]
 
 
 @pytest.mark.parametrize("method", ["GET", "get", "DELETE", "HEAD", "POST", "PUT", "PATCH"])

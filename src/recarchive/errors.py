@@ -107,9 +107,15 @@ class NotFoundError(TerminalError):
 
 
 class ClientRequestError(TerminalError):
-    """Any other 4xx from the API (e.g. 422 invalid ID)."""
+    """Any other 4xx from the API (e.g. 422 invalid ID), or a request refused before it is sent.
 
-    def __init__(self, message: str, *, status_code: int) -> None:
+    Args:
+        message: What was refused.
+        status_code: The API's status; ``None`` when the client refused to send the request
+            (an ID that would name another path than a recording's).
+    """
+
+    def __init__(self, message: str, *, status_code: int | None) -> None:
         super().__init__(message)
         self.status_code = status_code
 

@@ -67,7 +67,7 @@ def new_request(
     parsed = httpx.URL(url) if params is None else httpx.URL(url, params=params)
     extensions = {"timeout": http.timeout.as_dict()}
     method = method.upper()
-    if method in _METHODS_WITH_BODY or not parsed.host:
+    if method in _METHODS_WITH_BODY or not parsed.host or _names_host(headers):
         # httpx adds a Content-Length of 0 to these: its own construction, unchanged.
         return httpx.Request(
             method,
@@ -86,13 +86,19 @@ def new_request(
     return request
 
 
+def _names_host(headers: dict[str, str]) -> bool:
+    # A caller's own Host header: httpx's construction decides where it goes, not ours.
+    return any(name.lower() == "host" for name in headers)
+
+
 def child_url(base: httpx.URL, segment: str) -> httpx.URL:
     """``base`` with ``/segment`` appended to its path (``segment`` percent-quoted as needed).
 
     A recording's URL is its collection's plus its ID, and parsing the whole of it again
     (``httpx.URL(text)``: ~40 µs, as much as the rest of the request) is wasted on an ID that
     holds only characters a path keeps as they are: then only the parsed path is replaced,
-    in httpx's own parse result of ``base``. Anything else takes the full parse.
+    in httpx's own parse result of ``base``. Anything else takes the full parse (which also
+    applies httpx's limit on a URL's length).
 
     Args:
         base: The parent URL, without a query or fragment.
@@ -100,9 +106,18 @@ def child_url(base: httpx.URL, segment: str) -> httpx.URL:
 
     Returns:
         The same URL as ``httpx.URL(f"{base}/{quote(segment, safe='')}")``.
+
+    Raises:
+        ValueError: ``segment`` is empty, ``.`` or ``..``, which would name ``base`` itself or
+            its parent rather than a child (a DELETE of ``..`` would go to the workspace), or
+            ``base`` has a query or a fragment (the segment would land in it).
     """
     reference = base._uri_reference  # httpx-internal: see the docstring; equality is tested
-    if _PLAIN_SEGMENT.fullmatch(segment) is None or reference.query or reference.fragment:
+    if reference.query is not None or reference.fragment is not None:
+        raise ValueError("a child URL of a URL with a query or fragment")
+    if segment in NOT_A_CHILD:
+        raise ValueError(f"{segment!r} does not name a child path")
+    if _PLAIN_SEGMENT.fullmatch(segment) is None or len(segment) > _FAST_SEGMENT_CHARS:
         return httpx.URL(f"{base}/{quote(segment, safe='')}")
     url = httpx.URL.__new__(httpx.URL)
     url._uri_reference = reference._replace(path=f"{reference.path}/{segment}")
@@ -112,6 +127,10 @@ def child_url(base: httpx.URL, segment: str) -> httpx.URL:
 #: A path segment of unreserved characters only (RFC 3986): nothing in it is quoted. Not
 #: ``.`` or ``..``: the parse removes those (dot segments).
 _PLAIN_SEGMENT = re.compile(r"(?!\.+$)[A-Za-z0-9._~-]+")
+#: Segments that would not name a child of the base: the dot segments, and none at all.
+NOT_A_CHILD = frozenset({"", ".", ".."})
+#: Longer segments take the full parse, so that httpx's URL length limit applies to them.
+_FAST_SEGMENT_CHARS = 1024
 #: Methods httpx gives a ``Content-Length: 0`` when they have no body.
 _METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 #: The empty body of a request without one (stateless: shared by every request).

@@ -28,6 +28,7 @@ import httpx
 from pydantic import SecretStr
 
 from recarchive.bird.answer import (
+    NOT_A_CHILD,
     REDIRECT_STATUSES,
     Answer,
     MediaDownload,
@@ -43,6 +44,7 @@ from recarchive.bird.ratelimit import RequestPacer
 from recarchive.bird.redirect import RedirectPolicy
 from recarchive.bird.retry import RetryPolicy
 from recarchive.errors import (
+    ClientRequestError,
     InvalidRedirectError,
     MediaLinkExpiredError,
     PayloadError,
@@ -283,6 +285,14 @@ class BirdClient:
     # --- internals ---------------------------------------------------------------------------
 
     def _url(self, recording_id: str, suffix: str = "") -> httpx.URL:
+        """The URL of ``recording_id`` (plus ``suffix``) under its collection.
+
+        Raises:
+            ClientRequestError: The ID is empty, ``.`` or ``..``: its URL would be the
+                collection's or the workspace's, not a recording's (nothing is sent).
+        """
+        if recording_id in NOT_A_CHILD:  # "..mp3" is a child; ".." is not, whatever follows
+            raise ClientRequestError(f"not a recording ID: {recording_id!r}", status_code=None)
         return child_url(self._base_url, recording_id + suffix)
 
     def _auth_headers(self) -> dict[str, str]:
