@@ -332,8 +332,8 @@ def _export_partition(
         try:
             rows = target.write(month, batches, still_locked)
         finally:
-            # pyarrow's allocator (mimalloc) keeps what a partition freed: ~100 MB after 1M
-            # rows, held for the life of the process, a flow's or a worker's (docs/benchmarks.md).
+            # Hand back what a partition freed (the allocator: export/memory.py): a flow's
+            # process lives on after its export.
             pa.default_memory_pool().release_unused()
         connection.rollback()
     return rows
