@@ -41,15 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.fixtures.prefect_deployment import (
-    BIN,
-    SimulatorOptions,
-    simulator_process,
-    write_id_manifest,
-)
-
-from bench.flow_overhead import _env as overhead_env
-
 MB = 1024 * 1024
 
 
@@ -118,6 +109,8 @@ def run_flow(manifest: str, parallel: int, *, dev_pandas: bool) -> None:
     """
     if not dev_pandas:
         sys.meta_path.insert(0, _NoPandas())
+    # As in a worker's flow process, flows/ is imported before pyarrow is (it chooses Arrow's
+    # allocator then); nothing of the bench's own imports pyarrow in this mode.
     import httpx
     from flows.backfill import backfill
     from prefect.settings import PREFECT_API_URL
@@ -128,6 +121,8 @@ def run_flow(manifest: str, parallel: int, *, dev_pandas: bool) -> None:
         )
 
     state = asyncio.run(flow())
+    import pyarrow as pa
+
     flow_run_id = str(state.state_details.flow_run_id)
     # The API's own count of this flow run's task runs (POST /task_runs/count).
     answer = httpx.post(
@@ -144,6 +139,7 @@ def run_flow(manifest: str, parallel: int, *, dev_pandas: bool) -> None:
                 "counts": state.result(raise_on_failure=False),
                 "task_runs": answer.json(),
                 "pandas_imported": "pandas" in sys.modules,
+                "arrow_pool": pa.default_memory_pool().backend_name,
             },
             default=str,
         ),
@@ -156,10 +152,12 @@ def _env(
 ) -> dict[str, str]:
     # The child's environment: this one without any RECARCHIVE_ or AWS_ setting of the caller,
     # and bench.flow_overhead's (SQLite in ``folder``, pacing lifted).
+    from bench.flow_overhead import _env as overhead_env
+
     base = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(("RECARCHIVE_", "AWS_"))
+        if not name.startswith(("RECARCHIVE_", "AWS_", "ARROW_"))
     }
     return {**base, **overhead_env(simulator_url, workspace, access_key, folder, args)}
 
@@ -192,6 +190,12 @@ def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
+    from tests.fixtures.prefect_deployment import (
+        BIN,
+        SimulatorOptions,
+        simulator_process,
+        write_id_manifest,
+    )
 
     options = SimulatorOptions(
         recordings=args.ids, seed=21, latency=0.0, rate_limit=1e9, missing_fraction=0.0, lazy=True
@@ -257,6 +261,7 @@ def main() -> None:
         f"{args.concurrency}, {args.parallel_chunks} chunks in parallel"
     )
     print(f"  flow state {result['state']}, counts {result['counts']}")
+    print(f"  Arrow's allocator in the flow's process: {result['arrow_pool']}")
     print(
         f"  pandas importable in the flow's process: {args.dev_pandas} (production: False), "
         f"imported: {result['pandas_imported']}"
