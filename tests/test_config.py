@@ -188,3 +188,24 @@ def test_database_urls_are_shown_without_credentials(url: str, shown: str) -> No
 
     assert safe_database_url(url) == shown
     assert "pw1" not in safe_database_url(url)
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        pytest.param("bird_api_url", "https://user:s3cret-pw@api.bird.com", id="api-user-password"),
+        pytest.param("bird_api_url", "http://s3cret-pw@127.0.0.1:9", id="api-user-only"),
+        pytest.param("s3_endpoint_url", "http://key:s3cret-pw@127.0.0.1:9000", id="s3-endpoint"),
+    ],
+)
+def test_urls_with_credentials_are_refused_without_showing_them(variable: str, url: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(**{variable: url})
+    assert "must not hold a user name or password" in str(refused.value)
+    assert "s3cret-pw" not in str(refused.value)
+
+
+def test_urls_without_credentials_are_taken() -> None:
+    # The control: an @ in the path is not user info.
+    settings = load_settings(bird_api_url="https://api.bird.com/a@b", s3_endpoint_url="http://h:9")
+    assert settings.bird_api_url == "https://api.bird.com/a@b"

@@ -116,6 +116,10 @@ class Settings(BaseSettings):
             return None if value == "" else value
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an absolute http:// or https:// URL")
+        if "@" in value.split("/", 3)[2]:
+            # httpx would send it as Basic auth in place of the access key, and every URL
+            # (logs, errors) would carry it.
+            raise ValueError("must not hold a user name or password")
         return value.rstrip("/")
 
     @field_validator("s3_prefix")
