@@ -209,3 +209,11 @@ def test_urls_without_credentials_are_taken() -> None:
     # The control: an @ in the path is not user info.
     settings = load_settings(bird_api_url="https://api.bird.com/a@b", s3_endpoint_url="http://h:9")
     assert settings.bird_api_url == "https://api.bird.com/a@b"
+
+
+@pytest.mark.parametrize(
+    "url", ["https://api.bird.com/?v=1", "https://api.bird.com#x"], ids=["query", "fragment"]
+)
+def test_an_api_url_with_a_query_or_fragment_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="must not have a query or fragment"):
+        load_settings(bird_api_url=url)

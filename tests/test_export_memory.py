@@ -36,3 +36,7 @@ def test_without_a_door_pyarrow_keeps_its_own_default() -> None:
 
 def test_a_pool_the_user_chose_is_kept() -> None:
     assert backend("recarchive.cli.app", "jemalloc") == "jemalloc"
+
+
+def test_an_empty_setting_counts_as_unset() -> None:
+    assert backend("recarchive.cli.app", "") == "system"

@@ -120,6 +120,9 @@ class Settings(BaseSettings):
             # httpx would send it as Basic auth in place of the access key, and every URL
             # (logs, errors) would carry it.
             raise ValueError("must not hold a user name or password")
+        if "?" in value or "#" in value:
+            # Paths are appended to it: they would land in the query or fragment.
+            raise ValueError("must not have a query or fragment")
         return value.rstrip("/")
 
     @field_validator("s3_prefix")

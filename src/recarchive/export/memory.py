@@ -27,9 +27,10 @@ POOL_VARIABLE = "ARROW_DEFAULT_MEMORY_POOL"
 
 
 def prefer_system_allocator() -> None:
-    """Set ``ARROW_DEFAULT_MEMORY_POOL=system`` unless it is set already.
+    """Set ``ARROW_DEFAULT_MEMORY_POOL=system`` unless it is set already (to a non-empty value).
 
     Effective only before pyarrow's first import in the process; child processes (the export's
     SQLite reader) inherit it.
     """
-    os.environ.setdefault(POOL_VARIABLE, "system")
+    if not os.environ.get(POOL_VARIABLE):  # templates often export an unset variable as ""
+        os.environ[POOL_VARIABLE] = "system"
