@@ -547,3 +547,63 @@ def test_a_database_that_cannot_say_what_is_due_is_a_clear_error(
         connection.execute(text("DROP TABLE export_partitions"))
     with pytest.raises(StorageUnavailableError, match="which Parquet partitions are due"):
         export_changed(sqlite_engine, str(tmp_path / "out"))
+
+
+# A count that never ends: the child computes for ever and writes nothing (a wedged child).
+_ENDLESS_COUNT = (
+    "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n) SELECT count(*) FROM n"
+)
+
+
+def _wedged_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = sqlite_stream.Reader.stream
+
+    def wedged(reader: sqlite_stream.Reader, sql: str, count_sql: str, **kwargs: Any) -> Any:
+        return real(reader, sql, _ENDLESS_COUNT, **kwargs)
+
+    monkeypatch.setattr(sqlite_stream.Reader, "stream", wedged)
+
+
+def test_a_wedged_child_is_given_up_and_its_partition_read_through_the_driver(
+    expected: dict[str, bytes],
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    children: list[subprocess.Popen[bytes]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _wedged_streams(monkeypatch)
+    monkeypatch.setattr(sqlite_stream, "STALL_SECONDS", 0.5)
+    with caplog.at_level(logging.WARNING, logger="recarchive"):
+        report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
+    assert report.rows == 40 and caplog.text.count(FALLBACK) == 2
+    assert "gave nothing for 0.5 s" in caplog.text
+    assert [child.returncode for child in children] == [-9, -9]  # killed, none left behind
+    assert files(tmp_path / "child") == expected
+
+
+def test_control_without_the_stall_limit_a_wedged_child_holds_the_export(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """The control of the test above: what the limit cuts short is a wait with no end."""
+    fill(sqlite_engine, 40)
+    _wedged_streams(monkeypatch)
+    monkeypatch.setattr(sqlite_stream, "STALL_SECONDS", None)  # Queue.get(timeout=None)
+    done: list[int] = []
+    export = threading.Thread(
+        target=lambda: done.append(export_changed(sqlite_engine, str(tmp_path)).rows),
+        daemon=True,
+    )
+    export.start()
+    export.join(3)
+    assert export.is_alive() and not done, "the export ended without the limit"
+    for _ in range(120):  # let it go: a killed child's stream fails, the driver reads
+        for child in children:  # the second partition's too, once it has started
+            child.kill()
+        export.join(0.5)
+        if not export.is_alive():
+            break
+    assert done == [40]

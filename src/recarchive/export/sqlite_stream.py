@@ -51,6 +51,13 @@ _SENTINEL_ID = ""
 _AHEAD_BATCHES = 2
 #: Lines of the child's stderr kept for an error message.
 _STDERR_BYTES = 2000
+#: The child waits for a lock at most ``_BUSY_TIMEOUT_MS``; past it a query fails by itself.
+_BUSY_TIMEOUT_MS = 60_000
+#: Seconds the parent waits for the child's next batch before it gives the stream up (the
+#: child is killed and the partition read through the driver). Twice the child's own lock
+#: wait: a child silent for that long is wedged (stopped, stuck on a dead disk, looping), and
+#: without a limit the export, and the run it ends, would wait for ever.
+STALL_SECONDS: float | None = 2 * _BUSY_TIMEOUT_MS / 1000
 
 
 class StreamFailed(RecarchiveError):
@@ -139,7 +146,7 @@ class Reader:
             request = {"uri": self.uri, "sql": sql, "count_sql": count_sql, "rows": batch_rows}
             child.stdin.write(json.dumps(request).encode() + b"\n")
             child.stdin.flush()
-            self._reading = _Ahead(_checked(child.stdout), _AHEAD_BATCHES)
+            self._reading = _Ahead(_checked(child.stdout), _AHEAD_BATCHES, STALL_SECONDS)
             yield from self._reading
             finished = True
         except (pa.ArrowException, OSError, ValueError) as exc:
@@ -224,10 +231,15 @@ class _Ahead:
 
     The child can write only as far as its pipe holds (64 KiB): read in this process's main
     thread, between two Parquet writes, it would wait for each one. Reading the stream here
-    lets it work while the main thread encodes (pyarrow reads without the GIL).
+    lets it work while the main thread encodes (pyarrow reads without the GIL). The reader
+    waits at most ``stall_seconds`` for each item (``None``: for ever), then gets
+    :class:`StreamFailed`.
     """
 
-    def __init__(self, source: Iterator[pa.RecordBatch], depth: int) -> None:
+    def __init__(
+        self, source: Iterator[pa.RecordBatch], depth: int, stall_seconds: float | None
+    ) -> None:
+        self._stall_seconds = stall_seconds
         self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -255,7 +267,12 @@ class _Ahead:
 
     def __iter__(self) -> Iterator[pa.RecordBatch]:
         while True:
-            kind, value = self._queue.get()
+            try:
+                kind, value = self._queue.get(timeout=self._stall_seconds)
+            except queue.Empty:
+                raise StreamFailed(
+                    f"the SQLite reader gave nothing for {self._stall_seconds:g} s; given up"
+                ) from None
             if kind == "end":
                 return
             if kind == "error":
@@ -359,7 +376,7 @@ def _serve(adbc: Any, connection: Any, request: dict[str, Any], sink: pa.NativeF
             handle, _ = statement.execute_query()
             return statements.enter_context(pa.RecordBatchReader._import_from_c(handle.address))
 
-        query("PRAGMA busy_timeout = 60000").read_all()
+        query(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}").read_all()
         rows = query(request["count_sql"]).read_all().column(0)[0].as_py()
         reader = query(request["sql"], int(request["rows"]))
         schema = reader.schema.with_metadata({_ROWS_KEY: str(int(rows)).encode()})
