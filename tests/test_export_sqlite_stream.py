@@ -598,12 +598,14 @@ def test_control_without_the_stall_limit_a_wedged_child_holds_the_export(
         daemon=True,
     )
     export.start()
-    export.join(3)
-    assert export.is_alive() and not done, "the export ended without the limit"
-    for _ in range(120):  # let it go: a killed child's stream fails, the driver reads
-        for child in children:  # the second partition's too, once it has started
-            child.kill()
-        export.join(0.5)
-        if not export.is_alive():
-            break
+    try:
+        export.join(3)
+        assert export.is_alive() and not done, "the export ended without the limit"
+    finally:
+        for _ in range(120):  # let it go: a killed child's stream fails, the driver reads
+            for child in children:  # the second partition's too, once it has started
+                child.kill()
+            export.join(0.5)
+            if not export.is_alive():
+                break
     assert done == [40]
