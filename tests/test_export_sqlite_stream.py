@@ -609,3 +609,49 @@ def test_control_without_the_stall_limit_a_wedged_child_holds_the_export(
             if not export.is_alive():
                 break
     assert done == [40]
+
+
+# A REAL with a fraction, written by hand where SQLite's column holds integers (or booleans):
+# pyarrow's conversion of a float to an integer type dropped the fraction without an error, so
+# the driver's path wrote 1 for 1.5 and False for 0.5, where the child's path refused them.
+_NOT_INTEGRAL = [
+    pytest.param("UPDATE archive_ledger SET size_bytes = 1.5", id="size-bytes"),
+    pytest.param("UPDATE recordings SET stereo = 0.5 WHERE id > ''", id="boolean"),
+    pytest.param(
+        "UPDATE recording_parties SET number_anonymous = 0.5 WHERE role = 'originator'",
+        id="party-boolean",
+    ),
+]
+
+
+@pytest.mark.parametrize("child", [False, True], ids=["driver", "child"])
+@pytest.mark.parametrize("sql", _NOT_INTEGRAL)
+def test_a_fraction_where_sql_holds_integers_is_refused_not_truncated(
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sql: str,
+    child: bool,
+) -> None:
+    fill(sqlite_engine, 40)
+    with sqlite_engine.begin() as connection:
+        ids = connection.execute(text("SELECT id FROM recordings ORDER BY id")).scalars().all()
+        connection.execute(
+            text(
+                "INSERT INTO archive_ledger (recording_id, state, s3_bucket, s3_key, size_bytes,"
+                " sha256, created_at, updated_at) VALUES (:id, 'archived', 'b', :id, 7,"
+                " :sha, '2025-07-01 00:00:00', '2025-07-01 00:00:00')"
+            ),
+            [{"id": recording_id, "sha": "0" * 64} for recording_id in ids],
+        )
+    if not child:
+        monkeypatch.setattr(sqlite_stream, "available", lambda: False)
+    export_changed(sqlite_engine, str(tmp_path / "before"), full=True)  # the control: it works
+    sizes = pq.read_table(tmp_path / "before" / "recordings").column("media_size_bytes")
+    assert set(sizes.to_pylist()) == {7}
+    with sqlite_engine.begin() as connection:
+        connection.execute(text(sql))
+    with pytest.raises(StorageUnavailableError, match="does not convert") as raised:
+        export_changed(sqlite_engine, str(tmp_path / "after"), full=True)
+    assert "0.5" not in str(raised.value) and "1.5" not in str(raised.value)
+    assert list((tmp_path / "after").rglob("*.parquet")) == []

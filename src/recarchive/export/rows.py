@@ -17,8 +17,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Connection, Select, and_, func, select
+from sqlalchemy import Boolean, Connection, Integer, Select, and_, func, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
 from recarchive.export import sqlite_stream
 from recarchive.export.schema import PARTIES_SCHEMA, RECORDINGS_SCHEMA, TIMESTAMP
@@ -50,6 +53,43 @@ CHILD_READER_ROWS = 20_000
 CHILD_PARTITION_ROWS = 1_000
 
 
+class _Integral(FunctionElement[Any]):
+    """An INTEGER or BOOLEAN column's value, refused on SQLite when it is not an integer.
+
+    SQLite keeps a REAL such as 1.5 written by hand into an INTEGER column as it is, and
+    pyarrow's conversion of a Python float to an integer type drops the fraction without an
+    error: the file would show 1 where SQL holds 1.5 (and ``False`` for a boolean of 0.5).
+    Such a value comes out as text here, which no integer conversion takes, so the partition
+    fails with a clear error instead. PostgreSQL's column types allow no such value.
+    """
+
+    inherit_cache = True
+    name = "integral"
+
+    def __init__(self, column: Any) -> None:
+        super().__init__(column)
+        self.type = column.type
+
+
+@compiles(_Integral)
+def _integral_default(element: _Integral, compiler: SQLCompiler, **kw: Any) -> str:
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_Integral, "sqlite")
+def _integral_sqlite(element: _Integral, compiler: SQLCompiler, **kw: Any) -> str:
+    value = compiler.process(element.clauses, **kw)
+    return (
+        f"CASE WHEN typeof({value}) IN ('integer', 'null') THEN {value} ELSE 'not an integer' END"
+    )
+
+
+def _exact(column: Any, name: str | None = None) -> Any:
+    """``column`` (labelled ``name``), through :class:`_Integral` where it holds integers."""
+    value = _Integral(column) if isinstance(column.type, Integer | Boolean) else column
+    return value.label(name or column.name)
+
+
 def recordings_query(month: str) -> Select[Any]:
     """The ``recordings`` rows of ``month`` with their parties and ledger columns, by id.
 
@@ -63,9 +103,9 @@ def recordings_query(month: str) -> Select[Any]:
             alias, and_(alias.c.recording_id == recordings.c.id, alias.c.role == role)
         )
     joined = joined.outerjoin(archive_ledger, archive_ledger.c.recording_id == recordings.c.id)
-    columns: list[Any] = [recordings.c[name] for name in (*RECORDING_FIELDS, "fetched_at")]
+    columns: list[Any] = [_exact(recordings.c[name]) for name in (*RECORDING_FIELDS, "fetched_at")]
     columns += [
-        parties[role].c[name].label(f"{role}_{name}")
+        _exact(parties[role].c[name], f"{role}_{name}")
         for role in PARTY_ROLES
         for name in PARTY_FIELDS
     ]
@@ -73,7 +113,7 @@ def recordings_query(month: str) -> Select[Any]:
         archive_ledger.c.s3_bucket,
         archive_ledger.c.s3_key,
         archive_ledger.c.sha256,
-        archive_ledger.c.size_bytes,
+        _exact(archive_ledger.c.size_bytes),
         archive_ledger.c.archived_at,
         archive_ledger.c.state,
     ]
