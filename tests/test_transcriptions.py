@@ -31,6 +31,7 @@ import pytest
 from sqlalchemy import text, update
 from typer.testing import Result
 
+from recarchive.errors import ClientRequestError
 from recarchive.media.keys import media_key, transcription_key
 from recarchive.simulator.server import SimulatorServer
 from recarchive.simulator.transcripts import SimTranscription
@@ -456,3 +457,16 @@ def test_transcriptions_get_the_mp3s_retention_and_its_legal_hold(
     for key in mine:
         hold = s3_client.get_object_legal_hold(Bucket=bucket, Key=key)["LegalHold"]["Status"]
         assert hold == "ON"
+
+
+@pytest.mark.parametrize("recording_id", ["", ".", ".."], ids=["empty", "dot", "dot-dot"])
+async def test_an_id_that_names_no_child_path_is_refused_before_any_request(
+    sim: SimulatorServer, bird_client_factory: Any, recording_id: str
+) -> None:
+    # ".." would have listed the workspace's transcriptions (recordings/../transcriptions).
+    import recarchive.bird.transcriptions as module
+
+    sent = len(sim.api_requests())
+    with pytest.raises(ClientRequestError, match="not a recording ID"):
+        await module.TranscriptionsClient(bird_client_factory(sim)).for_recording(recording_id)
+    assert len(sim.api_requests()) == sent

@@ -40,9 +40,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
+from recarchive.bird.answer import NOT_A_CHILD
 from recarchive.bird.client import BirdClient
 from recarchive.bird.limits import parse_json_object
-from recarchive.errors import NotFoundError, PayloadError
+from recarchive.errors import ClientRequestError, NotFoundError, PayloadError
 
 #: Bird's status of a transcription that is ready.
 READY = "available"
@@ -174,7 +175,11 @@ class TranscriptionsClient:
                 or there are more than :data:`MAX_PAGES` pages.
             RetryableError: Still failing after the client's retries.
             AuthError: The key was refused (stops the run).
+            ClientRequestError: The ID is empty, ``.`` or ``..``: its URL would list the
+                workspace's transcriptions, not a recording's (nothing is sent).
         """
+        if recording_id in NOT_A_CHILD:  # as BirdClient refuses it for the recording's URL
+            raise ClientRequestError(f"not a recording ID: {recording_id!r}", status_code=None)
         url = f"{self._recordings}/{quote(recording_id, safe='')}/transcriptions"
         found: dict[str, Transcription] = {}
         token: str | None = None
