@@ -217,3 +217,11 @@ def test_urls_without_credentials_are_taken() -> None:
 def test_an_api_url_with_a_query_or_fragment_is_refused(url: str) -> None:
     with pytest.raises(ConfigError, match="must not have a query or fragment"):
         load_settings(bird_api_url=url)
+
+
+@pytest.mark.parametrize("workspace", [".", "..", " .. "], ids=["dot", "dot-dot", "spaced"])
+def test_a_workspace_id_that_is_a_dot_segment_is_refused(workspace: str) -> None:
+    # httpx resolves .../workspaces/../recordings/ID to /recordings/ID: the key would go there.
+    with pytest.raises(ConfigError, match="must name a workspace"):
+        load_settings(workspace_id=workspace)
+    assert load_settings(workspace_id="..ws").workspace_id == "..ws"  # the control

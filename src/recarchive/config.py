@@ -150,6 +150,15 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
+    @field_validator("workspace_id")
+    @classmethod
+    def _a_path_segment(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() in ("", ".", ".."):
+            # Every request goes to .../workspaces/{id}/...: "." and ".." would send the
+            # access key to another path of the API host.
+            raise ValueError("must name a workspace, not '.' or '..'")
+        return value
+
     @field_validator("temp_dir")
     @classmethod
     def _existing_folder(cls, value: str | None) -> str | None:
