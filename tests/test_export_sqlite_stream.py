@@ -12,6 +12,8 @@ import contextlib
 import io
 import json
 import logging
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -576,10 +578,46 @@ def test_a_wedged_child_is_given_up_and_its_partition_read_through_the_driver(
     monkeypatch.setattr(sqlite_stream, "STALL_SECONDS", 0.5)
     with caplog.at_level(logging.WARNING, logger="recarchive"):
         report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
-    assert report.rows == 40 and caplog.text.count(FALLBACK) == 2
+    assert report.rows == 40 and caplog.text.count(FALLBACK) == 1
     assert "gave nothing for 0.5 s" in caplog.text
-    assert [child.returncode for child in children] == [-9, -9]  # killed, none left behind
+    # Killed, none left behind; and the second partition did not wait for a second child.
+    assert "reads its other partitions through the database driver" in caplog.text
+    assert [child.returncode for child in children] == [-9]
     assert files(tmp_path / "child") == expected
+
+
+def test_a_child_whose_kill_leaves_its_pipe_open_does_not_hold_the_export(
+    expected: dict[str, bytes],
+    sqlite_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A process stuck in the kernel survives SIGKILL with its pipe open: here a grandchild
+    holds the pipe after the child is killed. Its reading thread is abandoned, not joined."""
+    pid_file = tmp_path / "holder.pid"
+    real = subprocess.Popen
+
+    def holder(command: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        script = f"sleep 60 & echo $! > {pid_file}; exec sleep 60"
+        return real(["sh", "-c", script], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", holder)
+    monkeypatch.setattr(sqlite_stream, "STALL_SECONDS", 0.5)
+    monkeypatch.setattr(sqlite_stream, "STOP_SECONDS", 0.5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="recarchive"):
+            report = export_changed(sqlite_engine, str(tmp_path / "child"), full=True)
+        assert report.rows == 40 and files(tmp_path / "child") == expected
+        assert "gave nothing for 0.5 s" in caplog.text
+    finally:
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    # The abandoned thread ends once the last holder of the pipe is gone.
+    for thread in threading.enumerate():
+        if thread.name == "recarchive-export-reader":
+            thread.join(10)
+            assert not thread.is_alive()
 
 
 def test_control_without_the_stall_limit_a_wedged_child_holds_the_export(
@@ -613,10 +651,15 @@ def test_control_without_the_stall_limit_a_wedged_child_holds_the_export(
 
 # A REAL with a fraction, written by hand where SQLite's column holds integers (or booleans):
 # pyarrow's conversion of a float to an integer type dropped the fraction without an error, so
-# the driver's path wrote 1 for 1.5 and False for 0.5, where the child's path refused them.
+# the driver's path wrote 1 for 1.5 and False for 0.5, where the child's path refused them. A
+# BOOLEAN column (no CHECK constraint) took any number: 2 and -1 became True, and 300 failed
+# the driver's path but not the child's.
 _NOT_INTEGRAL = [
     pytest.param("UPDATE archive_ledger SET size_bytes = 1.5", id="size-bytes"),
-    pytest.param("UPDATE recordings SET stereo = 0.5 WHERE id > ''", id="boolean"),
+    pytest.param("UPDATE recordings SET stereo = 0.5 WHERE id > ''", id="boolean-fraction"),
+    pytest.param("UPDATE recordings SET stereo = 2 WHERE id > ''", id="boolean-2"),
+    pytest.param("UPDATE recordings SET transcription = -1 WHERE id > ''", id="boolean-minus-1"),
+    pytest.param("UPDATE recordings SET stereo = 300 WHERE id > ''", id="boolean-300"),
     pytest.param(
         "UPDATE recording_parties SET number_anonymous = 0.5 WHERE role = 'originator'",
         id="party-boolean",
@@ -624,9 +667,22 @@ _NOT_INTEGRAL = [
 ]
 
 
+def _ledger_rows(engine: Engine, state: str) -> None:
+    with engine.begin() as connection:
+        ids = connection.execute(text("SELECT id FROM recordings ORDER BY id")).scalars().all()
+        connection.execute(
+            text(
+                "INSERT INTO archive_ledger (recording_id, state, s3_bucket, s3_key, size_bytes,"
+                " sha256, created_at, updated_at) VALUES (:id, :state, 'b', :id, 7,"
+                " :sha, '2025-07-01 00:00:00', '2025-07-01 00:00:00')"
+            ),
+            [{"id": recording_id, "state": state, "sha": "0" * 64} for recording_id in ids],
+        )
+
+
 @pytest.mark.parametrize("child", [False, True], ids=["driver", "child"])
 @pytest.mark.parametrize("sql", _NOT_INTEGRAL)
-def test_a_fraction_where_sql_holds_integers_is_refused_not_truncated(
+def test_a_value_that_is_no_integer_where_sql_holds_integers_is_refused_not_changed(
     sqlite_engine: Engine,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -634,16 +690,7 @@ def test_a_fraction_where_sql_holds_integers_is_refused_not_truncated(
     child: bool,
 ) -> None:
     fill(sqlite_engine, 40)
-    with sqlite_engine.begin() as connection:
-        ids = connection.execute(text("SELECT id FROM recordings ORDER BY id")).scalars().all()
-        connection.execute(
-            text(
-                "INSERT INTO archive_ledger (recording_id, state, s3_bucket, s3_key, size_bytes,"
-                " sha256, created_at, updated_at) VALUES (:id, 'archived', 'b', :id, 7,"
-                " :sha, '2025-07-01 00:00:00', '2025-07-01 00:00:00')"
-            ),
-            [{"id": recording_id, "sha": "0" * 64} for recording_id in ids],
-        )
+    _ledger_rows(sqlite_engine, "archived")
     if not child:
         monkeypatch.setattr(sqlite_stream, "available", lambda: False)
     export_changed(sqlite_engine, str(tmp_path / "before"), full=True)  # the control: it works
@@ -653,5 +700,24 @@ def test_a_fraction_where_sql_holds_integers_is_refused_not_truncated(
         connection.execute(text(sql))
     with pytest.raises(StorageUnavailableError, match="does not convert") as raised:
         export_changed(sqlite_engine, str(tmp_path / "after"), full=True)
-    assert "0.5" not in str(raised.value) and "1.5" not in str(raised.value)
+    assert not any(value in str(raised.value) for value in ("0.5", "1.5", "300"))
     assert list((tmp_path / "after").rglob("*.parquet")) == []
+
+
+@pytest.mark.parametrize("child", [False, True], ids=["driver", "child"])
+def test_a_size_the_export_does_not_show_fails_nothing(
+    sqlite_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, child: bool
+) -> None:
+    # Only an archived row's size is exported: a failed row's odd value changes no file.
+    fill(sqlite_engine, 40)
+    _ledger_rows(sqlite_engine, "failed")
+    if not child:
+        monkeypatch.setattr(sqlite_stream, "available", lambda: False)
+    export_changed(sqlite_engine, str(tmp_path / "before"), full=True)
+    with sqlite_engine.begin() as connection:
+        connection.execute(text("UPDATE archive_ledger SET size_bytes = 1.5"))
+    report = export_changed(sqlite_engine, str(tmp_path / "after"), full=True)
+    assert report.rows == 40
+    assert files(tmp_path / "after") == files(tmp_path / "before")
+    sizes = pq.read_table(tmp_path / "after" / "recordings").column("media_size_bytes")
+    assert set(sizes.to_pylist()) == {None}

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import Boolean, Connection, Integer, Select, and_, func, select
+from sqlalchemy import Boolean, Connection, Integer, Select, and_, case, func, select
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -54,13 +54,15 @@ CHILD_PARTITION_ROWS = 1_000
 
 
 class _Integral(FunctionElement[Any]):
-    """An INTEGER or BOOLEAN column's value, refused on SQLite when it is not an integer.
+    """An INTEGER or BOOLEAN column's value, refused on SQLite when it is not one.
 
     SQLite keeps a REAL such as 1.5 written by hand into an INTEGER column as it is, and
     pyarrow's conversion of a Python float to an integer type drops the fraction without an
-    error: the file would show 1 where SQL holds 1.5 (and ``False`` for a boolean of 0.5).
-    Such a value comes out as text here, which no integer conversion takes, so the partition
-    fails with a clear error instead. PostgreSQL's column types allow no such value.
+    error: the file would show 1 where SQL holds 1.5. A BOOLEAN column (no CHECK constraint)
+    takes any number: 0.5 became ``False``, 2 ``True``, and 300 failed one read path but not
+    the other. So a value that is not an integer (for a boolean: not 0 or 1) comes out as
+    text here, which no integer conversion takes, and the partition fails with a clear error
+    instead. PostgreSQL's column types allow no such value.
     """
 
     inherit_cache = True
@@ -79,6 +81,11 @@ def _integral_default(element: _Integral, compiler: SQLCompiler, **kw: Any) -> s
 @compiles(_Integral, "sqlite")
 def _integral_sqlite(element: _Integral, compiler: SQLCompiler, **kw: Any) -> str:
     value = compiler.process(element.clauses, **kw)
+    if isinstance(element.type, Boolean):
+        return (
+            f"CASE WHEN {value} IS NULL OR (typeof({value}) = 'integer' AND {value} IN (0, 1))"
+            f" THEN {value} ELSE 'not a boolean' END"
+        )
     return (
         f"CASE WHEN typeof({value}) IN ('integer', 'null') THEN {value} ELSE 'not an integer' END"
     )
@@ -88,6 +95,17 @@ def _exact(column: Any, name: str | None = None) -> Any:
     """``column`` (labelled ``name``), through :class:`_Integral` where it holds integers."""
     value = _Integral(column) if isinstance(column.type, Integer | Boolean) else column
     return value.label(name or column.name)
+
+
+def _archived_size() -> Any:
+    """The ledger's ``size_bytes`` of an ``archived`` row, else NULL.
+
+    The export shows it only for those (:func:`_with_media_columns`): a value a failed or
+    pending row holds must not fail its partition through :class:`_Integral`.
+    """
+    size = archive_ledger.c.size_bytes
+    archived = archive_ledger.c.state == LedgerState.ARCHIVED.value
+    return case((archived, _Integral(size)), else_=None).label(size.name)
 
 
 def recordings_query(month: str) -> Select[Any]:
@@ -113,7 +131,7 @@ def recordings_query(month: str) -> Select[Any]:
         archive_ledger.c.s3_bucket,
         archive_ledger.c.s3_key,
         archive_ledger.c.sha256,
-        _exact(archive_ledger.c.size_bytes),
+        _archived_size(),
         archive_ledger.c.archived_at,
         archive_ledger.c.state,
     ]
@@ -195,7 +213,7 @@ def partition_batches(
     Each pair: ``recordings`` rows (:data:`RECORDINGS_SCHEMA`, in id order) and the same
     recordings' ``recording_parties`` rows (:data:`PARTIES_SCHEMA`, by recording id and role).
 
-    With a ``reader`` (:func:`child_reader`), a partition of at least
+    With a ``reader`` (:func:`child_reader`) that has not stalled, a partition of at least
     :data:`CHILD_PARTITION_ROWS` recordings is read by its child process
     (:mod:`recarchive.export.sqlite_stream`) in a transaction of its own, not
     ``connection``'s; otherwise through ``connection``'s driver.
@@ -204,8 +222,10 @@ def partition_batches(
         StreamFailed: The child's rows could not be read or did not check out: the batches
             yielded so far must be thrown away (read again without a ``reader``).
     """
-    if reader is not None and connection.execute(_count_query(month)).scalar_one() >= (
-        CHILD_PARTITION_ROWS
+    if (
+        reader is not None
+        and not reader.retired
+        and connection.execute(_count_query(month)).scalar_one() >= CHILD_PARTITION_ROWS
     ):
         for batch in _streamed(reader, month):
             yield _with_media_columns(batch), _parties_of(batch)

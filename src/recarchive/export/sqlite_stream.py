@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import queue
 import subprocess
 import sys
@@ -41,7 +42,9 @@ import pyarrow.compute as pc
 
 from recarchive.errors import RecarchiveError
 
-__all__ = ["Reader", "StreamFailed", "available", "sentinel_sql"]
+__all__ = ["Reader", "StreamFailed", "StreamStalled", "available", "sentinel_sql"]
+
+logger = logging.getLogger(__name__)
 
 #: The schema metadata key of the stream that carries the child's row count.
 _ROWS_KEY = b"recarchive.rows"
@@ -58,10 +61,18 @@ _BUSY_TIMEOUT_MS = 60_000
 #: wait: a child silent for that long is wedged (stopped, stuck on a dead disk, looping), and
 #: without a limit the export, and the run it ends, would wait for ever.
 STALL_SECONDS: float | None = 2 * _BUSY_TIMEOUT_MS / 1000
+#: Seconds to wait for the reading thread, then for the child, once the child was killed. A
+#: process stuck in the kernel (a dead disk) survives SIGKILL and keeps its pipe open: the
+#: thread reading it and the process are then abandoned, not waited for.
+STOP_SECONDS = 5.0
 
 
 class StreamFailed(RecarchiveError):
     """The child's stream could not be read or did not check out (the caller reads otherwise)."""
+
+
+class StreamStalled(StreamFailed):
+    """The child gave nothing for :data:`STALL_SECONDS`: later streams would likely stall too."""
 
 
 def available() -> bool:
@@ -105,6 +116,8 @@ class Reader:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
+        #: Set once a stream stalled: the export reads no more partitions through it.
+        self.retired = False
         self._child: subprocess.Popen[bytes] | None = None
         self._errors: IO[bytes] | None = None
         #: The thread reading the child's current stream, while one is open.
@@ -151,6 +164,14 @@ class Reader:
             finished = True
         except (pa.ArrowException, OSError, ValueError) as exc:
             failure = exc
+        except StreamStalled:
+            # A stalled child would stall again, each later partition after the same wait.
+            self.retired = True
+            logger.warning(
+                "the SQLite reader stalled: this export reads its other partitions through "
+                "the database driver"
+            )
+            raise
         finally:
             errors = b""
             if finished:
@@ -195,11 +216,14 @@ class Reader:
             self._errors = errors
         return self._child
 
-    def _stop_reading(self) -> None:
-        """Wait for the current stream's thread (its source ended, or its child killed)."""
+    def _stop_reading(self) -> bool:
+        """Wait for the current stream's thread (its source ended, or its child killed).
+
+        Returns:
+            Whether the thread ended (it is abandoned after :data:`STOP_SECONDS`).
+        """
         reading, self._reading = self._reading, None
-        if reading is not None:
-            reading.stop()
+        return True if reading is None else reading.stop(STOP_SECONDS)
 
     def _ended(self, *, kill: bool) -> bytes:
         """Stop the child (``kill``, or by closing its input) and return its last stderr."""
@@ -209,16 +233,23 @@ class Reader:
             return b""
         if kill:
             child.kill()  # ends the reading thread's read too
-        self._stop_reading()  # before the pipe is closed under it
-        for pipe in (child.stdin, child.stdout):
+        # Before the pipe is closed under it. A thread still reading holds the pipe's lock, so
+        # its close would wait as long as the read: the pipe is then left to the thread.
+        read_ended = self._stop_reading()
+        for pipe in (child.stdin, child.stdout if read_ended else None):
             with contextlib.suppress(OSError):
                 if pipe is not None:
                     pipe.close()
         try:
-            child.wait(5)
+            child.wait(STOP_SECONDS)
         except subprocess.TimeoutExpired:
             child.kill()
-            child.wait()
+            try:
+                child.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                logger.warning(
+                    "the SQLite reader (pid %d) did not end when killed; left behind", child.pid
+                )
         errors_file.seek(0, 2)
         errors_file.seek(max(0, errors_file.tell() - _STDERR_BYTES))
         errors = errors_file.read()
@@ -270,7 +301,7 @@ class _Ahead:
             try:
                 kind, value = self._queue.get(timeout=self._stall_seconds)
             except queue.Empty:
-                raise StreamFailed(
+                raise StreamStalled(
                     f"the SQLite reader gave nothing for {self._stall_seconds:g} s; given up"
                 ) from None
             if kind == "end":
@@ -279,18 +310,22 @@ class _Ahead:
                 raise value
             yield value
 
-    def stop(self) -> None:
-        """Stop taking items and wait for the thread (its source must end or be ending).
+    def stop(self, timeout: float) -> bool:
+        """Stop taking items and wait up to ``timeout`` for the thread (its source must end).
 
         A reader still iterating afterwards gets :class:`StreamFailed`, not the items left
         nor a wait for ever.
+
+        Returns:
+            Whether the thread ended; if not, it is a daemon left to its read.
         """
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout)
         with contextlib.suppress(queue.Empty):
             while True:
                 self._queue.get_nowait()
         self._queue.put_nowait(("error", StreamFailed("the SQLite reader was closed")))
+        return not self._thread.is_alive()
 
 
 def _checked(source: IO[bytes]) -> Iterator[pa.RecordBatch]:
