@@ -25,7 +25,7 @@ from sqlalchemy import (
     any_,
     bindparam,
 )
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import OperationalError
 
 from recarchive.store.tables import UTCDateTime
@@ -118,6 +118,9 @@ def insert_for(dialect_name: str, table: Table) -> Any:
         The dialect's ``insert(table)``.
     """
     if dialect_name == "postgresql":
+        # Imported here: PostgreSQL's dialect costs a SQLite process ~30 ms to load.
+        from sqlalchemy.dialects import postgresql
+
         return postgresql.insert(table)
     return sqlite.insert(table)
 
@@ -137,6 +140,8 @@ def among_ids(dialect_name: str, column: Any) -> Any:
         The condition; execute its statement with ``{"ids": [...]}``.
     """
     if dialect_name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         return column == any_(bindparam("ids", type_=postgresql.ARRAY(column.type)))
     return column.in_(bindparam("ids", expanding=True))
 

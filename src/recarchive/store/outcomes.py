@@ -40,7 +40,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 
 from recarchive.errors import LedgerStateError
 from recarchive.model import LedgerState
@@ -380,6 +379,8 @@ def _update_postgres(
     connection: Connection, step: list[Outcome], owner: str, now: datetime
 ) -> set[str]:
     """PostgreSQL: one ``UPDATE ... FROM unnest(...) ... RETURNING`` for the whole step."""
+    from sqlalchemy.dialects.postgresql import ARRAY  # not loaded by a SQLite process
+
     rows = [_row_values(outcome, now) for outcome in step]
     arrays = [
         bindparam(f"{name}s", [row[name] for row in rows], type_=ARRAY(kind))

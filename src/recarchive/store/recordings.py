@@ -7,6 +7,7 @@ recording's Parquet partition for the next export in the same transaction.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -72,23 +73,33 @@ def _build_upsert(dialect_name: str) -> Any:
     )
 
 
-#: The upsert of ``recordings`` per dialect, built once: the bulk path compiles a statement
-#: object once and reuses its SQL text.
-_DIALECTS = ("sqlite", "postgresql")
-_UPSERTS = {name: _build_upsert(name) for name in _DIALECTS}
+@functools.cache
+def _upsert(dialect_name: str) -> Any:
+    """The upsert of ``recordings`` of a dialect, built once, at first use.
+
+    Not at import: PostgreSQL's dialect costs a SQLite process ~30 ms to load. The bulk path
+    compiles a statement object once and reuses its SQL text.
+    """
+    return _build_upsert(dialect_name)
+
+
 _PARTY_INSERT = recording_parties.insert()
+
+
 # ID lists as one parameter: the statements are built and compiled once, not their 500
 # values coerced into a new expression per batch.
-_DELETE_PARTIES = {
-    name: recording_parties.delete().where(among_ids(name, recording_parties.c.recording_id))
-    for name in _DIALECTS
-}
-_STORED_VERSIONS = {
-    name: select(recordings.c.id, *(recordings.c[f] for f in _StoredVersion._fields)).where(
-        among_ids(name, recordings.c.id)
+@functools.cache
+def _delete_parties(dialect_name: str) -> Any:
+    return recording_parties.delete().where(
+        among_ids(dialect_name, recording_parties.c.recording_id)
     )
-    for name in _DIALECTS
-}
+
+
+@functools.cache
+def _stored_versions(dialect_name: str) -> Any:
+    return select(recordings.c.id, *(recordings.c[f] for f in _StoredVersion._fields)).where(
+        among_ids(dialect_name, recordings.c.id)
+    )
 
 
 class RecordingWrites:
@@ -143,7 +154,7 @@ class RecordingWrites:
                     months.add(previous_month[recording_id])
                 parties.extend(record.parties)
             for chunk in chunks(changed):
-                connection.execute(_DELETE_PARTIES[connection.dialect.name], {"ids": chunk})
+                connection.execute(_delete_parties(connection.dialect.name), {"ids": chunk})
             if parties:
                 executemany(connection, _PARTY_INSERT, recording_parties, parties)
             mark_partitions(connection, months)
@@ -167,7 +178,7 @@ class RecordingWrites:
         stored: dict[str, _StoredVersion] = {}
         for chunk in chunks(ids):
             for row in connection.execute(
-                _STORED_VERSIONS[connection.dialect.name], {"ids": chunk}
+                _stored_versions(connection.dialect.name), {"ids": chunk}
             ):
                 stored[row.id] = _StoredVersion(*row[1:])
         changed = [
@@ -177,7 +188,7 @@ class RecordingWrites:
         ]
         if changed:
             rows = [latest[recording_id].recording for recording_id in changed]
-            statement = _UPSERTS[connection.dialect.name]
+            statement = _upsert(connection.dialect.name)
             if connection.dialect.name == "postgresql":
                 # The rows the upsert wrote are exactly those whose row now holds our version
                 # (it locked each one, so that stays so until the commit).
