@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from recarchive.bird.integrity import BodyCheck
 from recarchive.bird.limits import LowSpeedWatch, parse_json_object
@@ -163,6 +166,40 @@ JSON_CASES = [
 def test_json_answers_that_are_refused(data: bytes, message: str) -> None:
     with pytest.raises(PayloadError, match=message):
         parse_json_object(data, "recording r", max_depth=64)
+
+
+_NESTED: st.SearchStrategy[object] = st.recursive(
+    st.none() | st.integers(-5, 5) | st.text(alphabet='{}[]a"', max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=2), inner, max_size=3)
+    ),
+    max_leaves=40,
+)
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(item) for item in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(item) for item in value), default=0)
+    return 0
+
+
+@given(value=_NESTED, max_depth=st.integers(1, 12), wrap=st.integers(0, 12))
+def test_the_depth_limit_holds_with_or_without_the_walk(
+    value: object, max_depth: int, wrap: int
+) -> None:
+    """The walk is skipped when the body has no more brackets than the limit: generated
+    bodies (brackets inside strings too) are refused exactly when they nest too deep."""
+    body = {"a": value}
+    for _ in range(wrap):
+        body = {"a": [body]}
+    data = json.dumps(body).encode()
+    if _depth(body) > max_depth:
+        with pytest.raises(PayloadError, match="nests deeper"):
+            parse_json_object(data, "x", max_depth=max_depth)
+    else:
+        assert parse_json_object(data, "x", max_depth=max_depth) == body
 
 
 def test_a_surrogate_pair_is_fine() -> None:

@@ -125,7 +125,12 @@ def parse_json_object(data: bytes, what: str, *, max_depth: int) -> dict[str, An
         raise PayloadError(f"{what}: answer is not JSON", field="<body>") from exc
     if not isinstance(body, dict):
         raise PayloadError(f"{what}: answer is not a JSON object", field="<body>")
-    _check_shape(body, what, max_depth, check_text=bool(_SURROGATE_ESCAPE.search(data)))
+    check_text = bool(_SURROGATE_ESCAPE.search(data))
+    # Each level of nesting opens with a bracket of its own: a body with no more brackets in
+    # all (strings' included) than max_depth cannot nest deeper, and needs no walk (a
+    # recording's payload has about ten; the walk cost ~1 % of a metadata run's CPU).
+    if check_text or data.count(b"{") + data.count(b"[") > max_depth:
+        _check_shape(body, what, max_depth, check_text=check_text)
     return body
 
 
