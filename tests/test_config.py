@@ -219,7 +219,9 @@ def test_an_api_url_with_a_query_or_fragment_is_refused(url: str) -> None:
         load_settings(bird_api_url=url)
 
 
-@pytest.mark.parametrize("workspace", [".", "..", " .. "], ids=["dot", "dot-dot", "spaced"])
+@pytest.mark.parametrize(
+    "workspace", [".", "..", " .. ", "a/b", "/"], ids=["dot", "dot-dot", "spaced", "slash", "root"]
+)
 def test_a_workspace_id_that_is_a_dot_segment_is_refused(workspace: str) -> None:
     # httpx resolves .../workspaces/../recordings/ID to /recordings/ID: the key would go there.
     with pytest.raises(ConfigError, match="must name a workspace"):

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -549,6 +550,40 @@ def test_a_database_that_cannot_say_what_is_due_is_a_clear_error(
         connection.execute(text("DROP TABLE export_partitions"))
     with pytest.raises(StorageUnavailableError, match="which Parquet partitions are due"):
         export_changed(sqlite_engine, str(tmp_path / "out"))
+
+
+def test_a_reader_whose_read_outlives_its_killed_child_is_retired(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only a stall: any end of a stream whose read survives the kill retires the reader
+    (a second child would likely hang the same way, and be waited for again)."""
+    pid_file = tmp_path / "holder.pid"
+    real = subprocess.Popen
+
+    def holder(command: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        return real(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; exec sleep 60"], **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", holder)
+    monkeypatch.setattr(sqlite_stream, "STOP_SECONDS", 0.5)
+    reader = sqlite_stream.Reader("file:unused?mode=ro")
+    try:
+        child = reader._started()
+        assert child.stdout is not None
+        reader._reading = sqlite_stream._Ahead(sqlite_stream._checked(child.stdout), 2, None)
+        with caplog.at_level(logging.WARNING, logger="recarchive"):
+            reader.close()  # as when a partition's write failed mid-stream
+        assert reader.retired and "did not end when its child was killed" in caplog.text
+        assert child.returncode == -9
+    finally:
+        for _ in range(50):
+            if pid_file.exists() and pid_file.read_text().strip():
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+                break
+            time.sleep(0.1)
+    for thread in threading.enumerate():
+        if thread.name == "recarchive-export-reader":
+            thread.join(10)
+            assert not thread.is_alive()
 
 
 # A count that never ends: the child computes for ever and writes nothing (a wedged child).

@@ -153,10 +153,12 @@ class Settings(BaseSettings):
     @field_validator("workspace_id")
     @classmethod
     def _a_path_segment(cls, value: str | None) -> str | None:
-        if value is not None and value.strip() in ("", ".", ".."):
+        if value is not None and (value.strip() in ("", ".", "..") or "/" in value):
             # Every request goes to .../workspaces/{id}/...: "." and ".." would send the
-            # access key to another path of the API host.
-            raise ValueError("must name a workspace, not '.' or '..'")
+            # access key to another path of the API host. A "/" would put the media under
+            # another workspace's S3 prefix ({prefix}/{workspace}/...), where its rebuild
+            # lists them.
+            raise ValueError("must name a workspace: not '.', '..' or a value with '/'")
         return value
 
     @field_validator("temp_dir")

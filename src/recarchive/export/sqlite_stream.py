@@ -236,6 +236,13 @@ class Reader:
         # Before the pipe is closed under it. A thread still reading holds the pipe's lock, so
         # its close would wait as long as the read: the pipe is then left to the thread.
         read_ended = self._stop_reading()
+        if not read_ended and not self.retired:
+            # Its pipe outlived the kill: the next child would likely hang the same way.
+            self.retired = True
+            logger.warning(
+                "the SQLite reader's read did not end when its child was killed: this export "
+                "reads its other partitions through the database driver"
+            )
         for pipe in (child.stdin, child.stdout if read_ended else None):
             with contextlib.suppress(OSError):
                 if pipe is not None:
