@@ -116,7 +116,8 @@ class Reader:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        #: Set once a stream stalled: the export reads no more partitions through it.
+        #: Set once a stream stalled, or its read outlived its child: the export reads no
+        #: more partitions through it.
         self.retired = False
         self._child: subprocess.Popen[bytes] | None = None
         self._errors: IO[bytes] | None = None
