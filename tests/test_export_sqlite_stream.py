@@ -552,18 +552,42 @@ def test_a_database_that_cannot_say_what_is_due_is_a_clear_error(
         export_changed(sqlite_engine, str(tmp_path / "out"))
 
 
+def _pipe_holding_child(monkeypatch: pytest.MonkeyPatch, pid_file: Path) -> None:
+    """Children become ``sh``, whose background ``sleep`` keeps the pipes open after ``sh`` is
+    killed (as a process stuck in the kernel would). Popen returns once that sleep runs and its
+    pid is in ``pid_file``: a kill before then would find nothing holding the pipe."""
+    real = subprocess.Popen
+
+    def holder(command: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        started = real(
+            [
+                "sh",
+                "-c",
+                f"sleep 60 & echo $! > {pid_file}.tmp; mv {pid_file}.tmp {pid_file}; exec sleep 60",
+            ],
+            **kwargs,
+        )
+        for _ in range(200):
+            if pid_file.exists():
+                break
+            time.sleep(0.05)
+        return started
+
+    monkeypatch.setattr(subprocess, "Popen", holder)
+
+
+def _kill_holder(pid_file: Path) -> None:
+    if pid_file.exists():
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 def test_a_reader_whose_read_outlives_its_killed_child_is_retired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Not only a stall: any end of a stream whose read survives the kill retires the reader
     (a second child would likely hang the same way, and be waited for again)."""
     pid_file = tmp_path / "holder.pid"
-    real = subprocess.Popen
-
-    def holder(command: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-        return real(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; exec sleep 60"], **kwargs)
-
-    monkeypatch.setattr(subprocess, "Popen", holder)
+    _pipe_holding_child(monkeypatch, pid_file)
     monkeypatch.setattr(sqlite_stream, "STOP_SECONDS", 0.5)
     reader = sqlite_stream.Reader("file:unused?mode=ro")
     try:
@@ -575,11 +599,7 @@ def test_a_reader_whose_read_outlives_its_killed_child_is_retired(
         assert reader.retired and "did not end when its child was killed" in caplog.text
         assert child.returncode == -9
     finally:
-        for _ in range(50):
-            if pid_file.exists() and pid_file.read_text().strip():
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-                break
-            time.sleep(0.1)
+        _kill_holder(pid_file)
     for thread in threading.enumerate():
         if thread.name == "recarchive-export-reader":
             thread.join(10)
@@ -631,13 +651,7 @@ def test_a_child_whose_kill_leaves_its_pipe_open_does_not_hold_the_export(
     """A process stuck in the kernel survives SIGKILL with its pipe open: here a grandchild
     holds the pipe after the child is killed. Its reading thread is abandoned, not joined."""
     pid_file = tmp_path / "holder.pid"
-    real = subprocess.Popen
-
-    def holder(command: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
-        script = f"sleep 60 & echo $! > {pid_file}; exec sleep 60"
-        return real(["sh", "-c", script], **kwargs)
-
-    monkeypatch.setattr(subprocess, "Popen", holder)
+    _pipe_holding_child(monkeypatch, pid_file)
     monkeypatch.setattr(sqlite_stream, "STALL_SECONDS", 0.5)
     monkeypatch.setattr(sqlite_stream, "STOP_SECONDS", 0.5)
     try:
@@ -646,8 +660,7 @@ def test_a_child_whose_kill_leaves_its_pipe_open_does_not_hold_the_export(
         assert report.rows == 40 and files(tmp_path / "child") == expected
         assert "gave nothing for 0.5 s" in caplog.text
     finally:
-        if pid_file.exists():
-            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        _kill_holder(pid_file)
     # The abandoned thread ends once the last holder of the pipe is gone.
     for thread in threading.enumerate():
         if thread.name == "recarchive-export-reader":
