@@ -51,7 +51,10 @@ DEFAULT_STALE_AFTER = timedelta(seconds=5 * HEARTBEAT_SECONDS)
 _LEDGER_COLUMNS = tuple(archive_ledger.c[item.name] for item in fields(LedgerEntry))
 
 
-def _build_register(dialect_name: str, with_run: bool) -> Any:
+# Built once per dialect and variant, at first use (not at import: PostgreSQL's dialect costs
+# a SQLite process ~30 ms to load): the bulk path compiles a statement object once.
+@functools.cache
+def _register_statement(dialect_name: str, with_run: bool) -> Any:
     """The insert of :meth:`Ledger.register`: new IDs only, or re-registering pending ones."""
     insert = insert_for(dialect_name, archive_ledger)
     if not with_run:
@@ -70,13 +73,6 @@ def _build_register(dialect_name: str, with_run: bool) -> Any:
             ),
         ),
     )
-
-
-# Built once per dialect and variant, at first use (not at import: PostgreSQL's dialect costs
-# a SQLite process ~30 ms to load): the bulk path compiles a statement object once.
-@functools.cache
-def _register_statement(dialect_name: str, with_run: bool) -> Any:
-    return _build_register(dialect_name, with_run)
 
 
 @functools.cache

@@ -54,7 +54,13 @@ def _is_newer(record: NormalizedRecording, stored: _StoredVersion | None) -> boo
     return bool(new["raw_json"] != stored.raw_json and new["fetched_at"] >= stored.fetched_at)
 
 
-def _build_upsert(dialect_name: str) -> Any:
+@functools.cache
+def _upsert(dialect_name: str) -> Any:
+    """The upsert of ``recordings`` of a dialect, built once, at first use.
+
+    Not at import: PostgreSQL's dialect costs a SQLite process ~30 ms to load. The bulk path
+    compiles a statement object once and reuses its SQL text.
+    """
     insert = insert_for(dialect_name, recordings)
     columns = [column.name for column in recordings.columns if column.name != "id"]
     return insert.on_conflict_do_update(
@@ -71,16 +77,6 @@ def _build_upsert(dialect_name: str) -> Any:
             ),
         ),
     )
-
-
-@functools.cache
-def _upsert(dialect_name: str) -> Any:
-    """The upsert of ``recordings`` of a dialect, built once, at first use.
-
-    Not at import: PostgreSQL's dialect costs a SQLite process ~30 ms to load. The bulk path
-    compiles a statement object once and reuses its SQL text.
-    """
-    return _build_upsert(dialect_name)
 
 
 _PARTY_INSERT = recording_parties.insert()
