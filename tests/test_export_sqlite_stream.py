@@ -581,6 +581,14 @@ def _kill_holder(pid_file: Path) -> None:
         os.kill(int(pid_file.read_text()), signal.SIGKILL)
 
 
+def _assert_abandoned_readers_end() -> None:
+    """An abandoned reading thread ends once the last holder of its pipe is gone."""
+    for thread in threading.enumerate():
+        if thread.name == "recarchive-export-reader":
+            thread.join(10)
+            assert not thread.is_alive()
+
+
 def test_a_reader_whose_read_outlives_its_killed_child_is_retired(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -600,10 +608,7 @@ def test_a_reader_whose_read_outlives_its_killed_child_is_retired(
         assert child.returncode == -9
     finally:
         _kill_holder(pid_file)
-    for thread in threading.enumerate():
-        if thread.name == "recarchive-export-reader":
-            thread.join(10)
-            assert not thread.is_alive()
+    _assert_abandoned_readers_end()
 
 
 # A count that never ends: the child computes for ever and writes nothing (a wedged child).
@@ -661,11 +666,7 @@ def test_a_child_whose_kill_leaves_its_pipe_open_does_not_hold_the_export(
         assert "gave nothing for 0.5 s" in caplog.text
     finally:
         _kill_holder(pid_file)
-    # The abandoned thread ends once the last holder of the pipe is gone.
-    for thread in threading.enumerate():
-        if thread.name == "recarchive-export-reader":
-            thread.join(10)
-            assert not thread.is_alive()
+    _assert_abandoned_readers_end()
 
 
 def test_control_without_the_stall_limit_a_wedged_child_holds_the_export(

@@ -167,11 +167,7 @@ class Reader:
             failure = exc
         except StreamStalled:
             # A stalled child would stall again, each later partition after the same wait.
-            self.retired = True
-            logger.warning(
-                "the SQLite reader stalled: this export reads its other partitions through "
-                "the database driver"
-            )
+            self._retire("child stalled")
             raise
         finally:
             errors = b""
@@ -217,6 +213,16 @@ class Reader:
             self._errors = errors
         return self._child
 
+    def _retire(self, why: str) -> None:
+        """Read no more partitions through this reader (said once)."""
+        if not self.retired:
+            self.retired = True
+            logger.warning(
+                "the SQLite reader's %s: this export reads its other partitions through the "
+                "database driver",
+                why,
+            )
+
     def _stop_reading(self) -> bool:
         """Wait for the current stream's thread (its source ended, or its child killed).
 
@@ -237,13 +243,9 @@ class Reader:
         # Before the pipe is closed under it. A thread still reading holds the pipe's lock, so
         # its close would wait as long as the read: the pipe is then left to the thread.
         read_ended = self._stop_reading()
-        if not read_ended and not self.retired:
+        if not read_ended:
             # Its pipe outlived the kill: the next child would likely hang the same way.
-            self.retired = True
-            logger.warning(
-                "the SQLite reader's read did not end when its child was killed: this export "
-                "reads its other partitions through the database driver"
-            )
+            self._retire("read did not end when its child was killed")
         for pipe in (child.stdin, child.stdout if read_ended else None):
             with contextlib.suppress(OSError):
                 if pipe is not None:
@@ -272,7 +274,7 @@ class _Ahead:
     thread, between two Parquet writes, it would wait for each one. Reading the stream here
     lets it work while the main thread encodes (pyarrow reads without the GIL). The reader
     waits at most ``stall_seconds`` for each item (``None``: for ever), then gets
-    :class:`StreamFailed`.
+    :class:`StreamStalled`.
     """
 
     def __init__(
