@@ -440,7 +440,7 @@ app.command("rebuild")(rebuild_command)
 
 
 def main() -> None:
-    """Run the command line's command (raises ``SystemExit``, as typer does)."""
+    """Console-script entry point."""
     # Only recarchive's commands run in this process, and none hands pandas objects to
     # pyarrow: its exports may skip pyarrow's import of pandas (export/pandas_lookup.py).
     skip_in_this_process()

@@ -8,14 +8,11 @@ traceback.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import logging
-import os
 import sys
-import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -121,40 +118,3 @@ def print_run(report: RunReport) -> None:
 def exit_code(counts: RunCounts) -> int:
     """Exit code of a finished run."""
     return EXIT_OK if counts.all_ok else EXIT_ITEMS_FAILED
-
-
-def exit_without_teardown(code: object) -> NoReturn:
-    """End the process with ``code`` once the command is done, skipping Python's teardown.
-
-    After a command the interpreter's finalization only frees what the OS takes back anyway:
-    it clears every module (SQLAlchemy, aiohttp, pyarrow, pydantic) and collects the heap,
-    ~0.15 s of every ``recarchive`` process after ``archive`` of 20,000 IDs
-    (docs/benchmarks.md). What must happen at exit still does: the ``atexit`` handlers run
-    (logging's flush and close, temporary directories' clean-up), then stdout and stderr are
-    flushed. Every file the commands write is closed (and synced) inside them.
-
-    The ordinary exit is kept where skipping could lose something: another non-daemon thread
-    still runs (Python would wait for it), the code is not an exit status (``SystemExit``
-    prints it), or a standard stream cannot be flushed (Python reports it and exits 120).
-
-    Args:
-        code: The ``SystemExit`` code the command ended with (``None`` for 0).
-    """
-    if code is None:
-        code = 0
-    others = [
-        thread
-        for thread in threading.enumerate()
-        if thread is not threading.main_thread() and not thread.daemon
-    ]
-    if others or not isinstance(code, int) or isinstance(code, bool):
-        raise SystemExit(code)
-    # The interpreter's own exit step (private, but in atexit since Python 3.0).
-    atexit._run_exitfuncs()
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-    except (OSError, ValueError):
-        raise SystemExit(code) from None
-    os._exit(code)
